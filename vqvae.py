@@ -1,0 +1,1024 @@
+"""bavq: VQ-VAE on CIFAR-10 for studying codebook collapse.
+
+One module, the whole library. Sections, in order:
+
+    helpers      errors, seeding, device choice, schedules, atomic file writes
+    config       the Config dataclass, YAML loading, validation
+    data         CIFAR-10 / image folder / fake data as uint8 tensors on the device
+    model        ResidualBlock, Encoder, Decoder, VQVAE
+    quantizers   VQEMAQuantizer, BAQuantizer (+ the Blahut-Arimoto routine), QUANTIZERS
+    metrics      perplexity, usage rate, PSNR
+    training     train_epoch, validate, train(cfg) -> metrics
+
+Conventions
+-----------
+* Images are stored as uint8 (N, 3, 32, 32) and normalised per batch to [-1, 1].
+* Every quantizer maps latents z (B, D, H, W) to ``(z_q, loss_dict, info)``:
+  ``z_q`` (B, D, H, W) is what the decoder sees (straight-through in the backward pass),
+  ``loss_dict`` holds already-weighted loss terms that are summed into the total loss,
+  ``info`` holds ``code_indices`` (B, H, W), ``code_counts`` (K,), ``perplexity`` and
+  ``usage_rate`` (0-dim tensors, batch-level, no host sync) and quantizer-specific extras.
+* ``VQVAE.forward(x) -> (x_recon, recon_loss, loss_dict, info)`` as in the original code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field, fields, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =============================================================================
+# helpers
+# =============================================================================
+
+
+class BavqError(Exception):
+    """A user-facing error: the message is one paragraph that says what was wrong and
+    how to fix it. The CLI prints it without a traceback and exits with status 2."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' picks MPS, then CUDA, then CPU; 'cpu' | 'cuda' | 'mps' force one."""
+    mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        if mps_ok:
+            return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BavqError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use --device auto "
+                        "or --device cpu, or install a CUDA build of PyTorch (requirements-cuda.txt).")
+    if name == "mps" and not mps_ok:
+        raise BavqError("--device mps was asked for, but the Apple MPS backend is not available here. "
+                        "Use --device auto or --device cpu.")
+    return torch.device(name)
+
+
+def cosine_schedule(start: float, end: float, progress: float) -> float:
+    """Cosine interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start + (end - start) * (1.0 - math.cos(math.pi * progress)) / 2.0
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a truncated file under ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# =============================================================================
+# config
+# =============================================================================
+
+
+@dataclass
+class Config:
+    # --- experiment -------------------------------------------------------------------------
+    name: str = ""                   # run name; "" -> "<quantizer>_k<K>_s<seed>"
+    out_dir: str = "experiments"     # runs are written to <out_dir>/<name>/
+    overwrite: bool = False          # allow reusing the directory of an existing run
+    seed: int = 0                    # seeds model init, codebook init and data order
+    device: str = "auto"             # auto (MPS > CUDA > CPU) | cpu | cuda | mps
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = "cifar10"         # cifar10 (torchvision download) | folder (ImageFolder) | fake
+    data_dir: str = "./data"         # cifar10: download/cache dir; folder: DIR with train/ and test/ (or val/)
+    num_workers: int = 4             # processes that decode an image folder (once; then cached as .pt)
+    train_subset: int = 0            # use N evenly spaced training images (0 = all; fake: its size, 0 -> 2048)
+    val_subset: int = 0              # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
+    # --- model ------------------------------------------------------------------------------
+    quantizer: str = "vq_ema"        # vq_ema | ba_vq
+    codebook_size: int = 512         # K, number of codes
+    latent_dim: int = 256            # D, channels of the 8x8 latent grid (= code dimension)
+    hidden_dim: int = 128            # channels after the first stride-2 conv (seed: 128)
+    # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
+    commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (both quantizers)
+    decay: float = 0.99              # EMA decay of cluster sizes and sums, in [0, 1)
+    epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
+    # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
+    beta_start: float = 0.1          # inverse temperature at the first training step
+    beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
+    ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
+    entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
+    codebook_cost: float = 1.0       # weight of mse(sg[z], P.E); 0 reproduces the seed exactly
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = 100                # passes over the training set
+    batch_size: int = 256            # training batch size (images)
+    val_batch_size: int = 0          # validation batch size; 0 = batch_size (BA-VQ's Q is per batch)
+    lr: float = 3e-4                 # AdamW learning rate
+    weight_decay: float = 0.01       # AdamW weight decay (PyTorch's default)
+    # --- logging and outputs ----------------------------------------------------------------
+    wandb: bool = True               # log to Weights & Biases (offline without API key/network)
+    wandb_project: str = "vq-codebook"  # W&B project name
+    checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt every N epochs (0 = never)
+    progress: bool = True            # show tqdm progress bars
+    progress_every: int = 25         # steps between progress-bar refreshes (each one syncs the device)
+
+    # ---------------------------------------------------------------------------------------
+    def resolved_name(self) -> str:
+        return self.name or f"{self.quantizer}_k{self.codebook_size}_s{self.seed}"
+
+    def validate(self) -> "Config":
+        """Check values (types are checked when the config is built). Raises BavqError."""
+        problems = []
+
+        def need(ok, msg):
+            if not ok:
+                problems.append(msg)
+
+        need(self.quantizer in QUANTIZERS, f"quantizer '{self.quantizer}' is unknown (choose from {', '.join(QUANTIZERS)})")
+        need(self.dataset in DATASETS, f"dataset '{self.dataset}' is unknown (choose from {', '.join(DATASETS)})")
+        need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+             f"device '{self.device}' is unknown (choose from auto, cpu, cuda, mps)")
+        need(self.codebook_size >= 2, f"codebook_size must be >= 2 (got {self.codebook_size})")
+        need(self.latent_dim >= 1, f"latent_dim must be >= 1 (got {self.latent_dim})")
+        need(self.hidden_dim >= 1, f"hidden_dim must be >= 1 (got {self.hidden_dim})")
+        need(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
+        need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        need(self.val_batch_size >= 0, f"val_batch_size must be >= 0 (got {self.val_batch_size})")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number (got {self.lr})")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
+        need(0 <= self.decay < 1, f"decay must be in [0, 1) (got {self.decay})")
+        need(self.epsilon > 0, f"epsilon must be > 0 (got {self.epsilon})")
+        need(self.commitment_cost >= 0, f"commitment_cost must be >= 0 (got {self.commitment_cost})")
+        need(self.beta_start > 0, f"beta_start must be > 0 (got {self.beta_start})")
+        need(self.beta_end >= self.beta_start,
+             f"beta_end must be >= beta_start (got beta_start={self.beta_start}, beta_end={self.beta_end})")
+        need(self.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {self.ba_iterations})")
+        need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
+        need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
+        need(self.num_workers >= 0, f"num_workers must be >= 0 (got {self.num_workers})")
+        need(self.train_subset >= 0, f"train_subset must be >= 0 (got {self.train_subset})")
+        need(self.val_subset >= 0, f"val_subset must be >= 0 (got {self.val_subset})")
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
+        need(self.progress_every >= 1, f"progress_every must be >= 1 (got {self.progress_every})")
+        need("/" not in self.resolved_name() and self.resolved_name() not in (".", ".."),
+             f"name '{self.name}' must be a plain directory name (no '/')")
+        if problems:
+            raise BavqError("Invalid configuration: " + "; ".join(problems) + ". Fix these values in your "
+                            "YAML file or on the command line (python train.py --help lists every option).")
+        return self
+
+
+def config_fields() -> dict:
+    """{field name: python type} for every Config field."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def _coerce(key: str, value, typ, source: str):
+    """Check one config value against its declared type. Raises BavqError."""
+    def bad():
+        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
+                         f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
+                         f"{key}: {getattr(Config, key)!r}.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
+
+
+def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
+    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
+    overrides = dict(overrides or {})
+    known = config_fields()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
+                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
+                        "as the command-line flags do).")
+    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
+    return Config(**values)
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    """Read a YAML config file into a dict of overrides (validated by make_config)."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
+                        "config.yaml or config_mac.yaml with --config.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
+                        "Fix the syntax: one 'key: value' per line.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
+                        f"{type(data).__name__}.")
+    return data
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+# =============================================================================
+# data
+# =============================================================================
+
+DATASETS = ("cifar10", "folder", "fake")
+IMAGE_SIZE = 32                     # the architecture is drawn for 32x32 inputs
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]; same as ToTensor() + Normalize(0.5, 0.5)."""
+    return images_u8.float().div_(127.5).sub_(1.0)
+
+
+def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
+    """Indices of ``n`` items spread evenly over ``n_total`` (covers every class of a sorted folder)."""
+    if n <= 0 or n >= n_total:
+        return torch.arange(n_total)
+    return torch.linspace(0, n_total - 1, n).round().long()
+
+
+def _fake_images(n: int, seed: int) -> torch.Tensor:
+    """Deterministic smooth colour images (N, 3, 32, 32) uint8: low-frequency noise upsampled,
+    so a small autoencoder can learn them and PSNR rises with training."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    img = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
+    try:
+        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
+    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
+        raise BavqError(
+            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to "
+            "have no network access to the CIFAR-10 server. Either copy the CIFAR-10 python archive "
+            "(cifar-10-python.tar.gz) into that directory, or use images already on disk with "
+            "'--dataset folder --data_dir DIR', where DIR holds train/<class>/*.jpg and test/<class>/*.jpg "
+            "(e.g. extract shared/data/cifar10-jpg.tar.gz).") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return to_t(tr.data), to_t(te.data)
+
+
+def _list_images(split_dir: Path) -> list[Path]:
+    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return files
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8).copy()
+        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, 32, 32)
+
+
+def _decode_files(paths: list[Path], num_workers: int) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
+                                         num_workers=num_workers)
+    return torch.cat(list(loader)) if len(paths) else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+
+
+def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) -> torch.Tensor:
+    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
+    A full split is decoded once and cached next to the data as a .pt file keyed by the file list."""
+    split_dir = root / split
+    paths = _list_images(split_dir)
+    if not paths:
+        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
+                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
+                        f"check --data_dir (now '{root}').")
+    if subset and subset < len(paths):
+        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
+        return _decode_files(chosen, num_workers)
+    key = hashlib.sha1()
+    for p in paths:
+        key.update(str(p.relative_to(root)).encode())
+        key.update(str(p.stat().st_size).encode())
+    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
+    if cache.is_file():
+        try:
+            images = torch.load(cache, map_location="cpu", weights_only=True)
+            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
+                return images
+        except Exception:
+            pass  # a corrupt cache is rebuilt below
+    images = _decode_files(paths, num_workers)
+    try:
+        atomic_torch_save(images, cache)
+    except OSError as e:
+        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror}); they will be decoded "
+              "again next run.", file=sys.stderr)
+    return images
+
+
+def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) uint8 tensors of shape (N, 3, 32, 32) on the CPU."""
+    if cfg.dataset == "fake":
+        return _fake_images(cfg.train_subset or 2048, seed=0), _fake_images(cfg.val_subset or 512, seed=1)
+    root = Path(cfg.data_dir).expanduser()
+    if cfg.dataset == "cifar10":
+        train_u8, val_u8 = _load_cifar10(root)
+        train_u8 = train_u8[evenly_spaced(len(train_u8), cfg.train_subset)]
+        val_u8 = val_u8[evenly_spaced(len(val_u8), cfg.val_subset)]
+        return train_u8, val_u8
+    if cfg.dataset == "folder":
+        if not root.is_dir():
+            raise BavqError(f"Data directory '{root}' does not exist. --dataset folder needs --data_dir DIR with "
+                            "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/), "
+                            "e.g. 'tar -xzf cifar10-jpg.tar.gz -C DIR'.")
+        val_split = "test" if (root / "test").is_dir() else "val"
+        if not (root / "train").is_dir() or not (root / val_split).is_dir():
+            raise BavqError(f"Data directory '{root}' must contain 'train/' and 'test/' (or 'val/') folders of "
+                            f"class subfolders with images; it contains: "
+                            f"{', '.join(sorted(p.name for p in root.iterdir())[:10]) or 'nothing'}. "
+                            "Point --data_dir at the folder that holds train/ and test/.")
+        return (_load_folder_split(root, "train", cfg.train_subset, cfg.num_workers),
+                _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers))
+    raise BavqError(f"dataset '{cfg.dataset}' is unknown (choose from {', '.join(DATASETS)}).")
+
+
+# =============================================================================
+# model
+# =============================================================================
+
+
+class ResidualBlock(nn.Module):
+    """x -> ReLU(x + conv(ReLU(conv(x)))), 3x3 convs, same channels and size."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class Encoder(nn.Module):
+    """(B, 3, 32, 32) -> (B, D, 8, 8): two stride-2 4x4 convs, a 3x3 conv, two residual blocks."""
+
+    def __init__(self, in_channels: int = 3, hidden_dim: int = 128, latent_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_dim, 4, stride=2, padding=1), nn.ReLU(),   # (B, 128, 16, 16)
+            nn.Conv2d(hidden_dim, latent_dim, 4, stride=2, padding=1), nn.ReLU(),    # (B, 256, 8, 8)
+            nn.Conv2d(latent_dim, latent_dim, 3, padding=1), nn.ReLU(),
+            ResidualBlock(latent_dim),
+            ResidualBlock(latent_dim),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, D, 8, 8) -> (B, 3, 32, 32): mirror of the encoder, no output activation."""
+
+    def __init__(self, out_channels: int = 3, hidden_dim: int = 128, latent_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            ResidualBlock(latent_dim),
+            ResidualBlock(latent_dim),
+            nn.Conv2d(latent_dim, latent_dim, 3, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(latent_dim, hidden_dim, 4, stride=2, padding=1), nn.ReLU(),   # (B, 128, 16, 16)
+            nn.ConvTranspose2d(hidden_dim, out_channels, 4, stride=2, padding=1),            # (B, 3, 32, 32)
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    """Encoder -> quantizer -> decoder.
+
+    ``forward(x)`` returns ``(x_recon, recon_loss, loss_dict, info)``: the reconstruction, its MSE
+    against ``x`` (on the [-1, 1] scale), the quantizer's weighted loss terms (total loss =
+    recon_loss + sum(loss_dict.values())) and the quantizer's info dict (``code_indices``,
+    ``code_counts``, ``perplexity``, ``usage_rate``, ...). In eval mode every quantizer
+    reconstructs from hard codes.
+    """
+
+    def __init__(self, quantizer_type: str = "vq_ema", codebook_size: int = 512, latent_dim: int = 256,
+                 hidden_dim: int = 128, in_channels: int = 3, **quantizer_kwargs):
+        super().__init__()
+        if quantizer_type not in QUANTIZERS:
+            raise BavqError(f"quantizer_type '{quantizer_type}' is unknown (choose from {', '.join(QUANTIZERS)}).")
+        self.quantizer_type = quantizer_type
+        self.encoder = Encoder(in_channels, hidden_dim, latent_dim)
+        self.quantizer = QUANTIZERS[quantizer_type](codebook_size, latent_dim, **quantizer_kwargs)
+        self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "VQVAE":
+        qcls = QUANTIZERS[cfg.quantizer]
+        params = inspect.signature(qcls.__init__).parameters
+        kwargs = {k: getattr(cfg, k) for k in params if k not in ("self", "num_embeddings", "embedding_dim")}
+        return cls(cfg.quantizer, cfg.codebook_size, cfg.latent_dim, cfg.hidden_dim, **kwargs)
+
+    def forward(self, x):
+        z = self.encoder(x)                                   # (B, D, 8, 8)
+        z_q, loss_dict, info = self.quantizer(z)              # (B, D, 8, 8)
+        x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
+        recon_loss = F.mse_loss(x_recon.float(), x.float())
+        return x_recon, recon_loss, loss_dict, info
+
+
+# =============================================================================
+# quantizers
+# =============================================================================
+
+
+def _flatten_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) -> (B*H*W, D) in float32 (distances are never computed in half precision)."""
+    B, D, H, W = z.shape
+    return z.permute(0, 2, 3, 1).reshape(B * H * W, D).float()
+
+
+def _unflatten_latents(z_flat: torch.Tensor, shape) -> torch.Tensor:
+    """(B*H*W, D) -> (B, D, H, W)."""
+    B, D, H, W = shape
+    return z_flat.reshape(B, H, W, D).permute(0, 3, 1, 2)
+
+
+def squared_distances(z_flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """d(x, k) = ||z_x||^2 + ||e_k||^2 - 2 <z_x, e_k>, (N, D) x (K, D) -> (N, K), clamped at 0
+    (the expansion can go slightly negative in floating point)."""
+    d = (z_flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :]
+         - 2.0 * z_flat @ codebook.t())
+    return d.clamp_min_(0.0)
+
+
+def _code_stats(indices: torch.Tensor, K: int) -> dict:
+    counts = torch.bincount(indices.reshape(-1), minlength=K)
+    return {"code_counts": counts, "perplexity": perplexity_from_counts(counts),
+            "usage_rate": usage_from_counts(counts)}
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class VQEMAQuantizer(nn.Module):
+    """Hard nearest-neighbour VQ with an exponential-moving-average codebook.
+
+    van den Oord et al., "Neural Discrete Representation Learning" (2017), Appendix A.1, eqs. (6)-(8):
+
+        N_k <- decay * N_k + (1 - decay) * n_k                      (n_k = #vectors assigned to k)
+        m_k <- decay * m_k + (1 - decay) * sum_{x -> k} z_x
+        e_k  = m_k / N~_k,   N~_k = (N_k + eps) / (sum_j N_j + K eps) * sum_j N_j   (Laplace smoothing)
+
+    The smoothed counts N~ are a copy; the raw EMA counts N are never overwritten by them.
+    The step's output uses the codebook as it was *before* the step's update, and buffers only
+    change in training mode (eval forward leaves ``state_dict()`` bit-identical). Distances and EMA
+    maths run in float32 even under autocast (argmin on bf16 distances picks wrong codes).
+
+    Loss: ``commitment_cost * mse(z, sg[z_q])`` (the codebook is not trained by gradient).
+    Straight-through estimator ``z + sg[z_q - z]``: the forward pass sees the code, the backward
+    pass copies the decoder's gradient to the encoder (the quantizer has no useful derivative).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 decay: float = 0.99, epsilon: float = 1e-5):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
+        K = num_embeddings
+        codebook = torch.empty(K, embedding_dim).uniform_(-1.0 / K, 1.0 / K)
+        self.register_buffer("codebook", codebook)                       # e, (K, D)
+        self.register_buffer("ema_cluster_size", torch.zeros(K))         # N, raw EMA counts (K,)
+        self.register_buffer("ema_w", codebook.clone())                  # m, EMA sums (K, D)
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1]; VQ-EMA has no schedule."""
+
+    @torch.no_grad()
+    def _ema_update(self, z_flat: torch.Tensor, indices: torch.Tensor) -> None:
+        K = self.num_embeddings
+        counts = torch.bincount(indices, minlength=K).to(z_flat.dtype)                  # n_k, (K,)
+        sums = torch.zeros_like(self.ema_w).index_add_(0, indices, z_flat)               # sum z_x, (K, D)
+        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.ema_w.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        n = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~, a copy
+        self.codebook.copy_(self.ema_w / smoothed[:, None])
+
+    def forward(self, z: torch.Tensor):
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D), N = B*H*W
+            d = squared_distances(z_flat, self.codebook)                  # (N, K)
+            indices = d.argmin(dim=1)                                     # (N,)
+            z_q_flat = self.codebook[indices]                             # (N, D), pre-update codebook (a copy)
+            if self.training:
+                self._ema_update(z_flat.detach(), indices)
+            commitment = self.commitment_cost * F.mse_loss(z_flat, z_q_flat.detach())
+            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
+            z_q = z + (z_q - z).detach()                                  # straight-through
+        B, _, H, W = z.shape
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, {"commitment_loss": commitment}, info
+
+
+def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blahut-Arimoto alternations for the rate-distortion problem, in log space.
+
+    Source: the N rows of ``distances`` (N, K), each with probability 1/N; reproduction alphabet:
+    the K codes. Starting from Q(k) = 1/K, each iteration computes
+
+        P(k|x) = Q(k) exp(-beta d(x,k)) / sum_j Q(j) exp(-beta d(x,j))      (log_softmax)
+        Q(k)   = (1/N) sum_x P(k|x)                                          (logsumexp - log N)
+
+    (Blahut 1972, Theorem 8; Cover & Thomas, Elements of Information Theory, Sec. 10.8).
+    Working with log P and log Q keeps every value finite even for d ~ 1e6 and large beta, where
+    exp(-beta d) underflows to 0 in the probability domain. Returns (log P (N, K), log Q (K,)),
+    where Q is the mean of the returned P. ``beta`` may be a float or a 0-dim tensor.
+    """
+    N, K = distances.shape
+    neg_beta_d = -beta * distances                                                   # (N, K)
+    log_q = torch.full((K,), -math.log(K), dtype=distances.dtype, device=distances.device)
+    log_p = None
+    for _ in range(iterations):
+        log_p = torch.log_softmax(neg_beta_d + log_q[None, :], dim=1)               # (N, K)
+        log_q = torch.logsumexp(log_p, dim=0) - math.log(N)                          # (K,)
+    return log_p, log_q
+
+
+def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
+                          source_weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """(R in bits, D) of the conditional P(k|x) on a source with weights p(x) (uniform by default):
+    R = I(X; K) = sum_x p(x) sum_k P(k|x) log2(P(k|x) / Q(k)), D = sum_x p(x) sum_k P(k|x) d(x,k)."""
+    N = distances.shape[0]
+    w = torch.full((N,), 1.0 / N, dtype=log_p.dtype) if source_weights is None else source_weights
+    p = log_p.exp()
+    rate = (w[:, None] * p * (log_p - log_q[None, :])).sum() / math.log(2.0)
+    dist = (w[:, None] * p * distances).sum()
+    return float(rate), float(dist)
+
+
+class BAQuantizer(nn.Module):
+    """Soft vector quantization by Blahut-Arimoto (BA) assignment, codebook learned by gradient.
+
+    For latents z_x and codes e_k (d = squared Euclidean distance), ``ba_iterations`` BA alternations
+    (see ``blahut_arimoto``; Blahut 1972, Arimoto 1972) give soft assignments P(k|x) and the code
+    marginal Q(k) = mean_x P(k|x) at inverse temperature beta, cosine-annealed per training step
+    from ``beta_start`` to ``beta_end`` (``set_progress``).
+
+    Training forward: z_q = P.E (soft quantization), passed on with the straight-through line
+    ``z + sg[P.E - z]`` (as in the original code: the decoder sees P.E, its gradient is copied to z).
+    Eval forward: z_q = e_{argmax_k P(k|x)}, the hard code, so validation measures the discrete
+    bottleneck; the soft P.E is also returned as ``info['z_q_soft']``.
+
+    Losses (all in float32):
+      commitment_loss = commitment_cost * mse(z, sg[P.E])            -> encoder
+      entropy_loss    = -entropy_cost * H(Q), H in nats               -> encoder and codebook, through
+                                                                         every BA iteration
+      codebook_loss   = codebook_cost * mse(sg[z], P'.E)              -> codebook only
+    Because of the straight-through line the reconstruction loss sends no gradient to the codebook;
+    in the original code (``codebook_cost = 0``, which reproduces it exactly) the codebook moves only
+    through the entropy term. The codebook term moves each code toward the encoder outputs softly
+    assigned to it. sg[z] is taken literally: P' is P recomputed from sg[z] (same values as P), so the
+    term sends no gradient into the encoder, through the assignments or otherwise.
+
+    Departures from the original code: the original clamps Q at 1e-10 before taking its log; in log
+    space no floor is needed, so codes with Q < 1e-10 keep their exact (tiny) mass.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
+                 entropy_cost: float = 0.01, codebook_cost: float = 1.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
+        self.beta_start, self.beta_end, self.ba_iterations = beta_start, beta_end, ba_iterations
+        K = num_embeddings
+        self.codebook = nn.Parameter(torch.empty(K, embedding_dim).uniform_(-1.0 / K, 1.0 / K))  # E, (K, D)
+        self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
+
+    def set_progress(self, progress: float) -> None:
+        """Cosine schedule: beta = beta_start at progress 0, beta_end at progress 1."""
+        self.beta.fill_(cosine_schedule(self.beta_start, self.beta_end, progress))
+
+    def forward(self, z: torch.Tensor):
+        B, D, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            E = self.codebook.float()                                     # (K, D)
+            beta = self.beta
+            d = squared_distances(z_flat, E)                              # (N, K)
+            log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)    # (N, K), (K,)
+            p = log_p.exp()
+            z_q_soft = p @ E                                              # (N, D)
+            indices = log_p.argmax(dim=1)                                 # (N,)
+            entropy = -(log_q.exp() * log_q).sum()                        # H(Q), nats
+            losses = {
+                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, z_q_soft.detach()),
+                "entropy_loss": -self.entropy_cost * entropy,
+            }
+            if self.codebook_cost > 0:
+                if torch.is_grad_enabled() and z_flat.requires_grad:
+                    # P' from sg[z]: same values as P, but no path back into the encoder.
+                    d_sg = squared_distances(z_flat.detach(), E)
+                    log_p_sg, _ = blahut_arimoto(d_sg, beta, self.ba_iterations)
+                    z_q_cb = log_p_sg.exp() @ E                           # (N, D)
+                else:
+                    z_q_cb = z_q_soft
+                losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), z_q_cb)
+            else:
+                losses["codebook_loss"] = torch.zeros((), device=z.device)
+            z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
+            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
+            z_q = z + (z_q - z).detach()                                  # straight-through
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings),
+                "beta": beta.detach().clone(), "entropy": entropy.detach()}
+        if not self.training:
+            info["z_q_soft"] = _unflatten_latents(z_q_soft, z.shape)
+        return z_q, losses, info
+
+
+QUANTIZERS = {
+    "vq_ema": VQEMAQuantizer,
+    "ba_vq": BAQuantizer,
+}
+
+
+# =============================================================================
+# metrics
+# =============================================================================
+
+
+def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """exp(H(p)) of the code histogram ``counts`` (K,), H in nats; K for uniform use, 1 for one code.
+    Returns a 0-dim float tensor on the counts' device (no host sync)."""
+    c = counts.double()
+    p = c / c.sum().clamp_min(1.0)
+    h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum()
+    return h.exp().float()
+
+
+def usage_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Fraction of the K codes used at least once (0-dim float tensor)."""
+    return (counts > 0).float().mean()
+
+
+def compute_perplexity(code_indices: torch.Tensor, num_embeddings: int) -> float:
+    """Perplexity exp(H) of the empirical code distribution of ``code_indices`` (any shape)."""
+    return float(perplexity_from_counts(torch.bincount(code_indices.reshape(-1), minlength=num_embeddings)))
+
+
+def compute_usage_rate(code_indices: torch.Tensor, num_embeddings: int) -> float:
+    """Fraction of the K codes that occur at least once in ``code_indices``."""
+    return float(usage_from_counts(torch.bincount(code_indices.reshape(-1), minlength=num_embeddings)))
+
+
+def psnr_per_image(x: torch.Tensor, x_recon: torch.Tensor) -> torch.Tensor:
+    """Standard PSNR in dB on the [0, 1] pixel scale, one value per image, for images stored in
+    [-1, 1]: mse01 = mean(((x - x_recon) / 2)^2), PSNR = 10 log10(1 / mse01). The reconstruction is
+    not clipped. An exact reconstruction (mse 0) is capped at mse01 = 1e-10, i.e. 100 dB."""
+    diff = (x.float() - x_recon.float()) / 2.0                                     # [0, 1] scale
+    mse01 = diff.pow(2).flatten(1).mean(1).clamp_min(1e-10)                        # (B,)
+    return 10.0 * torch.log10(1.0 / mse01)
+
+
+def compute_psnr(x: torch.Tensor, x_recon: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB, [0, 1] scale) of a batch of [-1, 1] images."""
+    return float(psnr_per_image(x, x_recon).mean())
+
+
+# =============================================================================
+# training
+# =============================================================================
+
+# Loss-term keys every run reports, so history lines and final_metrics.json have stable keys.
+_LOSS_KEYS = {"vq_ema": ("commitment_loss",), "ba_vq": ("commitment_loss", "entropy_loss", "codebook_loss")}
+
+
+class _Accumulator:
+    """Sample-weighted sums of scalar tensors kept on the device; read once with ``means()``."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, values: dict, n: int):
+        for k, v in values.items():
+            v = v.detach().float() * n
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += n
+
+    def means(self) -> dict:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        vals = torch.stack([self.sums[k] for k in keys]).cpu().tolist()   # one host sync
+        return {k: v / max(self.n, 1) for k, v in zip(keys, vals)}
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
+                generator: torch.Generator, step: int, total_steps: int, desc: str = "train") -> tuple[dict, int]:
+    """One pass over ``images`` (uint8, on the model's device) in random order.
+
+    Returns (metrics, new global step). Metrics are sample-weighted means of the loss terms plus
+    the perplexity and usage of every code index of the epoch (a bincount on the device).
+    """
+    model.train()
+    device = images.device
+    K = model.quantizer.num_embeddings
+    N, B = images.shape[0], cfg.batch_size
+    perm = torch.randperm(N, generator=generator).to(device)
+    n_steps = math.ceil(N / B)
+    acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
+    bar = _progress_bar(n_steps, desc, cfg.progress)
+    for i in range(n_steps):
+        idx = perm[i * B:(i + 1) * B]
+        x = to_float(images[idx])                                         # (b, 3, 32, 32) in [-1, 1]
+        model.quantizer.set_progress(step / max(total_steps - 1, 1))
+        x_recon, recon_loss, loss_dict, info = model(x)
+        loss = recon_loss + sum(loss_dict.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict}, x.shape[0])
+        counts += info["code_counts"]
+        if bar is not None:
+            bar.update(1)
+            if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
+                bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{info['perplexity'].item():.1f}")
+    if bar is not None:
+        bar.close()
+    metrics = acc.means()
+    metrics["perplexity"] = float(perplexity_from_counts(counts))
+    metrics["usage_rate"] = float(usage_from_counts(counts))
+    if "beta" in info:
+        metrics["beta"] = float(model.quantizer.beta)
+    return metrics, step
+
+
+@torch.no_grad()
+def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool = False,
+             return_counts: bool = False) -> dict:
+    """Whole-set validation in eval mode (hard codes for every quantizer); restores the mode.
+
+    Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
+    ``mse`` (same as recon_loss), perplexity and usage over *all* code indices of the set, and for
+    BA-VQ ``psnr_soft`` (reconstruction from P.E) and ``beta``.
+    """
+    was_training = model.training
+    model.eval()
+    device = images.device
+    K = model.quantizer.num_embeddings
+    N = images.shape[0]
+    acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
+    bar = _progress_bar(math.ceil(N / batch_size), "val", progress)
+    info = {}
+    for start in range(0, N, batch_size):
+        x = to_float(images[start:start + batch_size])
+        x_recon, recon_loss, loss_dict, info = model(x)
+        values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
+        # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
+        values["psnr"] = psnr_per_image(x, x_recon).mean()
+        if "z_q_soft" in info:
+            values["psnr_soft"] = psnr_per_image(x, model.decoder(info["z_q_soft"])).mean()
+        acc.add(values, x.shape[0])
+        counts += info["code_counts"]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    metrics = acc.means()
+    metrics["mse"] = metrics["recon_loss"]
+    metrics["perplexity"] = float(perplexity_from_counts(counts))
+    metrics["usage_rate"] = float(usage_from_counts(counts))
+    if "beta" in info:
+        metrics["beta"] = float(model.quantizer.beta)
+    if return_counts:
+        metrics["code_counts"] = counts.cpu()
+    model.train(was_training)
+    return metrics
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except Exception:
+        return False
+
+
+def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def init_wandb(cfg: Config, run_dir: Path):
+    """A W&B run, or None. Never crashes or hangs: without an API key or network it logs offline
+    (to <run_dir>/wandb, upload later with `wandb sync`), and if W&B fails to start it is turned off.
+    Each fallback prints one line."""
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("[bavq] W&B is not installed; continuing without it (pip install wandb, or pass --no_wandb).")
+        return None
+    mode = os.environ.get("WANDB_MODE", "online")
+    if mode in ("disabled", "off"):
+        return None
+    if mode not in ("offline", "dryrun"):
+        if not _wandb_has_key():
+            print("[bavq] no W&B API key found: logging W&B offline into the run directory "
+                  "(run `wandb login` to log online, or pass --no_wandb).")
+            mode = "offline"
+        elif not _host_reachable("api.wandb.ai"):
+            print("[bavq] W&B server unreachable: logging W&B offline into the run directory "
+                  "(upload later with `wandb sync`).")
+            mode = "offline"
+    else:
+        mode = "offline"
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.resolved_name(), config=asdict(cfg),
+                          dir=str(run_dir), mode=mode, reinit=True)
+    except Exception as e:
+        print(f"[bavq] W&B failed to start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "continuing without it.")
+        return None
+
+
+_RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.yaml")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create <out_dir>/<name>/, refusing to reuse an existing run's directory unless overwrite."""
+    run_dir = Path(cfg.out_dir) / cfg.resolved_name()
+    if run_dir.exists() and not cfg.overwrite:
+        existing = [p.name for p in run_dir.iterdir() if p.name in _RUN_FILES or p.name.startswith("checkpoint_epoch")]
+        if existing:
+            finished = "finished" if (run_dir / "final_metrics.json").exists() else "unfinished"
+            raise BavqError(f"Run directory '{run_dir}' already holds an {finished} run ({', '.join(sorted(existing))}). "
+                            "Nothing was changed. Choose another --name, or pass --overwrite to replace that run.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _summary_line(epoch: int, epochs: int, tr: dict, va: dict) -> str:
+    return (f"Epoch {epoch}/{epochs} | Train Loss: {tr['loss']:.4f} | Val Loss: {va['loss']:.4f} | "
+            f"PSNR: {va['psnr']:.2f} | Perplexity: {va['perplexity']:.1f} (train {tr['perplexity']:.1f}) | "
+            f"Usage: {va['usage_rate'] * 100:.1f}% (train {tr['usage_rate'] * 100:.1f}%)")
+
+
+def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
+    """The model of ``cfg``, initialised from ``cfg.seed`` exactly as ``train(cfg)`` initialises it."""
+    torch.manual_seed(cfg.seed)
+    model = VQVAE.from_config(cfg)
+    return model.to(device) if device is not None else model
+
+
+def train(cfg: Config) -> dict:
+    """Run the experiment described by ``cfg``; returns the final validation metrics.
+
+    Writes to <out_dir>/<name>/: config.yaml, history.jsonl (one line per epoch, W&B keys),
+    checkpoint_epoch{N}.pt every ``checkpoint_every`` epochs, final_model.pt (state_dict) and
+    final_metrics.json.
+    """
+    cfg.validate()
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    train_u8, val_u8 = load_dataset(cfg)                     # before touching the run directory
+    run_dir = prepare_run_dir(cfg)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    history_path = run_dir / "history.jsonl"
+    history_path.write_text("")
+
+    train_u8, val_u8 = train_u8.to(device), val_u8.to(device)
+    model = build_model(cfg, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)      # data order
+    steps_per_epoch = math.ceil(train_u8.shape[0] / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    val_bs = cfg.val_batch_size or cfg.batch_size
+    loss_keys = _LOSS_KEYS[cfg.quantizer]
+    print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{train_u8.shape[0]} train / {val_u8.shape[0]} val images, device {device}, -> {run_dir}")
+
+    wb = init_wandb(cfg, run_dir)
+    step, val_metrics = 0, {}
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.time()
+            tr, step = train_epoch(model, optimizer, train_u8, cfg, generator, step, total_steps,
+                                   desc=f"epoch {epoch}/{cfg.epochs}")
+            val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress)
+            record = {"epoch": epoch, "step": step, "time_s": time.time() - t0}
+            record.update({f"train/{k}": v for k, v in tr.items()})
+            record.update({f"val/{k}": v for k, v in val_metrics.items()})
+            for k in loss_keys:  # stable keys (seed logs 0 for absent terms)
+                record.setdefault(f"train/{k}", 0.0)
+                record.setdefault(f"val/{k}", 0.0)
+            with open(history_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wb is not None:
+                wb.log(record, step=epoch)
+            print(_summary_line(epoch, cfg.epochs, tr, val_metrics), flush=True)
+            if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+                atomic_torch_save({"epoch": epoch, "step": step, "model_state_dict": model.state_dict(),
+                                   "optimizer_state_dict": optimizer.state_dict(),
+                                   "val_metrics": val_metrics, "config": asdict(cfg)},
+                                  run_dir / f"checkpoint_epoch{epoch}.pt")
+        atomic_torch_save(model.state_dict(), run_dir / "final_model.pt")
+        final = {"epoch": cfg.epochs, **val_metrics, "train_perplexity": tr["perplexity"],
+                 "train_usage_rate": tr["usage_rate"]}
+        atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2))
+        if wb is not None:
+            wb.summary.update({f"final/{k}": v for k, v in final.items()})
+    finally:
+        if wb is not None:
+            wb.finish()
+    return final
