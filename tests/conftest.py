@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests never need a W&B account or network."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import vqvae  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def tiny_config(**overrides) -> vqvae.Config:
+    """A model and dataset small enough for a CPU test (seconds), with outputs in tmp dirs."""
+    base = dict(dataset="fake", train_subset=256, val_subset=64, hidden_dim=16, latent_dim=16,
+                codebook_size=32, batch_size=64, epochs=1, wandb=False, progress=False, device="cpu",
+                checkpoint_every=1)
+    base.update(overrides)
+    return vqvae.make_config(base).validate()
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(**overrides):
+        overrides.setdefault("out_dir", str(tmp_path / "experiments"))
+        return tiny_config(**overrides)
+    return make

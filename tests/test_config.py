@@ -1,0 +1,96 @@
+"""Specification of configuration: precedence, strict keys and types, value checks."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import vqvae
+import train as cli
+from conftest import ROOT
+
+
+def test_defaults_are_the_seed_settings():
+    c = vqvae.Config()
+    assert (c.quantizer, c.codebook_size, c.latent_dim, c.hidden_dim) == ("vq_ema", 512, 256, 128)
+    assert (c.commitment_cost, c.decay, c.epsilon) == (0.25, 0.99, 1e-5)
+    assert (c.beta_start, c.beta_end, c.ba_iterations, c.entropy_cost, c.codebook_cost) == (0.1, 5.0, 5, 0.01, 1.0)
+    assert (c.lr, c.batch_size, c.dataset, c.data_dir) == (3e-4, 256, "cifar10", "./data")
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlr: 3e-3\nquantizer: ba_vq\nwandb: false\n")
+    cfg = cli.config_from_args(["--config", str(f), "--epochs", "9"])
+    assert cfg.epochs == 9            # flag beats YAML
+    assert cfg.lr == 3e-3             # YAML beats default ("3e-3" read by YAML 1.1 as a string)
+    assert cfg.quantizer == "ba_vq"
+    assert cfg.wandb is False
+    assert cfg.batch_size == 256      # default
+    assert cli.config_from_args(["--no_wandb"]).wandb is False
+    assert cli.config_from_args(["--overwrite"]).overwrite is True
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "config_mac.yaml"])
+def test_shipped_config_files_are_valid(path):
+    cfg = cli.config_from_args(["--config", str(ROOT / path)])
+    assert cfg.epochs >= 1
+
+
+def test_mac_config_is_quick():
+    cfg = cli.config_from_args(["--config", str(ROOT / "config_mac.yaml")])
+    assert (cfg.epochs, cfg.batch_size, cfg.codebook_size) == (3, 64, 256)
+
+
+def test_unknown_key_is_an_error_listing_valid_keys():
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.make_config({"learning_rate": 1e-3}, source="x.yaml")
+    msg = str(e.value)
+    assert "learning_rate" in msg and "x.yaml" in msg and "lr" in msg and "codebook_size" in msg
+
+
+@pytest.mark.parametrize("key,value", [("epochs", "ten"), ("epochs", 2.5), ("lr", "fast"),
+                                       ("wandb", "yes"), ("quantizer", 3), ("batch_size", True)])
+def test_wrong_type_is_an_error(key, value):
+    with pytest.raises(vqvae.BavqError, match=key):
+        vqvae.make_config({key: value})
+
+
+@pytest.mark.parametrize("key,value", [("lr", 0.0), ("lr", -1e-3), ("epochs", 0), ("batch_size", 0),
+                                       ("codebook_size", 1), ("beta_start", 6.0), ("ba_iterations", 0),
+                                       ("decay", 1.0), ("epsilon", 0.0), ("quantizer", "vq"),
+                                       ("dataset", "imagenet")])
+def test_bad_values_are_errors(key, value):
+    with pytest.raises(vqvae.BavqError, match=key):
+        vqvae.make_config({key: value}).validate()
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(vqvae.BavqError, match="mapping"):
+        cli.config_from_args(["--config", str(f)])
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochz: 3\n")
+    r = run_cli("--config", str(f), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "epochz" in r.stderr and "Valid keys" in r.stderr
+    r = run_cli("--quantizer", "nope", cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--dataset", "folder", "--data_dir", str(tmp_path / "missing"), "--no_wandb", cwd=tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "experiments").exists()      # nothing written for a run that could not start
+
+
+def test_resolved_config_roundtrips_through_yaml():
+    cfg = vqvae.make_config({"quantizer": "ba_vq", "lr": 1e-3})
+    again = vqvae.make_config(yaml.safe_load(vqvae.config_to_yaml(cfg)))
+    assert again == cfg

@@ -1,0 +1,99 @@
+"""Specification of the metrics: perplexity, usage, PSNR, and whole-set validation."""
+import math
+
+import pytest
+import torch
+
+import vqvae
+from vqvae import compute_perplexity, compute_psnr, compute_usage_rate, psnr_per_image
+
+
+@pytest.mark.parametrize("K", [2, 16, 512])
+def test_perplexity_of_uniform_histogram_is_K(K):
+    idx = torch.arange(K).repeat(7)
+    assert compute_perplexity(idx, K) == pytest.approx(K, rel=1e-6)
+
+
+def test_perplexity_of_single_code_is_one():
+    assert compute_perplexity(torch.full((100,), 3), 16) == pytest.approx(1.0)
+
+
+def test_perplexity_by_hand():
+    # p = (1/2, 1/4, 1/4): H = 1.5 ln 2, perplexity = 2^1.5
+    idx = torch.tensor([0, 0, 1, 2])
+    assert compute_perplexity(idx, 8) == pytest.approx(2 ** 1.5, rel=1e-6)
+
+
+def test_usage_rate_counts_codes_used_at_least_once():
+    assert compute_usage_rate(torch.tensor([0, 0, 5, 7, 7, 7]), 16) == pytest.approx(3 / 16)
+    assert compute_usage_rate(torch.arange(16), 16) == 1.0
+    assert compute_usage_rate(torch.tensor([[1, 1], [1, 1]]), 4) == 0.25   # any shape
+
+
+def test_psnr_of_known_mse_equals_closed_form():
+    """Images in [-1, 1]; an error of e on that scale is e/2 on [0, 1], PSNR = 10 log10(1/(e/2)^2)."""
+    x = torch.zeros(3, 3, 32, 32)
+    for e in (0.02, 0.1, 0.5):
+        xr = x + e
+        assert compute_psnr(x, xr) == pytest.approx(10 * math.log10(1 / (e / 2) ** 2), rel=1e-5)
+    # the seed's formula 20 log10(1/sqrt(mse)) on [-1, 1] is 6.02 dB lower
+    e = 0.1
+    seed = 20 * math.log10(1 / math.sqrt(e ** 2))
+    assert compute_psnr(x, x + e) - seed == pytest.approx(20 * math.log10(2), abs=1e-4)
+
+
+def test_psnr_is_mean_of_per_image_values():
+    x = torch.zeros(2, 3, 32, 32)
+    xr = torch.stack([torch.full((3, 32, 32), 0.02), torch.full((3, 32, 32), 0.2)])
+    per = [10 * math.log10(1 / 0.01 ** 2), 10 * math.log10(1 / 0.1 ** 2)]   # 40 dB and 20 dB
+    torch.testing.assert_close(psnr_per_image(x, xr), torch.tensor(per))
+    assert compute_psnr(x, xr) == pytest.approx(30.0, rel=1e-6)               # not PSNR of the mean MSE
+
+
+@pytest.mark.parametrize("name", list(vqvae.QUANTIZERS))
+def test_validate_uses_the_whole_set_and_hard_codes(name):
+    """validate() == per-image PSNR of hard-code reconstructions averaged over every image, and
+    perplexity/usage over every code index, whatever the batch size (N not a multiple of it)."""
+    torch.manual_seed(0)
+    model = vqvae.VQVAE(name, codebook_size=32, latent_dim=8, hidden_dim=8)
+    images = vqvae._fake_images(70, seed=3)
+    model.quantizer.set_progress(0.7)
+    m = vqvae.validate(model, images, batch_size=32)
+    model.eval()
+    with torch.no_grad():
+        x = vqvae.to_float(images)
+        z = model.encoder(x)
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+        d = vqvae.squared_distances(z_flat, model.quantizer.codebook.detach())
+        if name == "ba_vq":   # argmax of P; BA's Q is computed per validation batch of 32 images
+            beta = model.quantizer.beta
+            idx = torch.cat([vqvae.blahut_arimoto(d[s:s + 32 * 64], beta, 5)[0].argmax(1)
+                             for s in range(0, 70 * 64, 32 * 64)])
+        else:
+            idx = d.argmin(1)
+        zq = model.quantizer.codebook.detach()[idx].reshape(70, 8, 8, 8).permute(0, 3, 1, 2)
+        xr = model.decoder(zq)
+    assert m["psnr"] == pytest.approx(float(psnr_per_image(x, xr).mean()), rel=1e-5)
+    assert m["recon_loss"] == pytest.approx(float(((x - xr) ** 2).mean()), rel=1e-5)
+    assert m["perplexity"] == pytest.approx(compute_perplexity(idx, 32), rel=1e-5)
+    assert m["usage_rate"] == pytest.approx(compute_usage_rate(idx, 32))
+    assert model.training is False   # validate restores the mode it found
+
+
+def test_validate_restores_training_mode_and_state():
+    torch.manual_seed(0)
+    model = vqvae.VQVAE("vq_ema", codebook_size=16, latent_dim=8, hidden_dim=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    vqvae.validate(model, vqvae._fake_images(20, seed=0), batch_size=8)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_ba_validation_reports_soft_psnr_separately():
+    torch.manual_seed(0)
+    model = vqvae.VQVAE("ba_vq", codebook_size=16, latent_dim=8, hidden_dim=8)
+    model.quantizer.beta.fill_(0.5)
+    m = vqvae.validate(model, vqvae._fake_images(20, seed=0), batch_size=10)
+    assert {"psnr", "psnr_soft", "beta"} <= set(m)
+    assert m["psnr"] != m["psnr_soft"]
+    assert m["beta"] == pytest.approx(0.5)
