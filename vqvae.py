@@ -831,19 +831,19 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     metrics = acc.means()
     metrics["perplexity"] = float(perplexity_from_counts(counts))
     metrics["usage_rate"] = float(usage_from_counts(counts))
+    metrics["code_counts"] = counts.cpu()
     if "beta" in info:
         metrics["beta"] = float(model.quantizer.beta)
     return metrics, step
 
 
 @torch.no_grad()
-def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool = False,
-             return_counts: bool = False) -> dict:
+def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool = False) -> dict:
     """Whole-set validation in eval mode (hard codes for every quantizer); restores the mode.
 
     Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
-    ``mse`` (same as recon_loss), perplexity and usage over *all* code indices of the set, and for
-    BA-VQ ``psnr_soft`` (reconstruction from P.E) and ``beta``.
+    ``mse`` (same as recon_loss), perplexity and usage over *all* code indices of the set,
+    ``code_counts`` (K,) (a CPU tensor), and for BA-VQ ``psnr_soft`` (reconstruction from P.E) and ``beta``.
     """
     was_training = model.training
     model.eval()
@@ -873,8 +873,7 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     metrics["usage_rate"] = float(usage_from_counts(counts))
     if "beta" in info:
         metrics["beta"] = float(model.quantizer.beta)
-    if return_counts:
-        metrics["code_counts"] = counts.cpu()
+    metrics["code_counts"] = counts.cpu()
     model.train(was_training)
     return metrics
 
@@ -997,8 +996,8 @@ def train(cfg: Config) -> dict:
                                    desc=f"epoch {epoch}/{cfg.epochs}")
             val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress)
             record = {"epoch": epoch, "step": step, "time_s": time.time() - t0}
-            record.update({f"train/{k}": v for k, v in tr.items()})
-            record.update({f"val/{k}": v for k, v in val_metrics.items()})
+            record.update({f"train/{k}": v for k, v in tr.items() if k != "code_counts"})
+            record.update({f"val/{k}": v for k, v in val_metrics.items() if k != "code_counts"})
             for k in loss_keys:  # stable keys (seed logs 0 for absent terms)
                 record.setdefault(f"train/{k}", 0.0)
                 record.setdefault(f"val/{k}", 0.0)
@@ -1010,11 +1009,14 @@ def train(cfg: Config) -> dict:
             if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
                 atomic_torch_save({"epoch": epoch, "step": step, "model_state_dict": model.state_dict(),
                                    "optimizer_state_dict": optimizer.state_dict(),
-                                   "val_metrics": val_metrics, "config": asdict(cfg)},
+                                   "val_metrics": {k: v for k, v in val_metrics.items() if k != "code_counts"},
+                                   "config": asdict(cfg)},
                                   run_dir / f"checkpoint_epoch{epoch}.pt")
         atomic_torch_save(model.state_dict(), run_dir / "final_model.pt")
-        final = {"epoch": cfg.epochs, **val_metrics, "train_perplexity": tr["perplexity"],
-                 "train_usage_rate": tr["usage_rate"]}
+        final = {"epoch": cfg.epochs, **{k: v for k, v in val_metrics.items() if k != "code_counts"},
+                 "train_perplexity": tr["perplexity"], "train_usage_rate": tr["usage_rate"],
+                 "val_code_counts": val_metrics["code_counts"].tolist(),
+                 "train_code_counts": tr["code_counts"].tolist()}
         atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2))
         if wb is not None:
             wb.summary.update({f"final/{k}": v for k, v in final.items()})
