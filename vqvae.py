@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -117,7 +118,8 @@ class Config:
     # --- experiment -------------------------------------------------------------------------
     name: str = ""                   # run name; "" -> "<quantizer>_k<K>_s<seed>"
     out_dir: str = "experiments"     # runs are written to <out_dir>/<name>/
-    overwrite: bool = False          # allow reusing the directory of an existing run
+    overwrite: bool = False          # replace an existing run of the same name (its files are deleted)
+    resume: str = ""                 # run dir or checkpoint to continue (see resume_config); "" = new run
     seed: int = 0                    # seeds model init, codebook init and data order
     device: str = "auto"             # auto (MPS > CUDA > CPU) | cpu | cuda | mps
     # --- data -------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ class Config:
     # --- logging and outputs ----------------------------------------------------------------
     wandb: bool = True               # log to Weights & Biases (offline without API key/network)
     wandb_project: str = "vq-codebook"  # W&B project name
-    checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt every N epochs (0 = never)
+    checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
+    recon_images: int = 8            # validation images shown in recon.png
     progress: bool = True            # show tqdm progress bars
     progress_every: int = 25         # steps between progress-bar refreshes (each one syncs the device)
 
@@ -192,6 +195,7 @@ class Config:
         need(self.val_subset >= 0, f"val_subset must be >= 0 (got {self.val_subset})")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
         need(self.progress_every >= 1, f"progress_every must be >= 1 (got {self.progress_every})")
+        need(self.recon_images >= 1, f"recon_images must be >= 1 (got {self.recon_images})")
         need("/" not in self.resolved_name() and self.resolved_name() not in (".", ".."),
              f"name '{self.name}' must be a plain directory name (no '/')")
         if problems:
@@ -766,13 +770,22 @@ def compute_psnr(x: torch.Tensor, x_recon: torch.Tensor) -> float:
 
 # Loss-term keys every run reports, so history lines and final_metrics.json have stable keys.
 _LOSS_KEYS = {"vq_ema": ("commitment_loss",), "ba_vq": ("commitment_loss", "entropy_loss", "codebook_loss")}
+SHAPE_KEYS = ("quantizer", "codebook_size", "latent_dim", "hidden_dim")   # must match to resume
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingInterrupted(BavqError):
+    """Ctrl-C / SIGTERM: a checkpoint was saved; the message says how to resume."""
 
 
 class _Accumulator:
     """Sample-weighted sums of scalar tensors kept on the device; read once with ``means()``."""
 
-    def __init__(self):
+    def __init__(self, state: dict | None = None, device=None):
         self.sums, self.n = {}, 0
+        if state is not None:
+            self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+            self.n = state["n"]
 
     def add(self, values: dict, n: int):
         for k, v in values.items():
@@ -787,30 +800,59 @@ class _Accumulator:
         vals = torch.stack([self.sums[k] for k in keys]).cpu().tolist()   # one host sync
         return {k: v / max(self.n, 1) for k, v in zip(keys, vals)}
 
+    def state(self) -> dict:
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "n": self.n}
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+
+class _StopRequested(Exception):
+    """Raised inside train_epoch at a batch boundary when a stop was requested."""
+
+    def __init__(self, progress: dict, step: int):
+        super().__init__("stop requested")
+        self.progress, self.step = progress, step
+
+
+def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
-                generator: torch.Generator, step: int, total_steps: int, desc: str = "train") -> tuple[dict, int]:
+                generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
+                resume_from: dict | None = None, stop=None) -> tuple[dict, int]:
     """One pass over ``images`` (uint8, on the model's device) in random order.
 
     Returns (metrics, new global step). Metrics are sample-weighted means of the loss terms plus
-    the perplexity and usage of every code index of the epoch (a bincount on the device).
+    the perplexity and usage of every code index of the epoch (a bincount on the device) and the
+    histogram ``code_counts`` (K,). ``stop()`` is polled before each batch (a Python flag, no
+    device sync); when it is true, ``_StopRequested`` carries what is needed to finish the epoch
+    later exactly as if it had not stopped (``resume_from``).
     """
     model.train()
     device = images.device
     K = model.quantizer.num_embeddings
     N, B = images.shape[0], cfg.batch_size
+    if resume_from is None:
+        gen_state = generator.get_state()
+        start, acc, counts = 0, _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
+    else:
+        gen_state = resume_from["gen_state"]
+        generator.set_state(gen_state)
+        start = resume_from["batch"]
+        acc = _Accumulator(resume_from["acc"], device)
+        counts = resume_from["counts"].to(device)
     perm = torch.randperm(N, generator=generator).to(device)
     n_steps = math.ceil(N / B)
-    acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
-    bar = _progress_bar(n_steps, desc, cfg.progress)
-    for i in range(n_steps):
+    bar = _progress_bar(n_steps, desc, cfg.progress, initial=start)
+    info = {}
+    for i in range(start, n_steps):
+        if stop is not None and stop():
+            if bar is not None:
+                bar.close()
+            raise _StopRequested({"gen_state": gen_state, "batch": i, "acc": acc.state(),
+                                  "counts": counts.cpu()}, step)
         idx = perm[i * B:(i + 1) * B]
         x = to_float(images[idx])                                         # (b, 3, 32, 32) in [-1, 1]
         model.quantizer.set_progress(step / max(total_steps - 1, 1))
@@ -832,7 +874,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     metrics["perplexity"] = float(perplexity_from_counts(counts))
     metrics["usage_rate"] = float(usage_from_counts(counts))
     metrics["code_counts"] = counts.cpu()
-    if "beta" in info:
+    if isinstance(model.quantizer, BAQuantizer):
         metrics["beta"] = float(model.quantizer.beta)
     return metrics, step
 
@@ -852,7 +894,6 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     N = images.shape[0]
     acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
     bar = _progress_bar(math.ceil(N / batch_size), "val", progress)
-    info = {}
     for start in range(0, N, batch_size):
         x = to_float(images[start:start + batch_size])
         x_recon, recon_loss, loss_dict, info = model(x)
@@ -871,11 +912,64 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     metrics["mse"] = metrics["recon_loss"]
     metrics["perplexity"] = float(perplexity_from_counts(counts))
     metrics["usage_rate"] = float(usage_from_counts(counts))
-    if "beta" in info:
-        metrics["beta"] = float(model.quantizer.beta)
     metrics["code_counts"] = counts.cpu()
+    if isinstance(model.quantizer, BAQuantizer):
+        metrics["beta"] = float(model.quantizer.beta)
     model.train(was_training)
     return metrics
+
+
+# ---------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int) -> Path:
+    """recon.png: ``n`` evenly spaced validation images (top row) above their eval-mode (hard-code)
+    reconstructions (bottom row), clipped to [0, 1] for display."""
+    import torchvision
+    was_training = model.training
+    model.eval()
+    x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
+    x_recon = model(x)[0].float()
+    model.train(was_training)
+    grid = torchvision.utils.make_grid(torch.cat([x, x_recon]).add(1).div(2).clamp(0, 1).cpu(),
+                                       nrow=x.shape[0], padding=2, pad_value=1.0)
+    buf = io.BytesIO()
+    torchvision.utils.save_image(grid, buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor, path: Path, title: str) -> Path:
+    """usage.png: code-usage histograms (fraction of assignments per code, codes sorted by frequency),
+    training epoch and validation pass."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for counts, label, style in ((train_counts, "train (last epoch)", "--"), (val_counts, "validation", "-")):
+        if counts is None:
+            continue
+        c = counts.double()
+        frac = (c / c.sum().clamp_min(1)).sort(descending=True).values.numpy()
+        ax.step(np.arange(1, len(frac) + 1), frac, where="mid", linestyle=style,
+                label=f"{label}: perplexity {float(perplexity_from_counts(counts)):.1f}, "
+                      f"usage {float(usage_from_counts(counts)) * 100:.1f}%")
+    ax.set_xlabel("code rank (sorted by frequency)")
+    ax.set_ylabel("fraction of assignments")
+    ax.set_xlim(0.5, len(val_counts) + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------- W&B
 
 
 def _wandb_has_key() -> bool:
@@ -896,10 +990,10 @@ def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
-def init_wandb(cfg: Config, run_dir: Path):
+def init_wandb(cfg: Config, run_dir: Path, run_id: str | None = None):
     """A W&B run, or None. Never crashes or hangs: without an API key or network it logs offline
     (to <run_dir>/wandb, upload later with `wandb sync`), and if W&B fails to start it is turned off.
-    Each fallback prints one line."""
+    Each fallback prints one line. ``run_id`` continues an earlier W&B run (resume)."""
     if not cfg.wandb:
         return None
     try:
@@ -922,28 +1016,178 @@ def init_wandb(cfg: Config, run_dir: Path):
     else:
         mode = "offline"
     try:
+        kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
         return wandb.init(project=cfg.wandb_project, name=cfg.resolved_name(), config=asdict(cfg),
-                          dir=str(run_dir), mode=mode, reinit=True)
+                          dir=str(run_dir), mode=mode, **kwargs)
     except Exception as e:
         print(f"[bavq] W&B failed to start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
               "continuing without it.")
         return None
 
 
-_RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.yaml")
+def _wandb_images(wb, paths: dict) -> None:
+    if wb is None:
+        return
+    try:
+        import wandb
+        wb.log({f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}, commit=False)
+    except Exception as e:  # pictures are a convenience; never stop a run for them
+        print(f"[bavq] could not log pictures to W&B ({type(e).__name__}).")
+
+
+# ---------------------------------------------------------------------------- run directory, checkpoints
+
+_RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.yaml", "recon.png", "usage.png",
+              "checkpoint_interrupted.pt")
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name in _RUN_FILES or
+            (p.name.startswith("checkpoint_epoch") and p.suffix == ".pt")]
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create <out_dir>/<name>/, refusing to reuse an existing run's directory unless overwrite."""
+    """Create <out_dir>/<name>/. An existing run's directory is refused (nothing is touched)
+    unless ``overwrite``, which deletes that run's files first so no stale checkpoint survives."""
     run_dir = Path(cfg.out_dir) / cfg.resolved_name()
-    if run_dir.exists() and not cfg.overwrite:
-        existing = [p.name for p in run_dir.iterdir() if p.name in _RUN_FILES or p.name.startswith("checkpoint_epoch")]
-        if existing:
+    if run_dir.exists():
+        existing = _run_files(run_dir)
+        if existing and not cfg.overwrite:
             finished = "finished" if (run_dir / "final_metrics.json").exists() else "unfinished"
-            raise BavqError(f"Run directory '{run_dir}' already holds an {finished} run ({', '.join(sorted(existing))}). "
-                            "Nothing was changed. Choose another --name, or pass --overwrite to replace that run.")
+            hint = "" if finished == "finished" else f", or continue it with --resume {run_dir}"
+            raise BavqError(f"Run directory '{run_dir}' already holds an {finished} run "
+                            f"({', '.join(sorted(p.name for p in existing))}). Nothing was changed. Choose another "
+                            f"--name, pass --overwrite to replace that run{hint}.")
+        for p in existing:
+            p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a training checkpoint; a corrupt, truncated or foreign file is a BavqError."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BavqError(f"Checkpoint '{path}' does not exist. Pass a run directory or one of its "
+                        "checkpoint_epoch{N}.pt files to --resume.") from None
+    except Exception as e:
+        others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt") if p != path)
+        raise BavqError(f"Checkpoint '{path}' is corrupt or truncated and cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}). It was left as it is. Resume from "
+                        f"another checkpoint of the run instead ({', '.join(others) or 'none found'}), e.g. "
+                        "--resume <run_dir>/checkpoint_epoch<N>.pt.") from None
+    needed = {"model_state_dict", "optimizer_state_dict", "epoch", "config"}
+    if not isinstance(ck, dict) or not needed <= set(ck):
+        raise BavqError(f"'{path}' is not a bavq training checkpoint (it lacks "
+                        f"{', '.join(sorted(needed - set(ck))) if isinstance(ck, dict) else 'a checkpoint dict'}). "
+                        "final_model.pt holds weights only and cannot be resumed; pass a checkpoint_epoch{N}.pt "
+                        "file or the run directory.")
+    return ck
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint furthest into training: checkpoint_epoch{N}.pt with the largest N, or
+    checkpoint_interrupted.pt when it was written inside a later epoch."""
+    run_dir = Path(run_dir)
+    epochs = sorted((int(p.stem[len("checkpoint_epoch"):]), p) for p in run_dir.glob("checkpoint_epoch*.pt")
+                    if p.stem[len("checkpoint_epoch"):].isdigit())
+    best = epochs[-1] if epochs else None
+    interrupted = run_dir / "checkpoint_interrupted.pt"
+    if interrupted.is_file():
+        ck = load_checkpoint(interrupted)
+        if best is None or ck["epoch"] >= best[0]:
+            return interrupted
+    if best is None:
+        raise BavqError(f"No checkpoint found in '{run_dir}' (looked for checkpoint_epoch<N>.pt and "
+                        "checkpoint_interrupted.pt). A run can be resumed only after its first checkpoint; "
+                        "start it again with --overwrite, or lower --checkpoint_every.")
+    return best[1]
+
+
+def resolve_resume_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return latest_checkpoint(p)
+    if p.is_file():
+        return p
+    raise BavqError(f"--resume '{path}' is neither a run directory nor a checkpoint file. Pass e.g. "
+                    "experiments/<name> or experiments/<name>/checkpoint_epoch10.pt.")
+
+
+def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
+    """The config to continue the run at ``path`` (run dir or checkpoint): the checkpoint's own
+    config, with ``overrides`` (e.g. the flags given on the command line) on top. Changing the
+    model shape is caught by ``train``. The run continues in the checkpoint's directory."""
+    ck_path = resolve_resume_path(path)
+    ck = load_checkpoint(ck_path)
+    values = {**ck["config"], **(overrides or {})}
+    values.update(resume=str(ck_path), out_dir=str(ck_path.parent.parent), name=ck_path.parent.name)
+    return make_config(values, source=f"checkpoint '{ck_path}' and command-line flags")
+
+
+def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
+                     generator, progress=None, wandb_id=None) -> None:
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
+        "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+        "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(cfg),
+        "history": history, "rng": _rng_state(generator), "epoch_progress": progress, "wandb_id": wandb_id,
+    }, path)
+
+
+class _StopFlag:
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop.
+    A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[bavq] stop requested: saving a checkpoint after this step (Ctrl-C again to abort "
+              "without saving).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+# ---------------------------------------------------------------------------- the experiment
 
 
 def _summary_line(epoch: int, epochs: int, tr: dict, va: dict) -> str:
@@ -959,21 +1203,47 @@ def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
     return model.to(device) if device is not None else model
 
 
+def _plain(metrics: dict) -> dict:
+    """Metrics without the code histogram (for history lines and JSON)."""
+    return {k: v for k, v in metrics.items() if k != "code_counts"}
+
+
+def _write_pictures(cfg, model, val_u8, tr, va, run_dir, wb) -> None:
+    title = f"{cfg.resolved_name()}: {cfg.quantizer}, K={cfg.codebook_size}"
+    paths = {"recon": save_recon_grid(model, val_u8, run_dir / "recon.png", cfg.recon_images),
+             "usage": save_usage_plot(tr.get("code_counts"), va["code_counts"], run_dir / "usage.png", title)}
+    _wandb_images(wb, paths)
+
+
 def train(cfg: Config) -> dict:
     """Run the experiment described by ``cfg``; returns the final validation metrics.
 
     Writes to <out_dir>/<name>/: config.yaml, history.jsonl (one line per epoch, W&B keys),
-    checkpoint_epoch{N}.pt every ``checkpoint_every`` epochs, final_model.pt (state_dict) and
-    final_metrics.json.
+    checkpoint_epoch{N}.pt every ``checkpoint_every`` epochs, recon.png and usage.png at each
+    checkpoint and at the end, final_model.pt (state_dict) and final_metrics.json.
+    With ``cfg.resume`` (see ``resume_config``) it continues from a checkpoint and ends with
+    exactly the metrics of an uninterrupted run (bit-identical on CPU). Ctrl-C saves
+    checkpoint_interrupted.pt and raises TrainingInterrupted with the command that resumes.
     """
     cfg.validate()
     device = pick_device(cfg.device)
+    ck = None
+    if cfg.resume:
+        ck_path = resolve_resume_path(cfg.resume)
+        ck = load_checkpoint(ck_path)
+        old = ck["config"]
+        changed = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in SHAPE_KEYS if old.get(k) != getattr(cfg, k)]
+        if changed:
+            raise BavqError(f"Cannot resume '{ck_path}' with a different model shape ({'; '.join(changed)}). "
+                            "Nothing was changed. Drop those flags to continue the run as it was, or start a new "
+                            "run under another --name.")
+        run_dir = ck_path.parent
     seed_everything(cfg.seed)
     train_u8, val_u8 = load_dataset(cfg)                     # before touching the run directory
-    run_dir = prepare_run_dir(cfg)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    if ck is None:
+        run_dir = prepare_run_dir(cfg)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(dataclasses.replace(cfg, resume="")))
     history_path = run_dir / "history.jsonl"
-    history_path.write_text("")
 
     train_u8, val_u8 = train_u8.to(device), val_u8.to(device)
     model = build_model(cfg, device)
@@ -983,43 +1253,76 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     val_bs = cfg.val_batch_size or cfg.batch_size
     loss_keys = _LOSS_KEYS[cfg.quantizer]
+
+    start_epoch, step, history, progress = 1, 0, [], None
+    tr, val_metrics, wandb_id = {}, {}, None
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model_state_dict"])
+            optimizer.load_state_dict(ck["optimizer_state_dict"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise BavqError(f"Checkpoint '{ck_path}' does not fit this model ({str(e).splitlines()[0][:200]}). "
+                            "It was written by a different model or library version; resume it with the settings "
+                            "it was trained with, or start a new run.") from None
+        _set_rng_state(ck["rng"], generator)
+        start_epoch, step, history = ck["epoch"] + 1, ck["step"], list(ck["history"])
+        progress, wandb_id = ck.get("epoch_progress"), ck.get("wandb_id")
+        tr, val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
+        where = f"epoch {ck['epoch'] + 1}, batch {progress['batch']}" if progress else f"the end of epoch {ck['epoch']}"
+        print(f"[bavq] resuming '{run_dir}' from {ck_path.name} ({where}, step {step}).")
+    atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in history))
     print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{train_u8.shape[0]} train / {val_u8.shape[0]} val images, device {device}, -> {run_dir}")
 
-    wb = init_wandb(cfg, run_dir)
-    step, val_metrics = 0, {}
+    wb = init_wandb(cfg, run_dir, wandb_id)
+    wandb_id = getattr(wb, "id", None) or wandb_id
+    stop = _StopFlag()
+    state = dict(model=model, optimizer=optimizer, cfg=cfg, generator=generator, wandb_id=wandb_id)
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.time()
-            tr, step = train_epoch(model, optimizer, train_u8, cfg, generator, step, total_steps,
-                                   desc=f"epoch {epoch}/{cfg.epochs}")
+        with stop:
+            for epoch in range(start_epoch, cfg.epochs + 1):
+                t0 = time.time()
+                try:
+                    tr, step = train_epoch(model, optimizer, train_u8, cfg, generator, step, total_steps,
+                                           desc=f"epoch {epoch}/{cfg.epochs}", resume_from=progress, stop=stop)
+                except _StopRequested as s:
+                    path = run_dir / "checkpoint_interrupted.pt"
+                    _save_checkpoint(path, epoch=epoch - 1, step=s.step, history=history, val_metrics=val_metrics,
+                                     train_metrics=tr, progress=s.progress, **state)
+                    raise TrainingInterrupted(
+                        f"Training stopped in epoch {epoch} after {s.progress['batch']} batches (step {s.step}); "
+                        f"a checkpoint was saved to '{path}'. Resume with: python train.py --resume {run_dir}") from None
+                progress = None
+                val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress)
+                record = {"epoch": epoch, "step": step, "time_s": time.time() - t0}
+                record.update({f"train/{k}": v for k, v in _plain(tr).items()})
+                record.update({f"val/{k}": v for k, v in _plain(val_metrics).items()})
+                for k in loss_keys:  # stable keys (the seed logs 0 for absent terms)
+                    record.setdefault(f"train/{k}", 0.0)
+                    record.setdefault(f"val/{k}", 0.0)
+                history.append(record)
+                with open(history_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if wb is not None:
+                    wb.log(record, step=epoch)
+                print(_summary_line(epoch, cfg.epochs, tr, val_metrics), flush=True)
+                if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+                    _save_checkpoint(run_dir / f"checkpoint_epoch{epoch}.pt", epoch=epoch, step=step, history=history,
+                                     val_metrics=val_metrics, train_metrics=tr, **state)
+                    _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
+        if not val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
             val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress)
-            record = {"epoch": epoch, "step": step, "time_s": time.time() - t0}
-            record.update({f"train/{k}": v for k, v in tr.items() if k != "code_counts"})
-            record.update({f"val/{k}": v for k, v in val_metrics.items() if k != "code_counts"})
-            for k in loss_keys:  # stable keys (seed logs 0 for absent terms)
-                record.setdefault(f"train/{k}", 0.0)
-                record.setdefault(f"val/{k}", 0.0)
-            with open(history_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wb is not None:
-                wb.log(record, step=epoch)
-            print(_summary_line(epoch, cfg.epochs, tr, val_metrics), flush=True)
-            if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-                atomic_torch_save({"epoch": epoch, "step": step, "model_state_dict": model.state_dict(),
-                                   "optimizer_state_dict": optimizer.state_dict(),
-                                   "val_metrics": {k: v for k, v in val_metrics.items() if k != "code_counts"},
-                                   "config": asdict(cfg)},
-                                  run_dir / f"checkpoint_epoch{epoch}.pt")
         atomic_torch_save(model.state_dict(), run_dir / "final_model.pt")
-        final = {"epoch": cfg.epochs, **{k: v for k, v in val_metrics.items() if k != "code_counts"},
-                 "train_perplexity": tr["perplexity"], "train_usage_rate": tr["usage_rate"],
+        final = {"epoch": cfg.epochs, **_plain(val_metrics),
+                 "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
                  "val_code_counts": val_metrics["code_counts"].tolist(),
-                 "train_code_counts": tr["code_counts"].tolist()}
+                 "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
+        _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
         atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2))
+        (run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
         if wb is not None:
-            wb.summary.update({f"final/{k}": v for k, v in final.items()})
+            wb.summary.update({f"final/{k}": v for k, v in final.items() if not k.endswith("code_counts")})
     finally:
         if wb is not None:
             wb.finish()
