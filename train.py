@@ -26,7 +26,7 @@ SWEEP_KEYS = ("quantizer", "codebook_size", "seed")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train a VQ-VAE on CIFAR-10 with a VQ-EMA or Blahut-Arimoto quantizer.",
+        description="Train a VQ-VAE on CIFAR-10 with a VQ-EMA, VQ, Blahut-Arimoto or FSQ quantizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of config values (overridden by flags)")
     defaults = vqvae.Config()
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                            default=argparse.SUPPRESS, help=f"turn {name} off")
             continue
         kwargs = {"type": typ, "default": argparse.SUPPRESS, "help": f"(default: {default!r})"}
+        if typ is list:   # list of ints, e.g. --fsq_levels 8 5 5 5
+            kwargs.update(type=int, nargs="+")
         if name in SWEEP_KEYS:
             kwargs["nargs"] = "+"
             kwargs["help"] += "; several values run a grid"
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = list(vqvae.DATASETS)
         elif name == "device":
             kwargs["choices"] = ["auto", "cpu", "cuda", "mps"]
+        elif name == "init":
+            kwargs["choices"] = list(vqvae.CODEBOOK_INITS)
+        elif name == "gradient_estimator":
+            kwargs["choices"] = list(vqvae.GRADIENT_ESTIMATORS)
         p.add_argument(f"--{name}", **kwargs)
     return p
 

@@ -134,15 +134,27 @@ class Config:
     latent_dim: int = 256            # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = 128            # channels after the first stride-2 conv (seed: 128)
     # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
-    commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (both quantizers)
-    decay: float = 0.99              # EMA decay of cluster sizes and sums, in [0, 1)
+    commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq)
+    decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
+    # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
+    fsq_levels: list = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = 0.1          # inverse temperature at the first training step
     beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
     ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
     entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
-    codebook_cost: float = 1.0       # weight of mse(sg[z], P.E); 0 reproduces the seed exactly
+    codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq: hard code; ba_vq: P.E, 0 = the seed)
+    # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
+    init: str = "uniform"            # codebook init: uniform U[-1/K,1/K] (seed) | normal N(0,1) | kmeans
+    kmeans_batches: int = 4          # --init kmeans: training batches of encoder outputs to cluster
+    kmeans_iters: int = 10           # --init kmeans: Lloyd iterations after k-means++ seeding
+    dead_code_threshold: float = 0.0  # restart codes whose EMA usage (assignments/step) < this; 0 = off
+    dead_code_every: int = 100       # steps between dead-code checks
+    cosine: bool = False             # L2-normalise latents and codes (cosine distance)
+    gradient_estimator: str = "ste"  # ste (straight-through) | rotation (Fifty et al. 2024)
+    vq_loss_warmup_epochs: float = 0.0  # quantizer-loss weight ramps linearly 0 -> 1 over this many epochs
+    grad_clip: float = 0.0           # clip the global gradient norm to this (0 = off)
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 100                # passes over the training set
     batch_size: int = 256            # training batch size (images)
@@ -190,6 +202,26 @@ class Config:
         need(self.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {self.ba_iterations})")
         need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
         need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
+        need(self.init in CODEBOOK_INITS, f"init '{self.init}' is unknown (choose from {', '.join(CODEBOOK_INITS)})")
+        need(self.gradient_estimator in GRADIENT_ESTIMATORS,
+             f"gradient_estimator '{self.gradient_estimator}' is unknown (choose from {', '.join(GRADIENT_ESTIMATORS)})")
+        need(self.kmeans_batches >= 1, f"kmeans_batches must be >= 1 (got {self.kmeans_batches})")
+        need(self.kmeans_iters >= 0, f"kmeans_iters must be >= 0 (got {self.kmeans_iters})")
+        need(self.dead_code_threshold >= 0, f"dead_code_threshold must be >= 0 (got {self.dead_code_threshold})")
+        need(self.dead_code_every >= 1, f"dead_code_every must be >= 1 (got {self.dead_code_every})")
+        need(self.vq_loss_warmup_epochs >= 0, f"vq_loss_warmup_epochs must be >= 0 (got {self.vq_loss_warmup_epochs})")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (got {self.grad_clip})")
+        need(len(self.fsq_levels) >= 1 and all(l >= 2 for l in self.fsq_levels),
+             f"fsq_levels must be one or more integers >= 2 (got {self.fsq_levels})")
+        if self.quantizer == "fsq":
+            K = math.prod(self.fsq_levels)
+            need(K == self.codebook_size, f"fsq_levels {self.fsq_levels} give {K} codes but codebook_size is "
+                 f"{self.codebook_size} (set --codebook_size {K})")
+            used = [n for n, on in (("init", self.init != "uniform"), ("dead_code_threshold", self.dead_code_threshold > 0),
+                                    ("cosine", self.cosine), ("gradient_estimator", self.gradient_estimator != "ste"))
+                    if on]
+            need(not used, f"{', '.join(used)} apply to codebook quantizers (vq_ema, vq, ba_vq), not to fsq, "
+                 "which has no codebook")
         need(self.num_workers >= 0, f"num_workers must be >= 0 (got {self.num_workers})")
         need(self.train_subset >= 0, f"train_subset must be >= 0 (got {self.train_subset})")
         need(self.val_subset >= 0, f"val_subset must be >= 0 (got {self.val_subset})")
@@ -215,7 +247,7 @@ def _coerce(key: str, value, typ, source: str):
     def bad():
         return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
                          f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
-                         f"{key}: {getattr(Config, key)!r}.")
+                         f"{key}: {getattr(Config(), key)!r}.")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -236,6 +268,10 @@ def _coerce(key: str, value, typ, source: str):
     if typ is str:
         if isinstance(value, str):
             return value
+        raise bad()
+    if typ is list:   # list of ints (fsq_levels)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
         raise bad()
     raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
 
@@ -539,7 +575,156 @@ def _autocast_off(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-class VQEMAQuantizer(nn.Module):
+def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """z + sg[q - z]: the forward pass gives q, the backward pass copies the gradient to z
+    unchanged (quantization has no useful derivative). Applied whatever z.requires_grad says."""
+    return z + (q - z).detach()
+
+
+def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+    Trick", eq. 4): q~ = sg[lambda R] z with lambda = ||q|| / ||z|| and the rotation
+    R = I - 2 w w^T + 2 v u^T, u = z/||z||, v = q/||q||, w = (u + v)/||u + v||, which maps u to v.
+    Forward: q~ = q (up to rounding). Backward: the gradient reaching z is lambda R^T g, so the
+    angle and norm of z relative to its code shape the encoder's update. Rows (N, D); eps guards
+    zero norms (eps is numerical, not a model coefficient)."""
+    with torch.no_grad():
+        z_norm = z.norm(dim=1, keepdim=True).clamp_min(eps)
+        q_norm = q.norm(dim=1, keepdim=True).clamp_min(eps)
+        u, v = z / z_norm, q / q_norm
+        w = u + v
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
+        lam = q_norm / z_norm
+    # R z = z - 2 w (w.z) + 2 v (u.z), computed without materialising the (D, D) matrix
+    rz = z - 2.0 * w * (w * z).sum(1, keepdim=True) + 2.0 * v * (u * z).sum(1, keepdim=True)
+    return lam * rz
+
+
+GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
+CODEBOOK_INITS = ("uniform", "normal", "kmeans")
+
+
+def init_codebook(K: int, D: int, init: str) -> torch.Tensor:
+    """uniform: U[-1/K, 1/K] (the original code); normal: N(0, 1). kmeans starts from uniform and is
+    replaced by ``kmeans_codebook`` on encoder outputs before training (see ``train``)."""
+    if init == "normal":
+        return torch.randn(K, D)
+    return torch.empty(K, D).uniform_(-1.0 / K, 1.0 / K)
+
+
+@torch.no_grad()
+def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Generator | None = None,
+                    cosine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) then ``iters`` Lloyd iterations on the rows
+    of x (N, D). Returns (centers (K, D), cluster sizes (K,)). A cluster that empties keeps its
+    previous centre. ``cosine``: spherical k-means (rows and centres L2-normalised).
+    If N < K, the missing centres are copies of random points (then cluster sizes are 0)."""
+    x = x.float()
+    if cosine:
+        x = F.normalize(x, dim=1)
+    N = x.shape[0]
+    dev = x.device
+    first = torch.randint(0, N, (1,), generator=generator).to(dev)
+    centers = [x[first[0]]]
+    d2 = (x - centers[0]).pow(2).sum(1)                                       # (N,) distance to nearest centre
+    for _ in range(1, K):
+        if float(d2.sum()) <= 0:                                              # fewer distinct points than K
+            nxt = torch.randint(0, N, (1,), generator=generator).to(dev)[0]
+        else:                                                                 # D^2 sampling
+            nxt = torch.multinomial((d2 / d2.sum()).cpu(), 1, generator=generator).to(dev)[0]
+        centers.append(x[nxt])
+        d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
+    c = torch.stack(centers)                                                  # (K, D)
+    counts = torch.zeros(K, device=dev)
+    for _ in range(max(iters, 1)):
+        assign = squared_distances(x, c).argmin(1)                            # (N,)
+        counts = torch.bincount(assign, minlength=K).float()
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        if iters == 0:
+            break
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+        if cosine:
+            c = F.normalize(c, dim=1)
+    if iters > 0:
+        counts = torch.bincount(squared_distances(x, c).argmin(1), minlength=K).float()
+    return c, counts
+
+
+class _CodebookQuantizer(nn.Module):
+    """Machinery shared by the codebook quantizers (VQ-EMA, VQ, BA-VQ), all off by default:
+
+    * ``init``: codebook initialisation (``init_codebook``; kmeans is applied by ``train``).
+    * ``cosine``: latents and codes are L2-normalised before distances (cosine distance); the
+      decoder receives the normalised code.
+    * ``gradient_estimator``: ``straight_through`` or ``rotation_trick`` for the decoder input.
+    * dead-code restarts: ``usage`` is an EMA (decay ``decay``) of hard assignments per step (VQ-EMA
+      uses its own EMA counts); every ``dead_code_every`` steps the trainer calls
+      ``restart_dead_codes``, which replaces codes with usage < ``dead_code_threshold`` by random
+      encoder outputs of the current batch and resets their usage (and EMA sums) to match.
+    """
+
+    def _setup(self, num_embeddings, embedding_dim, init, cosine, gradient_estimator, dead_code_threshold, decay):
+        if init not in CODEBOOK_INITS:
+            raise BavqError(f"init '{init}' is unknown (choose from {', '.join(CODEBOOK_INITS)}).")
+        if gradient_estimator not in GRADIENT_ESTIMATORS:
+            raise BavqError(f"gradient_estimator '{gradient_estimator}' is unknown "
+                            f"(choose from {', '.join(GRADIENT_ESTIMATORS)}).")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.init, self.cosine, self.gradient_estimator = init, cosine, gradient_estimator
+        self.dead_code_threshold, self.decay = dead_code_threshold, decay
+        self._estimate = GRADIENT_ESTIMATORS[gradient_estimator]
+        self._last_z = None                      # this step's (normalised) latents, for restarts
+        codebook = init_codebook(num_embeddings, embedding_dim, init)
+        return F.normalize(codebook, dim=1) if cosine else codebook
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (used by schedules; none by default)."""
+
+    def _latents(self, z: torch.Tensor) -> torch.Tensor:
+        z_flat = _flatten_latents(z)                                  # (N, D), N = B*H*W
+        return F.normalize(z_flat, dim=1) if self.cosine else z_flat
+
+    def _codes(self) -> torch.Tensor:
+        E = self.codebook.float()                                     # (K, D)
+        return F.normalize(E, dim=1) if self.cosine else E
+
+    def _track(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
+        """Training-mode bookkeeping for dead-code restarts (no host sync)."""
+        self._last_z = z_flat.detach()
+        if "usage" in self._buffers:
+            self.usage.mul_(self.decay).add_(counts.to(self.usage.dtype), alpha=1.0 - self.decay)
+
+    def usage_per_step(self) -> torch.Tensor:
+        """EMA of assignments per training step, (K,)."""
+        return self.usage
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> torch.Tensor:
+        """Replace codes whose usage is below the threshold by random latents of the last training
+        batch (sampled with replacement). Returns the boolean mask (K,) of restarted codes.
+        No host sync: the mask is applied with torch.where."""
+        if self._last_z is None or self.dead_code_threshold <= 0:
+            return torch.zeros(self.num_embeddings, dtype=torch.bool, device=self.codebook.device)
+        z = self._last_z
+        dead = self.usage_per_step() < self.dead_code_threshold                    # (K,)
+        pick = torch.randint(0, z.shape[0], (self.num_embeddings,), device=z.device)
+        new = z[pick].to(self.codebook.dtype)                                        # (K, D)
+        self.codebook.data.copy_(torch.where(dead[:, None], new, self.codebook.data))
+        self._reset_usage(dead, new)
+        return dead
+
+    def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
+        T = self.dead_code_threshold
+        self.usage.copy_(torch.where(dead, torch.full_like(self.usage, T), self.usage))
+
+    @torch.no_grad()
+    def load_codes(self, codes: torch.Tensor, counts_per_step: torch.Tensor) -> None:
+        """Set the codebook (e.g. from k-means) with usage statistics consistent with it."""
+        self.codebook.data.copy_(codes.to(self.codebook.dtype))
+        self.usage.copy_(counts_per_step.to(self.usage.dtype))
+
+
+class VQEMAQuantizer(_CodebookQuantizer):
     """Hard nearest-neighbour VQ with an exponential-moving-average codebook.
 
     van den Oord et al., "Neural Discrete Representation Learning" (2017), Appendix A.1, eqs. (6)-(8):
@@ -556,47 +741,105 @@ class VQEMAQuantizer(nn.Module):
     Loss: ``commitment_cost * mse(z, sg[z_q])`` (the codebook is not trained by gradient).
     Straight-through estimator ``z + sg[z_q - z]``: the forward pass sees the code, the backward
     pass copies the decoder's gradient to the encoder (the quantizer has no useful derivative).
+    Options (off by default): see ``_CodebookQuantizer``; with ``cosine`` the EMA averages
+    normalised latents and the codes are renormalised after each update; a k-means or restarted
+    code gets EMA count c and EMA sum c * code, so the next update starts from that code.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
-                 decay: float = 0.99, epsilon: float = 1e-5):
+                 decay: float = 0.99, epsilon: float = 1e-5, init: str = "uniform", cosine: bool = False,
+                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
+        codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
+                               dead_code_threshold, decay)
+        self.commitment_cost, self.epsilon = commitment_cost, epsilon
         K = num_embeddings
-        codebook = torch.empty(K, embedding_dim).uniform_(-1.0 / K, 1.0 / K)
         self.register_buffer("codebook", codebook)                       # e, (K, D)
         self.register_buffer("ema_cluster_size", torch.zeros(K))         # N, raw EMA counts (K,)
         self.register_buffer("ema_w", codebook.clone())                  # m, EMA sums (K, D)
 
-    def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1]; VQ-EMA has no schedule."""
+    def usage_per_step(self) -> torch.Tensor:
+        return self.ema_cluster_size
+
+    def _reset_usage(self, dead, new):
+        T = self.dead_code_threshold
+        self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, T), self.ema_cluster_size))
+        self.ema_w.copy_(torch.where(dead[:, None], new * T, self.ema_w))
 
     @torch.no_grad()
-    def _ema_update(self, z_flat: torch.Tensor, indices: torch.Tensor) -> None:
+    def load_codes(self, codes, counts_per_step):
+        self.codebook.copy_(codes)
+        self.ema_cluster_size.copy_(counts_per_step)
+        self.ema_w.copy_(codes * counts_per_step[:, None])               # count x code
+
+    @torch.no_grad()
+    def _ema_update(self, z_flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
         K = self.num_embeddings
-        counts = torch.bincount(indices, minlength=K).to(z_flat.dtype)                  # n_k, (K,)
         sums = torch.zeros_like(self.ema_w).index_add_(0, indices, z_flat)               # sum z_x, (K, D)
-        self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.ema_cluster_size.mul_(self.decay).add_(counts.to(z_flat.dtype), alpha=1.0 - self.decay)
         self.ema_w.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         n = self.ema_cluster_size.sum()
         smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~, a copy
-        self.codebook.copy_(self.ema_w / smoothed[:, None])
+        codebook = self.ema_w / smoothed[:, None]
+        self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
 
     def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
         with _autocast_off(z.device.type):
-            z_flat = _flatten_latents(z)                                  # (N, D), N = B*H*W
+            z_flat = self._latents(z)                                     # (N, D), N = B*H*W
             d = squared_distances(z_flat, self.codebook)                  # (N, K)
             indices = d.argmin(dim=1)                                     # (N,)
             z_q_flat = self.codebook[indices]                             # (N, D), pre-update codebook (a copy)
+            stats = _code_stats(indices, self.num_embeddings)
             if self.training:
-                self._ema_update(z_flat.detach(), indices)
+                self._ema_update(z_flat.detach(), indices, stats["code_counts"])
+                self._last_z = z_flat.detach()
             commitment = self.commitment_cost * F.mse_loss(z_flat, z_q_flat.detach())
-            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
-            z_q = z + (z_q - z).detach()                                  # straight-through
-        B, _, H, W = z.shape
-        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+            z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **stats}
         return z_q, {"commitment_loss": commitment}, info
+
+
+class VQQuantizer(_CodebookQuantizer):
+    """Hard nearest-neighbour VQ with a codebook learned by gradient (van den Oord et al. 2017, eq. 3):
+
+        loss = codebook_cost * mse(sg[z], e) + commitment_cost * mse(z, sg[e]),   e = e_{argmin_k d(z, k)}
+
+    both terms on the *hard* code e (never on the straight-through output, whose gradient would
+    bypass the codebook), so the codebook is moved only by the codebook term and the encoder only by
+    the commitment term and the reconstruction (through the estimator). The straight-through line
+    ``z + sg[e - z]`` is applied the same way whatever ``requires_grad`` says (seed 004, bugs 1-2).
+    Defaults 1.0 and 0.25 are the VQ-VAE paper's. Options: see ``_CodebookQuantizer``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 codebook_cost: float = 1.0, decay: float = 0.99, init: str = "uniform", cosine: bool = False,
+                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0):
+        super().__init__()
+        codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
+                               dead_code_threshold, decay)
+        self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
+        self.codebook = nn.Parameter(codebook)                           # E, (K, D)
+        self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = self._latents(z)                                     # (N, D)
+            E = self._codes()                                             # (K, D)
+            with torch.no_grad():
+                indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
+            # (N, D), hard code, differentiable in E. F.embedding, not E[indices]: its CPU backward is
+            # deterministic (indexing's backward uses parallel atomic adds), so resumed runs are bit-identical.
+            e = F.embedding(indices, E)
+            stats = _code_stats(indices, self.num_embeddings)
+            if self.training:
+                self._track(z_flat, stats["code_counts"])
+            losses = {"codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e),
+                      "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach())}
+            z_q = _unflatten_latents(self._estimate(z_flat, e.detach()), z.shape)   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **stats}
+        return z_q, losses, info
 
 
 def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,7 +878,7 @@ def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: t
     return float(rate), float(dist)
 
 
-class BAQuantizer(nn.Module):
+class BAQuantizer(_CodebookQuantizer):
     """Soft vector quantization by Blahut-Arimoto (BA) assignment, codebook learned by gradient.
 
     For latents z_x and codes e_k (d = squared Euclidean distance), ``ba_iterations`` BA alternations
@@ -661,18 +904,22 @@ class BAQuantizer(nn.Module):
 
     Departures from the original code: the original clamps Q at 1e-10 before taking its log; in log
     space no floor is needed, so codes with Q < 1e-10 keep their exact (tiny) mass.
+    Options (off by default): see ``_CodebookQuantizer`` (usage for dead codes = hard argmax counts).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
-                 entropy_cost: float = 0.01, codebook_cost: float = 1.0):
+                 entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
+                 init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
+                 dead_code_threshold: float = 0.0):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
+                               dead_code_threshold, decay)
         self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
         self.beta_start, self.beta_end, self.ba_iterations = beta_start, beta_end, ba_iterations
-        K = num_embeddings
-        self.codebook = nn.Parameter(torch.empty(K, embedding_dim).uniform_(-1.0 / K, 1.0 / K))  # E, (K, D)
+        self.codebook = nn.Parameter(codebook)                           # E, (K, D)
         self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
+        self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
 
     def set_progress(self, progress: float) -> None:
         """Cosine schedule: beta = beta_start at progress 0, beta_end at progress 1."""
@@ -681,8 +928,8 @@ class BAQuantizer(nn.Module):
     def forward(self, z: torch.Tensor):
         B, D, H, W = z.shape
         with _autocast_off(z.device.type):
-            z_flat = _flatten_latents(z)                                  # (N, D)
-            E = self.codebook.float()                                     # (K, D)
+            z_flat = self._latents(z)                                     # (N, D)
+            E = self._codes()                                             # (K, D)
             beta = self.beta
             d = squared_distances(z_flat, E)                              # (N, K)
             log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)    # (N, K), (K,)
@@ -705,19 +952,83 @@ class BAQuantizer(nn.Module):
                 losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), z_q_cb)
             else:
                 losses["codebook_loss"] = torch.zeros((), device=z.device)
+            stats = _code_stats(indices, self.num_embeddings)
+            if self.training:
+                self._track(z_flat, stats["code_counts"])
             z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
-            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
-            z_q = z + (z_q - z).detach()                                  # straight-through
-        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings),
+            z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **stats,
                 "beta": beta.detach().clone(), "entropy": entropy.detach()}
         if not self.training:
             info["z_q_soft"] = _unflatten_latents(z_q_soft, z.shape)
         return z_q, losses, info
 
 
+class FSQQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made
+    Simple", Sec. 3): no codebook to collapse.
+
+    z (B, D, H, W) is projected to d = len(levels) channels, each bounded to L_i values with
+    f(h) = tanh(h + s) * (L-1)(1+1e-3)/2 - o  (o = 0.5 for even L, s = atanh(o / half)), rounded
+    with a straight-through estimator, scaled by L_i // 2 to about [-1, 1], and projected back to D.
+    The implicit codebook has K = prod(levels) codes; index = mixed-radix number of the per-channel
+    levels (``codes_to_indices`` / ``indices_to_codes`` are exact inverses). No loss terms.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fsq_levels: list | tuple = (8, 8, 8)):
+        super().__init__()
+        levels = torch.tensor(list(fsq_levels), dtype=torch.long)
+        K = int(levels.prod())
+        if K != num_embeddings or (levels < 2).any():
+            raise BavqError(f"FSQ levels {list(fsq_levels)} give K = {K} codes, but codebook_size is "
+                            f"{num_embeddings}; every level must be >= 2 and codebook_size must equal their "
+                            f"product (e.g. --fsq_levels 8 8 8 --codebook_size 512).")
+        self.num_embeddings, self.embedding_dim = K, embedding_dim
+        self.register_buffer("levels", levels)
+        self.register_buffer("basis", torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), levels[:-1]]), 0))
+        self.proj_in = nn.Linear(embedding_dim, len(levels))
+        self.proj_out = nn.Linear(len(levels), embedding_dim)
+
+    def set_progress(self, progress: float) -> None:
+        pass
+
+    def _half_width(self):
+        return (self.levels // 2).float()
+
+    def bound(self, h: torch.Tensor) -> torch.Tensor:
+        L = self.levels.float()
+        half = (L - 1) * (1 + 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(h + shift) * half - offset
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Scaled codes (..., d) in {-L//2 .. } / (L//2) -> indices (...) in [0, K)."""
+        digits = (codes * self._half_width() + self._half_width()).round().long()   # 0 .. L-1
+        return (digits * self.basis).sum(-1)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        digits = (indices[..., None] // self.basis) % self.levels                   # (..., d)
+        return (digits.float() - self._half_width()) / self._half_width()
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            h = self.bound(self.proj_in(z_flat))                          # (N, d), in (-L/2, L/2)
+            q = straight_through(h, h.round())                            # integer levels, STE
+            codes = q / self._half_width()                                # (N, d) in [-1, 1]
+            indices = self.codes_to_indices(codes.detach())               # (N,)
+            z_q = _unflatten_latents(self.proj_out(codes), z.shape)      # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, {}, info
+
+
 QUANTIZERS = {
     "vq_ema": VQEMAQuantizer,
+    "vq": VQQuantizer,
     "ba_vq": BAQuantizer,
+    "fsq": FSQQuantizer,
 }
 
 
@@ -769,7 +1080,8 @@ def compute_psnr(x: torch.Tensor, x_recon: torch.Tensor) -> float:
 # =============================================================================
 
 # Loss-term keys every run reports, so history lines and final_metrics.json have stable keys.
-_LOSS_KEYS = {"vq_ema": ("commitment_loss",), "ba_vq": ("commitment_loss", "entropy_loss", "codebook_loss")}
+_LOSS_KEYS = {"vq_ema": ("commitment_loss",), "vq": ("commitment_loss", "codebook_loss"),
+              "ba_vq": ("commitment_loss", "entropy_loss", "codebook_loss"), "fsq": ()}
 SHAPE_KEYS = ("quantizer", "codebook_size", "latent_dim", "hidden_dim")   # must match to resume
 CHECKPOINT_FORMAT = 1
 
@@ -819,63 +1131,132 @@ def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def _zero_optimizer_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Reset Adam's moment estimates of restarted codebook rows (their history belongs to the old code)."""
+    state = optimizer.state.get(param, {})
+    keep = (~rows)[:, None].to(param.dtype)
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key].mul_(keep)
+
+
+class NonFiniteError(BavqError):
+    """A loss term or the gradient became NaN/Inf; training stopped, nothing after it was saved."""
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, terms: list):
+        super().__init__(f"non-finite {terms} at step {step}")
+        self.step, self.terms = step, terms
+
+
 def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
                 generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
                 resume_from: dict | None = None, stop=None) -> tuple[dict, int]:
     """One pass over ``images`` (uint8, on the model's device) in random order.
 
     Returns (metrics, new global step). Metrics are sample-weighted means of the loss terms plus
-    the perplexity and usage of every code index of the epoch (a bincount on the device) and the
-    histogram ``code_counts`` (K,). ``stop()`` is polled before each batch (a Python flag, no
-    device sync); when it is true, ``_StopRequested`` carries what is needed to finish the epoch
-    later exactly as if it had not stopped (``resume_from``).
+    the perplexity, usage and dead codes of every code index of the epoch (a bincount on the
+    device), the histogram ``code_counts`` (K,), the gradient norm (mean and max, before clipping),
+    the number of dead-code restarts and the quantizer-loss weight (warm-up).
+
+    Per step: loss = recon_loss + w * sum(quantizer losses), w = min(1, step / (warm-up steps));
+    optional gradient clipping; every ``dead_code_every`` steps dead codes are restarted (and their
+    Adam moments reset). Non-finite losses or gradients are recorded on the device and checked
+    every ``progress_every`` steps and at the end; the error names the first bad step and term.
+    ``stop()`` is polled before each batch (a Python flag, no device sync); when it is true,
+    ``_StopRequested`` carries what is needed to finish the epoch later exactly as if it had not
+    stopped (``resume_from``).
     """
     model.train()
     device = images.device
-    K = model.quantizer.num_embeddings
+    q = model.quantizer
+    K = q.num_embeddings
     N, B = images.shape[0], cfg.batch_size
+    n_steps = math.ceil(N / B)
+    warmup_steps = cfg.vq_loss_warmup_epochs * n_steps
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    restarts_on = cfg.dead_code_threshold > 0 and hasattr(q, "restart_dead_codes")
     if resume_from is None:
         gen_state = generator.get_state()
-        start, acc, counts = 0, _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
+        start, acc = 0, _Accumulator()
+        counts = torch.zeros(K, dtype=torch.long, device=device)
+        extra = {"grad_norm_max": torch.zeros((), device=device), "restarts": torch.zeros((), dtype=torch.long, device=device)}
     else:
         gen_state = resume_from["gen_state"]
         generator.set_state(gen_state)
         start = resume_from["batch"]
         acc = _Accumulator(resume_from["acc"], device)
         counts = resume_from["counts"].to(device)
+        extra = {k: v.to(device) for k, v in resume_from["extra"].items()}
     perm = torch.randperm(N, generator=generator).to(device)
-    n_steps = math.ceil(N / B)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)       # first non-finite step, -1 = none
+    bad_terms = None
+    names = None
     bar = _progress_bar(n_steps, desc, cfg.progress, initial=start)
-    info = {}
+    info, w = {}, 1.0
+
+    def check_finite():
+        if int(bad_step) >= 0:                                           # one host sync
+            if bar is not None:
+                bar.close()
+            which = [n for n, b in zip(names, bad_terms.tolist()) if b]
+            raise _NonFinite(int(bad_step), which)
+
     for i in range(start, n_steps):
         if stop is not None and stop():
             if bar is not None:
                 bar.close()
-            raise _StopRequested({"gen_state": gen_state, "batch": i, "acc": acc.state(),
-                                  "counts": counts.cpu()}, step)
+            raise _StopRequested({"gen_state": gen_state, "batch": i, "acc": acc.state(), "counts": counts.cpu(),
+                                  "extra": {k: v.cpu() for k, v in extra.items()}}, step)
         idx = perm[i * B:(i + 1) * B]
         x = to_float(images[idx])                                         # (b, 3, 32, 32) in [-1, 1]
-        model.quantizer.set_progress(step / max(total_steps - 1, 1))
+        q.set_progress(step / max(total_steps - 1, 1))
         x_recon, recon_loss, loss_dict, info = model(x)
-        loss = recon_loss + sum(loss_dict.values())
+        w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        loss = recon_loss + w * sum(loss_dict.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)   # norm before clipping
         optimizer.step()
+        if restarts_on and (step + 1) % cfg.dead_code_every == 0:
+            dead = q.restart_dead_codes()
+            extra["restarts"] += dead.sum()
+            if isinstance(q.codebook, nn.Parameter):
+                _zero_optimizer_rows(optimizer, q.codebook, dead)
+        # non-finite bookkeeping on the device: remember the first bad step and which terms
+        terms = torch.stack([recon_loss.detach().float(), *[v.detach().float() for v in loss_dict.values()],
+                             grad_norm.detach().float()])
+        if names is None:
+            names = ["recon_loss", *loss_dict.keys(), "gradient norm"]
+            bad_terms = torch.zeros(len(names), dtype=torch.bool, device=device)
+        bad = ~torch.isfinite(terms)
+        newly = bad.any() & (bad_step < 0)
+        bad_step = torch.where(newly, torch.full_like(bad_step, step), bad_step)
+        bad_terms = torch.where(newly, bad, bad_terms)
         step += 1
-        acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict}, x.shape[0])
+        acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict, "grad_norm": grad_norm}, x.shape[0])
+        extra["grad_norm_max"] = torch.maximum(extra["grad_norm_max"], grad_norm.detach().float())
         counts += info["code_counts"]
+        if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
+            check_finite()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{info['perplexity'].item():.1f}")
         if bar is not None:
             bar.update(1)
-            if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
-                bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{info['perplexity'].item():.1f}")
     if bar is not None:
         bar.close()
+    check_finite()
     metrics = acc.means()
+    metrics["grad_norm_max"] = float(extra["grad_norm_max"])
+    metrics["dead_code_restarts"] = int(extra["restarts"])
+    metrics["vq_loss_weight"] = w
     metrics["perplexity"] = float(perplexity_from_counts(counts))
     metrics["usage_rate"] = float(usage_from_counts(counts))
+    metrics["dead_codes"] = int((counts == 0).sum())
     metrics["code_counts"] = counts.cpu()
-    if isinstance(model.quantizer, BAQuantizer):
-        metrics["beta"] = float(model.quantizer.beta)
+    if isinstance(q, BAQuantizer):
+        metrics["beta"] = float(q.beta)
     return metrics, step
 
 
@@ -912,6 +1293,7 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     metrics["mse"] = metrics["recon_loss"]
     metrics["perplexity"] = float(perplexity_from_counts(counts))
     metrics["usage_rate"] = float(usage_from_counts(counts))
+    metrics["dead_codes"] = int((counts == 0).sum())                  # never used in the whole pass
     metrics["code_counts"] = counts.cpu()
     if isinstance(model.quantizer, BAQuantizer):
         metrics["beta"] = float(model.quantizer.beta)
@@ -1191,9 +1573,31 @@ class _StopFlag:
 
 
 def _summary_line(epoch: int, epochs: int, tr: dict, va: dict) -> str:
+    restarts = f", {tr['dead_code_restarts']} restarted" if tr.get("dead_code_restarts") else ""
     return (f"Epoch {epoch}/{epochs} | Train Loss: {tr['loss']:.4f} | Val Loss: {va['loss']:.4f} | "
             f"PSNR: {va['psnr']:.2f} | Perplexity: {va['perplexity']:.1f} (train {tr['perplexity']:.1f}) | "
-            f"Usage: {va['usage_rate'] * 100:.1f}% (train {tr['usage_rate'] * 100:.1f}%)")
+            f"Usage: {va['usage_rate'] * 100:.1f}% (train {tr['usage_rate'] * 100:.1f}%) | "
+            f"Dead: {va['dead_codes']}{restarts} | Grad: {tr['grad_norm']:.3g}")
+
+
+@torch.no_grad()
+def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
+    """--init kmeans: cluster the encoder outputs of ``kmeans_batches`` training batches (a random
+    draw seeded by ``cfg.seed``, separate from the data order) with k-means++ and ``kmeans_iters``
+    Lloyd iterations, and load the centres as the codebook with usage = cluster size per batch
+    (for VQ-EMA: EMA counts = that, EMA sums = count x code)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = min(images.shape[0], cfg.kmeans_batches * cfg.batch_size)
+    idx = torch.randperm(images.shape[0], generator=g)[:n].to(images.device)
+    was_training = model.training
+    model.eval()
+    zs = [_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]])))
+          for s in range(0, n, cfg.batch_size)]
+    model.train(was_training)
+    z = torch.cat(zs)                                                          # (n*H*W, D)
+    q = model.quantizer
+    centers, sizes = kmeans_codebook(z, q.num_embeddings, cfg.kmeans_iters, generator=g, cosine=q.cosine)
+    q.load_codes(centers, sizes / (n / cfg.batch_size))
 
 
 def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
@@ -1254,6 +1658,8 @@ def train(cfg: Config) -> dict:
     val_bs = cfg.val_batch_size or cfg.batch_size
     loss_keys = _LOSS_KEYS[cfg.quantizer]
 
+    if ck is None and cfg.init == "kmeans":
+        kmeans_init(model, train_u8, cfg)
     start_epoch, step, history, progress = 1, 0, [], None
     tr, val_metrics, wandb_id = {}, {}, None
     if ck is not None:
@@ -1286,6 +1692,16 @@ def train(cfg: Config) -> dict:
                 try:
                     tr, step = train_epoch(model, optimizer, train_u8, cfg, generator, step, total_steps,
                                            desc=f"epoch {epoch}/{cfg.epochs}", resume_from=progress, stop=stop)
+                except _NonFinite as e:
+                    good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
+                    last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
+                            f"'python train.py --resume {good[-1]}' after lowering --lr or setting --grad_clip."
+                            if good else "No checkpoint had been written yet; lower --lr or set --grad_clip and "
+                            "start again with --overwrite.")
+                    raise NonFiniteError(
+                        f"Training stopped: {', '.join(e.terms)} became non-finite (NaN or Inf) in epoch "
+                        f"{e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of the "
+                        f"epoch). Nothing from after that step was saved. {last}") from None
                 except _StopRequested as s:
                     path = run_dir / "checkpoint_interrupted.pt"
                     _save_checkpoint(path, epoch=epoch - 1, step=s.step, history=history, val_metrics=val_metrics,

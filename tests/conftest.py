@@ -22,7 +22,18 @@ def tiny_config(**overrides) -> vqvae.Config:
                 codebook_size=32, batch_size=64, epochs=1, wandb=False, progress=False, device="cpu",
                 checkpoint_every=1)
     base.update(overrides)
+    if base.get("quantizer") == "fsq" and "fsq_levels" not in overrides:
+        base["fsq_levels"] = fsq_levels_for(base["codebook_size"])
     return vqvae.make_config(base).validate()
+
+
+def fsq_levels_for(K: int) -> list:
+    """FSQ levels whose product is K (K a power of two >= 2): 32 -> [4, 8], 16 -> [4, 4]."""
+    levels = []
+    while K > 8 and K % 4 == 0:
+        levels.append(4)
+        K //= 4
+    return levels + [K]
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def test_wrong_type_is_an_error(key, value):
 
 @pytest.mark.parametrize("key,value", [("lr", 0.0), ("lr", -1e-3), ("epochs", 0), ("batch_size", 0),
                                        ("codebook_size", 1), ("beta_start", 6.0), ("ba_iterations", 0),
-                                       ("decay", 1.0), ("epsilon", 0.0), ("quantizer", "vq"),
+                                       ("decay", 1.0), ("epsilon", 0.0), ("quantizer", "vqq"),
                                        ("dataset", "imagenet")])
 def test_bad_values_are_errors(key, value):
     with pytest.raises(vqvae.BavqError, match=key):

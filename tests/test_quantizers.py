@@ -9,11 +9,20 @@ import vqvae
 from vqvae import BAQuantizer, VQEMAQuantizer, blahut_arimoto, rate_distortion_point, squared_distances
 
 QUANTIZER_NAMES = list(vqvae.QUANTIZERS)
+CODEBOOK_QUANTIZERS = ["vq_ema", "vq", "ba_vq"]          # the ones with a codebook (all but fsq)
+FSQ_LEVELS = {16: [4, 4], 32: [4, 8], 512: [8, 8, 8]}
 
 
 def make_quantizer(name, K=16, D=8, **kw):
     torch.manual_seed(0)
+    if name == "fsq":
+        kw.setdefault("fsq_levels", FSQ_LEVELS[K])
     return vqvae.QUANTIZERS[name](K, D, **kw)
+
+
+def make_model(name, K=16, D=8, hidden=8):
+    kw = {"fsq_levels": FSQ_LEVELS[K]} if name == "fsq" else {}
+    return vqvae.VQVAE(name, codebook_size=K, latent_dim=D, hidden_dim=hidden, **kw)
 
 
 def latents(B=2, D=8, H=4, W=4, scale=0.1, seed=1):
@@ -36,10 +45,10 @@ def test_interface_shapes(name, training):
     assert 1.0 <= float(info["perplexity"]) <= 16.0
     assert 0.0 < float(info["usage_rate"]) <= 1.0
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
-    assert "commitment_loss" in losses
+    assert set(losses) == set(vqvae._LOSS_KEYS[name])
 
 
-@pytest.mark.parametrize("name", QUANTIZER_NAMES)
+@pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
 def test_eval_output_is_the_hard_code(name):
     """In eval mode z_q is exactly a codebook row at the reported index (BA: argmax of P)."""
     q = make_quantizer(name).eval()
@@ -53,13 +62,13 @@ def test_eval_output_is_the_hard_code(name):
 @pytest.mark.parametrize("name", QUANTIZER_NAMES)
 def test_model_state_dict_is_complete(name):
     """Codebook state is in the state_dict, so a reloaded model quantizes identically."""
-    m1 = vqvae.VQVAE(name, codebook_size=16, latent_dim=8, hidden_dim=8)
+    m1 = make_model(name)
     m1.train()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     m1(x)  # one training step changes EMA buffers / nothing for BA
     m1.quantizer.set_progress(0.5)
     torch.manual_seed(123)
-    m2 = vqvae.VQVAE(name, codebook_size=16, latent_dim=8, hidden_dim=8)
+    m2 = make_model(name)
     m2.load_state_dict(m1.state_dict())
     m1.eval(), m2.eval()
     with torch.no_grad():
@@ -75,7 +84,7 @@ def test_model_state_dict_is_complete(name):
 def test_straight_through_gradient_reaches_encoder(name):
     """The reconstruction loss alone gives the encoder a gradient through the STE line."""
     torch.manual_seed(0)
-    model = vqvae.VQVAE(name, codebook_size=16, latent_dim=8, hidden_dim=8).train()
+    model = make_model(name).train()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     _, recon_loss, _, _ = model(x)
     recon_loss.backward()
@@ -85,7 +94,7 @@ def test_straight_through_gradient_reaches_encoder(name):
 
 def test_ste_copies_gradient_exactly():
     """d(sum(w * z_q))/dz = w: the straight-through line is an identity in the backward pass."""
-    for name in QUANTIZER_NAMES:
+    for name in CODEBOOK_QUANTIZERS:
         q = make_quantizer(name).train()
         z = latents().requires_grad_(True)
         w = torch.randn_like(z)
@@ -263,7 +272,7 @@ def test_vq_ema_uses_pre_update_codebook_and_float32_under_autocast():
         assert getattr(q, name).dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", QUANTIZER_NAMES)
+@pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
 def test_argmin_is_float32_under_autocast(name):
     """Near-tie codes: bf16 distances would pick wrong codes; the quantizer must not."""
     g = torch.Generator().manual_seed(0)
@@ -290,7 +299,7 @@ def test_argmin_is_float32_under_autocast(name):
 @pytest.mark.parametrize("name", QUANTIZER_NAMES)
 def test_eval_forward_leaves_state_dict_bit_identical(name):
     torch.manual_seed(0)
-    model = vqvae.VQVAE(name, codebook_size=16, latent_dim=8, hidden_dim=8)
+    model = make_model(name)
     model.train()
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     model(x)  # make EMA buffers non-trivial

@@ -15,11 +15,11 @@ from PIL import Image
 import vqvae
 from conftest import ROOT, SHARED_DATA, tiny_config
 
-FINAL_KEYS = {"loss", "recon_loss", "perplexity", "usage_rate", "psnr", "commitment_loss"}
+FINAL_KEYS = {"loss", "recon_loss", "perplexity", "usage_rate", "psnr", "dead_codes"}
 BA_FINAL_KEYS = {"entropy_loss", "beta", "codebook_loss", "psnr_soft"}
-HISTORY_KEYS = {"epoch", "train/loss", "train/recon_loss", "train/commitment_loss", "train/perplexity",
-                "train/usage_rate", "val/loss", "val/recon_loss", "val/psnr", "val/perplexity",
-                "val/usage_rate", "val/commitment_loss"}
+HISTORY_KEYS = {"epoch", "train/loss", "train/recon_loss", "train/perplexity", "train/grad_norm",
+                "train/grad_norm_max", "train/dead_code_restarts", "train/dead_codes", "train/usage_rate",
+                "val/loss", "val/recon_loss", "val/psnr", "val/perplexity", "val/usage_rate", "val/dead_codes"}
 
 
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
@@ -29,7 +29,8 @@ def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
         [sys.executable, str(ROOT / "train.py"), "--quantizer", quantizer, "--dataset", "fake",
          "--train_subset", "128", "--val_subset", "64", "--hidden_dim", "8", "--latent_dim", "8",
          "--codebook_size", "16", "--batch_size", "32", "--epochs", "2", "--checkpoint_every", "1",
-         "--name", "run", "--out_dir", str(tmp_path / "exp"), "--no_wandb", "--no_progress", "--device", "cpu"],
+         "--name", "run", "--out_dir", str(tmp_path / "exp"), "--no_wandb", "--no_progress", "--device", "cpu",
+         *(["--fsq_levels", "4", "4"] if quantizer == "fsq" else [])],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "Epoch 2/2" in r.stdout and "PSNR" in r.stdout and "Perplexity" in r.stdout and "Usage" in r.stdout
@@ -37,7 +38,7 @@ def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
     assert {p.name for p in run.iterdir()} >= {"final_model.pt", "final_metrics.json", "history.jsonl",
                                                 "config.yaml", "checkpoint_epoch1.pt", "checkpoint_epoch2.pt"}
     final = json.loads((run / "final_metrics.json").read_text())
-    expected = FINAL_KEYS | (BA_FINAL_KEYS if quantizer == "ba_vq" else set())
+    expected = FINAL_KEYS | set(vqvae._LOSS_KEYS[quantizer]) | (BA_FINAL_KEYS if quantizer == "ba_vq" else set())
     assert expected <= set(final)
     assert all(np.isfinite(final[k]) for k in expected)
     assert 1.0 <= final["perplexity"] <= 16 and 0 < final["usage_rate"] <= 1
@@ -46,6 +47,7 @@ def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
     lines = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     assert all(HISTORY_KEYS <= set(l) for l in lines)
+    assert all({f"{s}/{k}" for s in ("train", "val") for k in vqvae._LOSS_KEYS[quantizer]} <= set(l) for l in lines)
     if quantizer == "ba_vq":
         assert all({"train/entropy_loss", "val/entropy_loss", "val/beta"} <= set(l) for l in lines)
     assert lines[-1]["val/psnr"] == pytest.approx(final["psnr"])
