@@ -787,9 +787,10 @@ class VQEMAQuantizer(_CodebookQuantizer):
         B, _, H, W = z.shape
         with _autocast_off(z.device.type):
             z_flat = self._latents(z)                                     # (N, D), N = B*H*W
-            d = squared_distances(z_flat, self.codebook)                  # (N, K)
+            E = self._codes()                                             # (K, D), pre-update codebook
+            d = squared_distances(z_flat, E)                              # (N, K)
             indices = d.argmin(dim=1)                                     # (N,)
-            z_q_flat = self.codebook[indices]                             # (N, D), pre-update codebook (a copy)
+            z_q_flat = E[indices]                                         # (N, D), a copy
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
                 self._ema_update(z_flat.detach(), indices, stats["code_counts"])

@@ -1,0 +1,376 @@
+"""Specification of the collapse toolkit: the vq and fsq quantizers, the remedies (each must do
+something) and the diagnostics."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vqvae
+from conftest import tiny_config
+from vqvae import FSQQuantizer, VQQuantizer, kmeans_codebook, rotation_trick, squared_distances
+
+CODEBOOK_QUANTIZERS = ["vq_ema", "vq", "ba_vq"]
+
+
+def latents(B=2, D=8, H=4, W=4, scale=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, H, W, generator=g) * scale
+
+
+def history(cfg):
+    return [json.loads(l) for l in (Path(cfg.out_dir) / cfg.resolved_name() / "history.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- vq
+
+
+def test_vq_codebook_gradient_comes_only_from_the_codebook_term():
+    torch.manual_seed(0)
+    q = VQQuantizer(16, 8, commitment_cost=0.25, codebook_cost=1.0).train()
+    z = latents().requires_grad_(True)
+    z_q, losses, info = q(z)
+    w = torch.randn_like(z)
+    # reconstruction (through the estimator) + commitment: no codebook gradient at all
+    g = torch.autograd.grad((w * z_q).sum() + losses["commitment_loss"], q.codebook, allow_unused=True)[0]
+    assert g is None or torch.equal(g, torch.zeros_like(g))
+    # codebook term: d/de_k of cost * mean((e - sg z)^2) = 2 cost / (N D) * sum_{x->k} (e_k - z_x)
+    z_q, losses, info = q(z)
+    g = torch.autograd.grad(losses["codebook_loss"], q.codebook)[0]
+    z_flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    idx = info["code_indices"].flatten()
+    expected = torch.zeros(16, 8).index_add_(0, idx, q.codebook.detach()[idx] - z_flat) * 2 / z_flat.numel()
+    torch.testing.assert_close(g, expected)
+    # and the codebook term sends nothing to the encoder
+    gz = torch.autograd.grad(q(z)[1]["codebook_loss"], z, allow_unused=True)[0]
+    assert gz is None or torch.equal(gz, torch.zeros_like(gz))
+
+
+def test_vq_losses_use_the_hard_code_and_the_ste_ignores_requires_grad():
+    torch.manual_seed(0)
+    q = VQQuantizer(16, 8, commitment_cost=0.5, codebook_cost=2.0).train()
+    z = latents()
+    z_q_nograd, losses, info = q(z)                                   # z.requires_grad is False
+    z_q_grad, _, _ = q(z.clone().requires_grad_(True))
+    torch.testing.assert_close(z_q_nograd, z_q_grad)                  # same path either way (seed 004, bug 2)
+    e = q.codebook.detach()[info["code_indices"]].permute(0, 3, 1, 2)
+    torch.testing.assert_close(z_q_nograd, e, rtol=0, atol=1e-6)
+    mse = F.mse_loss(z, e)
+    torch.testing.assert_close(losses["codebook_loss"], 2.0 * mse)
+    torch.testing.assert_close(losses["commitment_loss"], 0.5 * mse)
+
+
+# --------------------------------------------------------------------------- fsq
+
+
+@pytest.mark.parametrize("levels", [[8, 8, 8], [8, 5, 5, 5], [3, 4], [2]])
+def test_fsq_indices_and_codes_round_trip_exactly(levels):
+    K = math.prod(levels)
+    q = FSQQuantizer(K, 8, fsq_levels=levels)
+    idx = torch.arange(K)
+    codes = q.indices_to_codes(idx)                                   # (K, d)
+    assert codes.shape == (K, len(levels))
+    assert torch.equal(q.codes_to_indices(codes), idx)
+    assert torch.equal(q.indices_to_codes(q.codes_to_indices(codes)), codes)
+    assert len({tuple(c) for c in codes.tolist()}) == K               # K distinct grid points
+    for i, L in enumerate(levels):                                    # each channel takes exactly L values
+        assert codes[:, i].unique().numel() == L
+
+
+def test_fsq_forward_is_on_the_grid_and_reports_its_indices():
+    torch.manual_seed(0)
+    q = FSQQuantizer(40, 8, fsq_levels=[2, 4, 5])
+    z = latents(scale=3.0).requires_grad_(True)
+    z_q, losses, info = q(z)
+    assert losses == {}
+    assert info["code_indices"].max() < 40 and info["code_counts"].sum() == 2 * 4 * 4
+    # the decoder input is proj_out of exactly the grid codes of the reported indices
+    codes = q.indices_to_codes(info["code_indices"].flatten())
+    expected = q.proj_out(codes).reshape(2, 4, 4, 8).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z_q, expected)
+    # the bound keeps every channel strictly inside its L levels
+    h = q.bound(q.proj_in(z.detach().permute(0, 2, 3, 1).reshape(-1, 8)) * 100)
+    assert (h.round() >= -(q.levels // 2)).all() and (h.round() <= (q.levels - 1) // 2).all()
+    z_q.sum().backward()
+    assert z.grad.abs().sum() > 0                                     # STE through the rounding
+
+
+def test_fsq_config_must_match_codebook_size():
+    with pytest.raises(vqvae.BavqError, match="codebook_size 512"):
+        vqvae.make_config({"quantizer": "fsq", "codebook_size": 256, "fsq_levels": [8, 8, 8]}).validate()
+    with pytest.raises(vqvae.BavqError, match="not to fsq"):
+        vqvae.make_config({"quantizer": "fsq", "init": "kmeans"}).validate()
+    vqvae.make_config({"quantizer": "fsq", "codebook_size": 1000, "fsq_levels": [8, 5, 5, 5]}).validate()
+
+
+# --------------------------------------------------------------------------- rotation trick
+
+
+def test_rotation_trick_forward_is_the_hard_code_and_backward_rotates():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    q = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    out = rotation_trick(z, q)
+    torch.testing.assert_close(out, q)                                # forward: exactly the code
+    up = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    (gz,) = torch.autograd.grad((out * up).sum(), z)
+    for i in range(5):                                                # backward: (lambda R)^T g, R e = e' rotation
+        e, c = z[i].detach(), q[i]
+        u, v = e / e.norm(), c / c.norm()
+        w = (u + v) / (u + v).norm()
+        R = torch.eye(4, dtype=torch.float64) - 2 * torch.outer(w, w) + 2 * torch.outer(v, u)
+        torch.testing.assert_close(R @ u, v)
+        torch.testing.assert_close(R.T @ R, torch.eye(4, dtype=torch.float64))   # a rotation
+        torch.testing.assert_close(gz[i], (c.norm() / e.norm()) * R.T @ up[i])
+    assert not torch.allclose(gz, up)                                 # not the straight-through copy
+
+
+@pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
+def test_rotation_estimator_in_quantizers(name):
+    torch.manual_seed(0)
+    q = vqvae.QUANTIZERS[name](16, 8, gradient_estimator="rotation").eval()
+    z = latents().requires_grad_(True)
+    z_q, _, info = q(z)
+    hard = q.codebook.detach()[info["code_indices"]].permute(0, 3, 1, 2)
+    torch.testing.assert_close(z_q, hard, rtol=1e-5, atol=1e-6)      # forward: the hard code
+    w = torch.randn_like(z)
+    (g_rot,) = torch.autograd.grad((w * z_q).sum(), z)
+    assert not torch.allclose(g_rot, w)                               # STE would give exactly w
+
+
+# --------------------------------------------------------------------------- init
+
+
+def test_kmeans_recovers_well_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, -5.0, -5.0]])
+    sizes = torch.tensor([50, 100, 150, 200])
+    x = torch.cat([c + 0.1 * torch.randn(n, 3, generator=g) for c, n in zip(centers, sizes)])
+    c, counts = kmeans_codebook(x, 4, iters=10, generator=torch.Generator().manual_seed(1))
+    order = squared_distances(centers, c).argmin(1)                   # match found centres to true ones
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(c[order], centers, atol=0.05, rtol=0)
+    assert counts[order].tolist() == sizes.float().tolist()
+
+
+@pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
+def test_kmeans_init_uses_more_codes_than_uniform_init(name, tmp_path):
+    """Structured data (fake images); initial usage = validation usage before any training."""
+    usages = {}
+    for init in ("uniform", "kmeans"):
+        cfg = tiny_config(quantizer=name, init=init, codebook_size=32, out_dir=str(tmp_path))
+        train_u8, val_u8 = vqvae.load_dataset(cfg)
+        model = vqvae.build_model(cfg)
+        if init == "kmeans":
+            vqvae.kmeans_init(model, train_u8, cfg)
+        usages[init] = vqvae.validate(model, val_u8, 64)["usage_rate"]
+    if name == "ba_vq":   # at beta_start = 0.1 the BA assignment still leans on Q, so fewer codes win
+        assert usages["kmeans"] > 3 * usages["uniform"], usages
+    else:
+        assert usages["kmeans"] >= 0.5 and usages["kmeans"] > usages["uniform"] + 0.3, usages
+
+
+def test_kmeans_init_sets_vq_ema_statistics_consistently():
+    cfg = tiny_config(init="kmeans", codebook_size=16, kmeans_batches=2)
+    train_u8, _ = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    vqvae.kmeans_init(model, train_u8, cfg)
+    q = model.quantizer
+    torch.testing.assert_close(q.ema_w, q.ema_cluster_size[:, None] * q.codebook)   # count x code
+    # counts are per batch: they sum to the number of latent vectors in one batch
+    assert float(q.ema_cluster_size.sum()) == pytest.approx(cfg.batch_size * 8 * 8, rel=1e-5)
+    # so the first EMA step moves the codes only a little (they are not reset toward 0)
+    before = q.codebook.clone()
+    model.train()(vqvae.to_float(train_u8[:64]))
+    assert (q.codebook - before).norm() < 0.2 * before.norm()
+
+
+def test_normal_init_is_standard_normal():
+    torch.manual_seed(0)
+    q = VQQuantizer(512, 64, init="normal")
+    c = q.codebook.detach()
+    assert abs(float(c.std()) - 1.0) < 0.02 and abs(float(c.mean())) < 0.02
+    u = VQQuantizer(512, 64)
+    assert float(u.codebook.detach().abs().max()) <= 1 / 512
+
+
+# --------------------------------------------------------------------------- dead-code restarts
+
+
+@pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
+def test_a_forced_dead_code_is_restarted_and_then_used(name):
+    torch.manual_seed(0)
+    q = vqvae.QUANTIZERS[name](8, 4, dead_code_threshold=0.5).train()
+    if name == "ba_vq":
+        q.beta.fill_(50.0)
+    z = latents(B=2, D=4, H=4, W=4, scale=1.0)
+    with torch.no_grad():
+        q.codebook.data.copy_(torch.randn(8, 4) * 0.3)
+        q.codebook.data[3] = 1e3                                      # code 3 is never the nearest
+    usage = q.usage_per_step()
+    q(z)
+    usage.fill_(5.0)
+    usage[3] = 0.0                                                    # and its usage says so
+    assert int(q(z)[2]["code_counts"][3]) == 0
+    dead = q.restart_dead_codes()
+    assert dead.tolist() == [i == 3 for i in range(8)]
+    z_flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert (z_flat == q.codebook.detach()[3]).all(1).any()            # replaced by one of the batch latents
+    assert float(q.usage_per_step()[3]) == 0.5                        # usage reset to the threshold
+    if name == "vq_ema":
+        torch.testing.assert_close(q.ema_w[3], 0.5 * q.codebook[3])   # EMA sum reset to match
+    assert int(q(z)[2]["code_counts"][3]) > 0                         # and now it is used
+
+
+def test_dead_code_restarts_are_off_by_default_and_logged_when_on(tmp_path):
+    off = tiny_config(out_dir=str(tmp_path), name="off", epochs=2)
+    on = tiny_config(out_dir=str(tmp_path), name="on", epochs=2, dead_code_threshold=1.0, dead_code_every=2)
+    vqvae.train(off)
+    vqvae.train(on)
+    h_off, h_on = history(off), history(on)
+    assert all(h["train/dead_code_restarts"] == 0 for h in h_off)
+    assert h_on[0]["train/dead_code_restarts"] > 0
+    assert h_on[-1]["val/usage_rate"] > h_off[-1]["val/usage_rate"]
+
+
+def test_restarted_codes_get_fresh_adam_moments(tmp_path):
+    cfg = tiny_config(quantizer="vq", dead_code_threshold=1.0, dead_code_every=1, out_dir=str(tmp_path))
+    train_u8, _ = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen = {}
+    orig = model.quantizer.restart_dead_codes
+
+    def spy():
+        dead = orig()
+        seen["dead"] = dead.clone()
+        return dead
+    model.quantizer.restart_dead_codes = spy
+    vqvae.train_epoch(model, opt, train_u8[:64], cfg, torch.Generator().manual_seed(0), 0, 1)
+    dead = seen["dead"]
+    assert dead.any()
+    st = opt.state[model.quantizer.codebook]
+    assert (st["exp_avg"][dead] == 0).all() and (st["exp_avg_sq"][dead] == 0).all()
+    assert (st["exp_avg_sq"][~dead] != 0).any()
+
+
+# --------------------------------------------------------------------------- cosine
+
+
+@pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
+def test_cosine_distance_changes_assignments_and_normalises(name):
+    """Codes (1, 0) and (10, 10). In L2 both (3, 1) and (3, 2.5) are nearest to (1, 0) (squared
+    distances 5 vs 130 and 10.25 vs 105.25); in angle (3, 2.5) is 5.2 deg from (10, 10) and 39.8 deg
+    from (1, 0), so cosine distance assigns it to code 1."""
+    results = {}
+    for cosine in (False, True):
+        q = vqvae.QUANTIZERS[name](2, 2, cosine=cosine).eval()
+        if name == "ba_vq":
+            q.beta.fill_(1e3)
+        with torch.no_grad():
+            q.codebook.data.copy_(torch.tensor([[1.0, 0.0], [10.0, 10.0]]))
+        z = torch.tensor([[3.0, 1.0], [3.0, 2.5]]).t().reshape(1, 2, 1, 2)    # (B=1, D=2, H=1, W=2)
+        z_q, _, info = q(z)
+        results[cosine] = info["code_indices"].flatten().tolist()
+        if cosine:
+            torch.testing.assert_close(z_q.norm(dim=1), torch.ones(1, 1, 2))   # unit-norm codes out
+    assert results == {False: [0, 0], True: [0, 1]}
+
+
+def test_cosine_vq_ema_keeps_unit_codes_after_updates():
+    torch.manual_seed(0)
+    q = vqvae.VQEMAQuantizer(8, 4, cosine=True).train()
+    for s in range(3):
+        q(latents(D=4, seed=s, scale=2.0))
+    torch.testing.assert_close(q.codebook.norm(dim=1), torch.ones(8))
+
+
+# --------------------------------------------------------------------------- warm-up and clipping
+
+
+def _one_step(cfg, opt_cls=torch.optim.AdamW, lr=1e-3):
+    train_u8, _ = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    opt = opt_cls(model.parameters(), lr=lr)
+    m, _ = vqvae.train_epoch(model, opt, train_u8[:64], cfg, torch.Generator().manual_seed(0), 0, 10)
+    return model, m
+
+
+def test_vq_loss_warmup_starts_from_zero_weight():
+    """At step 0 the warm-up weight is 0: the first update equals one without quantizer loss."""
+    warm, m = _one_step(tiny_config(quantizer="vq", vq_loss_warmup_epochs=2))
+    none, _ = _one_step(tiny_config(quantizer="vq", commitment_cost=0.0, codebook_cost=0.0))
+    plain, _ = _one_step(tiny_config(quantizer="vq"))
+    enc = lambda mdl: mdl.encoder.net[0].weight
+    assert torch.equal(enc(warm), enc(none))
+    assert not torch.equal(enc(warm), enc(plain))
+    assert m["vq_loss_weight"] == 0.0
+
+
+def test_vq_loss_warmup_ramps_linearly_in_history(tmp_path):
+    cfg = tiny_config(out_dir=str(tmp_path), epochs=3, vq_loss_warmup_epochs=2.0)   # 4 steps per epoch
+    vqvae.train(cfg)
+    w = [h["train/vq_loss_weight"] for h in history(cfg)]                            # weight at the last step
+    assert w == pytest.approx([3 / 8, 7 / 8, 1.0])
+
+
+def test_grad_clip_bounds_the_update():
+    """With SGD the update is lr * (clipped) gradient, so its norm is at most lr * C."""
+    lr, C = 0.1, 1e-3
+    cfg = tiny_config(grad_clip=C, batch_size=64)
+    train_u8, _ = vqvae.load_dataset(cfg)
+    for clip, bound in ((C, True), (0.0, False)):
+        model = vqvae.build_model(vqvae.make_config({**vqvae.asdict(cfg), "grad_clip": clip}))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        c = vqvae.make_config({**vqvae.asdict(cfg), "grad_clip": clip})
+        m, _ = vqvae.train_epoch(model, opt, train_u8[:64], c, torch.Generator().manual_seed(0), 0, 1)
+        delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+        if bound:
+            assert float(delta) == pytest.approx(lr * C, rel=1e-3)
+            assert m["grad_norm"] > C                                  # the logged norm is before clipping
+        else:
+            assert float(delta) > 10 * lr * C
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def test_diagnostics_are_logged_every_epoch(tmp_path, capsys):
+    cfg = tiny_config(out_dir=str(tmp_path), epochs=2)
+    vqvae.train(cfg)
+    for h in history(cfg):
+        for k in ("train/perplexity", "val/perplexity", "train/usage_rate", "val/usage_rate",
+                  "val/dead_codes", "train/grad_norm", "train/grad_norm_max"):
+            assert k in h and math.isfinite(h[k])
+        assert h["val/dead_codes"] == round(cfg.codebook_size * (1 - h["val/usage_rate"]))
+        assert h["train/grad_norm"] > 0
+    out = capsys.readouterr().out
+    assert "Dead:" in out and "(train" in out and "Grad:" in out
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(out_dir=str(tmp_path), epochs=3, checkpoint_every=1, progress_every=2)
+    calls = {"n": 0}
+    orig = vqvae.VQEMAQuantizer.forward
+
+    def poisoned(self, z):
+        z_q, losses, info = orig(self, z)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 6:                                        # global step 5 = epoch 2, batch 2
+                losses["commitment_loss"] = losses["commitment_loss"] * float("inf")
+        return z_q, losses, info
+    monkeypatch.setattr(vqvae.VQEMAQuantizer, "forward", poisoned)
+    with pytest.raises(vqvae.NonFiniteError) as e:
+        vqvae.train(cfg)
+    msg = str(e.value)
+    assert "commitment_loss" in msg and "epoch 2, step 5" in msg and "checkpoint_epoch1.pt" in msg
+    run = Path(cfg.out_dir) / cfg.resolved_name()
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_epoch1.pt"]
+    assert not (run / "final_metrics.json").exists() and not (run / "final_model.pt").exists()
+    ck = vqvae.load_checkpoint(run / "checkpoint_epoch1.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model_state_dict"].values() if v.is_floating_point())
+    assert len(history(cfg)) == 1
