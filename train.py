@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = list(vqvae.CODEBOOK_INITS)
         elif name == "gradient_estimator":
             kwargs["choices"] = list(vqvae.GRADIENT_ESTIMATORS)
+        elif name == "ba_impl":
+            kwargs["choices"] = list(vqvae.BA_IMPLS)
         p.add_argument(f"--{name}", **kwargs)
     return p
 

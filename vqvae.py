@@ -145,6 +145,8 @@ class Config:
     ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
     entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
     codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq: hard code; ba_vq: P.E, 0 = the seed)
+    ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
+    ba_chunk_rows: int = 0           # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
     init: str = "uniform"            # codebook init: uniform U[-1/K,1/K] (seed) | normal N(0,1) | kmeans
     kmeans_batches: int = 4          # --init kmeans: training batches of encoder outputs to cluster
@@ -202,6 +204,8 @@ class Config:
         need(self.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {self.ba_iterations})")
         need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
         need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
+        need(self.ba_impl in BA_IMPLS, f"ba_impl '{self.ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)})")
+        need(self.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {self.ba_chunk_rows})")
         need(self.init in CODEBOOK_INITS, f"init '{self.init}' is unknown (choose from {', '.join(CODEBOOK_INITS)})")
         need(self.gradient_estimator in GRADIENT_ESTIMATORS,
              f"gradient_estimator '{self.gradient_estimator}' is unknown (choose from {', '.join(GRADIENT_ESTIMATORS)})")
@@ -536,7 +540,7 @@ class VQVAE(nn.Module):
         z = self.encoder(x)                                   # (B, D, 8, 8)
         z_q, loss_dict, info = self.quantizer(z)              # (B, D, 8, 8)
         x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
-        recon_loss = F.mse_loss(x_recon.float(), x.float())
+        recon_loss = F.mse_loss(_at_least_f32(x_recon), _at_least_f32(x))
         return x_recon, recon_loss, loss_dict, info
 
 
@@ -545,10 +549,15 @@ class VQVAE(nn.Module):
 # =============================================================================
 
 
+def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
+    """Half / bfloat16 -> float32; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _flatten_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B*H*W, D) in float32 (distances are never computed in half precision)."""
+    """(B, D, H, W) -> (B*H*W, D), at least float32 (distances are never computed in half precision)."""
     B, D, H, W = z.shape
-    return z.permute(0, 2, 3, 1).reshape(B * H * W, D).float()
+    return _at_least_f32(z.permute(0, 2, 3, 1).reshape(B * H * W, D))
 
 
 def _unflatten_latents(z_flat: torch.Tensor, shape) -> torch.Tensor:
@@ -601,6 +610,7 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
 
 
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
+BA_IMPLS = ("fused", "autograd")
 CODEBOOK_INITS = ("uniform", "normal", "kmeans")
 
 
@@ -685,7 +695,7 @@ class _CodebookQuantizer(nn.Module):
         return F.normalize(z_flat, dim=1) if self.cosine else z_flat
 
     def _codes(self) -> torch.Tensor:
-        E = self.codebook.float()                                     # (K, D)
+        E = _at_least_f32(self.codebook)                              # (K, D)
         return F.normalize(E, dim=1) if self.cosine else E
 
     def _track(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
@@ -867,6 +877,95 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torc
     return log_p, log_q
 
 
+def _ba_chunk_rows(N: int, K: int, chunk_rows: int) -> int:
+    """Rows per chunk: ``chunk_rows`` if > 0, else about 2**24 matrix elements (64 MB in float32)."""
+    return max(1, chunk_rows if chunk_rows > 0 else (1 << 24) // max(K, 1))
+
+
+class _FusedBA(torch.autograd.Function):
+    """Blahut-Arimoto soft quantization with a hand-written, row-chunked backward.
+
+    Forward (same maths as ``blahut_arimoto``): A = -beta d(z, E) is materialised once (N, K);
+    each iteration sweeps the rows in chunks, keeping only the K-vectors log Q_t. Outputs
+    z_q_soft = P_T E (N, D), log Q_T (K,) and argmax_k P_T (N,).
+
+    Backward (exact, derived by hand; P_t is recomputed per chunk from A and log Q_{t-1}):
+      L_t = log_softmax(A + log Q_{t-1}),  log Q_t = logsumexp_x L_t - log N
+      dlogQ_t/dL_t(x, k) = W_t(x, k) = exp(L_t(x, k) - log Q_t(k) - log N)   (softmax over x)
+      dL_t -> dS_t = dL_t - P_t * rowsum(dL_t);  dA += dS_t;  dlogQ_{t-1} = colsum(dS_t)
+      d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
+    Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
+    reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
+    Memory: one (N, K) matrix plus chunk-sized temporaries, instead of several (N, K) matrices per
+    iteration kept by autograd. Distances clamped at 0 are treated as exact in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int):
+        N, K = z.shape[0], E.shape[0]
+        C = _ba_chunk_rows(N, K, chunk_rows)
+        log_n = math.log(N)
+        A = torch.empty(N, K, dtype=z.dtype, device=z.device)
+        for s in range(0, N, C):
+            A[s:s + C] = squared_distances(z[s:s + C], E).mul_(-beta)              # -beta d, (C, K)
+        log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device)]
+        z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
+        indices = torch.empty(N, dtype=torch.long, device=z.device)
+        for t in range(1, iterations + 1):
+            col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)
+            for s in range(0, N, C):
+                L = torch.log_softmax(A[s:s + C] + log_qs[-1], dim=1)                # (C, K)
+                col = torch.logaddexp(col, torch.logsumexp(L, dim=0))
+                if t == iterations:
+                    z_q[s:s + C] = L.exp() @ E                                      # P_T E
+                    indices[s:s + C] = L.argmax(dim=1)
+            log_qs.append(col - log_n)
+        log_qs = torch.stack(log_qs)                                                 # (T+1, K)
+        ctx.save_for_backward(z, E, A, log_qs, beta if torch.is_tensor(beta) else torch.tensor(beta))
+        ctx.iterations, ctx.C = iterations, C
+        ctx.mark_non_differentiable(indices)
+        return z_q, log_qs[-1].clone(), indices
+
+    @staticmethod
+    def backward(ctx, g_zq, g_lq, _g_idx):
+        z, E, A, log_qs, beta = ctx.saved_tensors
+        T, C = ctx.iterations, ctx.C
+        N, K = A.shape
+        log_n = math.log(N)
+        g_z = torch.zeros_like(z)
+        g_E = torch.zeros_like(E)
+        gq_a = torch.zeros(K, dtype=A.dtype, device=A.device)                        # dlogQ_t, codebook path
+        gq_b = g_lq.clone() if g_lq is not None else torch.zeros_like(gq_a)          # dlogQ_t, entropy path
+        for t in range(T, 0, -1):
+            next_a, next_b = torch.zeros_like(gq_a), torch.zeros_like(gq_b)
+            for s in range(0, N, C):
+                zc = z[s:s + C]
+                L = torch.log_softmax(A[s:s + C] + log_qs[t - 1], dim=1)           # (C, K)
+                P = L.exp()
+                Wt = (L - log_qs[t] - log_n).exp()                                  # softmax over rows
+                gl_a = Wt * gq_a
+                if t == T and g_zq is not None:
+                    gzq = g_zq[s:s + C]
+                    g_E += P.t() @ gzq                                              # z_q = P E, direct
+                    gl_a = gl_a + P * (gzq @ E.t())
+                gl_b = Wt * gq_b
+                gs_a = gl_a - P * gl_a.sum(1, keepdim=True)                         # log_softmax backward
+                gs_b = gl_b - P * gl_b.sum(1, keepdim=True)
+                next_a += gs_a.sum(0)
+                next_b += gs_b.sum(0)
+                gd_b = gs_b * (-beta)                                               # dA -> dd
+                gd_all = (gs_a + gs_b) * (-beta)
+                g_E += 2.0 * E * gd_all.sum(0)[:, None] - 2.0 * gd_all.t() @ zc
+                g_z[s:s + C] += 2.0 * zc * gd_b.sum(1, keepdim=True) - 2.0 * gd_b @ E
+            gq_a, gq_b = next_a, next_b
+        return g_z, g_E, None, None, None
+
+
+def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0):
+    """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract)."""
+    return _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows)
+
+
 def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
                           source_weights: torch.Tensor | None = None) -> tuple[float, float]:
     """(R in bits, D) of the conditional P(k|x) on a source with weights p(x) (uniform by default):
@@ -912,8 +1011,11 @@ class BAQuantizer(_CodebookQuantizer):
                  beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
                  entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
                  init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
-                 dead_code_threshold: float = 0.0):
+                 dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0):
         super().__init__()
+        if ba_impl not in BA_IMPLS:
+            raise BavqError(f"ba_impl '{ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)}).")
+        self.ba_impl, self.ba_chunk_rows = ba_impl, ba_chunk_rows
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
@@ -932,24 +1034,26 @@ class BAQuantizer(_CodebookQuantizer):
             z_flat = self._latents(z)                                     # (N, D)
             E = self._codes()                                             # (K, D)
             beta = self.beta
-            d = squared_distances(z_flat, E)                              # (N, K)
-            log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)    # (N, K), (K,)
-            p = log_p.exp()
-            z_q_soft = p @ E                                              # (N, D)
-            indices = log_p.argmax(dim=1)                                 # (N,)
+            if self.ba_impl == "fused":
+                # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
+                z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows)
+                z_q_cb = z_q_soft
+            else:                                                         # reference: autograd throughout
+                d = squared_distances(z_flat, E)                          # (N, K)
+                log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)  # (N, K), (K,)
+                z_q_soft = log_p.exp() @ E                                # (N, D)
+                indices = log_p.argmax(dim=1)                             # (N,)
+                z_q_cb = z_q_soft
+                if self.codebook_cost > 0 and torch.is_grad_enabled() and z_flat.requires_grad:
+                    # P' from sg[z]: same values as P, but no path back into the encoder.
+                    log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations)
+                    z_q_cb = log_p_sg.exp() @ E                           # (N, D)
             entropy = -(log_q.exp() * log_q).sum()                        # H(Q), nats
             losses = {
                 "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, z_q_soft.detach()),
                 "entropy_loss": -self.entropy_cost * entropy,
             }
             if self.codebook_cost > 0:
-                if torch.is_grad_enabled() and z_flat.requires_grad:
-                    # P' from sg[z]: same values as P, but no path back into the encoder.
-                    d_sg = squared_distances(z_flat.detach(), E)
-                    log_p_sg, _ = blahut_arimoto(d_sg, beta, self.ba_iterations)
-                    z_q_cb = log_p_sg.exp() @ E                           # (N, D)
-                else:
-                    z_q_cb = z_q_soft
                 losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), z_q_cb)
             else:
                 losses["codebook_loss"] = torch.zeros((), device=z.device)
