@@ -160,9 +160,14 @@ class Config:
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 100                # passes over the training set
     batch_size: int = 256            # training batch size (images)
-    val_batch_size: int = 0          # validation batch size; 0 = batch_size (BA-VQ's Q is per batch)
+    val_batch_size: int = 0          # validation batch size; 0 = auto: batch_size for ba_vq (its Q is per batch), else 1024
     lr: float = 3e-4                 # AdamW learning rate
     weight_decay: float = 0.01       # AdamW weight decay (PyTorch's default)
+    # --- speed (how the loop runs, not what it computes) ------------------------------------
+    amp: str = "auto"                # mixed precision: auto (bf16 on CUDA, off elsewhere) | bf16 | fp16 (CUDA) | off
+    channels_last: bool = True       # NHWC memory format for the convolutions (CUDA only)
+    compile: bool = False            # torch.compile the encoder and decoder (opt-in; the first epoch compiles)
+    data_path: str = "device"        # device: uint8 tensors on the device, batched by index | loader: DataLoader (plain)
     # --- logging and outputs ----------------------------------------------------------------
     wandb: bool = True               # log to Weights & Biases (offline without API key/network)
     wandb_project: str = "vq-codebook"  # W&B project name
@@ -204,6 +209,8 @@ class Config:
         need(self.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {self.ba_iterations})")
         need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
         need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
+        need(self.amp in ("auto", "bf16", "fp16", "off"), f"amp '{self.amp}' is unknown (choose from auto, bf16, fp16, off)")
+        need(self.data_path in ("device", "loader"), f"data_path '{self.data_path}' is unknown (choose from device, loader)")
         need(self.ba_impl in BA_IMPLS, f"ba_impl '{self.ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)})")
         need(self.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {self.ba_chunk_rows})")
         need(self.init in CODEBOOK_INITS, f"init '{self.init}' is unknown (choose from {', '.join(CODEBOOK_INITS)})")
@@ -1236,6 +1243,60 @@ def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
+@dataclass
+class Runtime:
+    """How the loop runs on the device (never what it computes): autocast dtype, gradient scaler
+    (fp16), memory format. ``Runtime(device)`` is the plain float32 path."""
+    device: torch.device
+    amp_dtype: torch.dtype | None = None           # autocast dtype; None = float32
+    scaler: object | None = None                   # torch.amp.GradScaler for fp16
+    channels_last: bool = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def make_runtime(cfg: Config, device: torch.device) -> Runtime:
+    cuda = device.type == "cuda"
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "off")
+    if amp == "fp16" and not cuda:
+        raise BavqError(f"--amp fp16 needs a CUDA GPU (the device is {device}). Use --amp bf16 or --amp off.")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    scaler = None
+    if amp == "fp16":
+        scaler = torch.amp.GradScaler("cuda") if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") \
+            else torch.cuda.amp.GradScaler()
+    return Runtime(device, dtype, scaler, channels_last=cfg.channels_last and cuda)
+
+
+def default_val_batch_size(cfg: Config) -> int:
+    """BA-VQ's assignment depends on the batch (through Q), so it validates at the training batch
+    size; the other quantizers are per-vector and validate in batches of 1024 for speed."""
+    if cfg.val_batch_size:
+        return cfg.val_batch_size
+    return cfg.batch_size if cfg.quantizer == "ba_vq" else max(cfg.batch_size, 1024)
+
+
+def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: Config, device):
+    """Training batches in the order of ``perm`` from batch ``start`` on, as uint8 on the device.
+    data_path 'device': index the resident tensor; 'loader': a DataLoader over the same order."""
+    n_steps = math.ceil(images.shape[0] / B)
+    if cfg.data_path == "device":
+        for i in range(start, n_steps):
+            yield images[perm[i * B:(i + 1) * B]]
+        return
+    ds = torch.utils.data.TensorDataset(images.cpu())
+    order = perm[start * B:].tolist()
+    loader = torch.utils.data.DataLoader(ds, batch_size=B, sampler=order, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda")
+    for (xb,) in loader:
+        yield xb.to(device, non_blocking=True)
+
+
 def _zero_optimizer_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
     """Reset Adam's moment estimates of restarted codebook rows (their history belongs to the old code)."""
     state = optimizer.state.get(param, {})
@@ -1257,7 +1318,7 @@ class _NonFinite(Exception):
 
 def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
                 generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
-                resume_from: dict | None = None, stop=None) -> tuple[dict, int]:
+                resume_from: dict | None = None, stop=None, rt: Runtime | None = None) -> tuple[dict, int]:
     """One pass over ``images`` (uint8, on the model's device) in random order.
 
     Returns (metrics, new global step). Metrics are sample-weighted means of the loss terms plus
@@ -1275,6 +1336,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     """
     model.train()
     device = images.device
+    rt = rt or Runtime(device)
     q = model.quantizer
     K = q.num_embeddings
     N, B = images.shape[0], cfg.batch_size
@@ -1308,32 +1370,41 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
             which = [n for n, b in zip(names, bad_terms.tolist()) if b]
             raise _NonFinite(int(bad_step), which)
 
+    batches = _batches(images, perm, start, B, cfg, device)
     for i in range(start, n_steps):
         if stop is not None and stop():
             if bar is not None:
                 bar.close()
             raise _StopRequested({"gen_state": gen_state, "batch": i, "acc": acc.state(), "counts": counts.cpu(),
                                   "extra": {k: v.cpu() for k, v in extra.items()}}, step)
-        idx = perm[i * B:(i + 1) * B]
-        x = to_float(images[idx])                                         # (b, 3, 32, 32) in [-1, 1]
+        x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
         q.set_progress(step / max(total_steps - 1, 1))
-        x_recon, recon_loss, loss_dict, info = model(x)
+        with rt.autocast():
+            x_recon, recon_loss, loss_dict, info = model(x)
         w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
         loss = recon_loss + w * sum(loss_dict.values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)   # norm before clipping
-        optimizer.step()
+        if rt.scaler is not None:                                         # fp16: scaled backward
+            rt.scaler.scale(loss).backward()
+            rt.scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            rt.scaler.step(optimizer)                                     # skips steps with inf gradients
+            rt.scaler.update()
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)   # norm before clipping
+            optimizer.step()
         if restarts_on and (step + 1) % cfg.dead_code_every == 0:
             dead = q.restart_dead_codes()
             extra["restarts"] += dead.sum()
             if isinstance(q.codebook, nn.Parameter):
                 _zero_optimizer_rows(optimizer, q.codebook, dead)
         # non-finite bookkeeping on the device: remember the first bad step and which terms
+        # (with fp16 the scaler handles inf gradients itself, so only the loss terms are checked)
         terms = torch.stack([recon_loss.detach().float(), *[v.detach().float() for v in loss_dict.values()],
-                             grad_norm.detach().float()])
+                             *([grad_norm.detach().float()] if rt.scaler is None else [])])
         if names is None:
-            names = ["recon_loss", *loss_dict.keys(), "gradient norm"]
+            names = ["recon_loss", *loss_dict.keys(), *(["gradient norm"] if rt.scaler is None else [])]
             bad_terms = torch.zeros(len(names), dtype=torch.bool, device=device)
         bad = ~torch.isfinite(terms)
         newly = bad.any() & (bad_step < 0)
@@ -1341,7 +1412,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         bad_terms = torch.where(newly, bad, bad_terms)
         step += 1
         acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict, "grad_norm": grad_norm}, x.shape[0])
-        extra["grad_norm_max"] = torch.maximum(extra["grad_norm_max"], grad_norm.detach().float())
+        extra["grad_norm_max"] = torch.maximum(extra["grad_norm_max"], torch.nan_to_num(grad_norm.detach().float())
+                                               if rt.scaler is not None else grad_norm.detach().float())
         counts += info["code_counts"]
         if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
             check_finite()
@@ -1366,7 +1438,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
 
 
 @torch.no_grad()
-def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool = False) -> dict:
+def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool = False,
+             rt: Runtime | None = None) -> dict:
     """Whole-set validation in eval mode (hard codes for every quantizer); restores the mode.
 
     Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
@@ -1376,18 +1449,21 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     was_training = model.training
     model.eval()
     device = images.device
+    rt = rt or Runtime(device)
     K = model.quantizer.num_embeddings
     N = images.shape[0]
     acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
     bar = _progress_bar(math.ceil(N / batch_size), "val", progress)
     for start in range(0, N, batch_size):
-        x = to_float(images[start:start + batch_size])
-        x_recon, recon_loss, loss_dict, info = model(x)
+        x = rt.prepare(to_float(images[start:start + batch_size]))
+        with rt.autocast():
+            x_recon, recon_loss, loss_dict, info = model(x)
+            x_soft = model.decoder(info["z_q_soft"]) if "z_q_soft" in info else None
         values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
         # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
         values["psnr"] = psnr_per_image(x, x_recon).mean()
-        if "z_q_soft" in info:
-            values["psnr_soft"] = psnr_per_image(x, model.decoder(info["z_q_soft"])).mean()
+        if x_soft is not None:
+            values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
         acc.add(values, x.shape[0])
         counts += info["code_counts"]
         if bar is not None:
@@ -1634,8 +1710,9 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
-                     generator, progress=None, wandb_id=None) -> None:
+                     generator, progress=None, wandb_id=None, scaler=None) -> None:
     atomic_torch_save({
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
         "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(cfg),
@@ -1685,6 +1762,20 @@ def _summary_line(epoch: int, epochs: int, tr: dict, va: dict) -> str:
             f"Dead: {va['dead_codes']}{restarts} | Grad: {tr['grad_norm']:.3g}")
 
 
+def _fits_on_device(train_u8: torch.Tensor, val_u8: torch.Tensor, device: torch.device) -> bool:
+    """uint8 datasets stay on the GPU when they take under half of its free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return (train_u8.numel() + val_u8.numel()) < free // 2
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel on a GPU (one launch for all parameters)."""
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
 @torch.no_grad()
 def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     """--init kmeans: cluster the encoder outputs of ``kmeans_batches`` training batches (a random
@@ -1694,9 +1785,10 @@ def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     g = torch.Generator().manual_seed(cfg.seed)
     n = min(images.shape[0], cfg.kmeans_batches * cfg.batch_size)
     idx = torch.randperm(images.shape[0], generator=g)[:n].to(images.device)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    zs = [_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]])))
+    zs = [_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device))))
           for s in range(0, n, cfg.batch_size)]
     model.train(was_training)
     z = torch.cat(zs)                                                          # (n*H*W, D)
@@ -1754,13 +1846,26 @@ def train(cfg: Config) -> dict:
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(dataclasses.replace(cfg, resume="")))
     history_path = run_dir / "history.jsonl"
 
-    train_u8, val_u8 = train_u8.to(device), val_u8.to(device)
+    rt = make_runtime(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True                 # autotune conv algorithms (fixed shapes)
+    if cfg.data_path == "device" and not _fits_on_device(train_u8, val_u8, device):
+        print(f"[bavq] the dataset does not fit in {device} memory; using --data_path loader.")
+        cfg = dataclasses.replace(cfg, data_path="loader")
+    if cfg.data_path == "device":
+        train_u8 = train_u8.to(device)
+    val_u8 = val_u8.to(device)
     model = build_model(cfg, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, device)
+    if cfg.compile:
+        model.encoder.compile()
+        model.decoder.compile()
     generator = torch.Generator().manual_seed(cfg.seed)      # data order
     steps_per_epoch = math.ceil(train_u8.shape[0] / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    val_bs = cfg.val_batch_size or cfg.batch_size
+    val_bs = default_val_batch_size(cfg)
     loss_keys = _LOSS_KEYS[cfg.quantizer]
 
     if ck is None and cfg.init == "kmeans":
@@ -1776,6 +1881,8 @@ def train(cfg: Config) -> dict:
                             "It was written by a different model or library version; resume it with the settings "
                             "it was trained with, or start a new run.") from None
         _set_rng_state(ck["rng"], generator)
+        if rt.scaler is not None and ck.get("scaler"):
+            rt.scaler.load_state_dict(ck["scaler"])
         start_epoch, step, history = ck["epoch"] + 1, ck["step"], list(ck["history"])
         progress, wandb_id = ck.get("epoch_progress"), ck.get("wandb_id")
         tr, val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
@@ -1789,14 +1896,15 @@ def train(cfg: Config) -> dict:
     wb = init_wandb(cfg, run_dir, wandb_id)
     wandb_id = getattr(wb, "id", None) or wandb_id
     stop = _StopFlag()
-    state = dict(model=model, optimizer=optimizer, cfg=cfg, generator=generator, wandb_id=wandb_id)
+    state = dict(model=model, optimizer=optimizer, cfg=cfg, generator=generator, wandb_id=wandb_id, scaler=rt.scaler)
     try:
         with stop:
             for epoch in range(start_epoch, cfg.epochs + 1):
                 t0 = time.time()
                 try:
                     tr, step = train_epoch(model, optimizer, train_u8, cfg, generator, step, total_steps,
-                                           desc=f"epoch {epoch}/{cfg.epochs}", resume_from=progress, stop=stop)
+                                           desc=f"epoch {epoch}/{cfg.epochs}", resume_from=progress, stop=stop,
+                                           rt=rt)
                 except _NonFinite as e:
                     good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
                     last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
@@ -1815,7 +1923,7 @@ def train(cfg: Config) -> dict:
                         f"Training stopped in epoch {epoch} after {s.progress['batch']} batches (step {s.step}); "
                         f"a checkpoint was saved to '{path}'. Resume with: python train.py --resume {run_dir}") from None
                 progress = None
-                val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress)
+                val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress, rt=rt)
                 record = {"epoch": epoch, "step": step, "time_s": time.time() - t0}
                 record.update({f"train/{k}": v for k, v in _plain(tr).items()})
                 record.update({f"val/{k}": v for k, v in _plain(val_metrics).items()})
@@ -1833,7 +1941,7 @@ def train(cfg: Config) -> dict:
                                      val_metrics=val_metrics, train_metrics=tr, **state)
                     _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
         if not val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
-            val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress)
+            val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress, rt=rt)
         atomic_torch_save(model.state_dict(), run_dir / "final_model.pt")
         final = {"epoch": cfg.epochs, **_plain(val_metrics),
                  "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
