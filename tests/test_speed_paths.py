@@ -80,3 +80,26 @@ def test_fp16_needs_cuda():
     with pytest.raises(vqvae.BavqError, match="fp16 needs a CUDA GPU"):
         vqvae.make_runtime(tiny_config(amp="fp16"), torch.device("cpu"))
     assert vqvae.make_runtime(tiny_config(), torch.device("cpu")).amp_dtype is None   # auto = off on CPU
+
+
+def test_benchmark_runs_on_cpu_and_writes_its_table(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--device", "cpu", "--dataset", "fake",
+                        "--train_images", "128", "--val_images", "64", "--hidden_dim", "8", "--latent_dim", "8",
+                        "--codebook_sizes", "16", "32", "--batch_size", "64", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr
+    assert "train s/epoch" in r.stdout and "val s/pass" in r.stdout and "img/s" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["device"].startswith("cpu")
+    rows = res["results"]
+    assert [(x["quantizer"], x["K"]) for x in rows] == [("vq_ema", 16), ("vq_ema", 32), ("ba_vq", 16), ("ba_vq", 32)]
+    for x in rows:
+        assert x["train_images"] == 128 and x["val_images"] == 64
+        assert x["train_s_per_epoch"] > 0 and x["val_s_per_pass"] > 0 and x["peak_memory_mb"] > 0
+        assert x["train_images_per_s"] == pytest.approx(128 / x["train_s_per_epoch"])

@@ -1,0 +1,163 @@
+"""Speed benchmark: seconds per training epoch and per validation pass, images/s and peak memory,
+for each quantizer x codebook size, timed after warm-up epochs, with the library's own
+train_epoch / validate (the path `train.py` runs).
+
+    # GPU, the real CIFAR-10 in ImageFolder layout (50,000 train / 10,000 test):
+    python benchmark.py --dataset folder --data_dir data/cifar10-jpg --out benchmark_gpu.json
+    # CPU smoke run (laptops, CI):
+    python benchmark.py --device cpu --dataset fake --train_images 512 --val_images 128 \\
+        --hidden_dim 32 --latent_dim 32 --codebook_sizes 64 256 --batch_size 64 --out benchmark_cpu.json
+
+Any other Config field can be set with --set KEY=VALUE (e.g. --set amp=off --set ba_impl=autograd).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+import yaml
+
+import vqvae
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dataset", default="folder", choices=list(vqvae.DATASETS))
+    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--quantizers", nargs="+", default=["vq_ema", "ba_vq"], choices=list(vqvae.QUANTIZERS))
+    p.add_argument("--codebook_sizes", nargs="+", type=int, default=[512, 2048, 8192])
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--train_images", type=int, default=50000, help="images per training epoch (0 = all)")
+    p.add_argument("--val_images", type=int, default=10000, help="images per validation pass (0 = all)")
+    p.add_argument("--hidden_dim", type=int, default=128)
+    p.add_argument("--latent_dim", type=int, default=256)
+    p.add_argument("--warmup_epochs", type=int, default=1, help="untimed epochs first (compilation, autotuning)")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs (the mean is reported)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other Config field, YAML-typed (repeatable)")
+    p.add_argument("--out", default="benchmark.json", help="JSON file for the results")
+    return p.parse_args(argv)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # CPU: the process's peak resident set size (Linux reports KiB), an upper bound for this config
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dict:
+    cfg = vqvae.make_config({**base, "quantizer": quantizer, "codebook_size": K,
+                             **({"fsq_levels": base.get("fsq_levels")} if "fsq_levels" in base else {})},
+                            source="benchmark options").validate()
+    device = vqvae.pick_device(cfg.device)
+    rt = vqvae.make_runtime(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    tr = train_u8.to(device) if cfg.data_path == "device" else train_u8
+    va = val_u8.to(device)
+    model = vqvae.build_model(cfg, device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = vqvae.make_optimizer(model, cfg, device)
+    if cfg.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = -(-tr.shape[0] // cfg.batch_size)
+    total = (args.warmup_epochs + args.epochs) * steps
+    val_bs = vqvae.default_val_batch_size(cfg)
+    step = 0
+    for _ in range(args.warmup_epochs):
+        _, step = vqvae.train_epoch(model, opt, tr, cfg, g, step, total, rt=rt)
+        vqvae.validate(model, va, val_bs, rt=rt)
+    t_train = t_val = 0.0
+    for _ in range(args.epochs):
+        _sync(device)
+        t0 = time.perf_counter()
+        m, step = vqvae.train_epoch(model, opt, tr, cfg, g, step, total, rt=rt)
+        _sync(device)
+        t1 = time.perf_counter()
+        v = vqvae.validate(model, va, val_bs, rt=rt)
+        _sync(device)
+        t2 = time.perf_counter()
+        t_train += t1 - t0
+        t_val += t2 - t1
+    t_train /= args.epochs
+    t_val /= args.epochs
+    return {"quantizer": quantizer, "K": K, "batch_size": cfg.batch_size, "train_images": int(tr.shape[0]),
+            "val_images": int(va.shape[0]), "train_s_per_epoch": t_train, "val_s_per_pass": t_val,
+            "epoch_plus_val_s": t_train + t_val, "train_images_per_s": tr.shape[0] / t_train,
+            "val_images_per_s": va.shape[0] / t_val, "peak_memory_mb": _peak_memory_mb(device),
+            "final_train_loss": m["loss"], "val_psnr": v["psnr"], "amp": cfg.amp, "compile": cfg.compile,
+            "ba_impl": cfg.ba_impl, "data_path": cfg.data_path}
+
+
+def table(rows, device_name) -> str:
+    mem = "peak GPU MB" if "cuda" in device_name.lower() or "gpu" in device_name.lower() else "peak RSS MB"
+    head = (f"{'quantizer':<9} {'K':>5} {'train s/epoch':>13} {'val s/pass':>10} {'epoch+val s':>11} "
+            f"{'train img/s':>11} {'val img/s':>10} {mem:>12}")
+    lines = [f"device: {device_name}", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['quantizer']:<9} {r['K']:>5} {r['train_s_per_epoch']:>13.3f} {r['val_s_per_pass']:>10.3f} "
+                     f"{r['epoch_plus_val_s']:>11.3f} {r['train_images_per_s']:>11.0f} {r['val_images_per_s']:>10.0f} "
+                     f"{r['peak_memory_mb']:>12.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        extra = {}
+        for item in args.set:
+            if "=" not in item:
+                raise vqvae.BavqError(f"--set expects KEY=VALUE, got '{item}'.")
+            k, v = item.split("=", 1)
+            extra[k] = yaml.safe_load(v)
+        base = {"device": args.device, "dataset": args.dataset, "data_dir": args.data_dir,
+                "batch_size": args.batch_size, "hidden_dim": args.hidden_dim, "latent_dim": args.latent_dim,
+                "train_subset": args.train_images, "val_subset": args.val_images, "progress": False,
+                "wandb": False, **extra}
+        data_cfg = vqvae.make_config(base, source="benchmark options").validate()
+        train_u8, val_u8 = vqvae.load_dataset(data_cfg)
+        device = vqvae.pick_device(args.device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+            f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        rows = []
+        for q in args.quantizers:
+            for K in args.codebook_sizes:
+                r = bench_one(base, q, K, train_u8, val_u8, args)
+                rows.append(r)
+                print(f"[bench] {q} K={K}: train {r['train_s_per_epoch']:.3f} s/epoch, "
+                      f"val {r['val_s_per_pass']:.3f} s, peak {r['peak_memory_mb']:.0f} MB", flush=True)
+    except vqvae.BavqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(table(rows, name))
+    out = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
+           "command": " ".join(sys.argv), "warmup_epochs": args.warmup_epochs, "timed_epochs": args.epochs,
+           "results": rows}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
