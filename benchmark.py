@@ -71,13 +71,7 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
         torch.cuda.reset_peak_memory_stats(device)
     tr = train_u8.to(device) if cfg.data_path == "device" else train_u8
     va = val_u8.to(device)
-    model = vqvae.build_model(cfg, device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = vqvae.make_optimizer(model, cfg, device)
-    if cfg.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+    model, opt = vqvae.setup_model(cfg, device, rt)
     g = torch.Generator().manual_seed(cfg.seed)
     steps = -(-tr.shape[0] // cfg.batch_size)
     total = (args.warmup_epochs + args.epochs) * steps

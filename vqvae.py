@@ -1776,6 +1776,19 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
+def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, torch.optim.Optimizer]:
+    """The model of ``cfg`` on ``device`` in the runtime's memory format, its optimizer, and
+    torch.compile of encoder and decoder when asked (in place: state_dict keys are unchanged)."""
+    model = build_model(cfg, device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, device)
+    if cfg.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+    return model, optimizer
+
+
 @torch.no_grad()
 def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     """--init kmeans: cluster the encoder outputs of ``kmeans_batches`` training batches (a random
@@ -1855,13 +1868,7 @@ def train(cfg: Config) -> dict:
     if cfg.data_path == "device":
         train_u8 = train_u8.to(device)
     val_u8 = val_u8.to(device)
-    model = build_model(cfg, device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg, device)
-    if cfg.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+    model, optimizer = setup_model(cfg, device, rt)
     generator = torch.Generator().manual_seed(cfg.seed)      # data order
     steps_per_epoch = math.ceil(train_u8.shape[0] / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
