@@ -112,6 +112,14 @@ def run_sweep(configs: list[vqvae.Config]) -> int:
         print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
         final_path = run_dir / "final_metrics.json"
         try:
+            stored = run_dir / "config.yaml"
+            if stored.is_file() and not cfg.overwrite:
+                import yaml
+                diff = vqvae.config_differences(yaml.safe_load(stored.read_text()) or {}, cfg)
+                if diff:
+                    raise vqvae.BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
+                                          "Nothing was changed. Use another --name for this sweep, or --overwrite "
+                                          "to replace those runs.")
             if final_path.is_file() and not cfg.overwrite:
                 import json
                 final, state = json.loads(final_path.read_text()), "skipped (finished)"

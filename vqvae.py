@@ -137,6 +137,7 @@ class Config:
     commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq)
     decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
+    ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the seed; see README)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
@@ -202,6 +203,7 @@ class Config:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         need(0 <= self.decay < 1, f"decay must be in [0, 1) (got {self.decay})")
         need(self.epsilon > 0, f"epsilon must be > 0 (got {self.epsilon})")
+        need(self.ema_init_count >= 0, f"ema_init_count must be >= 0 (got {self.ema_init_count})")
         need(self.commitment_cost >= 0, f"commitment_cost must be >= 0 (got {self.commitment_cost})")
         need(self.beta_start > 0, f"beta_start must be > 0 (got {self.beta_start})")
         need(self.beta_end >= self.beta_start,
@@ -241,6 +243,9 @@ class Config:
         need(self.recon_images >= 1, f"recon_images must be >= 1 (got {self.recon_images})")
         need("/" not in self.resolved_name() and self.resolved_name() not in (".", ".."),
              f"name '{self.name}' must be a plain directory name (no '/')")
+        for f_name, f_type in config_fields().items():
+            if f_type is float and not math.isfinite(getattr(self, f_name)):
+                problems.append(f"{f_name} must be a finite number (got {getattr(self, f_name)})")
         if problems:
             raise BavqError("Invalid configuration: " + "; ".join(problems) + ". Fix these values in your "
                             "YAML file or on the command line (python train.py --help lists every option).")
@@ -343,7 +348,7 @@ def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
     """Indices of ``n`` items spread evenly over ``n_total`` (covers every class of a sorted folder)."""
     if n <= 0 or n >= n_total:
         return torch.arange(n_total)
-    return torch.linspace(0, n_total - 1, n).round().long()
+    return torch.linspace(0, n_total - 1, n, dtype=torch.float64).round().long()
 
 
 def _fake_images(n: int, seed: int) -> torch.Tensor:
@@ -603,7 +608,8 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
     R = I - 2 w w^T + 2 v u^T, u = z/||z||, v = q/||q||, w = (u + v)/||u + v||, which maps u to v.
     Forward: q~ = q (up to rounding). Backward: the gradient reaching z is lambda R^T g, so the
     angle and norm of z relative to its code shape the encoder's update. Rows (N, D); eps guards
-    zero norms (eps is numerical, not a model coefficient)."""
+    zero norms (eps is numerical, not a model coefficient); rows with ||z|| <= eps use the
+    straight-through copy instead."""
     with torch.no_grad():
         z_norm = z.norm(dim=1, keepdim=True).clamp_min(eps)
         q_norm = q.norm(dim=1, keepdim=True).clamp_min(eps)
@@ -613,7 +619,9 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
         lam = q_norm / z_norm
     # R z = z - 2 w (w.z) + 2 v (u.z), computed without materialising the (D, D) matrix
     rz = z - 2.0 * w * (w * z).sum(1, keepdim=True) + 2.0 * v * (u * z).sum(1, keepdim=True)
-    return lam * rz
+    # a zero latent has no direction to rotate from: fall back to the straight-through copy there
+    degenerate = z.norm(dim=1, keepdim=True).detach() <= eps
+    return torch.where(degenerate, straight_through(z, q), lam * rz)
 
 
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
@@ -765,15 +773,18 @@ class VQEMAQuantizer(_CodebookQuantizer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, init: str = "uniform", cosine: bool = False,
-                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0):
+                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, ema_init_count: float = 0.0):
         super().__init__()
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.epsilon = commitment_cost, epsilon
         K = num_embeddings
+        c = ema_init_count
         self.register_buffer("codebook", codebook)                       # e, (K, D)
-        self.register_buffer("ema_cluster_size", torch.zeros(K))         # N, raw EMA counts (K,)
-        self.register_buffer("ema_w", codebook.clone())                  # m, EMA sums (K, D)
+        self.register_buffer("ema_cluster_size", torch.full((K,), float(c)))   # N, raw EMA counts (K,)
+        # m, EMA sums (K, D): the seed starts them at the codes themselves with counts 0, which makes
+        # every code unused in the first step jump to e * decay / (eps-smoothed count) ~ 1e5 e
+        self.register_buffer("ema_w", codebook * c if c > 0 else codebook.clone())
 
     def usage_per_step(self) -> torch.Tensor:
         return self.ema_cluster_size
@@ -1152,7 +1163,7 @@ QUANTIZERS = {
 def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """exp(H(p)) of the code histogram ``counts`` (K,), H in nats; K for uniform use, 1 for one code.
     Returns a 0-dim float tensor on the counts' device (no host sync)."""
-    c = counts.double()
+    c = counts.float() if counts.device.type == "mps" else counts.double()   # MPS has no float64
     p = c / c.sum().clamp_min(1.0)
     h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum()
     return h.exp().float()
@@ -1292,7 +1303,8 @@ def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: 
     ds = torch.utils.data.TensorDataset(images.cpu())
     order = perm[start * B:].tolist()
     loader = torch.utils.data.DataLoader(ds, batch_size=B, sampler=order, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator())   # never draws from the global RNG
     for (xb,) in loader:
         yield xb.to(device, non_blocking=True)
 
@@ -1335,7 +1347,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     stopped (``resume_from``).
     """
     model.train()
-    device = images.device
+    device = next(model.parameters()).device          # images may stay on the CPU (data_path loader)
     rt = rt or Runtime(device)
     q = model.quantizer
     K = q.num_embeddings
@@ -1348,7 +1360,9 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         gen_state = generator.get_state()
         start, acc = 0, _Accumulator()
         counts = torch.zeros(K, dtype=torch.long, device=device)
-        extra = {"grad_norm_max": torch.zeros((), device=device), "restarts": torch.zeros((), dtype=torch.long, device=device)}
+        extra = {"grad_norm_max": torch.zeros((), device=device), "grad_norm_sum": torch.zeros((), device=device),
+                 "grad_norm_n": torch.zeros((), dtype=torch.long, device=device),
+                 "restarts": torch.zeros((), dtype=torch.long, device=device)}
     else:
         gen_state = resume_from["gen_state"]
         generator.set_state(gen_state)
@@ -1373,6 +1387,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     batches = _batches(images, perm, start, B, cfg, device)
     for i in range(start, n_steps):
         if stop is not None and stop():
+            check_finite()                                                # never checkpoint a NaN state
             if bar is not None:
                 bar.close()
             raise _StopRequested({"gen_state": gen_state, "batch": i, "acc": acc.state(), "counts": counts.cpu(),
@@ -1411,9 +1426,12 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         bad_step = torch.where(newly, torch.full_like(bad_step, step), bad_step)
         bad_terms = torch.where(newly, bad, bad_terms)
         step += 1
-        acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict, "grad_norm": grad_norm}, x.shape[0])
-        extra["grad_norm_max"] = torch.maximum(extra["grad_norm_max"], torch.nan_to_num(grad_norm.detach().float())
-                                               if rt.scaler is not None else grad_norm.detach().float())
+        acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict}, x.shape[0])
+        gn = grad_norm.detach().float()
+        finite = torch.isfinite(gn)                                       # fp16: the scaler skipped this step
+        extra["grad_norm_sum"] += torch.where(finite, gn, torch.zeros_like(gn))
+        extra["grad_norm_n"] += finite.long()
+        extra["grad_norm_max"] = torch.maximum(extra["grad_norm_max"], torch.where(finite, gn, torch.zeros_like(gn)))
         counts += info["code_counts"]
         if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
             check_finite()
@@ -1425,7 +1443,10 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         bar.close()
     check_finite()
     metrics = acc.means()
+    n_finite = int(extra["grad_norm_n"])
+    metrics["grad_norm"] = float(extra["grad_norm_sum"]) / max(n_finite, 1)   # mean over finite steps
     metrics["grad_norm_max"] = float(extra["grad_norm_max"])
+    metrics["skipped_steps"] = n_steps - n_finite             # fp16 steps the gradient scaler skipped
     metrics["dead_code_restarts"] = int(extra["restarts"])
     metrics["vq_loss_weight"] = w
     metrics["perplexity"] = float(perplexity_from_counts(counts))
@@ -1709,6 +1730,55 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
     return make_config(values, source=f"checkpoint '{ck_path}' and command-line flags")
 
 
+# Settings that change how a run executes but not what it computes: they may differ on --resume.
+RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "num_workers", "data_dir",
+                     "epochs", "checkpoint_every", "recon_images", "amp", "compile", "channels_last", "data_path",
+                     "ba_chunk_rows", "resume", "out_dir", "name", "overwrite")
+
+
+def config_differences(stored: dict, cfg: Config) -> list[str]:
+    """'key: old -> new' for every setting that changes what a run computes (not RESUME_MAY_CHANGE)."""
+    old = {**asdict(Config()), **stored}
+    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in config_fields()
+            if k not in RESUME_MAY_CHANGE and old.get(k) != getattr(cfg, k)]
+
+
+def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
+    """Refuse (BavqError, nothing written) to resume with a different model shape, with changed
+    settings that would silently not apply or change the experiment, with fewer epochs than done,
+    or a finished run without --overwrite."""
+    old = {**asdict(Config()), **ck["config"]}
+    shape = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in (*SHAPE_KEYS, "fsq_levels")
+             if old.get(k) != getattr(cfg, k)]
+    if shape:
+        raise BavqError(f"Cannot resume '{ck_path}' with a different model shape ({'; '.join(shape)}). "
+                        "Nothing was changed. Drop those flags to continue the run as it was, or start a new "
+                        "run under another --name.")
+    changed = config_differences(ck["config"], cfg)
+    if changed:
+        raise BavqError(f"Cannot resume '{ck_path}' with changed settings ({'; '.join(changed)}). Nothing was "
+                        "changed. A resumed run continues with the settings it was trained with (only "
+                        f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'out_dir', 'name', 'overwrite'))} "
+                        "may differ); to change the others start a new run under another --name.")
+    if cfg.epochs < ck["epoch"]:
+        raise BavqError(f"Cannot resume '{ck_path}' with --epochs {cfg.epochs}: the checkpoint has already done "
+                        f"{ck['epoch']} epochs. Nothing was changed.")
+    if (ck_path.parent / "final_metrics.json").exists() and not cfg.overwrite:
+        raise BavqError(f"The run in '{ck_path.parent}' has finished. Resuming it from '{ck_path.name}' would replace "
+                        "its history and results. Nothing was changed. Pass --overwrite with --resume to do that, or "
+                        "start a new run under another --name.")
+
+
+def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
+    """Before continuing from ``ck_path``: the final results and any checkpoint from later in the run
+    belong to a future that is about to be recomputed; remove them so no stale file is picked up."""
+    for p in _run_files(run_dir):
+        later = p.name.startswith("checkpoint_epoch") and p.stem[len("checkpoint_epoch"):].isdigit() \
+            and int(p.stem[len("checkpoint_epoch"):]) > epoch
+        if p != ck_path and (later or p.name in ("final_metrics.json", "final_model.pt", "checkpoint_interrupted.pt")):
+            p.unlink()
+
+
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
                      generator, progress=None, wandb_id=None, scaler=None) -> None:
     atomic_torch_save({
@@ -1839,27 +1909,18 @@ def train(cfg: Config) -> dict:
     exactly the metrics of an uninterrupted run (bit-identical on CPU). Ctrl-C saves
     checkpoint_interrupted.pt and raises TrainingInterrupted with the command that resumes.
     """
+    # Every check comes before the first write: a refused start leaves the run directory untouched.
     cfg.validate()
     device = pick_device(cfg.device)
+    rt = make_runtime(cfg, device)
     ck = None
     if cfg.resume:
         ck_path = resolve_resume_path(cfg.resume)
         ck = load_checkpoint(ck_path)
-        old = ck["config"]
-        changed = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in SHAPE_KEYS if old.get(k) != getattr(cfg, k)]
-        if changed:
-            raise BavqError(f"Cannot resume '{ck_path}' with a different model shape ({'; '.join(changed)}). "
-                            "Nothing was changed. Drop those flags to continue the run as it was, or start a new "
-                            "run under another --name.")
+        check_resumable(cfg, ck, ck_path)
         run_dir = ck_path.parent
     seed_everything(cfg.seed)
-    train_u8, val_u8 = load_dataset(cfg)                     # before touching the run directory
-    if ck is None:
-        run_dir = prepare_run_dir(cfg)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(dataclasses.replace(cfg, resume="")))
-    history_path = run_dir / "history.jsonl"
-
-    rt = make_runtime(cfg, device)
+    train_u8, val_u8 = load_dataset(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True                 # autotune conv algorithms (fixed shapes)
     if cfg.data_path == "device" and not _fits_on_device(train_u8, val_u8, device):
@@ -1875,8 +1936,6 @@ def train(cfg: Config) -> dict:
     val_bs = default_val_batch_size(cfg)
     loss_keys = _LOSS_KEYS[cfg.quantizer]
 
-    if ck is None and cfg.init == "kmeans":
-        kmeans_init(model, train_u8, cfg)
     start_epoch, step, history, progress = 1, 0, [], None
     tr, val_metrics, wandb_id = {}, {}, None
     if ck is not None:
@@ -1895,6 +1954,16 @@ def train(cfg: Config) -> dict:
         tr, val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
         where = f"epoch {ck['epoch'] + 1}, batch {progress['batch']}" if progress else f"the end of epoch {ck['epoch']}"
         print(f"[bavq] resuming '{run_dir}' from {ck_path.name} ({where}, step {step}).")
+        if cfg.epochs != ck["config"]["epochs"]:
+            print(f"[bavq] note: epochs {ck['config']['epochs']} -> {cfg.epochs}: the beta schedule and the loss "
+                  "warm-up continue over the new total, so this run matches no uninterrupted run.")
+        _discard_later_results(run_dir, ck_path, ck["epoch"])
+    else:
+        run_dir = prepare_run_dir(cfg)                        # first write of a new run
+        if cfg.init == "kmeans":
+            kmeans_init(model, train_u8, cfg)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(dataclasses.replace(cfg, resume="")))
+    history_path = run_dir / "history.jsonl"
     atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in history))
     print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

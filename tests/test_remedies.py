@@ -374,3 +374,56 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
     ck = vqvae.load_checkpoint(run / "checkpoint_epoch1.pt")
     assert all(torch.isfinite(v).all() for v in ck["model_state_dict"].values() if v.is_floating_point())
     assert len(history(cfg)) == 1
+
+
+def test_rotation_trick_falls_back_to_straight_through_for_a_zero_latent():
+    z = torch.zeros(3, 4, requires_grad=True)
+    q = torch.randn(3, 4)
+    out = rotation_trick(z, q)
+    torch.testing.assert_close(out, q)
+    (g,) = torch.autograd.grad(out.sum(), z)
+    torch.testing.assert_close(g, torch.ones(3, 4))                  # the straight-through copy, finite
+
+
+@pytest.mark.parametrize("key", ["beta_end", "lr", "vq_loss_warmup_epochs", "grad_clip"])
+def test_non_finite_config_values_are_errors(key):
+    with pytest.raises(vqvae.BavqError, match=f"{key} must be a finite number"):
+        vqvae.make_config({key: float("inf")}).validate()
+
+
+def test_skipped_fp16_steps_do_not_poison_the_gradient_norm():
+    """A GradScaler skips steps whose gradients overflow; they are counted, not averaged in."""
+    cfg = tiny_config()
+    train_u8, _ = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    rt = vqvae.Runtime(torch.device("cpu"), None, torch.amp.GradScaler("cpu"))
+    calls = {"n": 0}
+
+    def overflow_first(g):
+        calls["n"] += 1
+        return g * float("inf") if calls["n"] == 1 else g
+    model.decoder.net[-1].weight.register_hook(overflow_first)
+    m, _ = vqvae.train_epoch(model, opt, train_u8[:192], cfg, torch.Generator().manual_seed(0), 0, 3, rt=rt)
+    assert m["skipped_steps"] == 1
+    assert math.isfinite(m["grad_norm"]) and 0 < m["grad_norm"] < 1e3 and m["grad_norm_max"] < 1e3
+
+
+def test_a_stop_request_after_a_non_finite_step_saves_no_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(out_dir=str(tmp_path), epochs=2, checkpoint_every=1, progress_every=100)
+    orig = vqvae.VQEMAQuantizer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, z):
+        z_q, losses, info = orig(self, z)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                losses["commitment_loss"] = losses["commitment_loss"] * float("nan")
+        return z_q, losses, info
+    monkeypatch.setattr(vqvae.VQEMAQuantizer, "forward", poisoned)
+    monkeypatch.setattr(vqvae._StopFlag, "__call__", lambda self: calls["n"] >= 6)   # Ctrl-C right after it
+    with pytest.raises(vqvae.NonFiniteError, match="step 5"):
+        vqvae.train(cfg)
+    run = Path(cfg.out_dir) / cfg.resolved_name()
+    assert not (run / "checkpoint_interrupted.pt").exists()

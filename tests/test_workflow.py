@@ -215,12 +215,54 @@ def test_overwrite_replaces_a_run_without_stale_checkpoints(tiny_cfg):
     assert len(history_of(run)) == 1
 
 
-def test_resuming_a_finished_run_changes_nothing(tiny_cfg):
-    cfg = tiny_cfg(name="f", epochs=2)
+def test_resuming_a_finished_run_needs_overwrite_and_discards_its_later_results(tiny_cfg):
+    cfg = tiny_cfg(name="f", epochs=3)
     first = vqvae.train(cfg)
     run = Path(cfg.out_dir) / "f"
-    again = vqvae.train(vqvae.resume_config(run))
+    before = snapshot(run)
+    with pytest.raises(vqvae.BavqError, match="has finished"):
+        vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt"))
+    assert snapshot(run) == before                               # refused: nothing touched
+    # with --overwrite, the results after epoch 1 are discarded and recomputed (identically)
+    seen = {}
+    orig = vqvae.train_epoch
+
+    def spy(*a, **k):
+        seen.setdefault("files", sorted(p.name for p in run.iterdir()))
+        return orig(*a, **k)
+    vqvae_train_epoch = vqvae.train_epoch
+    vqvae.train_epoch = spy
+    try:
+        again = vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt", {"overwrite": True}))
+    finally:
+        vqvae.train_epoch = vqvae_train_epoch
+    assert "checkpoint_epoch3.pt" not in seen["files"] and "final_metrics.json" not in seen["files"]
     assert again == first
+
+
+@pytest.mark.parametrize("flag,value", [("lr", 0.05), ("seed", 7), ("batch_size", 16), ("train_subset", 128),
+                                        ("commitment_cost", 1.0), ("fsq_levels", [2, 8])])
+def test_resume_refuses_settings_that_would_not_apply_and_writes_nothing(tiny_cfg, flag, value):
+    q = "fsq" if flag == "fsq_levels" else "vq_ema"
+    cfg = tiny_cfg(name="r", epochs=2, quantizer=q)
+    vqvae.train(cfg)
+    run = Path(cfg.out_dir) / "r"
+    (run / "final_metrics.json").unlink()
+    before = snapshot(run)
+    with pytest.raises(vqvae.BavqError, match=flag):
+        vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt", {flag: value}))
+    assert snapshot(run) == before
+
+
+def test_resume_may_change_how_it_runs_and_extend_epochs(tiny_cfg):
+    cfg = tiny_cfg(name="x", epochs=2)
+    vqvae.train(cfg)
+    run = Path(cfg.out_dir) / "x"
+    (run / "final_metrics.json").unlink()
+    final = vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt", {"epochs": 3, "progress_every": 1}))
+    assert final["epoch"] == 3 and len(history_of(run)) == 3
+    with pytest.raises(vqvae.BavqError, match="already done"):
+        vqvae.train(vqvae.resume_config(run / "checkpoint_epoch3.pt", {"epochs": 2, "overwrite": True}))
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -246,6 +288,16 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path):
     r = run_cli(args, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 4
     assert {n: snapshot(tmp_path / n) for n in names} == before
+
+
+def test_sweep_refuses_existing_runs_with_other_settings(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    before = {n: snapshot(tmp_path / n) for n in ("vq_ema_k16_s0", "vq_ema_k16_s1")}
+    r = run_cli([*args, "--lr", "0.05"], cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout.count("FAILED") == 2 and "lr: 0.0003 -> 0.05" in r.stderr
+    assert {n: snapshot(tmp_path / n) for n in before} == before
 
 
 def test_sweep_resumes_an_interrupted_run(tmp_path):
