@@ -427,3 +427,27 @@ def test_a_stop_request_after_a_non_finite_step_saves_no_checkpoint(tmp_path, mo
         vqvae.train(cfg)
     run = Path(cfg.out_dir) / cfg.resolved_name()
     assert not (run / "checkpoint_interrupted.pt").exists()
+
+
+@pytest.mark.parametrize("key,a,b", [("kmeans_iters", 0, 10), ("kmeans_batches", 1, 3)])
+def test_kmeans_settings_change_the_initial_codebook(key, a, b):
+    books = []
+    for v in (a, b):
+        cfg = tiny_config(init="kmeans", codebook_size=16, **{key: v})
+        train_u8, _ = vqvae.load_dataset(cfg)
+        model = vqvae.build_model(cfg)
+        vqvae.kmeans_init(model, train_u8, cfg)
+        books.append(model.quantizer.codebook.clone())
+    assert not torch.allclose(books[0], books[1])
+
+
+def test_dead_code_every_sets_how_often_codes_are_checked():
+    restarts = []
+    for every in (1, 1000):
+        cfg = tiny_config(dead_code_threshold=1.0, dead_code_every=every)
+        train_u8, _ = vqvae.load_dataset(cfg)
+        model = vqvae.build_model(cfg)
+        opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+        m, _ = vqvae.train_epoch(model, opt, train_u8, cfg, torch.Generator().manual_seed(0), 0, 4)
+        restarts.append(m["dead_code_restarts"])
+    assert restarts[0] > 0 and restarts[1] == 0
