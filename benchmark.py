@@ -55,8 +55,9 @@ def _sync(device):
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # CPU: the process's peak resident set size (Linux reports KiB), an upper bound for this config
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    # CPU: the process's peak resident set size so far (Linux reports KiB, macOS bytes): a running maximum
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dict:
@@ -98,12 +99,13 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
             "val_images": int(va.shape[0]), "train_s_per_epoch": t_train, "val_s_per_pass": t_val,
             "epoch_plus_val_s": t_train + t_val, "train_images_per_s": tr.shape[0] / t_train,
             "val_images_per_s": va.shape[0] / t_val, "peak_memory_mb": _peak_memory_mb(device),
-            "final_train_loss": m["loss"], "val_psnr": v["psnr"], "amp": cfg.amp, "compile": cfg.compile,
+            "final_train_loss": m["loss"], "val_psnr": v["psnr"],
+            "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off", "compile": cfg.compile,
             "ba_impl": cfg.ba_impl, "data_path": cfg.data_path}
 
 
-def table(rows, device_name) -> str:
-    mem = "peak GPU MB" if "cuda" in device_name.lower() or "gpu" in device_name.lower() else "peak RSS MB"
+def table(rows, device_name, device_type) -> str:
+    mem = "peak GPU MB" if device_type == "cuda" else "peak RSS MB"
     head = (f"{'quantizer':<9} {'K':>5} {'train s/epoch':>13} {'val s/pass':>10} {'epoch+val s':>11} "
             f"{'train img/s':>11} {'val img/s':>10} {mem:>12}")
     lines = [f"device: {device_name}", head, "-" * len(head)]
@@ -135,7 +137,11 @@ def main(argv=None) -> int:
         rows = []
         for q in args.quantizers:
             for K in args.codebook_sizes:
-                r = bench_one(base, q, K, train_u8, val_u8, args)
+                try:
+                    r = bench_one(base, q, K, train_u8, val_u8, args)
+                except vqvae.BavqError as e:          # e.g. fsq with a K its levels do not give
+                    print(f"[bench] {q} K={K} skipped: {e}", flush=True)
+                    continue
                 rows.append(r)
                 print(f"[bench] {q} K={K}: train {r['train_s_per_epoch']:.3f} s/epoch, "
                       f"val {r['val_s_per_pass']:.3f} s, peak {r['peak_memory_mb']:.0f} MB", flush=True)
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()
-    print(table(rows, name))
+    print(table(rows, name, device.type))
     out = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
            "command": " ".join(sys.argv), "warmup_epochs": args.warmup_epochs, "timed_epochs": args.epochs,
            "results": rows}

@@ -105,7 +105,10 @@ def config_from_args(argv=None) -> vqvae.Config:
 
 def run_sweep(configs: list[vqvae.Config]) -> int:
     """Run each config in turn: skip finished runs, resume interrupted ones, keep going after a
-    failed run. Prints a summary table; returns the exit status (0 if every run finished)."""
+    failed run. An existing run with other settings (epochs included) is reported FAILED and left
+    alone. Prints a summary table; returns the exit status (0 if every run finished)."""
+    import json
+    import yaml
     rows, status = [], 0
     for i, cfg in enumerate(configs, 1):
         run_dir = Path(cfg.out_dir) / cfg.resolved_name()
@@ -114,34 +117,37 @@ def run_sweep(configs: list[vqvae.Config]) -> int:
         try:
             stored = run_dir / "config.yaml"
             if stored.is_file() and not cfg.overwrite:
-                import yaml
-                diff = vqvae.config_differences(yaml.safe_load(stored.read_text()) or {}, cfg)
+                old = yaml.safe_load(stored.read_text()) or {}
+                diff = vqvae.config_differences(old, cfg)
+                if old.get("epochs", cfg.epochs) != cfg.epochs:
+                    diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
                 if diff:
                     raise vqvae.BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
                                           "Nothing was changed. Use another --name for this sweep, or --overwrite "
                                           "to replace those runs.")
             if final_path.is_file() and not cfg.overwrite:
-                import json
                 final, state = json.loads(final_path.read_text()), "skipped (finished)"
                 print(f"[bavq] {run_dir} already finished; skipped.")
-            else:
-                if run_dir.is_dir() and not cfg.overwrite and vqvae._run_files(run_dir):
-                    try:
-                        vqvae.latest_checkpoint(run_dir)
-                        cfg = vqvae.resume_config(run_dir, {k: getattr(cfg, k) for k in
-                                                            ("device", "progress", "wandb", "num_workers", "data_dir")})
-                        state = "resumed"
-                    except vqvae.BavqError:
-                        print(f"[bavq] {run_dir} holds an unfinished run without a checkpoint; starting it again.")
-                        cfg = dataclasses.replace(cfg, overwrite=True)
-                        state = "restarted"
+            elif run_dir.is_dir() and not cfg.overwrite and vqvae._run_files(run_dir):
+                if any(run_dir.glob("checkpoint_*.pt")):
+                    # resume from the latest checkpoint; a corrupt one is an error, never a restart
+                    keep = {k: getattr(cfg, k) for k in ("device", "progress", "wandb", "num_workers", "data_dir")}
+                    cfg = vqvae.resume_config(run_dir, keep)
+                    state = "resumed"
                 else:
-                    state = "done"
+                    print(f"[bavq] {run_dir} holds an unfinished run without a checkpoint; starting it again.")
+                    cfg = dataclasses.replace(cfg, overwrite=True)
+                    state = "restarted"
                 final = vqvae.train(cfg)
+            else:
+                final, state = vqvae.train(cfg), "done"
         except vqvae.TrainingInterrupted:
             raise
-        except vqvae.BavqError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:   # BavqError, CUDA out of memory, ...: report it and go on with the grid
+            msg = str(e) if isinstance(e, vqvae.BavqError) else f"{type(e).__name__}: {e}"
+            print(f"error: {msg}", file=sys.stderr)
             final, state, status = {}, "FAILED", 1
         rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
     print("\n" + summary_table(rows))
@@ -151,11 +157,12 @@ def run_sweep(configs: list[vqvae.Config]) -> int:
 def summary_table(rows) -> str:
     def f(v, fmt):
         return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
-    head = f"{'run':<32} {'quantizer':<9} {'K':>6} {'seed':>4} {'PSNR':>7} {'perplexity':>10} {'usage %':>8}  status"
+    head = (f"{'run':<32} {'quantizer':<9} {'K':>6} {'seed':>4} {'epochs':>6} {'PSNR':>7} {'perplexity':>10} "
+            f"{'usage %':>8}  status")
     lines = [head, "-" * len(head)]
     for name, q, K, seed, final, state in rows:
         usage = final.get("usage_rate")
-        lines.append(f"{name:<32} {q:<9} {K:>6} {seed:>4} {f(final.get('psnr'), '.2f'):>7} "
+        lines.append(f"{name:<32} {q:<9} {K:>6} {seed:>4} {f(final.get('epoch'), 'd'):>6} {f(final.get('psnr'), '.2f'):>7} "
                      f"{f(final.get('perplexity'), '.1f'):>10} {f(usage * 100 if usage is not None else None, '.1f'):>8}  {state}")
     return "\n".join(lines)
 

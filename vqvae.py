@@ -22,6 +22,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -235,6 +236,8 @@ class Config:
                     if on]
             need(not used, f"{', '.join(used)} apply to codebook quantizers (vq_ema, vq, ba_vq), not to fsq, "
                  "which has no codebook")
+            need(self.vq_loss_warmup_epochs == 0, "vq_loss_warmup_epochs has no effect with fsq, which has no "
+                 "quantizer loss")
         need(self.num_workers >= 0, f"num_workers must be >= 0 (got {self.num_workers})")
         need(self.train_subset >= 0, f"train_subset must be >= 0 (got {self.train_subset})")
         need(self.val_subset >= 0, f"val_subset must be >= 0 (got {self.val_subset})")
@@ -586,13 +589,36 @@ def squared_distances(z_flat: torch.Tensor, codebook: torch.Tensor) -> torch.Ten
     return d.clamp_min_(0.0)
 
 
+def code_histogram(indices: torch.Tensor, K: int) -> torch.Tensor:
+    """Counts of each of the K codes, (K,) long. index_add_, not bincount: CUDA's bincount reads
+    min/max back to the host, a sync on every step."""
+    flat = indices.reshape(-1)
+    return torch.zeros(K, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def _code_stats(indices: torch.Tensor, K: int) -> dict:
-    counts = torch.bincount(indices.reshape(-1), minlength=K)
+    counts = code_histogram(indices, K)
     return {"code_counts": counts, "perplexity": perplexity_from_counts(counts),
             "usage_rate": usage_from_counts(counts)}
 
 
+_AUTOCAST_OK: dict = {}
+
+
+def _autocast_available(device_type: str) -> bool:
+    """torch.autocast('mps') raises before torch 2.5 even when disabled."""
+    if device_type not in _AUTOCAST_OK:
+        try:
+            torch.autocast(device_type=device_type, enabled=False)
+            _AUTOCAST_OK[device_type] = True
+        except RuntimeError:
+            _AUTOCAST_OK[device_type] = False
+    return _AUTOCAST_OK[device_type]
+
+
 def _autocast_off(device_type: str):
+    if not _autocast_available(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
 
@@ -927,6 +953,7 @@ class _FusedBA(torch.autograd.Function):
         for s in range(0, N, C):
             A[s:s + C] = squared_distances(z[s:s + C], E).mul_(-beta)              # -beta d, (C, K)
         log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device)]
+        cols = [log_qs[0]]                                   # unshifted logsumexp_x L_t (= log Q_t + log N)
         z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
         for t in range(1, iterations + 1):
@@ -938,45 +965,56 @@ class _FusedBA(torch.autograd.Function):
                     z_q[s:s + C] = L.exp() @ E                                      # P_T E
                     indices[s:s + C] = L.argmax(dim=1)
             log_qs.append(col - log_n)
+            cols.append(col)
         log_qs = torch.stack(log_qs)                                                 # (T+1, K)
-        ctx.save_for_backward(z, E, A, log_qs, beta if torch.is_tensor(beta) else torch.tensor(beta))
+        log_cols = torch.stack(cols)
+        ctx.save_for_backward(z, E, A, log_qs, log_cols,
+                              beta.to(z.dtype) if torch.is_tensor(beta) else torch.tensor(beta, dtype=z.dtype))
         ctx.iterations, ctx.C = iterations, C
         ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)                     # codebook_cost 0: no z_q_soft gradient to chase
         return z_q, log_qs[-1].clone(), indices
 
     @staticmethod
     def backward(ctx, g_zq, g_lq, _g_idx):
-        z, E, A, log_qs, beta = ctx.saved_tensors
+        z, E, A, log_qs, log_cols, beta = ctx.saved_tensors
         T, C = ctx.iterations, ctx.C
         N, K = A.shape
-        log_n = math.log(N)
-        g_z = torch.zeros_like(z)
-        g_E = torch.zeros_like(E)
+        g_z, g_E = torch.zeros_like(z), torch.zeros_like(E)
+        use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
+        if not (use_a or use_b):
+            return None, None, None, None, None
         gq_a = torch.zeros(K, dtype=A.dtype, device=A.device)                        # dlogQ_t, codebook path
-        gq_b = g_lq.clone() if g_lq is not None else torch.zeros_like(gq_a)          # dlogQ_t, entropy path
+        gq_b = g_lq.clone() if use_b else None                                       # dlogQ_t, entropy path
         for t in range(T, 0, -1):
-            next_a, next_b = torch.zeros_like(gq_a), torch.zeros_like(gq_b)
+            next_a = torch.zeros_like(gq_a) if use_a else None
+            next_b = torch.zeros_like(gq_b) if use_b else None
             for s in range(0, N, C):
                 zc = z[s:s + C]
                 L = torch.log_softmax(A[s:s + C] + log_qs[t - 1], dim=1)           # (C, K)
                 P = L.exp()
-                Wt = (L - log_qs[t] - log_n).exp()                                  # softmax over rows
-                gl_a = Wt * gq_a
-                if t == T and g_zq is not None:
-                    gzq = g_zq[s:s + C]
-                    g_E += P.t() @ gzq                                              # z_q = P E, direct
-                    gl_a = gl_a + P * (gzq @ E.t())
-                gl_b = Wt * gq_b
-                gs_a = gl_a - P * gl_a.sum(1, keepdim=True)                         # log_softmax backward
-                gs_b = gl_b - P * gl_b.sum(1, keepdim=True)
-                next_a += gs_a.sum(0)
-                next_b += gs_b.sum(0)
-                gd_b = gs_b * (-beta)                                               # dA -> dd
-                gd_all = (gs_a + gs_b) * (-beta)
+                Wt = (L - log_cols[t]).exp()                                        # softmax over rows
+                gd_all = torch.zeros_like(P)
+                if use_a:
+                    gl_a = Wt * gq_a
+                    if t == T:
+                        gzq = g_zq[s:s + C]
+                        g_E += P.t() @ gzq                                          # z_q = P E, direct
+                        gl_a = gl_a + P * (gzq @ E.t())
+                    gs_a = gl_a - P * gl_a.sum(1, keepdim=True)                     # log_softmax backward
+                    next_a += gs_a.sum(0)
+                    gd_all += gs_a
+                if use_b:
+                    gl_b = Wt * gq_b
+                    gs_b = gl_b - P * gl_b.sum(1, keepdim=True)
+                    next_b += gs_b.sum(0)
+                    gd_all += gs_b
+                    gd_b = gs_b * (-beta)                                           # dA -> dd
+                    g_z[s:s + C] += 2.0 * zc * gd_b.sum(1, keepdim=True) - 2.0 * gd_b @ E
+                gd_all *= -beta
                 g_E += 2.0 * E * gd_all.sum(0)[:, None] - 2.0 * gd_all.t() @ zc
-                g_z[s:s + C] += 2.0 * zc * gd_b.sum(1, keepdim=True) - 2.0 * gd_b @ E
             gq_a, gq_b = next_a, next_b
-        return g_z, g_E, None, None, None
+        return (g_z if use_b else None), g_E, None, None, None
 
 
 def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0):
@@ -1264,8 +1302,9 @@ class Runtime:
     channels_last: bool = False
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -1277,6 +1316,9 @@ def make_runtime(cfg: Config, device: torch.device) -> Runtime:
     if amp == "fp16" and not cuda:
         raise BavqError(f"--amp fp16 needs a CUDA GPU (the device is {device}). Use --amp bf16 or --amp off.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    if dtype is not None and not _autocast_available(device.type):
+        raise BavqError(f"--amp {amp} is not supported on {device.type} by this PyTorch ({torch.__version__}). "
+                        "Use --amp off, or a newer PyTorch.")
     scaler = None
     if amp == "fp16":
         scaler = torch.amp.GradScaler("cuda") if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") \
@@ -1334,7 +1376,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     """One pass over ``images`` (uint8, on the model's device) in random order.
 
     Returns (metrics, new global step). Metrics are sample-weighted means of the loss terms plus
-    the perplexity, usage and dead codes of every code index of the epoch (a bincount on the
+    the perplexity, usage and dead codes of every code index of the epoch (a histogram on the
     device), the histogram ``code_counts`` (K,), the gradient norm (mean and max, before clipping),
     the number of dead-code restarts and the quantizer-loss weight (warm-up).
 
@@ -1630,9 +1672,9 @@ def _run_files(run_dir: Path) -> list[Path]:
             (p.name.startswith("checkpoint_epoch") and p.suffix == ".pt")]
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create <out_dir>/<name>/. An existing run's directory is refused (nothing is touched)
-    unless ``overwrite``, which deletes that run's files first so no stale checkpoint survives."""
+def check_run_dir(cfg: Config) -> Path:
+    """<out_dir>/<name>/ for a new run; an existing run there is refused (BavqError, nothing touched)
+    unless ``overwrite``."""
     run_dir = Path(cfg.out_dir) / cfg.resolved_name()
     if run_dir.exists():
         existing = _run_files(run_dir)
@@ -1642,7 +1684,15 @@ def prepare_run_dir(cfg: Config) -> Path:
             raise BavqError(f"Run directory '{run_dir}' already holds an {finished} run "
                             f"({', '.join(sorted(p.name for p in existing))}). Nothing was changed. Choose another "
                             f"--name, pass --overwrite to replace that run{hint}.")
-        for p in existing:
+    return run_dir
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create <out_dir>/<name>/ after ``check_run_dir``; with ``overwrite`` the old run's files are
+    deleted first so no stale checkpoint survives."""
+    run_dir = check_run_dir(cfg)
+    if run_dir.exists():
+        for p in _run_files(run_dir):
             p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -1726,7 +1776,8 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
     ck_path = resolve_resume_path(path)
     ck = load_checkpoint(ck_path)
     values = {**ck["config"], **(overrides or {})}
-    values.update(resume=str(ck_path), out_dir=str(ck_path.parent.parent), name=ck_path.parent.name)
+    values.update(resume=str(ck_path), out_dir=str(ck_path.parent.parent), name=ck_path.parent.name,
+                  overwrite=bool((overrides or {}).get("overwrite", False)))   # never inherited
     return make_config(values, source=f"checkpoint '{ck_path}' and command-line flags")
 
 
@@ -1741,6 +1792,11 @@ def config_differences(stored: dict, cfg: Config) -> list[str]:
     old = {**asdict(Config()), **stored}
     return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in config_fields()
             if k not in RESUME_MAY_CHANGE and old.get(k) != getattr(cfg, k)]
+
+
+def _stored(cfg: Config) -> Config:
+    """The config as written with a run: one-off instructions (resume, overwrite) are not settings."""
+    return dataclasses.replace(cfg, resume="", overwrite=False)
 
 
 def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
@@ -1760,23 +1816,39 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
                         "changed. A resumed run continues with the settings it was trained with (only "
                         f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'out_dir', 'name', 'overwrite'))} "
                         "may differ); to change the others start a new run under another --name.")
-    if cfg.epochs < ck["epoch"]:
-        raise BavqError(f"Cannot resume '{ck_path}' with --epochs {cfg.epochs}: the checkpoint has already done "
-                        f"{ck['epoch']} epochs. Nothing was changed.")
-    if (ck_path.parent / "final_metrics.json").exists() and not cfg.overwrite:
-        raise BavqError(f"The run in '{ck_path.parent}' has finished. Resuming it from '{ck_path.name}' would replace "
-                        "its history and results. Nothing was changed. Pass --overwrite with --resume to do that, or "
-                        "start a new run under another --name.")
+    done = ck["epoch"] + (1 if ck.get("epoch_progress") else 0)      # a mid-epoch checkpoint is inside epoch+1
+    if cfg.epochs < done:
+        raise BavqError(f"Cannot resume '{ck_path}' with --epochs {cfg.epochs}: the checkpoint is already "
+                        f"{'inside' if ck.get('epoch_progress') else 'at the end of'} epoch {done}. Nothing was changed.")
+    later = _later_results(ck_path.parent, ck_path, ck["epoch"])
+    if later and not cfg.overwrite:
+        what = "has finished" if any(p.name == "final_metrics.json" for p in later) else "has results from later on"
+        raise BavqError(f"The run in '{ck_path.parent}' {what} ({', '.join(sorted(p.name for p in later))}). Resuming "
+                        f"it from '{ck_path.name}' would replace them. Nothing was changed. Pass --overwrite with "
+                        "--resume to do that, resume from the latest checkpoint (--resume <run_dir>), or start a "
+                        "new run under another --name.")
+
+
+def _later_results(run_dir: Path, ck_path: Path, epoch: int) -> list[Path]:
+    """Files of the run that come from after ``ck_path``: final results, later epoch checkpoints, and
+    an interrupted checkpoint other than ``ck_path`` itself."""
+    out = []
+    finished = (run_dir / "final_metrics.json").exists()
+    for p in _run_files(run_dir):
+        n = p.stem[len("checkpoint_epoch"):] if p.name.startswith("checkpoint_epoch") else ""
+        later = n.isdigit() and int(n) > epoch
+        # a final_model.pt without final_metrics.json is a finish that was cut off: not a result
+        final = p.name == "final_metrics.json" or (p.name == "final_model.pt" and finished)
+        if p != ck_path and (later or final or p.name == "checkpoint_interrupted.pt"):
+            out.append(p)
+    return out
 
 
 def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
-    """Before continuing from ``ck_path``: the final results and any checkpoint from later in the run
-    belong to a future that is about to be recomputed; remove them so no stale file is picked up."""
-    for p in _run_files(run_dir):
-        later = p.name.startswith("checkpoint_epoch") and p.stem[len("checkpoint_epoch"):].isdigit() \
-            and int(p.stem[len("checkpoint_epoch"):]) > epoch
-        if p != ck_path and (later or p.name in ("final_metrics.json", "final_model.pt", "checkpoint_interrupted.pt")):
-            p.unlink()
+    """Before continuing from ``ck_path`` (check_resumable has made sure --overwrite allows it): the
+    results from later in the run are about to be recomputed; remove them so none is picked up stale."""
+    for p in _later_results(run_dir, ck_path, epoch) + [run_dir / "final_model.pt"]:
+        p.unlink(missing_ok=True)
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
@@ -1785,7 +1857,7 @@ def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-        "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(cfg),
+        "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(_stored(cfg)),
         "history": history, "rng": _rng_state(generator), "epoch_progress": progress, "wandb_id": wandb_id,
     }, path)
 
@@ -1838,6 +1910,17 @@ def _fits_on_device(train_u8: torch.Tensor, val_u8: torch.Tensor, device: torch.
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return (train_u8.numel() + val_u8.numel()) < free // 2
+
+
+def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """After loading optimizer state: give each state tensor its parameter's memory layout (a
+    checkpoint from another device or memory format would otherwise trip the fused CUDA kernel)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -1919,6 +2002,8 @@ def train(cfg: Config) -> dict:
         ck = load_checkpoint(ck_path)
         check_resumable(cfg, ck, ck_path)
         run_dir = ck_path.parent
+    else:
+        check_run_dir(cfg)                                    # before any download or decoding
     seed_everything(cfg.seed)
     train_u8, val_u8 = load_dataset(cfg)
     if device.type == "cuda":
@@ -1946,6 +2031,7 @@ def train(cfg: Config) -> dict:
             raise BavqError(f"Checkpoint '{ck_path}' does not fit this model ({str(e).splitlines()[0][:200]}). "
                             "It was written by a different model or library version; resume it with the settings "
                             "it was trained with, or start a new run.") from None
+        _match_state_layout(optimizer)
         _set_rng_state(ck["rng"], generator)
         if rt.scaler is not None and ck.get("scaler"):
             rt.scaler.load_state_dict(ck["scaler"])
@@ -1962,7 +2048,7 @@ def train(cfg: Config) -> dict:
         run_dir = prepare_run_dir(cfg)                        # first write of a new run
         if cfg.init == "kmeans":
             kmeans_init(model, train_u8, cfg)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(dataclasses.replace(cfg, resume="")))
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(_stored(cfg)))
     history_path = run_dir / "history.jsonl"
     atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in history))
     print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "

@@ -477,15 +477,16 @@ def test_every_coefficient_changes_behaviour(name, param, value, what):
 @pytest.mark.parametrize("codebook_cost,entropy_cost", [(1.0, 0.01), (0.0, 0.5), (2.0, 0.0)])
 @pytest.mark.parametrize("chunk_rows", [0, 7])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_ba_equals_autograd_reference(codebook_cost, entropy_cost, chunk_rows, training):
+@pytest.mark.parametrize("cosine,beta", [(False, 3.0), (True, 0.7)])
+def test_fused_ba_equals_autograd_reference(codebook_cost, entropy_cost, chunk_rows, training, cosine, beta):
     """Outputs, indices, every loss and the gradients of z and the codebook are those of autograd
     through every BA iteration (float64, chunks of 7 rows exercise the chunk loop and remainder)."""
     out = {}
     for impl in ("autograd", "fused"):
         torch.manual_seed(0)
         q = BAQuantizer(12, 5, codebook_cost=codebook_cost, entropy_cost=entropy_cost, ba_iterations=4,
-                        ba_impl=impl, ba_chunk_rows=chunk_rows).double().train(training)
-        q.beta.fill_(3.0)
+                        ba_impl=impl, ba_chunk_rows=chunk_rows, cosine=cosine).double().train(training)
+        q.beta.fill_(beta)
         z = latents(B=2, D=5, H=3, W=5, scale=0.4).double().requires_grad_(True)
         z_q, losses, info = q(z)
         w = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

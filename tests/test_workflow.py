@@ -259,10 +259,63 @@ def test_resume_may_change_how_it_runs_and_extend_epochs(tiny_cfg):
     vqvae.train(cfg)
     run = Path(cfg.out_dir) / "x"
     (run / "final_metrics.json").unlink()
-    final = vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt", {"epochs": 3, "progress_every": 1}))
+    (run / "final_model.pt").unlink()
+    final = vqvae.train(vqvae.resume_config(run, {"epochs": 3, "progress_every": 1}))
     assert final["epoch"] == 3 and len(history_of(run)) == 3
-    with pytest.raises(vqvae.BavqError, match="already done"):
+    with pytest.raises(vqvae.BavqError, match="already at the end of epoch 3"):
         vqvae.train(vqvae.resume_config(run / "checkpoint_epoch3.pt", {"epochs": 2, "overwrite": True}))
+
+
+def test_resume_from_an_earlier_checkpoint_needs_overwrite(tiny_cfg):
+    """Later checkpoints of an unfinished run are results too: not deleted without --overwrite."""
+    cfg = tiny_cfg(name="e", epochs=3)
+    vqvae.train(cfg)
+    run = Path(cfg.out_dir) / "e"
+    for p in ("final_metrics.json", "final_model.pt"):
+        (run / p).unlink()
+    before = snapshot(run)
+    with pytest.raises(vqvae.BavqError, match="checkpoint_epoch2.pt, checkpoint_epoch3.pt"):
+        vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt"))
+    assert snapshot(run) == before
+
+
+def test_overwrite_is_never_inherited_from_the_checkpoint(tiny_cfg):
+    cfg = tiny_cfg(name="o2", epochs=2, overwrite=True)            # started with --overwrite
+    vqvae.train(cfg)
+    run = Path(cfg.out_dir) / "o2"
+    assert vqvae.load_checkpoint(run / "checkpoint_epoch1.pt")["config"]["overwrite"] is False
+    assert "overwrite: false" in (run / "config.yaml").read_text()
+    before = snapshot(run)
+    with pytest.raises(vqvae.BavqError, match="has finished"):
+        vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt"))
+    assert snapshot(run) == before
+
+
+def test_a_mid_epoch_checkpoint_cannot_be_cut_short(tiny_cfg, monkeypatch):
+    calls = {"n": 0}
+
+    def stop_after_6(self):
+        calls["n"] += 1
+        return calls["n"] > 6
+    monkeypatch.setattr(vqvae._StopFlag, "__call__", stop_after_6)
+    cfg = tiny_cfg(name="m", epochs=3)
+    with pytest.raises(vqvae.TrainingInterrupted):
+        vqvae.train(cfg)
+    monkeypatch.undo()
+    run = Path(cfg.out_dir) / "m"
+    with pytest.raises(vqvae.BavqError, match="inside epoch 2"):
+        vqvae.train(vqvae.resume_config(run, {"epochs": 1}))
+
+
+def test_optimizer_state_takes_the_parameters_layout():
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    opt = torch.optim.AdamW([p])
+    opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn(2, 3, 4, 4), "exp_avg_sq": torch.rand(2, 3, 4, 4)}
+    ref = {k: v.clone() for k, v in opt.state[p].items()}
+    vqvae._match_state_layout(opt)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[p][k].stride() == p.stride()
+        assert torch.equal(opt.state[p][k], ref[k])
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -298,6 +351,25 @@ def test_sweep_refuses_existing_runs_with_other_settings(tmp_path):
     assert r.returncode == 1
     assert r.stdout.count("FAILED") == 2 and "lr: 0.0003 -> 0.05" in r.stderr
     assert {n: snapshot(tmp_path / n) for n in before} == before
+
+
+def test_sweep_refuses_existing_runs_with_other_epochs(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    r = run_cli([*args, "--epochs", "2"], cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout.count("FAILED") == 2 and "epochs: 1 -> 2" in r.stderr
+
+
+def test_sweep_never_restarts_a_run_whose_checkpoint_is_corrupt(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    run = tmp_path / "vq_ema_k16_s1"
+    (run / "final_metrics.json").unlink()
+    (run / "checkpoint_interrupted.pt").write_bytes(b"garbage")
+    before = snapshot(run)
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 1 and "corrupt or truncated" in r.stderr and "FAILED" in r.stdout
+    assert snapshot(run) == before                                  # the good checkpoints survive
 
 
 def test_sweep_resumes_an_interrupted_run(tmp_path):
