@@ -35,7 +35,6 @@ import signal
 import socket
 import sys
 import time
-import types
 import typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -2058,6 +2057,7 @@ def train(cfg: Config) -> dict:
     wb = init_wandb(cfg, run_dir, wandb_id)
     wandb_id = getattr(wb, "id", None) or wandb_id
     stop = _StopFlag()
+    pictures_step = -1
     state = dict(model=model, optimizer=optimizer, cfg=cfg, generator=generator, wandb_id=wandb_id, scaler=rt.scaler)
     try:
         with stop:
@@ -2102,6 +2102,7 @@ def train(cfg: Config) -> dict:
                     _save_checkpoint(run_dir / f"checkpoint_epoch{epoch}.pt", epoch=epoch, step=step, history=history,
                                      val_metrics=val_metrics, train_metrics=tr, **state)
                     _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
+                    pictures_step = step
         if not val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
             val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress, rt=rt)
         atomic_torch_save(model.state_dict(), run_dir / "final_model.pt")
@@ -2109,7 +2110,8 @@ def train(cfg: Config) -> dict:
                  "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
                  "val_code_counts": val_metrics["code_counts"].tolist(),
                  "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
-        _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
+        if pictures_step != step:                            # not already drawn at the last checkpoint
+            _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
         atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2))
         (run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
         if wb is not None:
