@@ -61,13 +61,11 @@ def _peak_memory_mb(device) -> float:
 
 
 def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dict:
-    cfg = vqvae.make_config({**base, "quantizer": quantizer, "codebook_size": K,
-                             **({"fsq_levels": base.get("fsq_levels")} if "fsq_levels" in base else {})},
+    cfg = vqvae.make_config({**base, "quantizer": quantizer, "codebook_size": K},
                             source="benchmark options").validate()
     device = vqvae.pick_device(cfg.device)
     rt = vqvae.make_runtime(cfg, device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     tr = train_u8.to(device) if cfg.data_path == "device" else train_u8

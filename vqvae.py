@@ -847,7 +847,7 @@ class VQEMAQuantizer(_CodebookQuantizer):
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
                 self._ema_update(z_flat.detach(), indices, stats["code_counts"])
-                self._last_z = z_flat.detach()
+                self._track(z_flat, stats["code_counts"])                 # its usage is the EMA counts
             commitment = self.commitment_cost * F.mse_loss(z_flat, z_q_flat.detach())
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats}
@@ -1213,12 +1213,12 @@ def usage_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 def compute_perplexity(code_indices: torch.Tensor, num_embeddings: int) -> float:
     """Perplexity exp(H) of the empirical code distribution of ``code_indices`` (any shape)."""
-    return float(perplexity_from_counts(torch.bincount(code_indices.reshape(-1), minlength=num_embeddings)))
+    return float(perplexity_from_counts(code_histogram(code_indices, num_embeddings)))
 
 
 def compute_usage_rate(code_indices: torch.Tensor, num_embeddings: int) -> float:
     """Fraction of the K codes that occur at least once in ``code_indices``."""
-    return float(usage_from_counts(torch.bincount(code_indices.reshape(-1), minlength=num_embeddings)))
+    return float(usage_from_counts(code_histogram(code_indices, num_embeddings)))
 
 
 def psnr_per_image(x: torch.Tensor, x_recon: torch.Tensor) -> torch.Tensor:
@@ -1666,9 +1666,14 @@ _RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.y
               "checkpoint_interrupted.pt")
 
 
+def _checkpoint_epoch(p: Path) -> int | None:
+    """N for a file named checkpoint_epoch{N}.pt, else None."""
+    n = p.stem[len("checkpoint_epoch"):]
+    return int(n) if p.suffix == ".pt" and p.stem.startswith("checkpoint_epoch") and n.isdigit() else None
+
+
 def _run_files(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.iterdir() if p.name in _RUN_FILES or
-            (p.name.startswith("checkpoint_epoch") and p.suffix == ".pt")]
+    return [p for p in run_dir.iterdir() if p.name in _RUN_FILES or _checkpoint_epoch(p) is not None]
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -1743,8 +1748,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint furthest into training: checkpoint_epoch{N}.pt with the largest N, or
     checkpoint_interrupted.pt when it was written inside a later epoch."""
     run_dir = Path(run_dir)
-    epochs = sorted((int(p.stem[len("checkpoint_epoch"):]), p) for p in run_dir.glob("checkpoint_epoch*.pt")
-                    if p.stem[len("checkpoint_epoch"):].isdigit())
+    epochs = sorted((_checkpoint_epoch(p), p) for p in run_dir.glob("checkpoint_epoch*.pt")
+                    if _checkpoint_epoch(p) is not None)
     best = epochs[-1] if epochs else None
     interrupted = run_dir / "checkpoint_interrupted.pt"
     if interrupted.is_file():
@@ -1834,8 +1839,8 @@ def _later_results(run_dir: Path, ck_path: Path, epoch: int) -> list[Path]:
     out = []
     finished = (run_dir / "final_metrics.json").exists()
     for p in _run_files(run_dir):
-        n = p.stem[len("checkpoint_epoch"):] if p.name.startswith("checkpoint_epoch") else ""
-        later = n.isdigit() and int(n) > epoch
+        n = _checkpoint_epoch(p)
+        later = n is not None and n > epoch
         # a final_model.pt without final_metrics.json is a finish that was cut off: not a result
         final = p.name == "final_metrics.json" or (p.name == "final_model.pt" and finished)
         if p != ck_path and (later or final or p.name == "checkpoint_interrupted.pt"):
@@ -1930,7 +1935,10 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch
 
 def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, torch.optim.Optimizer]:
     """The model of ``cfg`` on ``device`` in the runtime's memory format, its optimizer, and
-    torch.compile of encoder and decoder when asked (in place: state_dict keys are unchanged)."""
+    torch.compile of encoder and decoder when asked (in place: state_dict keys are unchanged).
+    On CUDA it turns on cuDNN autotuning (the shapes are fixed)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model = build_model(cfg, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -2005,8 +2013,6 @@ def train(cfg: Config) -> dict:
         check_run_dir(cfg)                                    # before any download or decoding
     seed_everything(cfg.seed)
     train_u8, val_u8 = load_dataset(cfg)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True                 # autotune conv algorithms (fixed shapes)
     if cfg.data_path == "device" and not _fits_on_device(train_u8, val_u8, device):
         print(f"[bavq] the dataset does not fit in {device} memory; using --data_path loader.")
         cfg = dataclasses.replace(cfg, data_path="loader")
