@@ -112,6 +112,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 # config
 # =============================================================================
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")     # torch.compile modes (--compile_mode)
 
 @dataclass
 class Config:
@@ -168,6 +169,7 @@ class Config:
     amp: str = "auto"                # mixed precision: auto (bf16 on CUDA, off elsewhere) | bf16 | fp16 (CUDA) | off
     channels_last: bool = True       # NHWC memory format for the convolutions (CUDA only)
     compile: bool = False            # torch.compile the encoder and decoder (opt-in; the first epoch compiles)
+    compile_mode: str = "default"    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     data_path: str = "device"        # device: uint8 tensors on the device, batched by index | loader: DataLoader (plain)
     # --- logging and outputs ----------------------------------------------------------------
     wandb: bool = True               # log to Weights & Biases (offline without API key/network)
@@ -212,6 +214,8 @@ class Config:
         need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
         need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
         need(self.amp in ("auto", "bf16", "fp16", "off"), f"amp '{self.amp}' is unknown (choose from auto, bf16, fp16, off)")
+        need(self.compile_mode in COMPILE_MODES,
+             f"compile_mode '{self.compile_mode}' is unknown (choose from {', '.join(COMPILE_MODES)})")
         need(self.data_path in ("device", "loader"), f"data_path '{self.data_path}' is unknown (choose from device, loader)")
         need(self.ba_impl in BA_IMPLS, f"ba_impl '{self.ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)})")
         need(self.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {self.ba_chunk_rows})")
@@ -1435,6 +1439,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
                                   "extra": {k: v.cpu() for k, v in extra.items()}}, step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
         q.set_progress(step / max(total_steps - 1, 1))
+        if cfg.compile:                      # CUDA graphs (reduce-overhead): a new step may reuse the last one's buffers
+            torch.compiler.cudagraph_mark_step_begin()
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
         w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
@@ -1520,11 +1526,12 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
         x = rt.prepare(to_float(images[start:start + batch_size]))
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
-            x_soft = model.decoder(info["z_q_soft"]) if "z_q_soft" in info else None
         values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
         # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
         values["psnr"] = psnr_per_image(x, x_recon).mean()
-        if x_soft is not None:
+        if "z_q_soft" in info:               # BA-VQ: also decode P.E (after x_recon is used: with CUDA
+            with rt.autocast():              # graphs the next decoder call may reuse x_recon's memory)
+                x_soft = model.decoder(info["z_q_soft"])
             values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
         acc.add(values, x.shape[0])
         counts += info["code_counts"]
@@ -1787,7 +1794,8 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
 
 # Settings that change how a run executes but not what it computes: they may differ on --resume.
 RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "num_workers", "data_dir",
-                     "epochs", "checkpoint_every", "recon_images", "amp", "compile", "channels_last", "data_path",
+                     "epochs", "checkpoint_every", "recon_images", "amp", "compile", "compile_mode",
+                     "channels_last", "data_path",
                      "ba_chunk_rows", "resume", "out_dir", "name", "overwrite")
 
 
@@ -1944,8 +1952,8 @@ def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, 
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
     if cfg.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+        model.encoder.compile(mode=cfg.compile_mode)
+        model.decoder.compile(mode=cfg.compile_mode)
     return model, optimizer
 
 

@@ -1,7 +1,14 @@
 """The fast path (device-resident data batched by index, fused Blahut-Arimoto, channels_last) and
 the plain path (DataLoader, autograd through every BA iteration, contiguous NCHW) compute the same
-thing: a few float32 steps on the CPU give the same losses and the same code indices. (bf16 autocast,
-the fused CUDA AdamW and torch.compile are GPU-side and not covered here.)"""
+thing: a few float32 steps on the CPU give the same losses and the same code indices. The other
+GPU-side options are run here on the CPU as far as PyTorch allows: bf16 autocast, the fp16
+gradient-scaler branch, torch.compile (Inductor's CPU backend), and an audit of host reads standing in
+for torch.cuda.set_sync_debug_mode. Not covered without a GPU: the fused CUDA AdamW kernel, CUDA
+graphs (--compile_mode reduce-overhead), cuDNN autotuning and the timings themselves."""
+import shutil
+import sys
+from collections import Counter
+
 import pytest
 import torch
 
@@ -105,3 +112,168 @@ def test_benchmark_runs_on_cpu_and_writes_its_table(tmp_path):
         assert x["train_images"] == 128 and x["val_images"] == 64
         assert x["train_s_per_epoch"] > 0 and x["val_s_per_pass"] > 0 and x["peak_memory_mb"] > 0
         assert x["train_images_per_s"] == pytest.approx(128 / x["train_s_per_epoch"])
+
+
+# ---------------------------------------------------------------------------- host synchronisation
+# On a GPU, reading a device value on the host (.item(), .cpu(), bool(t), printing, boolean-mask
+# indexing, nonzero, bincount's size check, ...) waits for every queued kernel. The loop may do that
+# once per epoch and once per progress refresh, never once per step. torch.cuda.set_sync_debug_mode
+# needs a GPU; this audit sees the same calls on the CPU: a TorchFunctionMode records every
+# host-reading call made by vqvae.py itself (PyTorch's own internals are PyTorch's business).
+
+SYNC_OPS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__format__",
+            "__repr__", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount",
+            "repeat_interleave", "equal", "allclose", "is_nonzero"}
+
+
+def _has_bool_index(obj) -> bool:
+    if torch.is_tensor(obj):
+        return obj.dtype == torch.bool
+    if isinstance(obj, (tuple, list)):
+        return any(_has_bool_index(o) for o in obj)
+    return False
+
+
+class SyncAudit(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []                                     # (op name, line in vqvae.py)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        caller = sys._getframe(1)
+        if caller.f_code.co_filename == vqvae.__file__:
+            name = getattr(func, "__name__", str(func))
+            reads_host = (name in SYNC_OPS
+                          or (name in ("__getitem__", "__setitem__", "index_put_", "index_put")
+                              and _has_bool_index(args[1:]))
+                          or (name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))))
+            if reads_host:
+                self.calls.append((name, caller.f_lineno))
+        return func(*args, **kwargs)
+
+
+SYNC_CASES = {
+    "vq_ema": dict(quantizer="vq_ema", dead_code_threshold=1.0, dead_code_every=1, vq_loss_warmup_epochs=1.0),
+    "vq": dict(quantizer="vq", dead_code_threshold=1.0, dead_code_every=1, gradient_estimator="rotation"),
+    "ba_vq": dict(quantizer="ba_vq", dead_code_threshold=1.0, dead_code_every=1, cosine=True,
+                  vq_loss_warmup_epochs=1.0),
+    "ba_vq_autograd": dict(quantizer="ba_vq", ba_impl="autograd"),
+    "fsq": dict(quantizer="fsq"),
+}
+
+
+def audited_epoch(cfg, n_images):
+    train_u8, _ = vqvae.load_dataset(cfg)
+    assert train_u8.shape[0] >= n_images
+    model = vqvae.build_model(cfg)
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with SyncAudit() as audit:
+        vqvae.train_epoch(model, opt, train_u8[:n_images], cfg, g, 0, 100)
+    return sorted(audit.calls)
+
+
+@pytest.mark.parametrize("case", list(SYNC_CASES))
+def test_training_step_never_reads_the_device_from_the_host(case):
+    cfg = tiny_config(**SYNC_CASES[case], grad_clip=1.0, progress_every=1000, train_subset=6 * 64)
+    three, six = audited_epoch(cfg, 3 * 64), audited_epoch(cfg, 6 * 64)
+    grown = Counter(six) - Counter(three)
+    assert not grown, f"host reads (op, line in vqvae.py) that grow with the number of steps: {dict(grown)}"
+    # what remains is the fixed read-out at the end of the epoch (means, histogram, gradient norms)
+    # the audit does see per-step reads: a progress refresh on every step reads once per step
+    every = audited_epoch(vqvae.make_config({**vars(cfg), "progress_every": 1}).validate(), 6 * 64)
+    assert len(every) > len(six)
+
+
+@pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq", "fsq"])
+def test_validation_reads_the_device_once_per_pass(quantizer):
+    cfg = tiny_config(quantizer=quantizer)
+    _, val_u8 = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    counts = []
+    for n in (2 * 16, 4 * 16):
+        with SyncAudit() as audit:
+            vqvae.validate(model, val_u8[:n], 16)
+        counts.append(sorted(audit.calls))
+    assert counts[0] == counts[1]
+
+
+# ---------------------------------------------------------------------------- fp16 and torch.compile
+
+
+def _fp16_runtime():
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    except (AttributeError, TypeError, RuntimeError):                     # PyTorch without a CPU GradScaler
+        pytest.skip("this PyTorch has no CPU GradScaler")
+    return vqvae.Runtime(torch.device("cpu"), torch.float16, scaler)
+
+
+@pytest.mark.parametrize("bad_steps", [set(), {1}, {0, 1, 2, 3}])
+def test_fp16_gradient_scaler_skips_overflowing_steps(bad_steps):
+    """The --amp fp16 branch of train_epoch (scaled backward, unscale before clipping, skipped steps),
+    run on the CPU (PyTorch's GradScaler works there; only make_runtime limits fp16 to CUDA). An
+    infinite gradient at a step makes the scaler skip it: counted in skipped_steps, left out of the
+    gradient-norm mean, the scale halves, and a run whose every step overflows leaves the weights as
+    they were. Without overflows the losses and the (unscaled) gradient norm are float32's to fp16
+    rounding."""
+    rt = _fp16_runtime()
+    cfg = tiny_config(quantizer="vq_ema", grad_clip=1.0)
+    train_u8, _ = vqvae.load_dataset(cfg)
+    model, opt = vqvae.setup_model(cfg, torch.device("cpu"), rt)
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    calls = []
+
+    def overflow_some(g):
+        calls.append(1)
+        return g * float("inf") if len(calls) - 1 in bad_steps else g
+    model.decoder.net[-1].weight.register_hook(overflow_some)
+    m, _ = vqvae.train_epoch(model, opt, train_u8, cfg, torch.Generator().manual_seed(0), 0, 4, rt=rt)
+    assert len(calls) == 4
+    assert m["skipped_steps"] == len(bad_steps)
+    assert rt.scaler.get_scale() == 2.0 ** 10 * 0.5 ** len(bad_steps)   # backoff 0.5 per overflow
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if not bad_steps:
+        f32 = vqvae.setup_model(cfg, torch.device("cpu"), vqvae.Runtime(torch.device("cpu")))
+        m32, _ = vqvae.train_epoch(*f32, train_u8, cfg, torch.Generator().manual_seed(0), 0, 4)
+        assert m["grad_norm"] == pytest.approx(m32["grad_norm"], rel=1e-2)      # unscaled before the norm
+        assert m["loss"] == pytest.approx(m32["loss"], rel=1e-3)
+    if len(bad_steps) == 4:
+        assert m["grad_norm"] == 0.0
+        for k, p in model.named_parameters():
+            assert torch.equal(p, start[k]), k
+    else:
+        assert 0 < m["grad_norm"] < float("inf")
+        assert not torch.equal(model.decoder.net[-1].weight, start["decoder.net.6.weight"])
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    vqvae.setup_model(tiny_config(compile=True, compile_mode="reduce-overhead"), torch.device("cpu"),
+                      vqvae.Runtime(torch.device("cpu")))
+    assert seen == [("Encoder", {"mode": "reduce-overhead"}), ("Decoder", {"mode": "reduce-overhead"})]
+    with pytest.raises(vqvae.BavqError, match="compile_mode 'fast' is unknown"):
+        tiny_config(compile_mode="fast")
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_model_matches_eager():
+    """--compile (Inductor, here on the CPU, float32): the same code indices and, to float32 rounding,
+    the same losses and weights as eager; state_dict keys are unchanged (checkpoints interchange)."""
+    eager = tiny_config(quantizer="vq_ema")
+    compiled = tiny_config(quantizer="vq_ema", compile=True)
+    m_e, idx_e, model_e = run_steps(eager)
+    m_c, idx_c, model_c = run_steps(compiled)
+    for a, b in zip(idx_e, idx_c):
+        assert torch.equal(a, b)
+    for a, b in zip(m_e, m_c):
+        for k in ("loss", "recon_loss", "commitment_loss", "perplexity"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    assert list(model_e.state_dict()) == list(model_c.state_dict())
+    for (n, p), (_, q) in zip(model_e.state_dict().items(), model_c.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    _, val_u8 = vqvae.load_dataset(eager)
+    assert vqvae.validate(model_c, val_u8, 64)["psnr"] == pytest.approx(vqvae.validate(model_e, val_u8, 64)["psnr"],
+                                                                     abs=1e-3)
