@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--latent_dim", type=int, default=256)
     p.add_argument("--warmup_epochs", type=int, default=1, help="untimed epochs first (compilation, autotuning)")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs (the mean is reported)")
+    p.add_argument("--count_syncs", action="store_true",
+                   help="CUDA: after timing, run one more epoch and pass under torch.cuda.set_sync_debug_mode "
+                        "and count the host synchronisations (expected: about steps/progress_every + a fixed few)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, YAML-typed (repeatable)")
     p.add_argument("--out", default="benchmark.json", help="JSON file for the results")
@@ -93,13 +96,33 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
         t_val += t2 - t1
     t_train /= args.epochs
     t_val /= args.epochs
+    syncs = {}
+    if args.count_syncs and device.type == "cuda":        # untimed: the warnings themselves cost host time
+        syncs = {"host_syncs_train_epoch": _count_syncs(lambda: vqvae.train_epoch(model, opt, tr, cfg, g, step,
+                                                                                    total + steps, rt=rt)),
+                 "host_syncs_val_pass": _count_syncs(lambda: vqvae.validate(model, va, val_bs, rt=rt)),
+                 "train_steps": steps, "progress_every": cfg.progress_every}
     return {"quantizer": quantizer, "K": K, "batch_size": cfg.batch_size, "train_images": int(tr.shape[0]),
             "val_images": int(va.shape[0]), "train_s_per_epoch": t_train, "val_s_per_pass": t_val,
             "epoch_plus_val_s": t_train + t_val, "train_images_per_s": tr.shape[0] / t_train,
             "val_images_per_s": va.shape[0] / t_val, "peak_memory_mb": _peak_memory_mb(device),
             "final_train_loss": m["loss"], "val_psnr": v["psnr"],
             "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off", "compile": cfg.compile,
-            "ba_impl": cfg.ba_impl, "data_path": cfg.data_path}
+            "compile_mode": cfg.compile_mode, "ba_impl": cfg.ba_impl, "data_path": cfg.data_path, **syncs}
+
+
+def _count_syncs(fn) -> int:
+    """Host synchronisations made while ``fn`` runs, as reported by torch.cuda.set_sync_debug_mode('warn')."""
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def table(rows, device_name, device_type) -> str:
@@ -132,6 +155,9 @@ def main(argv=None) -> int:
         device = vqvae.pick_device(args.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        if args.count_syncs and device.type != "cuda":
+            print("[bench] --count_syncs needs CUDA (torch.cuda.set_sync_debug_mode); on the CPU the test "
+                  "suite's host-read audit covers it (tests/test_speed_paths.py)", flush=True)
         rows = []
         for q in args.quantizers:
             for K in args.codebook_sizes:

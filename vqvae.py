@@ -943,8 +943,12 @@ class _FusedBA(torch.autograd.Function):
       d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
     Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
     reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
-    Memory: one (N, K) matrix plus chunk-sized temporaries, instead of several (N, K) matrices per
-    iteration kept by autograd. Distances clamped at 0 are treated as exact in the backward.
+    The backward never forms a (C, K) gradient matrix: log_softmax's backward is folded into thin
+    matmuls with P_t and W_t (see the comments in ``backward``), so per chunk and iteration it reads
+    A once, writes P_t and W_t, and reads each twice.
+    Memory: one (N, K) matrix plus two or three chunk-sized (C, K) temporaries, instead of several
+    (N, K) matrices per iteration kept by autograd. Distances clamped at 0 are treated as exact in
+    the backward.
     """
 
     @staticmethod
@@ -983,40 +987,55 @@ class _FusedBA(torch.autograd.Function):
         z, E, A, log_qs, log_cols, beta = ctx.saved_tensors
         T, C = ctx.iterations, ctx.C
         N, K = A.shape
-        g_z, g_E = torch.zeros_like(z), torch.zeros_like(E)
+        D = E.shape[1]
         use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
         if not (use_a or use_b):
             return None, None, None, None, None
-        gq_a = torch.zeros(K, dtype=A.dtype, device=A.device)                        # dlogQ_t, codebook path
-        gq_b = g_lq.clone() if use_b else None                                       # dlogQ_t, entropy path
+        g_z, g_E = torch.zeros_like(z), torch.zeros_like(E)
+        # dlogQ_t of both paths as the columns of one (K, 2) matrix: [codebook path a, entropy path b]
+        gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
+        if use_b:
+            gq[:, 1] = g_lq
         for t in range(T, 0, -1):
-            next_a = torch.zeros_like(gq_a) if use_a else None
-            next_b = torch.zeros_like(gq_b) if use_b else None
+            # Per row chunk, with P = P_t and W = W_t, and u_p = W gq_p (row sums of dL_p = W * gq_p):
+            #   dS_p = W * gq_p - P * u_p               (log_softmax backward; rows of dS_p sum to 0)
+            #   colsum(dS_p) = gq_p - P^T u_p           (columns of W sum to 1 over all rows)
+            #   dS_b E = W (gq_b * E) - u_b * (P E)     (-> dz = 2 beta dS_b E; rowsum(dS_b) = 0)
+            #   dS^T z = gq * (W^T z) - P^T (u * z)     (dS = dS_a + dS_b, gq = gq_a + gq_b, u = u_a + u_b)
+            # so no (C, K) gradient matrix is formed: four thin matmuls read P and W once each.
+            # At t = T the codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
+            # dS_direct = P * (V - rowsum(P * V)), rowsum(P * V) = g_zq . z_q (formed once, (C, K)).
+            next_gq = gq.clone()                                                     # gq_p - sum P^T u_p
+            gq_sum = gq.sum(1)                                                       # (K,)
+            gbE = gq[:, 1:2] * E                                                     # (K, D)
+            dSz = torch.zeros_like(E)                                                # dS^T z, (K, D)
             for s in range(0, N, C):
-                zc = z[s:s + C]
-                L = torch.log_softmax(A[s:s + C] + log_qs[t - 1], dim=1)           # (C, K)
+                zc = z[s:s + C]                                                      # (c, D)
+                L = torch.log_softmax(A[s:s + C] + log_qs[t - 1], dim=1)           # (c, K)
                 P = L.exp()
-                Wt = (L - log_cols[t]).exp()                                        # softmax over rows
-                gd_all = torch.zeros_like(P)
-                if use_a:
-                    gl_a = Wt * gq_a
-                    if t == T:
-                        gzq = g_zq[s:s + C]
-                        g_E += P.t() @ gzq                                          # z_q = P E, direct
-                        gl_a = gl_a + P * (gzq @ E.t())
-                    gs_a = gl_a - P * gl_a.sum(1, keepdim=True)                     # log_softmax backward
-                    next_a += gs_a.sum(0)
-                    gd_all += gs_a
+                W = L.sub_(log_cols[t]).exp_()                                      # softmax over rows
+                WX = W @ torch.cat([gq, gbE], dim=1)                                # (c, 2 + D): u_a, u_b, W (gq_b E)
+                u = WX[:, :2]                                                        # (c, 2)
+                u_sum = u.sum(1, keepdim=True)                                       # (c, 1)
+                right = [u, u_sum * zc]
+                if use_a and t == T:
+                    gzq = g_zq[s:s + C]                                              # (c, D)
+                    PE = P @ E                                                       # z_q, (c, D)
+                    M = P * (gzq @ E.t() - (gzq * PE).sum(1, keepdim=True))          # dS_direct, (c, K)
+                    next_gq[:, 0] += M.sum(0)
+                    dSz += M.t() @ zc
+                    right.append(gzq)
+                PX = P.t() @ torch.cat(right, dim=1)                                 # (K, 2 + D [+ D])
+                next_gq -= PX[:, :2]
+                dSz += gq_sum[:, None] * (W.t() @ zc) - PX[:, 2:2 + D]
+                if use_a and t == T:
+                    g_E += PX[:, 2 + D:]                                             # z_q = P E, direct
                 if use_b:
-                    gl_b = Wt * gq_b
-                    gs_b = gl_b - P * gl_b.sum(1, keepdim=True)
-                    next_b += gs_b.sum(0)
-                    gd_all += gs_b
-                    gd_b = gs_b * (-beta)                                           # dA -> dd
-                    g_z[s:s + C] += 2.0 * zc * gd_b.sum(1, keepdim=True) - 2.0 * gd_b @ E
-                gd_all *= -beta
-                g_E += 2.0 * E * gd_all.sum(0)[:, None] - 2.0 * gd_all.t() @ zc
-            gq_a, gq_b = next_a, next_b
+                    PE = P @ E if not (use_a and t == T) else PE
+                    g_z[s:s + C] += (2.0 * beta) * (WX[:, 2:] - u[:, 1:2] * PE)     # dA = dS, dd = -beta dA
+            # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dS:  dE = -2 beta (E colsum(dS) - dS^T z)
+            g_E -= (2.0 * beta) * (E * next_gq.sum(1, keepdim=True) - dSz)
+            gq = next_gq
         return (g_z if use_b else None), g_E, None, None, None
 
 

@@ -525,6 +525,53 @@ def test_fused_ba_entropy_gradient_matches_finite_differences():
     torch.testing.assert_close(gz, num, rtol=1e-5, atol=1e-9)
 
 
+def test_fused_ba_backward_is_finite_and_exact_in_float32_with_far_codes():
+    """A code thousands of units away (its Q underflows far below float32's range in linear space) at
+    a large beta: the float32 fused gradients are finite and equal the float64 autograd ones."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    E = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    E[0] += 60.0                                                      # d ~ 3600: beta d ~ 1.8e5
+    w = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    grads = {}
+    for name, dtype in (("fused32", torch.float32), ("autograd64", torch.float64)):
+        zz, EE = z.to(dtype).clone().requires_grad_(True), E.to(dtype).clone().requires_grad_(True)
+        if name == "fused32":
+            zq, lq, _ = vqvae.ba_soft_quantize(zz, EE, 50.0, 4, 16)
+        else:
+            _, lq = blahut_arimoto(squared_distances(zz, EE), 50.0, 4)                  # entropy: z and E
+            log_p, _ = blahut_arimoto(squared_distances(zz.detach(), EE), 50.0, 4)     # z_q: E only (sg[z])
+            zq = log_p.exp() @ EE
+        assert lq[0] < -1000                                          # the far code's mass: e^(-thousands)
+        ((w.to(dtype) * zq).sum() - (lq.exp() * lq).sum()).backward()
+        grads[name] = (zz.grad.double(), EE.grad.double())
+    for a, b in zip(grads["fused32"], grads["autograd64"]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+def test_fused_ba_keeps_one_n_by_k_matrix_for_the_backward(impl):
+    """What BA-VQ's training forward saves for the backward (the memory that limits K at a batch):
+    the fused path one (N, K) matrix plus (N, D) and (K,) tensors; autograd at least one per iteration."""
+    B, D, H, W, K, T = 4, 4, 16, 16, 256, 5
+    N = B * H * W
+    q = BAQuantizer(K, D, ba_iterations=T, ba_impl=impl).train()
+    z = latents(B=B, D=D, H=H, W=W, scale=0.4).requires_grad_(True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q(z)
+    saved, nk = sum(storages.values()), N * K * 4
+    if impl == "fused":
+        assert nk <= saved <= nk + 16 * N * D * 4 + 4 * (T + 1) * K * 4
+    else:
+        assert saved >= T * nk
+
+
 def test_vq_ema_seed_start_state_and_the_ema_init_count_option():
     """The seed starts EMA counts at 0 and EMA sums at the codes: after one step every unused code
     is e * decay / (~eps) (a jump of ~1e5 in norm). ema_init_count = c starts counts at c and sums at
