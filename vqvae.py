@@ -929,6 +929,42 @@ def _ba_chunk_rows(N: int, K: int, chunk_rows: int) -> int:
     return max(1, chunk_rows if chunk_rows > 0 else (1 << 24) // max(K, 1))
 
 
+def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool):
+    """One BA iteration on a row chunk: L = log P_t = log_softmax(A + log Q_{t-1}) (c, K) and its
+    column logsumexp (K,); at the last iteration also z_q = P_T E (c, D) and argmax_k P_T (c,)."""
+    L = torch.log_softmax(A_c + log_q, dim=1)                                        # (c, K)
+    col = torch.logsumexp(L, dim=0)                                                  # (K,)
+    if last:
+        return col, L.exp() @ E, L.argmax(dim=1)
+    return col, None, None
+
+
+def _ba_backward_chunk(A_c, log_q_prev, col_t, zc, E, gq, gbE, gzq, beta, need_gz: bool):
+    """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there). Returns this
+    chunk's (P^T u (K, 2), dS^T z (K, D), colsum of the direct term (K,) or None, P^T g_zq (K, D) or
+    None, dz (c, D) or None)."""
+    D = E.shape[1]
+    L = torch.log_softmax(A_c + log_q_prev, dim=1)                                  # (c, K)
+    P = L.exp()
+    W = L.sub_(col_t).exp_()                                                         # softmax over rows
+    WX = W @ torch.cat([gq, gbE], dim=1)                                             # (c, 2 + D): u_a, u_b, W (gq_b E)
+    u = WX[:, :2]                                                                    # (c, 2)
+    right = [u, u.sum(1, keepdim=True) * zc]
+    PE = P @ E if (gzq is not None or need_gz) else None                             # P_t E, (c, D)
+    m_col = None
+    dSz = gq.sum(1, keepdim=True) * (W.t() @ zc)                                     # (K, D)
+    if gzq is not None:
+        M = P * (gzq @ E.t() - (gzq * PE).sum(1, keepdim=True))                      # dS_direct, (c, K)
+        m_col = M.sum(0)
+        dSz = dSz + M.t() @ zc
+        right.append(gzq)
+    PX = P.t() @ torch.cat(right, dim=1)                                             # (K, 2 + D [+ D])
+    dSz = dSz - PX[:, 2:2 + D]
+    g_direct = PX[:, 2 + D:] if gzq is not None else None
+    gz = (2.0 * beta) * (WX[:, 2:] - u[:, 1:2] * PE) if need_gz else None           # dA = dS, dd = -beta dA
+    return PX[:, :2], dSz, m_col, g_direct, gz
+
+
 class _FusedBA(torch.autograd.Function):
     """Blahut-Arimoto soft quantization with a hand-written, row-chunked backward.
 
@@ -952,7 +988,8 @@ class _FusedBA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int):
+    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None):
+        fwd_chunk, _ = kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = z.shape[0], E.shape[0]
         C = _ba_chunk_rows(N, K, chunk_rows)
         log_n = math.log(N)
@@ -966,18 +1003,18 @@ class _FusedBA(torch.autograd.Function):
         for t in range(1, iterations + 1):
             col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)
             for s in range(0, N, C):
-                L = torch.log_softmax(A[s:s + C] + log_qs[-1], dim=1)                # (C, K)
-                col = torch.logaddexp(col, torch.logsumexp(L, dim=0))
+                col_c, zq_c, idx_c = fwd_chunk(A[s:s + C], log_qs[-1], E, t == iterations)
+                col = torch.logaddexp(col, col_c)
                 if t == iterations:
-                    z_q[s:s + C] = L.exp() @ E                                      # P_T E
-                    indices[s:s + C] = L.argmax(dim=1)
+                    z_q[s:s + C] = zq_c                                             # P_T E
+                    indices[s:s + C] = idx_c
             log_qs.append(col - log_n)
             cols.append(col)
         log_qs = torch.stack(log_qs)                                                 # (T+1, K)
         log_cols = torch.stack(cols)
         ctx.save_for_backward(z, E, A, log_qs, log_cols,
                               beta.to(z.dtype) if torch.is_tensor(beta) else torch.tensor(beta, dtype=z.dtype))
-        ctx.iterations, ctx.C = iterations, C
+        ctx.iterations, ctx.C, ctx.kernels = iterations, C, kernels
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)                     # codebook_cost 0: no z_q_soft gradient to chase
         return z_q, log_qs[-1].clone(), indices
@@ -986,11 +1023,11 @@ class _FusedBA(torch.autograd.Function):
     def backward(ctx, g_zq, g_lq, _g_idx):
         z, E, A, log_qs, log_cols, beta = ctx.saved_tensors
         T, C = ctx.iterations, ctx.C
+        _, bwd_chunk = ctx.kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = A.shape
-        D = E.shape[1]
         use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
         if not (use_a or use_b):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g_z, g_E = torch.zeros_like(z), torch.zeros_like(E)
         # dlogQ_t of both paths as the columns of one (K, 2) matrix: [codebook path a, entropy path b]
         gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
@@ -1005,43 +1042,39 @@ class _FusedBA(torch.autograd.Function):
             # so no (C, K) gradient matrix is formed: four thin matmuls read P and W once each.
             # At t = T the codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
             # dS_direct = P * (V - rowsum(P * V)), rowsum(P * V) = g_zq . z_q (formed once, (C, K)).
+            direct = use_a and t == T
             next_gq = gq.clone()                                                     # gq_p - sum P^T u_p
-            gq_sum = gq.sum(1)                                                       # (K,)
             gbE = gq[:, 1:2] * E                                                     # (K, D)
             dSz = torch.zeros_like(E)                                                # dS^T z, (K, D)
             for s in range(0, N, C):
-                zc = z[s:s + C]                                                      # (c, D)
-                L = torch.log_softmax(A[s:s + C] + log_qs[t - 1], dim=1)           # (c, K)
-                P = L.exp()
-                W = L.sub_(log_cols[t]).exp_()                                      # softmax over rows
-                WX = W @ torch.cat([gq, gbE], dim=1)                                # (c, 2 + D): u_a, u_b, W (gq_b E)
-                u = WX[:, :2]                                                        # (c, 2)
-                u_sum = u.sum(1, keepdim=True)                                       # (c, 1)
-                right = [u, u_sum * zc]
-                if use_a and t == T:
-                    gzq = g_zq[s:s + C]                                              # (c, D)
-                    PE = P @ E                                                       # z_q, (c, D)
-                    M = P * (gzq @ E.t() - (gzq * PE).sum(1, keepdim=True))          # dS_direct, (c, K)
-                    next_gq[:, 0] += M.sum(0)
-                    dSz += M.t() @ zc
-                    right.append(gzq)
-                PX = P.t() @ torch.cat(right, dim=1)                                 # (K, 2 + D [+ D])
-                next_gq -= PX[:, :2]
-                dSz += gq_sum[:, None] * (W.t() @ zc) - PX[:, 2:2 + D]
-                if use_a and t == T:
-                    g_E += PX[:, 2 + D:]                                             # z_q = P E, direct
+                PTu, dSz_c, m_col, g_direct, gz = bwd_chunk(
+                    A[s:s + C], log_qs[t - 1], log_cols[t], z[s:s + C], E, gq, gbE,
+                    g_zq[s:s + C] if direct else None, beta, use_b)
+                next_gq -= PTu
+                dSz += dSz_c
+                if direct:
+                    next_gq[:, 0] += m_col
+                    g_E += g_direct                                                  # z_q = P E, direct
                 if use_b:
-                    PE = P @ E if not (use_a and t == T) else PE
-                    g_z[s:s + C] += (2.0 * beta) * (WX[:, 2:] - u[:, 1:2] * PE)     # dA = dS, dd = -beta dA
+                    g_z[s:s + C] += gz
             # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dS:  dE = -2 beta (E colsum(dS) - dS^T z)
             g_E -= (2.0 * beta) * (E * next_gq.sum(1, keepdim=True) - dSz)
             gq = next_gq
-        return (g_z if use_b else None), g_E, None, None, None
+        return (g_z if use_b else None), g_E, None, None, None, None
 
 
-def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0):
-    """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract)."""
-    return _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows)
+def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0,
+                     kernels=None):
+    """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract).
+    ``kernels``: (forward chunk, backward chunk) functions, e.g. from ``compiled_ba_kernels``."""
+    return _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels)
+
+
+def compiled_ba_kernels() -> tuple:
+    """torch.compile'd ``_ba_forward_chunk`` / ``_ba_backward_chunk`` (``--compile``): the
+    log_softmax / logsumexp / exp passes over each (C, K) chunk fuse into a few kernels. Always the
+    default mode: CUDA graphs would reuse output buffers between the chunk calls of one step."""
+    return torch.compile(_ba_forward_chunk), torch.compile(_ba_backward_chunk)
 
 
 def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
@@ -1101,6 +1134,11 @@ class BAQuantizer(_CodebookQuantizer):
         self.codebook = nn.Parameter(codebook)                           # E, (K, D)
         self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
+        self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
+
+    def compile_kernels(self) -> None:
+        """Use torch.compile'd chunk functions in the fused BA pass (``--compile``; same maths)."""
+        self._ba_kernels = compiled_ba_kernels()
 
     def set_progress(self, progress: float) -> None:
         """Cosine schedule: beta = beta_start at progress 0, beta_end at progress 1."""
@@ -1114,7 +1152,8 @@ class BAQuantizer(_CodebookQuantizer):
             beta = self.beta
             if self.ba_impl == "fused":
                 # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
-                z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows)
+                z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows,
+                                                            self._ba_kernels)
                 z_q_cb = z_q_soft
             else:                                                         # reference: autograd throughout
                 d = squared_distances(z_flat, E)                          # (N, K)
@@ -1962,7 +2001,8 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch
 
 def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, torch.optim.Optimizer]:
     """The model of ``cfg`` on ``device`` in the runtime's memory format, its optimizer, and
-    torch.compile of encoder and decoder when asked (in place: state_dict keys are unchanged).
+    torch.compile of encoder and decoder (and of the fused BA chunk functions) when asked (in place:
+    state_dict keys are unchanged).
     On CUDA it turns on cuDNN autotuning (the shapes are fixed)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -1973,6 +2013,8 @@ def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, 
     if cfg.compile:
         model.encoder.compile(mode=cfg.compile_mode)
         model.decoder.compile(mode=cfg.compile_mode)
+        if isinstance(model.quantizer, BAQuantizer) and cfg.ba_impl == "fused":
+            model.quantizer.compile_kernels()
     return model, optimizer
 
 
