@@ -112,7 +112,9 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
 
 
 def _count_syncs(fn) -> int:
-    """Host synchronisations made while ``fn`` runs, as reported by torch.cuda.set_sync_debug_mode('warn')."""
+    """Host synchronisations made while ``fn`` runs, as reported by torch.cuda.set_sync_debug_mode('warn').
+    Blocking host-to-device copies count too (train_epoch's per-epoch ``randperm(...).to(device)``), and
+    so would any CUDA-graph recording inside ``fn`` (the warm-up epochs should have done it)."""
     import warnings
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

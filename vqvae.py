@@ -546,6 +546,13 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(in_channels, hidden_dim, latent_dim)
         self.quantizer = QUANTIZERS[quantizer_type](codebook_size, latent_dim, **quantizer_kwargs)
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
+        self.compiled = False                  # set by setup_model when encoder/decoder are torch.compile'd
+
+    def mark_step(self) -> None:
+        """Before each training step or evaluation batch of a compiled model: tells CUDA graphs
+        (--compile_mode reduce-overhead) that the previous step's outputs are no longer needed."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @classmethod
     def from_config(cls, cfg: Config) -> "VQVAE":
@@ -979,10 +986,11 @@ class _FusedBA(torch.autograd.Function):
       d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
     Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
     reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
-    The backward never forms a (C, K) gradient matrix: log_softmax's backward is folded into thin
-    matmuls with P_t and W_t (see the comments in ``backward``), so per chunk and iteration it reads
-    A once, writes P_t and W_t, and reads each twice.
-    Memory: one (N, K) matrix plus two or three chunk-sized (C, K) temporaries, instead of several
+    The backward forms no (C, K) gradient matrix for the BA chain: log_softmax's backward is folded
+    into thin matmuls with P_t and W_t (see the comments in ``backward``), so per chunk and iteration
+    it reads A once, writes P_t and W_t, and reads each twice. Only the direct z_q = P_T E term of
+    the last iteration forms one (C, K) matrix (when z_q_soft has a gradient).
+    Memory: one (N, K) matrix plus up to four chunk-sized (C, K) temporaries, instead of several
     (N, K) matrices per iteration kept by autograd. Distances clamped at 0 are treated as exact in
     the backward.
     """
@@ -1497,8 +1505,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
                                   "extra": {k: v.cpu() for k, v in extra.items()}}, step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
         q.set_progress(step / max(total_steps - 1, 1))
-        if cfg.compile:                      # CUDA graphs (reduce-overhead): a new step may reuse the last one's buffers
-            torch.compiler.cudagraph_mark_step_begin()
+        model.mark_step()
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
         w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
@@ -1581,14 +1588,15 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
     bar = _progress_bar(math.ceil(N / batch_size), "val", progress)
     for start in range(0, N, batch_size):
+        model.mark_step()
         x = rt.prepare(to_float(images[start:start + batch_size]))
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
         values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
         # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
         values["psnr"] = psnr_per_image(x, x_recon).mean()
-        if "z_q_soft" in info:               # BA-VQ: also decode P.E (after x_recon is used: with CUDA
-            with rt.autocast():              # graphs the next decoder call may reuse x_recon's memory)
+        if "z_q_soft" in info:                                            # BA-VQ: also decode P.E
+            with rt.autocast():
                 x_soft = model.decoder(info["z_q_soft"])
             values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
         acc.add(values, x.shape[0])
@@ -1620,6 +1628,7 @@ def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int) -
     was_training = model.training
     model.eval()
     x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
+    model.mark_step()
     x_recon = model(x)[0].float()
     model.train(was_training)
     grid = torchvision.utils.make_grid(torch.cat([x, x_recon]).add(1).div(2).clamp(0, 1).cpu(),
@@ -2013,6 +2022,7 @@ def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, 
     if cfg.compile:
         model.encoder.compile(mode=cfg.compile_mode)
         model.decoder.compile(mode=cfg.compile_mode)
+        model.compiled = True
         if isinstance(model.quantizer, BAQuantizer) and cfg.ba_impl == "fused":
             model.quantizer.compile_kernels()
     return model, optimizer
@@ -2030,8 +2040,10 @@ def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    zs = [_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device))))
-          for s in range(0, n, cfg.batch_size)]
+    zs = []
+    for s in range(0, n, cfg.batch_size):
+        model.mark_step()                  # clone: with CUDA graphs the next call may reuse the output's memory
+        zs.append(_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device)))).clone())
     model.train(was_training)
     z = torch.cat(zs)                                                          # (n*H*W, D)
     q = model.quantizer

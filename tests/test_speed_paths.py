@@ -5,12 +5,14 @@ GPU-side options are run here on the CPU as far as PyTorch allows: bf16 autocast
 gradient-scaler branch, torch.compile (Inductor's CPU backend), and an audit of host reads standing in
 for torch.cuda.set_sync_debug_mode. Not covered without a GPU: the fused CUDA AdamW kernel, CUDA
 graphs (--compile_mode reduce-overhead), cuDNN autotuning and the timings themselves."""
+import os
 import shutil
 import sys
 from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqvae
 from conftest import tiny_config
@@ -118,12 +120,18 @@ def test_benchmark_runs_on_cpu_and_writes_its_table(tmp_path):
 # On a GPU, reading a device value on the host (.item(), .cpu(), bool(t), printing, boolean-mask
 # indexing, nonzero, bincount's size check, ...) waits for every queued kernel. The loop may do that
 # once per epoch and once per progress refresh, never once per step. torch.cuda.set_sync_debug_mode
-# needs a GPU; this audit sees the same calls on the CPU: a TorchFunctionMode records every
-# host-reading call made by vqvae.py itself (PyTorch's own internals are PyTorch's business).
+# needs a GPU; this audit looks for the same calls on the CPU at two levels: Python-level tensor
+# methods (a TorchFunctionMode: .cpu(), .tolist(), printing, ...) and ATen operators (a
+# TorchDispatchMode, which also sees inside backward passes: _local_scalar_dense is every .item() /
+# bool() / int() / float(), nonzero is every boolean mask, ...). A call counts when the innermost
+# frame outside PyTorch is vqvae.py, unless the call came through torch.optim (the CPU optimizer
+# reads its step counters, which live on the host; the CUDA run uses the fused kernel).
 
-SYNC_OPS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__format__",
-            "__repr__", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount",
-            "repeat_interleave", "equal", "allclose", "is_nonzero"}
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+SYNC_METHODS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__format__",
+                "__repr__", "__str__", "equal", "allclose", "is_nonzero"}
+SYNC_ATEN = {"_local_scalar_dense", "nonzero", "nonzero_static", "argwhere", "masked_select", "_unique", "_unique2",
+             "unique_dim", "unique_consecutive", "bincount", "repeat_interleave", "equal", "is_nonzero"}
 
 
 def _has_bool_index(obj) -> bool:
@@ -134,23 +142,88 @@ def _has_bool_index(obj) -> bool:
     return False
 
 
-class SyncAudit(torch.overrides.TorchFunctionMode):
-    def __init__(self):
+def _vqvae_line(frame):
+    """Line of vqvae.py responsible for a call, or None (the call is PyTorch's own)."""
+    while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR)
+                                 or frame.f_code.co_filename == __file__):
+        if frame.f_code.co_filename.startswith(os.path.join(TORCH_DIR, "optim")):
+            return None
+        frame = frame.f_back
+    return frame.f_lineno if frame is not None and frame.f_code.co_filename == vqvae.__file__ else None
+
+
+class _MethodAudit(torch.overrides.TorchFunctionMode):
+    def __init__(self, calls):
         super().__init__()
-        self.calls = []                                     # (op name, line in vqvae.py)
+        self.calls = calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
         caller = sys._getframe(1)
-        if caller.f_code.co_filename == vqvae.__file__:
-            name = getattr(func, "__name__", str(func))
-            reads_host = (name in SYNC_OPS
-                          or (name in ("__getitem__", "__setitem__", "index_put_", "index_put")
-                              and _has_bool_index(args[1:]))
-                          or (name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))))
-            if reads_host:
+        if name == "cpu" or (name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))):
+            # a copy to the host, when vqvae.py asks for it (PyTorch's own .to(device) calls move tensors
+            # to their parameters' device, which is the CPU only in this test)
+            if caller.f_code.co_filename == vqvae.__file__:
                 self.calls.append((name, caller.f_lineno))
+        elif name in SYNC_METHODS or (name == "where" and len(args) + len(kwargs) == 1):
+            line = _vqvae_line(caller)
+            if line is not None:
+                self.calls.append((name, line))
         return func(*args, **kwargs)
+
+
+class _AtenAudit(TorchDispatchMode):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in SYNC_ATEN or (name in ("index", "index_put", "index_put_") and _has_bool_index(args[1:2])):
+            line = _vqvae_line(sys._getframe(1))
+            if line is not None:
+                self.calls.append((name, line))
+        return func(*args, **kwargs)
+
+
+class SyncAudit:
+    """``with SyncAudit() as audit: ...`` then ``audit.calls``: (op, line in vqvae.py) of every host read."""
+
+    def __enter__(self):
+        self.calls = []
+        self._modes = [_MethodAudit(self.calls), _AtenAudit(self.calls)]
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
+def test_the_audit_sees_host_reads_in_methods_operators_and_backward_passes():
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float(g.sum())                               # a host read inside a backward pass
+    x = torch.randn(4, requires_grad=True)
+    mask = x > 0
+    code = compile("\n".join([
+        "y = ReadsInBackward.apply(x)",                              # 1: no read
+        "y.sum().backward()", "f'{x.sum():.3f}'", "x[mask]", "torch.where(mask)", "x.detach().cpu()",
+        "int(x.argmax())", "torch.bincount(mask.long())", "x.detach().unique()",   # 2-9: one or more reads each
+        "opt = torch.optim.Adam([x], lr=0.1)", "opt.step()",         # 10-11: the CPU Adam reads its step count
+        "x.detach().to(torch.float64) + torch.nn.utils.clip_grad_norm_([x], 1.0)"]),   # 12: no read
+        vqvae.__file__, "exec")                                      # as if the lines were in vqvae.py
+    with SyncAudit() as audit:
+        exec(code, {"torch": torch, "x": x, "mask": mask, "ReadsInBackward": ReadsInBackward})
+    assert {line for _, line in audit.calls} == set(range(2, 10)), audit.calls
 
 
 SYNC_CASES = {
@@ -180,6 +253,7 @@ def test_training_step_never_reads_the_device_from_the_host(case):
     three, six = audited_epoch(cfg, 3 * 64), audited_epoch(cfg, 6 * 64)
     grown = Counter(six) - Counter(three)
     assert not grown, f"host reads (op, line in vqvae.py) that grow with the number of steps: {dict(grown)}"
+    assert Counter(six) == Counter(three)
     # what remains is the fixed read-out at the end of the epoch (means, histogram, gradient norms)
     # the audit does see per-step reads: a progress refresh on every step reads once per step
     every = audited_epoch(vqvae.make_config({**vars(cfg), "progress_every": 1}).validate(), 6 * 64)
@@ -260,6 +334,24 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                     reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_compiled_model_marks_a_cuda_graph_step_per_training_step_and_eval_batch(monkeypatch, compiled):
+    """With CUDA graphs (--compile_mode reduce-overhead) a graph's outputs live until the next marked
+    step: the loop marks one before every training step, validation batch and k-means/picture forward
+    (so a batch's outputs are never overwritten while in use), and nothing when not compiled."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = tiny_config(quantizer="ba_vq", kmeans_batches=2, init="kmeans")
+    train_u8, val_u8 = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    model.compiled = compiled
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    vqvae.kmeans_init(model, train_u8, cfg)
+    vqvae.train_epoch(model, opt, train_u8[:4 * 64], cfg, torch.Generator().manual_seed(0), 0, 4)
+    vqvae.validate(model, val_u8[:48], 16)
+    assert len(marks) == (2 + 4 + 3 if compiled else 0)
 
 
 @needs_compiler
