@@ -191,8 +191,12 @@ class Config:
             if not ok:
                 problems.append(msg)
 
-        need(self.quantizer in QUANTIZERS, f"quantizer '{self.quantizer}' is unknown (choose from {', '.join(QUANTIZERS)})")
-        need(self.dataset in DATASETS, f"dataset '{self.dataset}' is unknown (choose from {', '.join(DATASETS)})")
+        def one_of(key, options):
+            value = getattr(self, key)
+            need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
+
+        one_of("quantizer", QUANTIZERS)
+        one_of("dataset", DATASETS)
         need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
              f"device '{self.device}' is unknown (choose from auto, cpu, cuda, mps)")
         need(self.codebook_size >= 2, f"codebook_size must be >= 2 (got {self.codebook_size})")
@@ -213,15 +217,13 @@ class Config:
         need(self.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {self.ba_iterations})")
         need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
         need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
-        need(self.amp in ("auto", "bf16", "fp16", "off"), f"amp '{self.amp}' is unknown (choose from auto, bf16, fp16, off)")
-        need(self.compile_mode in COMPILE_MODES,
-             f"compile_mode '{self.compile_mode}' is unknown (choose from {', '.join(COMPILE_MODES)})")
-        need(self.data_path in ("device", "loader"), f"data_path '{self.data_path}' is unknown (choose from device, loader)")
-        need(self.ba_impl in BA_IMPLS, f"ba_impl '{self.ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)})")
+        one_of("amp", ("auto", "bf16", "fp16", "off"))
+        one_of("compile_mode", COMPILE_MODES)
+        one_of("data_path", ("device", "loader"))
+        one_of("ba_impl", BA_IMPLS)
         need(self.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {self.ba_chunk_rows})")
-        need(self.init in CODEBOOK_INITS, f"init '{self.init}' is unknown (choose from {', '.join(CODEBOOK_INITS)})")
-        need(self.gradient_estimator in GRADIENT_ESTIMATORS,
-             f"gradient_estimator '{self.gradient_estimator}' is unknown (choose from {', '.join(GRADIENT_ESTIMATORS)})")
+        one_of("init", CODEBOOK_INITS)
+        one_of("gradient_estimator", GRADIENT_ESTIMATORS)
         need(self.kmeans_batches >= 1, f"kmeans_batches must be >= 1 (got {self.kmeans_batches})")
         need(self.kmeans_iters >= 0, f"kmeans_iters must be >= 0 (got {self.kmeans_iters})")
         need(self.dead_code_threshold >= 0, f"dead_code_threshold must be >= 0 (got {self.dead_code_threshold})")

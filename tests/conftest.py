@@ -26,6 +26,20 @@ def tiny_config(**overrides) -> vqvae.Config:
     return vqvae.make_config(base).validate()
 
 
+def record_code_indices(model: vqvae.VQVAE) -> list:
+    """Wrap the model's quantizer so every forward appends a copy of its code indices (B, H, W) to the
+    returned list."""
+    seen = []
+    orig = model.quantizer.forward
+
+    def spy(z):
+        out = orig(z)
+        seen.append(out[2]["code_indices"].clone())
+        return out
+    model.quantizer.forward = spy
+    return seen
+
+
 def fsq_levels_for(K: int) -> list:
     """FSQ levels whose product is K (K a power of two >= 2): 32 -> [4, 8], 16 -> [4, 4]."""
     levels = []

@@ -15,21 +15,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqvae
-from conftest import tiny_config
+from conftest import record_code_indices, tiny_config
 
 
 def run_steps(cfg, n_images=192, channels_last=False):
     train_u8, _ = vqvae.load_dataset(cfg)
     rt = vqvae.Runtime(torch.device("cpu"), channels_last=channels_last)
     model, opt = vqvae.setup_model(cfg, torch.device("cpu"), rt)
-    seen = []
-    orig = model.quantizer.forward
-
-    def spy(z):
-        out = orig(z)
-        seen.append(out[2]["code_indices"].clone())
-        return out
-    model.quantizer.forward = spy
+    seen = record_code_indices(model)
     g = torch.Generator().manual_seed(cfg.seed)
     metrics = []
     step = 0

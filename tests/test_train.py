@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 import vqvae
-from conftest import ROOT, SHARED_DATA, tiny_config
+from conftest import ROOT, SHARED_DATA, record_code_indices, tiny_config
 
 FINAL_KEYS = {"loss", "recon_loss", "perplexity", "usage_rate", "psnr", "dead_codes"}
 BA_FINAL_KEYS = {"entropy_loss", "beta", "codebook_loss", "psnr_soft"}
@@ -94,18 +94,11 @@ def test_train_epoch_accumulates_code_statistics(tiny_cfg):
     torch.manual_seed(0)
     model = vqvae.build_model(cfg)
     images = vqvae._fake_images(100, seed=0)
-    seen = []
-    orig = model.quantizer.forward
-
-    def spy(z):
-        out = orig(z)
-        seen.append(out[2]["code_indices"].flatten())
-        return out
-    model.quantizer.forward = spy
+    seen = record_code_indices(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     m, step = vqvae.train_epoch(model, opt, images, cfg, torch.Generator().manual_seed(0), 0, 4)
     assert step == 2 and len(seen) == 2          # 100 images, batch 64 -> 2 steps, last one partial
-    allidx = torch.cat(seen)
+    allidx = torch.cat([idx.flatten() for idx in seen])
     assert allidx.numel() == 100 * 64
     assert m["perplexity"] == pytest.approx(vqvae.compute_perplexity(allidx, cfg.codebook_size), rel=1e-5)
     assert m["usage_rate"] == pytest.approx(vqvae.compute_usage_rate(allidx, cfg.codebook_size))
