@@ -1,23 +1,24 @@
 """bavq: VQ-VAE on CIFAR-10 for studying codebook collapse.
 
-One module, the whole library. Sections, in order:
+One module holds the method; read it top to bottom:
 
-    helpers      errors, seeding, device choice, schedules, atomic file writes
-    config       the Config dataclass, YAML loading, validation
-    data         CIFAR-10 / image folder / fake data as uint8 tensors on the device
+    config       the Config dataclass: every setting, one comment each
+    data         CIFAR-10 / image folder / fake data as uint8 tensors
     model        ResidualBlock, Encoder, Decoder, VQVAE
-    quantizers   VQEMAQuantizer, BAQuantizer (+ the Blahut-Arimoto routine), QUANTIZERS
+    quantizers   the Quantizer contract; VQ-EMA, VQ, BA-VQ (reference Blahut-Arimoto, then its fused
+                 fast path), FSQ; the QUANTIZERS registry
     metrics      perplexity, usage rate, PSNR
-    training     train_epoch, validate, train(cfg) -> metrics
+    training     train_epoch (one step in ~25 lines), validate, model/optimizer set-up
+
+and then, behind one banner, the experiment management: config checking and YAML, run directories,
+checkpoints and resume, interruption, W&B, pictures, ``train(cfg)``, sweeps.
 
 Conventions
 -----------
 * Images are stored as uint8 (N, 3, 32, 32) and normalised per batch to [-1, 1].
-* Every quantizer maps latents z (B, D, H, W) to ``(z_q, loss_dict, info)``:
-  ``z_q`` (B, D, H, W) is what the decoder sees (straight-through in the backward pass),
-  ``loss_dict`` holds already-weighted loss terms that are summed into the total loss,
-  ``info`` holds ``code_indices`` (B, H, W), ``code_counts`` (K,), ``perplexity`` and
-  ``usage_rate`` (0-dim tensors, batch-level, no host sync) and quantizer-specific extras.
+* K = ``codebook_size`` (number of codes), D = ``latent_dim`` (code dimension). Quantizer
+  constructors keep the original code's names for them: ``num_embeddings`` = K, ``embedding_dim`` = D.
+* Every quantizer maps latents z (B, D, H, W) to ``(z_q, loss_dict, info)`` (see ``Quantizer``).
 * ``VQVAE.forward(x) -> (x_recon, recon_loss, loss_dict, info)`` as in the original code.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -44,85 +46,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =============================================================================
-# helpers
-# =============================================================================
-
 
 class BavqError(Exception):
     """A user-facing error: the message is one paragraph that says what was wrong and
     how to fix it. The CLI prints it without a traceback and exits with status 2."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' picks MPS, then CUDA, then CPU; 'cpu' | 'cuda' | 'mps' force one."""
-    mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if name == "auto":
-        if mps_ok:
-            return torch.device("mps")
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BavqError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine "
-                        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use --device auto "
-                        "or --device cpu, or install a CUDA build of PyTorch (requirements-cuda.txt).")
-    if name == "mps" and not mps_ok:
-        raise BavqError("--device mps was asked for, but the Apple MPS backend is not available here. "
-                        "Use --device auto or --device cpu.")
-    return torch.device(name)
-
-
-def cosine_schedule(start: float, end: float, progress: float) -> float:
-    """Cosine interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return start + (end - start) * (1.0 - math.cos(math.pi * progress)) / 2.0
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated file under ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 # =============================================================================
 # config
 # =============================================================================
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")     # torch.compile modes (--compile_mode)
 
 @dataclass
 class Config:
+    """Every setting of a run. Defaults < YAML file (--config) < command-line flags; unknown keys and
+    wrong types are errors (``make_config``), values are checked by ``validate``. Quantizer
+    coefficients are passed to the quantizer's constructor by name (``VQVAE.from_config``)."""
+
     # --- experiment -------------------------------------------------------------------------
     name: str = ""                   # run name; "" -> "<quantizer>_k<K>_s<seed>"
     out_dir: str = "experiments"     # runs are written to <out_dir>/<name>/
     overwrite: bool = False          # replace an existing run of the same name (its files are deleted)
     resume: str = ""                 # run dir or checkpoint to continue (see resume_config); "" = new run
     seed: int = 0                    # seeds model init, codebook init and data order
-    device: str = "auto"             # auto (MPS > CUDA > CPU) | cpu | cuda | mps
+    device: str = "auto"             # auto (MPS > CUDA > CPU) | cpu | cuda | cuda:N | mps
     # --- data -------------------------------------------------------------------------------
     dataset: str = "cifar10"         # cifar10 (torchvision download) | folder (ImageFolder) | fake
     data_dir: str = "./data"         # cifar10: download/cache dir; folder: DIR with train/ and test/ (or val/)
@@ -130,15 +77,15 @@ class Config:
     train_subset: int = 0            # use N evenly spaced training images (0 = all; fake: its size, 0 -> 2048)
     val_subset: int = 0              # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = "vq_ema"        # vq_ema | ba_vq
+    quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq
     codebook_size: int = 512         # K, number of codes
     latent_dim: int = 256            # D, channels of the 8x8 latent grid (= code dimension)
-    hidden_dim: int = 128            # channels after the first stride-2 conv (seed: 128)
+    hidden_dim: int = 128            # channels after the first stride-2 conv (original code: 128)
     # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
     commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq)
     decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
-    ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the seed; see README)
+    ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
@@ -146,11 +93,11 @@ class Config:
     beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
     ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
     entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
-    codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq: hard code; ba_vq: P.E, 0 = the seed)
+    codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq: hard code; ba_vq: P.E; 1.0 is a fix, 0 = the original code)
     ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
     ba_chunk_rows: int = 0           # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
-    init: str = "uniform"            # codebook init: uniform U[-1/K,1/K] (seed) | normal N(0,1) | kmeans
+    init: str = "uniform"            # codebook init: uniform U[-1/K,1/K] (original code) | normal N(0,1) | kmeans
     kmeans_batches: int = 4          # --init kmeans: training batches of encoder outputs to cluster
     kmeans_iters: int = 10           # --init kmeans: Lloyd iterations after k-means++ seeding
     dead_code_threshold: float = 0.0  # restart codes whose EMA usage (assignments/step) < this; 0 = off
@@ -162,7 +109,7 @@ class Config:
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 100                # passes over the training set
     batch_size: int = 256            # training batch size (images)
-    val_batch_size: int = 0          # validation batch size; 0 = auto: batch_size for ba_vq (its Q is per batch), else 1024
+    val_batch_size: int = 0          # validation batch size; 0 = auto: batch_size if codes depend on the batch (ba_vq), else 1024
     lr: float = 3e-4                 # AdamW learning rate
     weight_decay: float = 0.01       # AdamW weight decay (PyTorch's default)
     # --- speed (how the loop runs, not what it computes) ------------------------------------
@@ -179,163 +126,18 @@ class Config:
     progress: bool = True            # show tqdm progress bars
     progress_every: int = 25         # steps between progress-bar refreshes (each one syncs the device)
 
-    # ---------------------------------------------------------------------------------------
+
     def resolved_name(self) -> str:
         return self.name or f"{self.quantizer}_k{self.codebook_size}_s{self.seed}"
 
     def validate(self) -> "Config":
-        """Check values (types are checked when the config is built). Raises BavqError."""
-        problems = []
-
-        def need(ok, msg):
-            if not ok:
-                problems.append(msg)
-
-        def one_of(key, options):
-            value = getattr(self, key)
-            need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
-
-        one_of("quantizer", QUANTIZERS)
-        one_of("dataset", DATASETS)
-        need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
-             f"device '{self.device}' is unknown (choose from auto, cpu, cuda, mps)")
-        need(self.codebook_size >= 2, f"codebook_size must be >= 2 (got {self.codebook_size})")
-        need(self.latent_dim >= 1, f"latent_dim must be >= 1 (got {self.latent_dim})")
-        need(self.hidden_dim >= 1, f"hidden_dim must be >= 1 (got {self.hidden_dim})")
-        need(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
-        need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        need(self.val_batch_size >= 0, f"val_batch_size must be >= 0 (got {self.val_batch_size})")
-        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number (got {self.lr})")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
-        need(0 <= self.decay < 1, f"decay must be in [0, 1) (got {self.decay})")
-        need(self.epsilon > 0, f"epsilon must be > 0 (got {self.epsilon})")
-        need(self.ema_init_count >= 0, f"ema_init_count must be >= 0 (got {self.ema_init_count})")
-        need(self.commitment_cost >= 0, f"commitment_cost must be >= 0 (got {self.commitment_cost})")
-        need(self.beta_start > 0, f"beta_start must be > 0 (got {self.beta_start})")
-        need(self.beta_end >= self.beta_start,
-             f"beta_end must be >= beta_start (got beta_start={self.beta_start}, beta_end={self.beta_end})")
-        need(self.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {self.ba_iterations})")
-        need(self.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {self.entropy_cost})")
-        need(self.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {self.codebook_cost})")
-        one_of("amp", ("auto", "bf16", "fp16", "off"))
-        one_of("compile_mode", COMPILE_MODES)
-        one_of("data_path", ("device", "loader"))
-        one_of("ba_impl", BA_IMPLS)
-        need(self.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {self.ba_chunk_rows})")
-        one_of("init", CODEBOOK_INITS)
-        one_of("gradient_estimator", GRADIENT_ESTIMATORS)
-        need(self.kmeans_batches >= 1, f"kmeans_batches must be >= 1 (got {self.kmeans_batches})")
-        need(self.kmeans_iters >= 0, f"kmeans_iters must be >= 0 (got {self.kmeans_iters})")
-        need(self.dead_code_threshold >= 0, f"dead_code_threshold must be >= 0 (got {self.dead_code_threshold})")
-        need(self.dead_code_every >= 1, f"dead_code_every must be >= 1 (got {self.dead_code_every})")
-        need(self.vq_loss_warmup_epochs >= 0, f"vq_loss_warmup_epochs must be >= 0 (got {self.vq_loss_warmup_epochs})")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (got {self.grad_clip})")
-        need(len(self.fsq_levels) >= 1 and all(l >= 2 for l in self.fsq_levels),
-             f"fsq_levels must be one or more integers >= 2 (got {self.fsq_levels})")
-        if self.quantizer == "fsq":
-            K = math.prod(self.fsq_levels)
-            need(K == self.codebook_size, f"fsq_levels {self.fsq_levels} give {K} codes but codebook_size is "
-                 f"{self.codebook_size} (set --codebook_size {K})")
-            used = [n for n, on in (("init", self.init != "uniform"), ("dead_code_threshold", self.dead_code_threshold > 0),
-                                    ("cosine", self.cosine), ("gradient_estimator", self.gradient_estimator != "ste"))
-                    if on]
-            need(not used, f"{', '.join(used)} apply to codebook quantizers (vq_ema, vq, ba_vq), not to fsq, "
-                 "which has no codebook")
-            need(self.vq_loss_warmup_epochs == 0, "vq_loss_warmup_epochs has no effect with fsq, which has no "
-                 "quantizer loss")
-        need(self.num_workers >= 0, f"num_workers must be >= 0 (got {self.num_workers})")
-        need(self.train_subset >= 0, f"train_subset must be >= 0 (got {self.train_subset})")
-        need(self.val_subset >= 0, f"val_subset must be >= 0 (got {self.val_subset})")
-        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {self.checkpoint_every})")
-        need(self.progress_every >= 1, f"progress_every must be >= 1 (got {self.progress_every})")
-        need(self.recon_images >= 1, f"recon_images must be >= 1 (got {self.recon_images})")
-        need("/" not in self.resolved_name() and self.resolved_name() not in (".", ".."),
-             f"name '{self.name}' must be a plain directory name (no '/')")
-        for f_name, f_type in config_fields().items():
-            if f_type is float and not math.isfinite(getattr(self, f_name)):
-                problems.append(f"{f_name} must be a finite number (got {getattr(self, f_name)})")
+        """Check every value (types are checked when the config is built); see ``config_problems``.
+        Raises BavqError listing all problems; returns self."""
+        problems = config_problems(self)
         if problems:
             raise BavqError("Invalid configuration: " + "; ".join(problems) + ". Fix these values in your "
                             "YAML file or on the command line (python train.py --help lists every option).")
         return self
-
-
-def config_fields() -> dict:
-    """{field name: python type} for every Config field."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
-
-
-def _coerce(key: str, value, typ, source: str):
-    """Check one config value against its declared type. Raises BavqError."""
-    def bad():
-        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
-                         f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
-                         f"{key}: {getattr(Config(), key)!r}.")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad()
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if typ is list:   # list of ints (fsq_levels)
-        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return list(value)
-        raise bad()
-    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
-
-
-def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
-    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
-    overrides = dict(overrides or {})
-    known = config_fields()
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
-                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
-                        "as the command-line flags do).")
-    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
-    return Config(**values)
-
-
-def load_yaml_config(path: str | os.PathLike) -> dict:
-    """Read a YAML config file into a dict of overrides (validated by make_config)."""
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
-                        "config.yaml or config_mac.yaml with --config.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
-                        "Fix the syntax: one 'key: value' per line.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
-                        f"{type(data).__name__}.")
-    return data
-
-
-def config_to_yaml(cfg: Config) -> str:
-    import yaml
-    return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
 
 # =============================================================================
@@ -477,7 +279,6 @@ def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
                 _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers))
     raise BavqError(f"dataset '{cfg.dataset}' is unknown (choose from {', '.join(DATASETS)}).")
 
-
 # =============================================================================
 # model
 # =============================================================================
@@ -544,7 +345,6 @@ class VQVAE(nn.Module):
         super().__init__()
         if quantizer_type not in QUANTIZERS:
             raise BavqError(f"quantizer_type '{quantizer_type}' is unknown (choose from {', '.join(QUANTIZERS)}).")
-        self.quantizer_type = quantizer_type
         self.encoder = Encoder(in_channels, hidden_dim, latent_dim)
         self.quantizer = QUANTIZERS[quantizer_type](codebook_size, latent_dim, **quantizer_kwargs)
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
@@ -569,6 +369,7 @@ class VQVAE(nn.Module):
         x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
         recon_loss = F.mse_loss(_at_least_f32(x_recon), _at_least_f32(x))
         return x_recon, recon_loss, loss_dict, info
+
 
 
 # =============================================================================
@@ -667,6 +468,54 @@ BA_IMPLS = ("fused", "autograd")
 CODEBOOK_INITS = ("uniform", "normal", "kmeans")
 
 
+
+def cosine_schedule(start: float, end: float, progress: float) -> float:
+    """Cosine interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start + (end - start) * (1.0 - math.cos(math.pi * progress)) / 2.0
+
+
+class Quantizer(nn.Module):
+    """The contract every quantizer follows. Adding one = a subclass, its line in ``QUANTIZERS``,
+    and Config fields named like its constructor's coefficients.
+
+    ``__init__(num_embeddings, embedding_dim, **coefficients)``: K codes of dimension D; every other
+    argument is filled from the Config field of the same name (``VQVAE.from_config``).
+
+    ``forward(z)``, z the encoder's latents (B, D, H, W), returns ``(z_q, loss_dict, info)``:
+      z_q        (B, D, H, W), what the decoder sees, with the gradient path to the encoder;
+      loss_dict  {name: 0-dim float32 tensor}, already weighted, keys exactly ``loss_names``; the
+                 training loss is recon_loss + w * sum(loss_dict.values()) (w: loss warm-up);
+      info       ``code_indices`` (B, H, W) long, ``code_counts`` (K,) long, ``perplexity`` and
+                 ``usage_rate`` (0-dim tensors, no host sync); optionally ``z_q_soft`` (B, D, H, W),
+                 a second decoder input that validation reports as ``psnr_soft``.
+    In eval mode forward changes no state (validation leaves ``state_dict()`` bit-identical).
+
+    What the training loop, validation, logging and config checking ask of a quantizer (and nothing
+    else: no code outside a quantizer tests its name or class):
+    """
+    loss_names: tuple = ()               # keys of loss_dict (history and final_metrics get stable columns)
+    batch_dependent_codes: bool = False  # a latent's code depends on the rest of its batch: validate at
+                                         # the training batch size
+    has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
+                                         # gradient_estimator); see CodebookQuantizer for what they call
+
+    def set_schedule(self, t: float) -> None:
+        """Called before every training step with t in [0, 1], the fraction of training done."""
+
+    def extra_metrics(self) -> dict:
+        """Scalars logged with every epoch's train and val metrics (e.g. BA-VQ's beta)."""
+        return {}
+
+    def compile_kernels(self) -> None:
+        """``--compile``: compile the quantizer's own kernels, if it has any."""
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        """Problems of ``cfg`` that only this quantizer knows about (one sentence each)."""
+        return []
+
+
 def init_codebook(K: int, D: int, init: str) -> torch.Tensor:
     """uniform: U[-1/K, 1/K] (the original code); normal: N(0, 1). kmeans starts from uniform and is
     replaced by ``kmeans_codebook`` on encoder outputs before training (see ``train``)."""
@@ -713,8 +562,8 @@ def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Genera
     return c, counts
 
 
-class _CodebookQuantizer(nn.Module):
-    """Machinery shared by the codebook quantizers (VQ-EMA, VQ, BA-VQ), all off by default:
+class CodebookQuantizer(Quantizer):
+    """A quantizer with an explicit codebook (K, D) and the remedies that act on it, all off by default:
 
     * ``init``: codebook initialisation (``init_codebook``; kmeans is applied by ``train``).
     * ``cosine``: latents and codes are L2-normalised before distances (cosine distance); the
@@ -724,7 +573,9 @@ class _CodebookQuantizer(nn.Module):
       uses its own EMA counts); every ``dead_code_every`` steps the trainer calls
       ``restart_dead_codes``, which replaces codes with usage < ``dead_code_threshold`` by random
       encoder outputs of the current batch and resets their usage (and EMA sums) to match.
+    * ``load_codes``: k-means initialisation (``--init kmeans``) sets the codes and their usage.
     """
+    has_codebook = True
 
     def _setup(self, num_embeddings, embedding_dim, init, cosine, gradient_estimator, dead_code_threshold, decay):
         if init not in CODEBOOK_INITS:
@@ -739,9 +590,6 @@ class _CodebookQuantizer(nn.Module):
         self._last_z = None                      # this step's (normalised) latents, for restarts
         codebook = init_codebook(num_embeddings, embedding_dim, init)
         return F.normalize(codebook, dim=1) if cosine else codebook
-
-    def set_progress(self, progress: float) -> None:
-        """Training progress in [0, 1] (used by schedules; none by default)."""
 
     def _latents(self, z: torch.Tensor) -> torch.Tensor:
         z_flat = _flatten_latents(z)                                  # (N, D), N = B*H*W
@@ -787,7 +635,7 @@ class _CodebookQuantizer(nn.Module):
         self.usage.copy_(counts_per_step.to(self.usage.dtype))
 
 
-class VQEMAQuantizer(_CodebookQuantizer):
+class VQEMAQuantizer(CodebookQuantizer):
     """Hard nearest-neighbour VQ with an exponential-moving-average codebook.
 
     van den Oord et al., "Neural Discrete Representation Learning" (2017), Appendix A.1, eqs. (6)-(8):
@@ -797,6 +645,8 @@ class VQEMAQuantizer(_CodebookQuantizer):
         e_k  = m_k / N~_k,   N~_k = (N_k + eps) / (sum_j N_j + K eps) * sum_j N_j   (Laplace smoothing)
 
     The smoothed counts N~ are a copy; the raw EMA counts N are never overwritten by them.
+    The EMA buffers start as in the original code: counts N = ``ema_init_count`` (0), sums m = the
+    initial codes (or count x code when ``ema_init_count`` > 0).
     The step's output uses the codebook as it was *before* the step's update, and buffers only
     change in training mode (eval forward leaves ``state_dict()`` bit-identical). Distances and EMA
     maths run in float32 even under autocast (argmin on bf16 distances picks wrong codes).
@@ -804,10 +654,12 @@ class VQEMAQuantizer(_CodebookQuantizer):
     Loss: ``commitment_cost * mse(z, sg[z_q])`` (the codebook is not trained by gradient).
     Straight-through estimator ``z + sg[z_q - z]``: the forward pass sees the code, the backward
     pass copies the decoder's gradient to the encoder (the quantizer has no useful derivative).
-    Options (off by default): see ``_CodebookQuantizer``; with ``cosine`` the EMA averages
+    Options (off by default): see ``CodebookQuantizer``; with ``cosine`` the EMA averages
     normalised latents and the codes are renormalised after each update; a k-means or restarted
     code gets EMA count c and EMA sum c * code, so the next update starts from that code.
     """
+
+    loss_names = ("commitment_loss",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, init: str = "uniform", cosine: bool = False,
@@ -820,7 +672,7 @@ class VQEMAQuantizer(_CodebookQuantizer):
         c = ema_init_count
         self.register_buffer("codebook", codebook)                       # e, (K, D)
         self.register_buffer("ema_cluster_size", torch.full((K,), float(c)))   # N, raw EMA counts (K,)
-        # m, EMA sums (K, D): the seed starts them at the codes themselves with counts 0, which makes
+        # m, EMA sums (K, D): the original code starts them at the codes themselves with counts 0, which makes
         # every code unused in the first step jump to e * decay / (eps-smoothed count) ~ 1e5 e
         self.register_buffer("ema_w", codebook * c if c > 0 else codebook.clone())
 
@@ -867,7 +719,8 @@ class VQEMAQuantizer(_CodebookQuantizer):
         return z_q, {"commitment_loss": commitment}, info
 
 
-class VQQuantizer(_CodebookQuantizer):
+
+class VQQuantizer(CodebookQuantizer):
     """Hard nearest-neighbour VQ with a codebook learned by gradient (van den Oord et al. 2017, eq. 3):
 
         loss = codebook_cost * mse(sg[z], e) + commitment_cost * mse(z, sg[e]),   e = e_{argmin_k d(z, k)}
@@ -875,9 +728,11 @@ class VQQuantizer(_CodebookQuantizer):
     both terms on the *hard* code e (never on the straight-through output, whose gradient would
     bypass the codebook), so the codebook is moved only by the codebook term and the encoder only by
     the commitment term and the reconstruction (through the estimator). The straight-through line
-    ``z + sg[e - z]`` is applied the same way whatever ``requires_grad`` says (seed 004, bugs 1-2).
-    Defaults 1.0 and 0.25 are the VQ-VAE paper's. Options: see ``_CodebookQuantizer``.
+    ``z + sg[e - z]`` is applied the same way whatever ``requires_grad`` says.
+    Defaults 1.0 and 0.25 are the VQ-VAE paper's. Options: see ``CodebookQuantizer``.
     """
+
+    loss_names = ("commitment_loss", "codebook_loss")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  codebook_cost: float = 1.0, decay: float = 0.99, init: str = "uniform", cosine: bool = False,
@@ -909,6 +764,7 @@ class VQQuantizer(_CodebookQuantizer):
         return z_q, losses, info
 
 
+
 def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blahut-Arimoto alternations for the rate-distortion problem, in log space.
 
@@ -922,6 +778,9 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torc
     Working with log P and log Q keeps every value finite even for d ~ 1e6 and large beta, where
     exp(-beta d) underflows to 0 in the probability domain. Returns (log P (N, K), log Q (K,)),
     where Q is the mean of the returned P. ``beta`` may be a float or a 0-dim tensor.
+
+    This is the reference implementation (``--ba_impl autograd``). The default fast path,
+    ``_FusedBA`` below BAQuantizer, computes the same thing: change both (see the note there).
     """
     N, K = distances.shape
     neg_beta_d = -beta * distances                                                   # (N, K)
@@ -932,6 +791,134 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torc
         log_q = torch.logsumexp(log_p, dim=0) - math.log(N)                          # (K,)
     return log_p, log_q
 
+
+def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
+                          source_weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """(R in bits, D) of the conditional P(k|x) on a source with weights p(x) (uniform by default):
+    R = I(X; K) = sum_x p(x) sum_k P(k|x) log2(P(k|x) / Q(k)), D = sum_x p(x) sum_k P(k|x) d(x,k)."""
+    N = distances.shape[0]
+    w = torch.full((N,), 1.0 / N, dtype=log_p.dtype) if source_weights is None else source_weights
+    p = log_p.exp()
+    rate = (w[:, None] * p * (log_p - log_q[None, :])).sum() / math.log(2.0)
+    dist = (w[:, None] * p * distances).sum()
+    return float(rate), float(dist)
+
+
+class BAQuantizer(CodebookQuantizer):
+    """Soft vector quantization by Blahut-Arimoto (BA) assignment, codebook learned by gradient.
+
+    For latents z_x and codes e_k (d = squared Euclidean distance), ``ba_iterations`` BA alternations
+    (see ``blahut_arimoto``; Blahut 1972, Arimoto 1972) give soft assignments P(k|x) and the code
+    marginal Q(k) = mean_x P(k|x) at inverse temperature beta, cosine-annealed per training step
+    from ``beta_start`` to ``beta_end`` (``set_schedule``).
+
+    Training forward: z_q = P.E (soft quantization), passed on with the straight-through line
+    ``z + sg[P.E - z]`` (as in the original code: the decoder sees P.E, its gradient is copied to z).
+    Eval forward: z_q = e_{argmax_k P(k|x)}, the hard code, so validation measures the discrete
+    bottleneck; the soft P.E is also returned as ``info['z_q_soft']``.
+
+    Losses (all in float32):
+      commitment_loss = commitment_cost * mse(z, sg[P.E])            -> encoder
+      entropy_loss    = -entropy_cost * H(Q), H in nats               -> encoder and codebook, through
+                                                                         every BA iteration
+      codebook_loss   = codebook_cost * mse(sg[z], P'.E)              -> codebook only
+    Because of the straight-through line the reconstruction loss sends no gradient to the codebook;
+    in the original code (``codebook_cost = 0``, which reproduces it exactly) the codebook moves only
+    through the entropy term. The codebook term moves each code toward the encoder outputs softly
+    assigned to it. sg[z] is taken literally: P' is P recomputed from sg[z] (same values as P), so the
+    term sends no gradient into the encoder, through the assignments or otherwise.
+
+    Departures from the original code: the original clamps Q at 1e-10 before taking its log; in log
+    space no floor is needed, so codes with Q < 1e-10 keep their exact (tiny) mass.
+    Options (off by default): see ``CodebookQuantizer`` (usage for dead codes = hard argmax counts).
+
+    Two implementations of the same maths (``ba_impl``): ``autograd`` runs ``blahut_arimoto`` above
+    and lets autograd differentiate it (the reference); ``fused`` (the default) runs ``_FusedBA``
+    below, one pass with a hand-written backward. To change the maths: edit ``blahut_arimoto`` (and
+    this forward's autograd branch), train with ``--ba_impl autograd``, then port the change to
+    ``_FusedBA`` and run ``pytest tests/test_quantizers.py -k fused`` (fused == autograd in float64).
+    """
+    loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
+    batch_dependent_codes = True          # Q, and so each latent's code, is computed from the batch
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
+                 entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
+                 init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
+                 dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0):
+        super().__init__()
+        if ba_impl not in BA_IMPLS:
+            raise BavqError(f"ba_impl '{ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)}).")
+        self.ba_impl, self.ba_chunk_rows = ba_impl, ba_chunk_rows
+        codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
+                               dead_code_threshold, decay)
+        self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
+        self.beta_start, self.beta_end, self.ba_iterations = beta_start, beta_end, ba_iterations
+        self.codebook = nn.Parameter(codebook)                           # E, (K, D)
+        self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
+        self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
+        self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
+
+    def compile_kernels(self) -> None:
+        """Use torch.compile'd chunk functions in the fused BA pass (``--compile``; same maths)."""
+        if self.ba_impl == "fused":
+            self._ba_kernels = compiled_ba_kernels()
+
+    def set_schedule(self, t: float) -> None:
+        """Cosine schedule: beta = beta_start at t = 0, beta_end at t = 1."""
+        self.beta.fill_(cosine_schedule(self.beta_start, self.beta_end, t))
+
+    def extra_metrics(self) -> dict:
+        return {"beta": float(self.beta)}
+
+    def forward(self, z: torch.Tensor):
+        B, D, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = self._latents(z)                                     # (N, D)
+            E = self._codes()                                             # (K, D)
+            beta = self.beta
+            if self.ba_impl == "fused":
+                # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
+                z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows,
+                                                            self._ba_kernels)
+                z_q_cb = z_q_soft
+            else:                                                         # reference: autograd throughout
+                d = squared_distances(z_flat, E)                          # (N, K)
+                log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)  # (N, K), (K,)
+                z_q_soft = log_p.exp() @ E                                # (N, D)
+                indices = log_p.argmax(dim=1)                             # (N,)
+                z_q_cb = z_q_soft
+                if self.codebook_cost > 0 and torch.is_grad_enabled() and z_flat.requires_grad:
+                    # P' from sg[z]: same values as P, but no path back into the encoder.
+                    log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations)
+                    z_q_cb = log_p_sg.exp() @ E                           # (N, D)
+            entropy = -(log_q.exp() * log_q).sum()                        # H(Q), nats
+            losses = {
+                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, z_q_soft.detach()),
+                "entropy_loss": -self.entropy_cost * entropy,
+            }
+            if self.codebook_cost > 0:
+                losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), z_q_cb)
+            else:
+                losses["codebook_loss"] = torch.zeros((), device=z.device)
+            stats = _code_stats(indices, self.num_embeddings)
+            if self.training:
+                self._track(z_flat, stats["code_counts"])
+            z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
+            z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **stats,
+                "beta": beta.detach().clone(), "entropy": entropy.detach()}
+        if not self.training:
+            info["z_q_soft"] = _unflatten_latents(z_q_soft, z.shape)
+        return z_q, losses, info
+
+
+# ----------------------------------------------------------------------------- BA-VQ's fast path
+# The same maths as ``blahut_arimoto`` + autograd, in one pass with a hand-written exact backward
+# (``--ba_impl fused``, the default). The reference above is what to edit: change
+# ``blahut_arimoto`` (and BAQuantizer's autograd branch), check training with --ba_impl autograd,
+# port the change here (forward chunk, backward chunk, and the maths in _FusedBA's docstring), then
+# run ``pytest tests/test_quantizers.py -k fused``: fused == autograd in float64, gradients included.
 
 def _ba_chunk_rows(N: int, K: int, chunk_rows: int) -> int:
     """Rows per chunk: ``chunk_rows`` if > 0, else about 2**24 matrix elements (64 MB in float32)."""
@@ -1087,116 +1074,7 @@ def compiled_ba_kernels() -> tuple:
     return torch.compile(_ba_forward_chunk), torch.compile(_ba_backward_chunk)
 
 
-def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
-                          source_weights: torch.Tensor | None = None) -> tuple[float, float]:
-    """(R in bits, D) of the conditional P(k|x) on a source with weights p(x) (uniform by default):
-    R = I(X; K) = sum_x p(x) sum_k P(k|x) log2(P(k|x) / Q(k)), D = sum_x p(x) sum_k P(k|x) d(x,k)."""
-    N = distances.shape[0]
-    w = torch.full((N,), 1.0 / N, dtype=log_p.dtype) if source_weights is None else source_weights
-    p = log_p.exp()
-    rate = (w[:, None] * p * (log_p - log_q[None, :])).sum() / math.log(2.0)
-    dist = (w[:, None] * p * distances).sum()
-    return float(rate), float(dist)
-
-
-class BAQuantizer(_CodebookQuantizer):
-    """Soft vector quantization by Blahut-Arimoto (BA) assignment, codebook learned by gradient.
-
-    For latents z_x and codes e_k (d = squared Euclidean distance), ``ba_iterations`` BA alternations
-    (see ``blahut_arimoto``; Blahut 1972, Arimoto 1972) give soft assignments P(k|x) and the code
-    marginal Q(k) = mean_x P(k|x) at inverse temperature beta, cosine-annealed per training step
-    from ``beta_start`` to ``beta_end`` (``set_progress``).
-
-    Training forward: z_q = P.E (soft quantization), passed on with the straight-through line
-    ``z + sg[P.E - z]`` (as in the original code: the decoder sees P.E, its gradient is copied to z).
-    Eval forward: z_q = e_{argmax_k P(k|x)}, the hard code, so validation measures the discrete
-    bottleneck; the soft P.E is also returned as ``info['z_q_soft']``.
-
-    Losses (all in float32):
-      commitment_loss = commitment_cost * mse(z, sg[P.E])            -> encoder
-      entropy_loss    = -entropy_cost * H(Q), H in nats               -> encoder and codebook, through
-                                                                         every BA iteration
-      codebook_loss   = codebook_cost * mse(sg[z], P'.E)              -> codebook only
-    Because of the straight-through line the reconstruction loss sends no gradient to the codebook;
-    in the original code (``codebook_cost = 0``, which reproduces it exactly) the codebook moves only
-    through the entropy term. The codebook term moves each code toward the encoder outputs softly
-    assigned to it. sg[z] is taken literally: P' is P recomputed from sg[z] (same values as P), so the
-    term sends no gradient into the encoder, through the assignments or otherwise.
-
-    Departures from the original code: the original clamps Q at 1e-10 before taking its log; in log
-    space no floor is needed, so codes with Q < 1e-10 keep their exact (tiny) mass.
-    Options (off by default): see ``_CodebookQuantizer`` (usage for dead codes = hard argmax counts).
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
-                 beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
-                 entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
-                 init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
-                 dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0):
-        super().__init__()
-        if ba_impl not in BA_IMPLS:
-            raise BavqError(f"ba_impl '{ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)}).")
-        self.ba_impl, self.ba_chunk_rows = ba_impl, ba_chunk_rows
-        codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
-                               dead_code_threshold, decay)
-        self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
-        self.beta_start, self.beta_end, self.ba_iterations = beta_start, beta_end, ba_iterations
-        self.codebook = nn.Parameter(codebook)                           # E, (K, D)
-        self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
-        self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
-        self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
-
-    def compile_kernels(self) -> None:
-        """Use torch.compile'd chunk functions in the fused BA pass (``--compile``; same maths)."""
-        self._ba_kernels = compiled_ba_kernels()
-
-    def set_progress(self, progress: float) -> None:
-        """Cosine schedule: beta = beta_start at progress 0, beta_end at progress 1."""
-        self.beta.fill_(cosine_schedule(self.beta_start, self.beta_end, progress))
-
-    def forward(self, z: torch.Tensor):
-        B, D, H, W = z.shape
-        with _autocast_off(z.device.type):
-            z_flat = self._latents(z)                                     # (N, D)
-            E = self._codes()                                             # (K, D)
-            beta = self.beta
-            if self.ba_impl == "fused":
-                # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
-                z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows,
-                                                            self._ba_kernels)
-                z_q_cb = z_q_soft
-            else:                                                         # reference: autograd throughout
-                d = squared_distances(z_flat, E)                          # (N, K)
-                log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)  # (N, K), (K,)
-                z_q_soft = log_p.exp() @ E                                # (N, D)
-                indices = log_p.argmax(dim=1)                             # (N,)
-                z_q_cb = z_q_soft
-                if self.codebook_cost > 0 and torch.is_grad_enabled() and z_flat.requires_grad:
-                    # P' from sg[z]: same values as P, but no path back into the encoder.
-                    log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations)
-                    z_q_cb = log_p_sg.exp() @ E                           # (N, D)
-            entropy = -(log_q.exp() * log_q).sum()                        # H(Q), nats
-            losses = {
-                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, z_q_soft.detach()),
-                "entropy_loss": -self.entropy_cost * entropy,
-            }
-            if self.codebook_cost > 0:
-                losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), z_q_cb)
-            else:
-                losses["codebook_loss"] = torch.zeros((), device=z.device)
-            stats = _code_stats(indices, self.num_embeddings)
-            if self.training:
-                self._track(z_flat, stats["code_counts"])
-            z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
-            z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
-        info = {"code_indices": indices.reshape(B, H, W), **stats,
-                "beta": beta.detach().clone(), "entropy": entropy.detach()}
-        if not self.training:
-            info["z_q_soft"] = _unflatten_latents(z_q_soft, z.shape)
-        return z_q, losses, info
-
-
-class FSQQuantizer(nn.Module):
+class FSQQuantizer(Quantizer):
     """Finite scalar quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made
     Simple", Sec. 3): no codebook to collapse.
 
@@ -1221,8 +1099,13 @@ class FSQQuantizer(nn.Module):
         self.proj_in = nn.Linear(embedding_dim, len(levels))
         self.proj_out = nn.Linear(len(levels), embedding_dim)
 
-    def set_progress(self, progress: float) -> None:
-        pass
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        K = math.prod(cfg.fsq_levels)
+        if K != cfg.codebook_size:
+            return [f"fsq_levels {cfg.fsq_levels} give {K} codes but codebook_size is {cfg.codebook_size} "
+                    f"(set --codebook_size {K})"]
+        return []
 
     def _half_width(self):
         return (self.levels // 2).float()
@@ -1307,60 +1190,14 @@ def compute_psnr(x: torch.Tensor, x_recon: torch.Tensor) -> float:
     return float(psnr_per_image(x, x_recon).mean())
 
 
+
 # =============================================================================
 # training
 # =============================================================================
 
-# Loss-term keys every run reports, so history lines and final_metrics.json have stable keys.
-_LOSS_KEYS = {"vq_ema": ("commitment_loss",), "vq": ("commitment_loss", "codebook_loss"),
-              "ba_vq": ("commitment_loss", "entropy_loss", "codebook_loss"), "fsq": ()}
-SHAPE_KEYS = ("quantizer", "codebook_size", "latent_dim", "hidden_dim")   # must match to resume
-CHECKPOINT_FORMAT = 1
-
-
-class TrainingInterrupted(BavqError):
-    """Ctrl-C / SIGTERM: a checkpoint was saved; the message says how to resume."""
-
-
-class _Accumulator:
-    """Sample-weighted sums of scalar tensors kept on the device; read once with ``means()``."""
-
-    def __init__(self, state: dict | None = None, device=None):
-        self.sums, self.n = {}, 0
-        if state is not None:
-            self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-            self.n = state["n"]
-
-    def add(self, values: dict, n: int):
-        for k, v in values.items():
-            v = v.detach().float() * n
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.n += n
-
-    def means(self) -> dict:
-        if not self.sums:
-            return {}
-        keys = list(self.sums)
-        vals = torch.stack([self.sums[k] for k in keys]).cpu().tolist()   # one host sync
-        return {k: v / max(self.n, 1) for k, v in zip(keys, vals)}
-
-    def state(self) -> dict:
-        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "n": self.n}
-
-
-class _StopRequested(Exception):
-    """Raised inside train_epoch at a batch boundary when a stop was requested."""
-
-    def __init__(self, progress: dict, step: int):
-        super().__init__("stop requested")
-        self.progress, self.step = progress, step
-
-
-def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")     # torch.compile modes (--compile_mode)
+DATA_PATHS = ("device", "loader")
 
 
 @dataclass
@@ -1398,11 +1235,65 @@ def make_runtime(cfg: Config, device: torch.device) -> Runtime:
 
 
 def default_val_batch_size(cfg: Config) -> int:
-    """BA-VQ's assignment depends on the batch (through Q), so it validates at the training batch
-    size; the other quantizers are per-vector and validate in batches of 1024 for speed."""
+    """A quantizer whose codes depend on the batch (BA-VQ: through Q) validates at the training
+    batch size; the others are per-vector and validate in batches of 1024 for speed."""
     if cfg.val_batch_size:
         return cfg.val_batch_size
-    return cfg.batch_size if cfg.quantizer == "ba_vq" else max(cfg.batch_size, 1024)
+    return cfg.batch_size if QUANTIZERS[cfg.quantizer].batch_dependent_codes else max(cfg.batch_size, 1024)
+
+
+def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
+    """The model of ``cfg``, initialised from ``cfg.seed`` exactly as ``train(cfg)`` initialises it."""
+    torch.manual_seed(cfg.seed)
+    model = VQVAE.from_config(cfg)
+    return model.to(device) if device is not None else model
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel on a GPU (one launch for all parameters)."""
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, torch.optim.Optimizer]:
+    """The model of ``cfg`` on ``device`` in the runtime's memory format, its optimizer, and
+    torch.compile of encoder and decoder (and of the quantizer's own kernels) when asked (in place:
+    state_dict keys are unchanged). On CUDA it turns on cuDNN autotuning (the shapes are fixed)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(cfg, device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, device)
+    if cfg.compile:
+        model.encoder.compile(mode=cfg.compile_mode)
+        model.decoder.compile(mode=cfg.compile_mode)
+        model.compiled = True
+        model.quantizer.compile_kernels()
+    return model, optimizer
+
+
+@torch.no_grad()
+def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
+    """--init kmeans: cluster the encoder outputs of ``kmeans_batches`` training batches (a random
+    draw seeded by ``cfg.seed``, separate from the data order) with k-means++ and ``kmeans_iters``
+    Lloyd iterations, and load the centres as the codebook with usage = cluster size per batch
+    (for VQ-EMA: EMA counts = that, EMA sums = count x code)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = min(images.shape[0], cfg.kmeans_batches * cfg.batch_size)
+    idx = torch.randperm(images.shape[0], generator=g)[:n].to(images.device)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    zs = []
+    for s in range(0, n, cfg.batch_size):
+        model.mark_step()                  # clone: with CUDA graphs the next call may reuse the output's memory
+        zs.append(_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device)))).clone())
+    model.train(was_training)
+    z = torch.cat(zs)                                                          # (n*H*W, D)
+    q = model.quantizer
+    centers, sizes = kmeans_codebook(z, q.num_embeddings, cfg.kmeans_iters, generator=g, cosine=q.cosine)
+    q.load_codes(centers, sizes / (n / cfg.batch_size))
 
 
 def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: Config, device):
@@ -1422,17 +1313,111 @@ def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: 
         yield xb.to(device, non_blocking=True)
 
 
-def _zero_optimizer_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
-    """Reset Adam's moment estimates of restarted codebook rows (their history belongs to the old code)."""
-    state = optimizer.state.get(param, {})
-    keep = (~rows)[:, None].to(param.dtype)
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            state[key].mul_(keep)
+def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
+                generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
+                resume_from: dict | None = None, stop=None, rt: Runtime | None = None) -> tuple[dict, int]:
+    """One pass over ``images`` (uint8, on the model's device, or on the CPU with data_path loader)
+    in the order of one ``randperm`` drawn from ``generator``. Returns (metrics, new global step).
+
+    Per step: loss = recon_loss + w * sum(quantizer losses), w = min(1, step / warm-up steps);
+    backward; optional gradient clipping; AdamW; every ``dead_code_every`` steps dead codes are
+    restarted (and their Adam moments reset). Metrics (see ``_EpochStats.metrics``) are accumulated
+    on the device and read once at the end; non-finite values are checked every ``progress_every``
+    steps. ``stop()`` is polled before each batch (a Python flag, no device sync); when it is true,
+    ``_StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it had
+    not stopped.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    rt = rt or Runtime(device)
+    q = model.quantizer
+    n_steps = math.ceil(images.shape[0] / cfg.batch_size)
+    warmup_steps = cfg.vq_loss_warmup_epochs * n_steps
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    restarts_on = cfg.dead_code_threshold > 0 and q.has_codebook
+    stats = _EpochStats(q.num_embeddings, device, generator, resume_from)
+    perm = torch.randperm(images.shape[0], generator=generator).to(device)
+    bar = _ProgressBar(n_steps, desc, cfg.progress, initial=stats.start)
+    batches = _batches(images, perm, stats.start, cfg.batch_size, cfg, device)
+    w = 1.0
+    for i in range(stats.start, n_steps):
+        if stop is not None and stop():
+            stats.check_finite(bar)                                       # never checkpoint a NaN state
+            raise _StopRequested(stats.state(i), step)
+        x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
+        q.set_schedule(step / max(total_steps - 1, 1))
+        model.mark_step()
+        with rt.autocast():
+            x_recon, recon_loss, loss_dict, info = model(x)
+        w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0   # quantizer-loss warm-up
+        loss = recon_loss + w * sum(loss_dict.values())
+        grad_norm = _backward_and_step(loss, model, optimizer, rt, clip)  # norm before clipping
+        if restarts_on and (step + 1) % cfg.dead_code_every == 0:
+            stats.restarts += _restart_dead_codes(q, optimizer)
+        stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt)
+        step += 1
+        if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
+            stats.check_finite(bar)                                       # one host sync
+            bar.show(loss=loss, ppl=info["perplexity"])
+        bar.update()
+    bar.close()
+    return {**stats.metrics(n_steps), "vq_loss_weight": w, **q.extra_metrics()}, step
 
 
-class NonFiniteError(BavqError):
-    """A loss term or the gradient became NaN/Inf; training stopped, nothing after it was saved."""
+def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float) -> torch.Tensor:
+    """Backward, gradient clipping (returns the norm before clipping) and the optimizer step; with
+    fp16 the scaled backward, unscaling before clipping, and the scaler skipping inf steps."""
+    optimizer.zero_grad(set_to_none=True)
+    if rt.scaler is None:
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        return grad_norm
+    rt.scaler.scale(loss).backward()
+    rt.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    rt.scaler.step(optimizer)                                             # skips steps with inf gradients
+    rt.scaler.update()
+    return grad_norm
+
+
+def _restart_dead_codes(q: Quantizer, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Restart the quantizer's dead codes; a gradient-trained codebook also loses the Adam moments
+    of the restarted rows (their history belongs to the old code). Returns how many (0-dim)."""
+    dead = q.restart_dead_codes()                                         # (K,) bool
+    if isinstance(q.codebook, nn.Parameter):
+        state = optimizer.state.get(q.codebook, {})
+        keep = (~dead)[:, None].to(q.codebook.dtype)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].mul_(keep)
+    return dead.sum()
+
+
+class _Accumulator:
+    """Sample-weighted sums of scalar tensors kept on the device; read once with ``means()``."""
+
+    def __init__(self, state: dict | None = None, device=None):
+        self.sums, self.n = {}, 0
+        if state is not None:
+            self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+            self.n = state["n"]
+
+    def add(self, values: dict, n: int):
+        for k, v in values.items():
+            v = v.detach().float() * n
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += n
+
+    def means(self) -> dict:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        vals = torch.stack([self.sums[k] for k in keys]).cpu().tolist()   # one host sync
+        return {k: v / max(self.n, 1) for k, v in zip(keys, vals)}
+
+    def state(self) -> dict:
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "n": self.n}
 
 
 class _NonFinite(Exception):
@@ -1441,135 +1426,120 @@ class _NonFinite(Exception):
         self.step, self.terms = step, terms
 
 
-def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
-                generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
-                resume_from: dict | None = None, stop=None, rt: Runtime | None = None) -> tuple[dict, int]:
-    """One pass over ``images`` (uint8, on the model's device) in random order.
+class _StopRequested(Exception):
+    """Raised inside train_epoch at a batch boundary when a stop was requested; ``partial_epoch``
+    is what ``train_epoch(resume_from=...)`` needs to finish the epoch."""
 
-    Returns (metrics, new global step). Metrics are sample-weighted means of the loss terms plus
-    the perplexity, usage and dead codes of every code index of the epoch (a histogram on the
-    device), the histogram ``code_counts`` (K,), the gradient norm (mean and max, before clipping),
-    the number of dead-code restarts and the quantizer-loss weight (warm-up).
+    def __init__(self, partial_epoch: dict, step: int):
+        super().__init__("stop requested")
+        self.partial_epoch, self.step = partial_epoch, step
 
-    Per step: loss = recon_loss + w * sum(quantizer losses), w = min(1, step / (warm-up steps));
-    optional gradient clipping; every ``dead_code_every`` steps dead codes are restarted (and their
-    Adam moments reset). Non-finite losses or gradients are recorded on the device and checked
-    every ``progress_every`` steps and at the end; the error names the first bad step and term.
-    ``stop()`` is polled before each batch (a Python flag, no device sync); when it is true,
-    ``_StopRequested`` carries what is needed to finish the epoch later exactly as if it had not
-    stopped (``resume_from``).
-    """
-    model.train()
-    device = next(model.parameters()).device          # images may stay on the CPU (data_path loader)
-    rt = rt or Runtime(device)
-    q = model.quantizer
-    K = q.num_embeddings
-    N, B = images.shape[0], cfg.batch_size
-    n_steps = math.ceil(N / B)
-    warmup_steps = cfg.vq_loss_warmup_epochs * n_steps
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    restarts_on = cfg.dead_code_threshold > 0 and hasattr(q, "restart_dead_codes")
-    if resume_from is None:
-        gen_state = generator.get_state()
-        start, acc = 0, _Accumulator()
-        counts = torch.zeros(K, dtype=torch.long, device=device)
-        extra = {"grad_norm_max": torch.zeros((), device=device), "grad_norm_sum": torch.zeros((), device=device),
-                 "grad_norm_n": torch.zeros((), dtype=torch.long, device=device),
-                 "restarts": torch.zeros((), dtype=torch.long, device=device)}
-    else:
-        gen_state = resume_from["gen_state"]
-        generator.set_state(gen_state)
-        start = resume_from["batch"]
-        acc = _Accumulator(resume_from["acc"], device)
-        counts = resume_from["counts"].to(device)
-        extra = {k: v.to(device) for k, v in resume_from["extra"].items()}
-    perm = torch.randperm(N, generator=generator).to(device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)       # first non-finite step, -1 = none
-    bad_terms = None
-    names = None
-    bar = _progress_bar(n_steps, desc, cfg.progress, initial=start)
-    info, w = {}, 1.0
 
-    def check_finite():
-        if int(bad_step) >= 0:                                           # one host sync
-            if bar is not None:
-                bar.close()
-            which = [n for n, b in zip(names, bad_terms.tolist()) if b]
-            raise _NonFinite(int(bad_step), which)
+class _EpochStats:
+    """What a training epoch accumulates on the device, read once at the end: sample-weighted loss
+    sums, the code histogram, gradient norms, dead-code restarts and the first non-finite step.
+    ``state(batch)`` / ``resume_from`` carry an interrupted epoch over to its continuation."""
 
-    batches = _batches(images, perm, start, B, cfg, device)
-    for i in range(start, n_steps):
-        if stop is not None and stop():
-            check_finite()                                                # never checkpoint a NaN state
-            if bar is not None:
-                bar.close()
-            raise _StopRequested({"gen_state": gen_state, "batch": i, "acc": acc.state(), "counts": counts.cpu(),
-                                  "extra": {k: v.cpu() for k, v in extra.items()}}, step)
-        x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
-        q.set_progress(step / max(total_steps - 1, 1))
-        model.mark_step()
-        with rt.autocast():
-            x_recon, recon_loss, loss_dict, info = model(x)
-        w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-        loss = recon_loss + w * sum(loss_dict.values())
-        optimizer.zero_grad(set_to_none=True)
-        if rt.scaler is not None:                                         # fp16: scaled backward
-            rt.scaler.scale(loss).backward()
-            rt.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            rt.scaler.step(optimizer)                                     # skips steps with inf gradients
-            rt.scaler.update()
+    def __init__(self, K: int, device, generator: torch.Generator, resume_from: dict | None):
+        zero = lambda dtype=torch.float32: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        if resume_from is None:
+            self.gen_state = generator.get_state()                 # the epoch's permutation is drawn from here
+            self.start, self.acc = 0, _Accumulator()
+            self.counts = torch.zeros(K, dtype=torch.long, device=device)
+            self.extra = {"grad_norm_max": zero(), "grad_norm_sum": zero(), "grad_norm_n": zero(torch.long),
+                          "restarts": zero(torch.long)}
         else:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)   # norm before clipping
-            optimizer.step()
-        if restarts_on and (step + 1) % cfg.dead_code_every == 0:
-            dead = q.restart_dead_codes()
-            extra["restarts"] += dead.sum()
-            if isinstance(q.codebook, nn.Parameter):
-                _zero_optimizer_rows(optimizer, q.codebook, dead)
-        # non-finite bookkeeping on the device: remember the first bad step and which terms
-        # (with fp16 the scaler handles inf gradients itself, so only the loss terms are checked)
+            self.gen_state = resume_from["gen_state"]
+            generator.set_state(self.gen_state)
+            self.start = resume_from["batch"]
+            self.acc = _Accumulator(resume_from["acc"], device)
+            self.counts = resume_from["counts"].to(device)
+            self.extra = {k: v.to(device) for k, v in resume_from["extra"].items()}
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step, -1 = none
+        self.bad_terms, self.names = None, None
+
+    @property
+    def restarts(self) -> torch.Tensor:
+        return self.extra["restarts"]
+
+    @restarts.setter
+    def restarts(self, value: torch.Tensor) -> None:
+        self.extra["restarts"] = value
+
+    def add_step(self, step, n, loss, recon_loss, loss_dict, grad_norm, code_counts, rt: Runtime) -> None:
+        # non-finite terms: remember the first bad step and which terms (with fp16 the scaler handles
+        # inf gradients itself, so only the loss terms are checked)
+        check_grad = rt.scaler is None
         terms = torch.stack([recon_loss.detach().float(), *[v.detach().float() for v in loss_dict.values()],
-                             *([grad_norm.detach().float()] if rt.scaler is None else [])])
-        if names is None:
-            names = ["recon_loss", *loss_dict.keys(), *(["gradient norm"] if rt.scaler is None else [])]
-            bad_terms = torch.zeros(len(names), dtype=torch.bool, device=device)
+                             *([grad_norm.detach().float()] if check_grad else [])])
+        if self.names is None:
+            self.names = ["recon_loss", *loss_dict.keys(), *(["gradient norm"] if check_grad else [])]
+            self.bad_terms = torch.zeros(len(self.names), dtype=torch.bool, device=terms.device)
         bad = ~torch.isfinite(terms)
-        newly = bad.any() & (bad_step < 0)
-        bad_step = torch.where(newly, torch.full_like(bad_step, step), bad_step)
-        bad_terms = torch.where(newly, bad, bad_terms)
-        step += 1
-        acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict}, x.shape[0])
+        newly = bad.any() & (self.bad_step < 0)
+        self.bad_step = torch.where(newly, torch.full_like(self.bad_step, step), self.bad_step)
+        self.bad_terms = torch.where(newly, bad, self.bad_terms)
+        self.acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict}, n)
         gn = grad_norm.detach().float()
-        finite = torch.isfinite(gn)                                       # fp16: the scaler skipped this step
-        extra["grad_norm_sum"] += torch.where(finite, gn, torch.zeros_like(gn))
-        extra["grad_norm_n"] += finite.long()
-        extra["grad_norm_max"] = torch.maximum(extra["grad_norm_max"], torch.where(finite, gn, torch.zeros_like(gn)))
-        counts += info["code_counts"]
-        if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
-            check_finite()
+        gn_ok = torch.where(torch.isfinite(gn), gn, torch.zeros_like(gn))   # fp16: the scaler skipped this step
+        self.extra["grad_norm_sum"] += gn_ok
+        self.extra["grad_norm_n"] += torch.isfinite(gn).long()
+        self.extra["grad_norm_max"] = torch.maximum(self.extra["grad_norm_max"], gn_ok)
+        self.counts += code_counts
+
+    def check_finite(self, bar=None) -> None:
+        """Raise _NonFinite naming the first bad step and its terms (one host sync)."""
+        if int(self.bad_step) >= 0:
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{info['perplexity'].item():.1f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    check_finite()
-    metrics = acc.means()
-    n_finite = int(extra["grad_norm_n"])
-    metrics["grad_norm"] = float(extra["grad_norm_sum"]) / max(n_finite, 1)   # mean over finite steps
-    metrics["grad_norm_max"] = float(extra["grad_norm_max"])
-    metrics["skipped_steps"] = n_steps - n_finite             # fp16 steps the gradient scaler skipped
-    metrics["dead_code_restarts"] = int(extra["restarts"])
-    metrics["vq_loss_weight"] = w
-    metrics["perplexity"] = float(perplexity_from_counts(counts))
-    metrics["usage_rate"] = float(usage_from_counts(counts))
-    metrics["dead_codes"] = int((counts == 0).sum())
-    metrics["code_counts"] = counts.cpu()
-    if isinstance(q, BAQuantizer):
-        metrics["beta"] = float(q.beta)
-    return metrics, step
+                bar.close()
+            raise _NonFinite(int(self.bad_step), [n for n, b in zip(self.names, self.bad_terms.tolist()) if b])
+
+    def state(self, batch: int) -> dict:
+        return {"gen_state": self.gen_state, "batch": batch, "acc": self.acc.state(), "counts": self.counts.cpu(),
+                "extra": {k: v.cpu() for k, v in self.extra.items()}}
+
+    def metrics(self, n_steps: int) -> dict:
+        """Sample-weighted mean loss terms; gradient norm mean (over finite steps) and max, before
+        clipping; fp16 steps the scaler skipped; restarts; perplexity, usage and dead codes of every
+        code index of the epoch, and the histogram ``code_counts`` (K,) (a CPU tensor)."""
+        self.check_finite()
+        m = self.acc.means()
+        n_finite = int(self.extra["grad_norm_n"])
+        m["grad_norm"] = float(self.extra["grad_norm_sum"]) / max(n_finite, 1)
+        m["grad_norm_max"] = float(self.extra["grad_norm_max"])
+        m["skipped_steps"] = n_steps - n_finite
+        m["dead_code_restarts"] = int(self.extra["restarts"])
+        return {**m, **_histogram_metrics(self.counts)}
+
+
+def _histogram_metrics(counts: torch.Tensor) -> dict:
+    """perplexity, usage_rate, dead_codes (never used) and the histogram itself (CPU) of a pass."""
+    return {"perplexity": float(perplexity_from_counts(counts)), "usage_rate": float(usage_from_counts(counts)),
+            "dead_codes": int((counts == 0).sum()), "code_counts": counts.cpu()}
+
+
+class _ProgressBar:
+    """A tqdm bar when ``enabled``; every method is a no-op otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def show(self, **values) -> None:
+        """Shows 0-dim tensors as numbers (a host read: call it only every ``progress_every`` steps)."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v.item():.4g}" for k, v in values.items()})
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @torch.no_grad()
@@ -1578,18 +1548,17 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     """Whole-set validation in eval mode (hard codes for every quantizer); restores the mode.
 
     Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
-    ``mse`` (same as recon_loss), perplexity and usage over *all* code indices of the set,
-    ``code_counts`` (K,) (a CPU tensor), and for BA-VQ ``psnr_soft`` (reconstruction from P.E) and ``beta``.
+    ``mse`` (same as recon_loss), perplexity, usage and dead codes over *all* code indices of the
+    set, ``code_counts`` (K,) (a CPU tensor), ``psnr_soft`` when the quantizer returns ``z_q_soft``
+    (BA-VQ: the reconstruction from P.E), and the quantizer's ``extra_metrics``.
     """
     was_training = model.training
     model.eval()
-    device = images.device
-    rt = rt or Runtime(device)
-    K = model.quantizer.num_embeddings
-    N = images.shape[0]
-    acc, counts = _Accumulator(), torch.zeros(K, dtype=torch.long, device=device)
-    bar = _progress_bar(math.ceil(N / batch_size), "val", progress)
-    for start in range(0, N, batch_size):
+    rt = rt or Runtime(images.device)
+    acc = _Accumulator()
+    counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.long, device=images.device)
+    bar = _ProgressBar(math.ceil(images.shape[0] / batch_size), "val", progress)
+    for start in range(0, images.shape[0], batch_size):
         model.mark_step()
         x = rt.prepare(to_float(images[start:start + batch_size]))
         with rt.autocast():
@@ -1597,146 +1566,279 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
         values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
         # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
         values["psnr"] = psnr_per_image(x, x_recon).mean()
-        if "z_q_soft" in info:                                            # BA-VQ: also decode P.E
+        if "z_q_soft" in info:                                            # a second decoder input (BA-VQ: P.E)
             with rt.autocast():
                 x_soft = model.decoder(info["z_q_soft"])
             values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
         acc.add(values, x.shape[0])
         counts += info["code_counts"]
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update()
+    bar.close()
     metrics = acc.means()
     metrics["mse"] = metrics["recon_loss"]
-    metrics["perplexity"] = float(perplexity_from_counts(counts))
-    metrics["usage_rate"] = float(usage_from_counts(counts))
-    metrics["dead_codes"] = int((counts == 0).sum())                  # never used in the whole pass
-    metrics["code_counts"] = counts.cpu()
-    if isinstance(model.quantizer, BAQuantizer):
-        metrics["beta"] = float(model.quantizer.beta)
+    metrics.update(_histogram_metrics(counts), **model.quantizer.extra_metrics())
     model.train(was_training)
     return metrics
 
 
-# ---------------------------------------------------------------------------- pictures
+
+# #############################################################################
+#
+#   experiment management
+#
+#   Everything below is plumbing around the method above: config checking and YAML, small
+#   helpers (seeding, device choice, atomic writes), run directories, checkpoints and resume,
+#   interruption, W&B, pictures, train(cfg), and sweeps. Nothing here computes a model quantity.
+#
+# #############################################################################
+
+# ---------------------------------------------------------------------------- config checking
+
+DEVICES = ("auto", "cpu", "cuda", "mps")            # and cuda:N
 
 
-@torch.no_grad()
-def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int) -> Path:
-    """recon.png: ``n`` evenly spaced validation images (top row) above their eval-mode (hard-code)
-    reconstructions (bottom row), clipped to [0, 1] for display."""
-    import torchvision
-    was_training = model.training
-    model.eval()
-    x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
-    model.mark_step()
-    x_recon = model(x)[0].float()
-    model.train(was_training)
-    grid = torchvision.utils.make_grid(torch.cat([x, x_recon]).add(1).div(2).clamp(0, 1).cpu(),
-                                       nrow=x.shape[0], padding=2, pad_value=1.0)
+def field_choices() -> dict:
+    """{Config field: its allowed values} for every field with a fixed set of values; Config
+    checking and the CLI (train.py) both read this."""
+    return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
+            "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS,
+            "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
+
+
+def config_problems(cfg: Config) -> list:
+    """Every problem of ``cfg``'s values, one sentence each (``Config.validate`` raises them)."""
+    problems = []
+
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+
+    for key, options in field_choices().items():
+        value = getattr(cfg, key)
+        need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
+    need(cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+         f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
+    need(cfg.codebook_size >= 2, f"codebook_size must be >= 2 (got {cfg.codebook_size})")
+    need(cfg.latent_dim >= 1, f"latent_dim must be >= 1 (got {cfg.latent_dim})")
+    need(cfg.hidden_dim >= 1, f"hidden_dim must be >= 1 (got {cfg.hidden_dim})")
+    need(cfg.epochs >= 1, f"epochs must be >= 1 (got {cfg.epochs})")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
+    need(cfg.val_batch_size >= 0, f"val_batch_size must be >= 0 (got {cfg.val_batch_size})")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})")
+    need(0 <= cfg.decay < 1, f"decay must be in [0, 1) (got {cfg.decay})")
+    need(cfg.epsilon > 0, f"epsilon must be > 0 (got {cfg.epsilon})")
+    need(cfg.ema_init_count >= 0, f"ema_init_count must be >= 0 (got {cfg.ema_init_count})")
+    need(cfg.commitment_cost >= 0, f"commitment_cost must be >= 0 (got {cfg.commitment_cost})")
+    need(cfg.beta_start > 0, f"beta_start must be > 0 (got {cfg.beta_start})")
+    need(cfg.beta_end >= cfg.beta_start,
+         f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
+    need(cfg.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {cfg.ba_iterations})")
+    need(cfg.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {cfg.entropy_cost})")
+    need(cfg.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {cfg.codebook_cost})")
+    need(cfg.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {cfg.ba_chunk_rows})")
+    need(cfg.kmeans_batches >= 1, f"kmeans_batches must be >= 1 (got {cfg.kmeans_batches})")
+    need(cfg.kmeans_iters >= 0, f"kmeans_iters must be >= 0 (got {cfg.kmeans_iters})")
+    need(cfg.dead_code_threshold >= 0, f"dead_code_threshold must be >= 0 (got {cfg.dead_code_threshold})")
+    need(cfg.dead_code_every >= 1, f"dead_code_every must be >= 1 (got {cfg.dead_code_every})")
+    need(cfg.vq_loss_warmup_epochs >= 0, f"vq_loss_warmup_epochs must be >= 0 (got {cfg.vq_loss_warmup_epochs})")
+    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (got {cfg.grad_clip})")
+    need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
+         f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
+    if cfg.quantizer in QUANTIZERS:
+        problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
+    need(cfg.num_workers >= 0, f"num_workers must be >= 0 (got {cfg.num_workers})")
+    need(cfg.train_subset >= 0, f"train_subset must be >= 0 (got {cfg.train_subset})")
+    need(cfg.val_subset >= 0, f"val_subset must be >= 0 (got {cfg.val_subset})")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {cfg.checkpoint_every})")
+    need(cfg.progress_every >= 1, f"progress_every must be >= 1 (got {cfg.progress_every})")
+    need(cfg.recon_images >= 1, f"recon_images must be >= 1 (got {cfg.recon_images})")
+    need("/" not in cfg.resolved_name() and cfg.resolved_name() not in (".", ".."),
+         f"name '{cfg.name}' must be a plain directory name (no '/')")
+    for f_name, f_type in config_fields().items():
+        if f_type is float and not math.isfinite(getattr(cfg, f_name)):
+            problems.append(f"{f_name} must be a finite number (got {getattr(cfg, f_name)})")
+    return problems
+
+
+def _quantizer_problems(cfg: Config, qcls: type) -> list:
+    """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
+    problems = []
+    if not qcls.has_codebook:
+        used = [n for n, on in (("init", cfg.init != "uniform"), ("dead_code_threshold", cfg.dead_code_threshold > 0),
+                                ("cosine", cfg.cosine), ("gradient_estimator", cfg.gradient_estimator != "ste"))
+                if on]
+        if used:
+            with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
+            problems.append(f"{', '.join(used)} apply to codebook quantizers ({with_codebook}), not to "
+                            f"{cfg.quantizer}, which has no codebook")
+    if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
+        problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
+    return problems + qcls.config_problems(cfg)
+
+
+def config_fields() -> dict:
+    """{field name: python type} for every Config field."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def _coerce(key: str, value, typ, source: str):
+    """Check one config value against its declared type. Raises BavqError."""
+    def bad():
+        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
+                         f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
+                         f"{key}: {getattr(Config(), key)!r}.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typ is list:   # list of ints (fsq_levels)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise bad()
+    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
+
+
+def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
+    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
+    overrides = dict(overrides or {})
+    known = config_fields()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
+                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
+                        "as the command-line flags do).")
+    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
+    return Config(**values)
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    """Read a YAML config file into a dict of overrides (validated by make_config)."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
+                        "config.yaml or config_mac.yaml with --config.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
+                        "Fix the syntax: one 'key: value' per line.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
+                        f"{type(data).__name__}.")
+    return data
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' picks MPS, then CUDA, then CPU; 'cpu' | 'cuda' | 'cuda:N' | 'mps' force one."""
+    mps_ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        if mps_ok:
+            return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BavqError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU on this machine "
+                        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use --device auto "
+                        "or --device cpu, or install a CUDA build of PyTorch (requirements-cuda.txt).")
+    if name == "mps" and not mps_ok:
+        raise BavqError("--device mps was asked for, but the Apple MPS backend is not available here. "
+                        "Use --device auto or --device cpu.")
+    return torch.device(name)
+
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a truncated file under ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
     buf = io.BytesIO()
-    torchvision.utils.save_image(grid, buf, format="png")
+    torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
-def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor, path: Path, title: str) -> Path:
-    """usage.png: code-usage histograms (fraction of assignments per code, codes sorted by frequency),
-    training epoch and validation pass."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    for counts, label, style in ((train_counts, "train (last epoch)", "--"), (val_counts, "validation", "-")):
-        if counts is None:
-            continue
-        c = counts.double()
-        frac = (c / c.sum().clamp_min(1)).sort(descending=True).values.numpy()
-        ax.step(np.arange(1, len(frac) + 1), frac, where="mid", linestyle=style,
-                label=f"{label}: perplexity {float(perplexity_from_counts(counts)):.1f}, "
-                      f"usage {float(usage_from_counts(counts)) * 100:.1f}%")
-    ax.set_xlabel("code rank (sorted by frequency)")
-    ax.set_ylabel("fraction of assignments")
-    ax.set_xlim(0.5, len(val_counts) + 0.5)
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
-# ---------------------------------------------------------------------------- W&B
+
+# ---------------------------------------------------------------------------- errors a run can end with
 
 
-def _wandb_has_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except Exception:
-        return False
+class TrainingInterrupted(BavqError):
+    """Ctrl-C / SIGTERM: a checkpoint was saved; the message says how to resume."""
 
 
-def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+class NonFiniteError(BavqError):
+    """A loss term or the gradient became NaN/Inf; training stopped, nothing after it was saved."""
 
 
-def init_wandb(cfg: Config, run_dir: Path, run_id: str | None = None):
-    """A W&B run, or None. Never crashes or hangs: without an API key or network it logs offline
-    (to <run_dir>/wandb, upload later with `wandb sync`), and if W&B fails to start it is turned off.
-    Each fallback prints one line. ``run_id`` continues an earlier W&B run (resume)."""
-    if not cfg.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("[bavq] W&B is not installed; continuing without it (pip install wandb, or pass --no_wandb).")
-        return None
-    mode = os.environ.get("WANDB_MODE", "online")
-    if mode in ("disabled", "off"):
-        return None
-    if mode not in ("offline", "dryrun"):
-        if not _wandb_has_key():
-            print("[bavq] no W&B API key found: logging W&B offline into the run directory "
-                  "(run `wandb login` to log online, or pass --no_wandb).")
-            mode = "offline"
-        elif not _host_reachable("api.wandb.ai"):
-            print("[bavq] W&B server unreachable: logging W&B offline into the run directory "
-                  "(upload later with `wandb sync`).")
-            mode = "offline"
-    else:
-        mode = "offline"
-    try:
-        kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
-        return wandb.init(project=cfg.wandb_project, name=cfg.resolved_name(), config=asdict(cfg),
-                          dir=str(run_dir), mode=mode, **kwargs)
-    except Exception as e:
-        print(f"[bavq] W&B failed to start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "continuing without it.")
-        return None
+def _nonfinite_message(e: _NonFinite, run_dir: Path, steps_per_epoch: int) -> str:
+    good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
+    last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
+            f"'python train.py --resume {good[-1]}' after lowering --lr or setting --grad_clip."
+            if good else "No checkpoint had been written yet; lower --lr or set --grad_clip and "
+            "start again with --overwrite.")
+    return (f"Training stopped: {', '.join(e.terms)} became non-finite (NaN or Inf) in epoch "
+            f"{e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of the "
+            f"epoch). Nothing from after that step was saved. {last}")
 
 
-def _wandb_images(wb, paths: dict) -> None:
-    if wb is None:
-        return
-    try:
-        import wandb
-        wb.log({f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}, commit=False)
-    except Exception as e:  # pictures are a convenience; never stop a run for them
-        print(f"[bavq] could not log pictures to W&B ({type(e).__name__}).")
+def _interrupted_message(epoch: int, s: _StopRequested, path: Path, run_dir: Path) -> str:
+    return (f"Training stopped in epoch {epoch} after {s.partial_epoch['batch']} batches (step {s.step}); "
+            f"a checkpoint was saved to '{path}'. Resume with: python train.py --resume {run_dir}")
 
 
 # ---------------------------------------------------------------------------- run directory, checkpoints
+
+SHAPE_KEYS = ("quantizer", "codebook_size", "latent_dim", "hidden_dim")   # must match to resume
+CHECKPOINT_FORMAT = 1          # written with every checkpoint; load_checkpoint refuses newer formats
 
 _RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.yaml", "recon.png", "usage.png",
               "checkpoint_interrupted.pt")
@@ -1817,6 +1919,12 @@ def load_checkpoint(path: Path) -> dict:
                         f"{', '.join(sorted(needed - set(ck))) if isinstance(ck, dict) else 'a checkpoint dict'}). "
                         "final_model.pt holds weights only and cannot be resumed; pass a checkpoint_epoch{N}.pt "
                         "file or the run directory.")
+    if "epoch_progress" in ck:                     # the name of partial_epoch in earlier versions
+        ck["partial_epoch"] = ck.pop("epoch_progress")
+    if ck.get("format", 1) > CHECKPOINT_FORMAT:
+        raise BavqError(f"Checkpoint '{path}' was written by a newer version of bavq (checkpoint format "
+                        f"{ck['format']}, this version reads up to {CHECKPOINT_FORMAT}). Update bavq (git pull) to "
+                        "resume it.")
     return ck
 
 
@@ -1897,10 +2005,10 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
                         "changed. A resumed run continues with the settings it was trained with (only "
                         f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'out_dir', 'name', 'overwrite'))} "
                         "may differ); to change the others start a new run under another --name.")
-    done = ck["epoch"] + (1 if ck.get("epoch_progress") else 0)      # a mid-epoch checkpoint is inside epoch+1
+    done = ck["epoch"] + (1 if ck.get("partial_epoch") else 0)       # a mid-epoch checkpoint is inside epoch+1
     if cfg.epochs < done:
         raise BavqError(f"Cannot resume '{ck_path}' with --epochs {cfg.epochs}: the checkpoint is already "
-                        f"{'inside' if ck.get('epoch_progress') else 'at the end of'} epoch {done}. Nothing was changed.")
+                        f"{'inside' if ck.get('partial_epoch') else 'at the end of'} epoch {done}. Nothing was changed.")
     later = _later_results(ck_path.parent, ck_path, ck["epoch"])
     if later and not cfg.overwrite:
         what = "has finished" if any(p.name == "final_metrics.json" for p in later) else "has results from later on"
@@ -1933,14 +2041,18 @@ def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
-                     generator, progress=None, wandb_id=None, scaler=None) -> None:
+                     generator, partial_epoch=None, wandb_id=None, scaler=None) -> None:
     atomic_torch_save({
         "scaler": scaler.state_dict() if scaler is not None else None,
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
         "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(_stored(cfg)),
-        "history": history, "rng": _rng_state(generator), "epoch_progress": progress, "wandb_id": wandb_id,
+        "history": history, "rng": _rng_state(generator), "partial_epoch": partial_epoch, "wandb_id": wandb_id,
     }, path)
+
+
+
+# ---------------------------------------------------------------------------- interruption
 
 
 class _StopFlag:
@@ -1974,7 +2086,125 @@ class _StopFlag:
         return False
 
 
-# ---------------------------------------------------------------------------- the experiment
+
+# ---------------------------------------------------------------------------- W&B
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except Exception:
+        return False
+
+
+def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def init_wandb(cfg: Config, run_dir: Path, run_id: str | None = None):
+    """A W&B run, or None. Never crashes or hangs: without an API key or network it logs offline
+    (to <run_dir>/wandb, upload later with `wandb sync`), and if W&B fails to start it is turned off.
+    Each fallback prints one line. ``run_id`` continues an earlier W&B run (resume)."""
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("[bavq] W&B is not installed; continuing without it (pip install wandb, or pass --no_wandb).")
+        return None
+    mode = os.environ.get("WANDB_MODE", "online")
+    if mode in ("disabled", "off"):
+        return None
+    if mode not in ("offline", "dryrun"):
+        if not _wandb_has_key():
+            print("[bavq] no W&B API key found: logging W&B offline into the run directory "
+                  "(run `wandb login` to log online, or pass --no_wandb).")
+            mode = "offline"
+        elif not _host_reachable("api.wandb.ai"):
+            print("[bavq] W&B server unreachable: logging W&B offline into the run directory "
+                  "(upload later with `wandb sync`).")
+            mode = "offline"
+    else:
+        mode = "offline"
+    try:
+        kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
+        return wandb.init(project=cfg.wandb_project, name=cfg.resolved_name(), config=asdict(cfg),
+                          dir=str(run_dir), mode=mode, **kwargs)
+    except Exception as e:
+        print(f"[bavq] W&B failed to start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "continuing without it.")
+        return None
+
+
+def _wandb_images(wb, paths: dict) -> None:
+    if wb is None:
+        return
+    try:
+        import wandb
+        wb.log({f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}, commit=False)
+    except Exception as e:  # pictures are a convenience; never stop a run for them
+        print(f"[bavq] could not log pictures to W&B ({type(e).__name__}).")
+
+
+# ---------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int) -> Path:
+    """recon.png: ``n`` evenly spaced validation images (top row) above their eval-mode (hard-code)
+    reconstructions (bottom row), clipped to [0, 1] for display."""
+    import torchvision
+    was_training = model.training
+    model.eval()
+    x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
+    model.mark_step()
+    x_recon = model(x)[0].float()
+    model.train(was_training)
+    grid = torchvision.utils.make_grid(torch.cat([x, x_recon]).add(1).div(2).clamp(0, 1).cpu(),
+                                       nrow=x.shape[0], padding=2, pad_value=1.0)
+    buf = io.BytesIO()
+    torchvision.utils.save_image(grid, buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor, path: Path, title: str) -> Path:
+    """usage.png: code-usage histograms (fraction of assignments per code, codes sorted by frequency),
+    training epoch and validation pass."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for counts, label, style in ((train_counts, "train (last epoch)", "--"), (val_counts, "validation", "-")):
+        if counts is None:
+            continue
+        c = counts.double()
+        frac = (c / c.sum().clamp_min(1)).sort(descending=True).values.numpy()
+        ax.step(np.arange(1, len(frac) + 1), frac, where="mid", linestyle=style,
+                label=f"{label}: perplexity {float(perplexity_from_counts(counts)):.1f}, "
+                      f"usage {float(usage_from_counts(counts)) * 100:.1f}%")
+    ax.set_xlabel("code rank (sorted by frequency)")
+    ax.set_ylabel("fraction of assignments")
+    ax.set_xlim(0.5, len(val_counts) + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------- the experiment: train(cfg)
 
 
 def _summary_line(epoch: int, epochs: int, tr: dict, va: dict) -> str:
@@ -2004,72 +2234,36 @@ def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
                     st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; the fused CUDA kernel on a GPU (one launch for all parameters)."""
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
-
-
-def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, torch.optim.Optimizer]:
-    """The model of ``cfg`` on ``device`` in the runtime's memory format, its optimizer, and
-    torch.compile of encoder and decoder (and of the fused BA chunk functions) when asked (in place:
-    state_dict keys are unchanged).
-    On CUDA it turns on cuDNN autotuning (the shapes are fixed)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = build_model(cfg, device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg, device)
-    if cfg.compile:
-        model.encoder.compile(mode=cfg.compile_mode)
-        model.decoder.compile(mode=cfg.compile_mode)
-        model.compiled = True
-        if isinstance(model.quantizer, BAQuantizer) and cfg.ba_impl == "fused":
-            model.quantizer.compile_kernels()
-    return model, optimizer
-
-
-@torch.no_grad()
-def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
-    """--init kmeans: cluster the encoder outputs of ``kmeans_batches`` training batches (a random
-    draw seeded by ``cfg.seed``, separate from the data order) with k-means++ and ``kmeans_iters``
-    Lloyd iterations, and load the centres as the codebook with usage = cluster size per batch
-    (for VQ-EMA: EMA counts = that, EMA sums = count x code)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    n = min(images.shape[0], cfg.kmeans_batches * cfg.batch_size)
-    idx = torch.randperm(images.shape[0], generator=g)[:n].to(images.device)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    zs = []
-    for s in range(0, n, cfg.batch_size):
-        model.mark_step()                  # clone: with CUDA graphs the next call may reuse the output's memory
-        zs.append(_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device)))).clone())
-    model.train(was_training)
-    z = torch.cat(zs)                                                          # (n*H*W, D)
-    q = model.quantizer
-    centers, sizes = kmeans_codebook(z, q.num_embeddings, cfg.kmeans_iters, generator=g, cosine=q.cosine)
-    q.load_codes(centers, sizes / (n / cfg.batch_size))
-
-
-def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
-    """The model of ``cfg``, initialised from ``cfg.seed`` exactly as ``train(cfg)`` initialises it."""
-    torch.manual_seed(cfg.seed)
-    model = VQVAE.from_config(cfg)
-    return model.to(device) if device is not None else model
-
-
 def _plain(metrics: dict) -> dict:
     """Metrics without the code histogram (for history lines and JSON)."""
     return {k: v for k, v in metrics.items() if k != "code_counts"}
 
 
-def _write_pictures(cfg, model, val_u8, tr, va, run_dir, wb) -> None:
-    title = f"{cfg.resolved_name()}: {cfg.quantizer}, K={cfg.codebook_size}"
-    paths = {"recon": save_recon_grid(model, val_u8, run_dir / "recon.png", cfg.recon_images),
-             "usage": save_usage_plot(tr.get("code_counts"), va["code_counts"], run_dir / "usage.png", title)}
-    _wandb_images(wb, paths)
+
+@dataclass
+class _Run:
+    """One experiment in progress: what train() set up, and the state a checkpoint saves."""
+    cfg: Config
+    rt: Runtime
+    model: VQVAE
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator                     # the data order
+    train_u8: torch.Tensor
+    val_u8: torch.Tensor
+    run_dir: Path | None = None
+    wb: object = None                              # the W&B run, or None
+    start_epoch: int = 1
+    step: int = 0
+    history: list = field(default_factory=list)    # one record per finished epoch (history.jsonl)
+    partial_epoch: dict | None = None              # an interrupted epoch to finish first (train_epoch's resume_from)
+    train_metrics: dict = field(default_factory=dict)
+    val_metrics: dict = field(default_factory=dict)
+    wandb_id: str | None = None
+    pictures_step: int = -1                        # the step at which recon.png/usage.png were last drawn
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_u8.shape[0] / self.cfg.batch_size)
 
 
 def train(cfg: Config) -> dict:
@@ -2086,126 +2280,247 @@ def train(cfg: Config) -> dict:
     cfg.validate()
     device = pick_device(cfg.device)
     rt = make_runtime(cfg, device)
-    ck = None
-    if cfg.resume:
-        ck_path = resolve_resume_path(cfg.resume)
-        ck = load_checkpoint(ck_path)
-        check_resumable(cfg, ck, ck_path)
-        run_dir = ck_path.parent
-    else:
+    ck_path, ck = _checked_resume(cfg) if cfg.resume else (None, None)
+    if ck is None:
         check_run_dir(cfg)                                    # before any download or decoding
     seed_everything(cfg.seed)
+    cfg, train_u8, val_u8 = _data_on_device(cfg, device)
+    model, optimizer = setup_model(cfg, device, rt)
+    run = _Run(cfg, rt, model, optimizer, torch.Generator().manual_seed(cfg.seed), train_u8, val_u8)
+    if ck is not None:
+        _restore(run, ck, ck_path)
+    else:
+        run.run_dir = prepare_run_dir(cfg)                    # first write of a new run
+        if cfg.init == "kmeans":
+            kmeans_init(model, train_u8, cfg)
+    _start_files(run, device)
+    run.wb = init_wandb(cfg, run.run_dir, run.wandb_id)
+    run.wandb_id = getattr(run.wb, "id", None) or run.wandb_id
+    try:
+        with _StopFlag() as stop:
+            for epoch in range(run.start_epoch, cfg.epochs + 1):
+                _run_epoch(run, epoch, stop)
+        return _finish(run)
+    finally:
+        if run.wb is not None:
+            run.wb.finish()
+
+
+def _checked_resume(cfg: Config) -> tuple[Path, dict]:
+    ck_path = resolve_resume_path(cfg.resume)
+    ck = load_checkpoint(ck_path)
+    check_resumable(cfg, ck, ck_path)
+    return ck_path, ck
+
+
+def _data_on_device(cfg: Config, device: torch.device):
+    """(cfg, train, val): the dataset, on the device where it fits (else data_path 'loader')."""
     train_u8, val_u8 = load_dataset(cfg)
     if cfg.data_path == "device" and not _fits_on_device(train_u8, val_u8, device):
         print(f"[bavq] the dataset does not fit in {device} memory; using --data_path loader.")
         cfg = dataclasses.replace(cfg, data_path="loader")
     if cfg.data_path == "device":
         train_u8 = train_u8.to(device)
-    val_u8 = val_u8.to(device)
-    model, optimizer = setup_model(cfg, device, rt)
-    generator = torch.Generator().manual_seed(cfg.seed)      # data order
-    steps_per_epoch = math.ceil(train_u8.shape[0] / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    val_bs = default_val_batch_size(cfg)
-    loss_keys = _LOSS_KEYS[cfg.quantizer]
+    return cfg, train_u8, val_u8.to(device)
 
-    start_epoch, step, history, progress = 1, 0, [], None
-    tr, val_metrics, wandb_id = {}, {}, None
-    if ck is not None:
-        try:
-            model.load_state_dict(ck["model_state_dict"])
-            optimizer.load_state_dict(ck["optimizer_state_dict"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise BavqError(f"Checkpoint '{ck_path}' does not fit this model ({str(e).splitlines()[0][:200]}). "
-                            "It was written by a different model or library version; resume it with the settings "
-                            "it was trained with, or start a new run.") from None
-        _match_state_layout(optimizer)
-        _set_rng_state(ck["rng"], generator)
-        if rt.scaler is not None and ck.get("scaler"):
-            rt.scaler.load_state_dict(ck["scaler"])
-        start_epoch, step, history = ck["epoch"] + 1, ck["step"], list(ck["history"])
-        progress, wandb_id = ck.get("epoch_progress"), ck.get("wandb_id")
-        tr, val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
-        where = f"epoch {ck['epoch'] + 1}, batch {progress['batch']}" if progress else f"the end of epoch {ck['epoch']}"
-        print(f"[bavq] resuming '{run_dir}' from {ck_path.name} ({where}, step {step}).")
-        if cfg.epochs != ck["config"]["epochs"]:
-            print(f"[bavq] note: epochs {ck['config']['epochs']} -> {cfg.epochs}: the beta schedule and the loss "
-                  "warm-up continue over the new total, so this run matches no uninterrupted run.")
-        _discard_later_results(run_dir, ck_path, ck["epoch"])
-    else:
-        run_dir = prepare_run_dir(cfg)                        # first write of a new run
-        if cfg.init == "kmeans":
-            kmeans_init(model, train_u8, cfg)
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(_stored(cfg)))
-    history_path = run_dir / "history.jsonl"
-    atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in history))
-    print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{train_u8.shape[0]} train / {val_u8.shape[0]} val images, device {device}, -> {run_dir}")
 
-    wb = init_wandb(cfg, run_dir, wandb_id)
-    wandb_id = getattr(wb, "id", None) or wandb_id
-    stop = _StopFlag()
-    pictures_step = -1
-    state = dict(model=model, optimizer=optimizer, cfg=cfg, generator=generator, wandb_id=wandb_id, scaler=rt.scaler)
+def _restore(run: _Run, ck: dict, ck_path: Path) -> None:
+    """Load a checkpoint (checked by check_resumable) into the run; later results are discarded."""
+    cfg = run.cfg
     try:
-        with stop:
-            for epoch in range(start_epoch, cfg.epochs + 1):
-                t0 = time.time()
-                try:
-                    tr, step = train_epoch(model, optimizer, train_u8, cfg, generator, step, total_steps,
-                                           desc=f"epoch {epoch}/{cfg.epochs}", resume_from=progress, stop=stop,
-                                           rt=rt)
-                except _NonFinite as e:
-                    good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
-                    last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
-                            f"'python train.py --resume {good[-1]}' after lowering --lr or setting --grad_clip."
-                            if good else "No checkpoint had been written yet; lower --lr or set --grad_clip and "
-                            "start again with --overwrite.")
-                    raise NonFiniteError(
-                        f"Training stopped: {', '.join(e.terms)} became non-finite (NaN or Inf) in epoch "
-                        f"{e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of the "
-                        f"epoch). Nothing from after that step was saved. {last}") from None
-                except _StopRequested as s:
-                    path = run_dir / "checkpoint_interrupted.pt"
-                    _save_checkpoint(path, epoch=epoch - 1, step=s.step, history=history, val_metrics=val_metrics,
-                                     train_metrics=tr, progress=s.progress, **state)
-                    raise TrainingInterrupted(
-                        f"Training stopped in epoch {epoch} after {s.progress['batch']} batches (step {s.step}); "
-                        f"a checkpoint was saved to '{path}'. Resume with: python train.py --resume {run_dir}") from None
-                progress = None
-                val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress, rt=rt)
-                record = {"epoch": epoch, "step": step, "time_s": time.time() - t0}
-                record.update({f"train/{k}": v for k, v in _plain(tr).items()})
-                record.update({f"val/{k}": v for k, v in _plain(val_metrics).items()})
-                for k in loss_keys:  # stable keys (the seed logs 0 for absent terms)
-                    record.setdefault(f"train/{k}", 0.0)
-                    record.setdefault(f"val/{k}", 0.0)
-                history.append(record)
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if wb is not None:
-                    wb.log(record, step=epoch)
-                print(_summary_line(epoch, cfg.epochs, tr, val_metrics), flush=True)
-                if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-                    _save_checkpoint(run_dir / f"checkpoint_epoch{epoch}.pt", epoch=epoch, step=step, history=history,
-                                     val_metrics=val_metrics, train_metrics=tr, **state)
-                    _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
-                    pictures_step = step
-        if not val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
-            val_metrics = validate(model, val_u8, val_bs, progress=cfg.progress, rt=rt)
-        atomic_torch_save(model.state_dict(), run_dir / "final_model.pt")
-        final = {"epoch": cfg.epochs, **_plain(val_metrics),
-                 "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
-                 "val_code_counts": val_metrics["code_counts"].tolist(),
-                 "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
-        if pictures_step != step:                            # not already drawn at the last checkpoint
-            _write_pictures(cfg, model, val_u8, tr, val_metrics, run_dir, wb)
-        atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2))
-        (run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
-        if wb is not None:
-            wb.summary.update({f"final/{k}": v for k, v in final.items() if not k.endswith("code_counts")})
-    finally:
-        if wb is not None:
-            wb.finish()
+        run.model.load_state_dict(ck["model_state_dict"])
+        run.optimizer.load_state_dict(ck["optimizer_state_dict"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise BavqError(_misfit_message(ck_path, e)) from None
+    _match_state_layout(run.optimizer)
+    _set_rng_state(ck["rng"], run.generator)
+    if run.rt.scaler is not None and ck.get("scaler"):
+        run.rt.scaler.load_state_dict(ck["scaler"])
+    run.run_dir, run.start_epoch, run.step, run.history = ck_path.parent, ck["epoch"] + 1, ck["step"], list(ck["history"])
+    run.partial_epoch, run.wandb_id = ck.get("partial_epoch"), ck.get("wandb_id")
+    run.train_metrics, run.val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
+    where = (f"epoch {ck['epoch'] + 1}, batch {run.partial_epoch['batch']}" if run.partial_epoch
+             else f"the end of epoch {ck['epoch']}")
+    print(f"[bavq] resuming '{run.run_dir}' from {ck_path.name} ({where}, step {run.step}).")
+    if cfg.epochs != ck["config"]["epochs"]:
+        print(f"[bavq] note: epochs {ck['config']['epochs']} -> {cfg.epochs}: the beta schedule and the loss "
+              "warm-up continue over the new total, so this run matches no uninterrupted run.")
+    _discard_later_results(run.run_dir, ck_path, ck["epoch"])
+
+
+def _misfit_message(ck_path: Path, e: Exception) -> str:
+    return (f"Checkpoint '{ck_path}' does not fit this model ({str(e).splitlines()[0][:200]}). It was written by a "
+            "different model or library version; resume it with the settings it was trained with, or start a new run.")
+
+
+def _start_files(run: _Run, device: torch.device) -> None:
+    """config.yaml and history.jsonl (so far), and the one-line run announcement."""
+    cfg = run.cfg
+    atomic_write_text(run.run_dir / "config.yaml", config_to_yaml(_stored(cfg)))
+    atomic_write_text(run.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
+    print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
+          f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{run.train_u8.shape[0]} train / {run.val_u8.shape[0]} val images, device {device}, -> {run.run_dir}")
+
+
+def _run_epoch(run: _Run, epoch: int, stop) -> None:
+    """Train one epoch (or finish an interrupted one), validate, log, checkpoint."""
+    cfg, t0 = run.cfg, time.time()
+    try:
+        run.train_metrics, run.step = train_epoch(
+            run.model, run.optimizer, run.train_u8, cfg, run.generator, run.step, cfg.epochs * run.steps_per_epoch,
+            desc=f"epoch {epoch}/{cfg.epochs}", resume_from=run.partial_epoch, stop=stop, rt=run.rt)
+    except _NonFinite as e:
+        raise NonFiniteError(_nonfinite_message(e, run.run_dir, run.steps_per_epoch)) from None
+    except _StopRequested as s:
+        path = run.run_dir / "checkpoint_interrupted.pt"
+        _save_run(run, path, epoch - 1, s.step, partial_epoch=s.partial_epoch)
+        raise TrainingInterrupted(_interrupted_message(epoch, s, path, run.run_dir)) from None
+    run.partial_epoch = None
+    run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt)
+    record = _history_record(run, epoch, time.time() - t0)
+    run.history.append(record)
+    with open(run.run_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.wb is not None:
+        run.wb.log(record, step=epoch)
+    print(_summary_line(epoch, cfg.epochs, run.train_metrics, run.val_metrics), flush=True)
+    if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+        _save_run(run, run.run_dir / f"checkpoint_epoch{epoch}.pt", epoch, run.step)
+        _write_pictures(run)
+
+
+def _history_record(run: _Run, epoch: int, seconds: float) -> dict:
+    """One history.jsonl line (and W&B step): train/* and val/* metrics with stable loss keys."""
+    record = {"epoch": epoch, "step": run.step, "time_s": seconds}
+    record.update({f"train/{k}": v for k, v in _plain(run.train_metrics).items()})
+    record.update({f"val/{k}": v for k, v in _plain(run.val_metrics).items()})
+    for k in run.model.quantizer.loss_names:          # the original code logs 0 for absent terms
+        record.setdefault(f"train/{k}", 0.0)
+        record.setdefault(f"val/{k}", 0.0)
+    return record
+
+
+def _save_run(run: _Run, path: Path, epoch: int, step: int, partial_epoch: dict | None = None) -> None:
+    _save_checkpoint(path, model=run.model, optimizer=run.optimizer, cfg=run.cfg, epoch=epoch, step=step,
+                     history=run.history, val_metrics=run.val_metrics, train_metrics=run.train_metrics,
+                     generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler)
+
+
+def _write_pictures(run: _Run) -> None:
+    cfg = run.cfg
+    title = f"{cfg.resolved_name()}: {cfg.quantizer}, K={cfg.codebook_size}"
+    paths = {"recon": save_recon_grid(run.model, run.val_u8, run.run_dir / "recon.png", cfg.recon_images),
+             "usage": save_usage_plot(run.train_metrics.get("code_counts"), run.val_metrics["code_counts"],
+                                      run.run_dir / "usage.png", title)}
+    _wandb_images(run.wb, paths)
+    run.pictures_step = run.step
+
+
+def _finish(run: _Run) -> dict:
+    """final_model.pt, the final pictures and final_metrics.json; returns the final metrics."""
+    cfg, tr = run.cfg, run.train_metrics
+    if not run.val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
+        run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress,
+                                   rt=run.rt)
+    atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
+    final = {"epoch": cfg.epochs, **_plain(run.val_metrics),
+             "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
+             "val_code_counts": run.val_metrics["code_counts"].tolist(),
+             "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
+    if run.pictures_step != run.step:                    # not already drawn at the last checkpoint
+        _write_pictures(run)
+    atomic_write_text(run.run_dir / "final_metrics.json", json.dumps(final, indent=2))
+    (run.run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
+    if run.wb is not None:
+        run.wb.summary.update({f"final/{k}": v for k, v in final.items() if not k.endswith("code_counts")})
     return final
+
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+SWEEP_KEYS = ("quantizer", "codebook_size", "seed")       # the keys that may take several values
+
+
+def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
+    """The configs of a grid: ``values`` (all settings) with every combination of ``grid``
+    ({sweep key: list of values}). Returns (configs, whether it is a sweep, i.e. more than one run);
+    a sweep's runs are named <name>_<quantizer>_k<K>_s<seed>."""
+    for k, v in grid.items():
+        if not v:
+            raise BavqError(f"'{k}' was given an empty list of values; give at least one.")
+    merged = {**asdict(make_config()), **values}
+    sweep = any(len(v) > 1 for v in grid.values())
+    configs = []
+    for combo in itertools.product(*(grid.get(k, [merged[k]]) for k in SWEEP_KEYS)):
+        run = {**merged, **dict(zip(SWEEP_KEYS, combo))}
+        if sweep:
+            prefix = f"{merged['name']}_" if merged["name"] else ""
+            run["name"] = f"{prefix}{run['quantizer']}_k{run['codebook_size']}_s{run['seed']}"
+        configs.append(make_config(run, source="command-line flags").validate())
+    return configs, sweep
+
+
+def run_sweep(configs: list) -> int:
+    """Run each config in turn: skip finished runs, resume interrupted ones, keep going after a
+    failed run. An existing run with other settings (epochs included) is reported FAILED and left
+    alone. Prints a summary table; returns the exit status (0 if every run finished)."""
+    rows, status = [], 0
+    for i, cfg in enumerate(configs, 1):
+        print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
+        try:
+            cfg, final, state = _sweep_member(cfg)
+        except (TrainingInterrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:   # BavqError, CUDA out of memory, ...: report it and go on with the grid
+            msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
+            print(f"error: {msg}", file=sys.stderr)
+            final, state, status = {}, "FAILED", 1
+        rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
+    print("\n" + summary_table(rows))
+    return status
+
+
+def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
+    """Run (or skip, or resume) one run of a sweep: (its config, final metrics, what happened)."""
+    import yaml
+    run_dir = Path(cfg.out_dir) / cfg.resolved_name()
+    stored = run_dir / "config.yaml"
+    if stored.is_file() and not cfg.overwrite:
+        old = yaml.safe_load(stored.read_text()) or {}
+        diff = config_differences(old, cfg)
+        if old.get("epochs", cfg.epochs) != cfg.epochs:
+            diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
+        if diff:
+            raise BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
+                            "Nothing was changed. Use another --name for this sweep, or --overwrite "
+                            "to replace those runs.")
+    final_path = run_dir / "final_metrics.json"
+    if final_path.is_file() and not cfg.overwrite:
+        print(f"[bavq] {run_dir} already finished; skipped.")
+        return cfg, json.loads(final_path.read_text()), "skipped (finished)"
+    if not (run_dir.is_dir() and not cfg.overwrite and _run_files(run_dir)):
+        return cfg, train(cfg), "done"
+    if any(run_dir.glob("checkpoint_*.pt")):
+        # resume from the latest checkpoint; a corrupt one is an error, never a restart
+        keep = {k: getattr(cfg, k) for k in ("device", "progress", "wandb", "num_workers", "data_dir")}
+        cfg = resume_config(run_dir, keep)
+        return cfg, train(cfg), "resumed"
+    print(f"[bavq] {run_dir} holds an unfinished run without a checkpoint; starting it again.")
+    cfg = dataclasses.replace(cfg, overwrite=True)
+    return cfg, train(cfg), "restarted"
+
+
+def summary_table(rows) -> str:
+    """The sweep's table: one row (name, quantizer, K, seed, final metrics, status) per run."""
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+    head = (f"{'run':<32} {'quantizer':<9} {'K':>6} {'seed':>4} {'epochs':>6} {'PSNR':>7} {'perplexity':>10} "
+            f"{'usage %':>8}  status")
+    lines = [head, "-" * len(head)]
+    for name, q, K, seed, final, state in rows:
+        usage = final.get("usage_rate")
+        lines.append(f"{name:<32} {q:<9} {K:>6} {seed:>4} {f(final.get('epoch'), 'd'):>6} {f(final.get('psnr'), '.2f'):>7} "
+                     f"{f(final.get('perplexity'), '.1f'):>10} {f(usage * 100 if usage is not None else None, '.1f'):>8}  {state}")
+    return "\n".join(lines)

@@ -55,3 +55,9 @@ def tiny_cfg(tmp_path):
         overrides.setdefault("out_dir", str(tmp_path / "experiments"))
         return tiny_config(**overrides)
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (the GPU tier; skipped without one)")
+    config.addinivalue_line("markers", "slow: subprocesses, whole runs, torch.compile, the notebook "
+                                       "(deselect with -m 'not slow' for the quick maths specification)")

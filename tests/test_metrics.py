@@ -57,7 +57,7 @@ def test_validate_uses_the_whole_set_and_hard_codes(name):
     torch.manual_seed(0)
     model = vqvae.VQVAE(name, codebook_size=32, latent_dim=8, hidden_dim=8)
     images = vqvae._fake_images(70, seed=3)
-    model.quantizer.set_progress(0.7)
+    model.quantizer.set_schedule(0.7)
     m = vqvae.validate(model, images, batch_size=32)
     model.eval()
     with torch.no_grad():

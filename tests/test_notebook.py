@@ -4,11 +4,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 import yaml
-from nbclient import NotebookClient
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tests need nbformat (requirements-dev.txt)")
+NotebookClient = pytest.importorskip("nbclient", reason="the notebook tests need nbclient (requirements-dev.txt)").NotebookClient
 
 import vqvae
 from conftest import ROOT, tiny_config

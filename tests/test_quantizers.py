@@ -45,7 +45,7 @@ def test_interface_shapes(name, training):
     assert 1.0 <= float(info["perplexity"]) <= 16.0
     assert 0.0 < float(info["usage_rate"]) <= 1.0
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
-    assert set(losses) == set(vqvae._LOSS_KEYS[name])
+    assert set(losses) == set(vqvae.QUANTIZERS[name].loss_names)
 
 
 @pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
@@ -66,7 +66,7 @@ def test_model_state_dict_is_complete(name):
     m1.train()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     m1(x)  # one training step changes EMA buffers / nothing for BA
-    m1.quantizer.set_progress(0.5)
+    m1.quantizer.set_schedule(0.5)
     torch.manual_seed(123)
     m2 = make_model(name)
     m2.load_state_dict(m1.state_dict())
@@ -122,7 +122,7 @@ def _ba_grads(q, z, loss_fn):
 def test_ba_codebook_term_moves_only_the_codebook():
     """codebook_cost * mse(sg[z], P.E): non-zero codebook gradient, zero encoder gradient."""
     q = make_quantizer("ba_vq", K=16, D=8, codebook_cost=1.0).train()
-    q.set_progress(0.3)
+    q.set_schedule(0.3)
     z = latents(scale=0.2)
     gz, ge = _ba_grads(q, z, lambda zq, L: L["codebook_loss"])
     assert ge.abs().sum() > 0
@@ -303,7 +303,7 @@ def test_eval_forward_leaves_state_dict_bit_identical(name):
     model.train()
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     model(x)  # make EMA buffers non-trivial
-    model.quantizer.set_progress(0.4)
+    model.quantizer.set_schedule(0.4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
     with torch.no_grad():
@@ -428,7 +428,7 @@ def test_ba_skewed_binary_source_converges_to_rate_distortion_function(beta):
 def test_beta_schedule_is_cosine_from_start_to_end():
     q = make_quantizer("ba_vq", beta_start=0.5, beta_end=4.5)
     for progress, expected in [(0.0, 0.5), (0.5, 2.5), (1.0, 4.5), (0.25, 0.5 + 4 * (1 - math.cos(math.pi / 4)) / 2)]:
-        q.set_progress(progress)
+        q.set_schedule(progress)
         assert float(q.beta) == pytest.approx(expected)
 
 
@@ -462,9 +462,9 @@ def test_every_coefficient_changes_behaviour(name, param, value, what):
     def run(**kw):
         q = make_quantizer(name, **kw).train()
         if what.endswith("@end"):
-            q.set_progress(1.0)
+            q.set_schedule(1.0)
         else:
-            q.set_progress(0.0)
+            q.set_schedule(0.0)
         _, losses, _ = q(latents(scale=0.5))
         key = what.split("@")[0]
         return (q.codebook.detach().clone() if key == "codebook" else losses[key].detach())

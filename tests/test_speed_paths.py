@@ -43,7 +43,7 @@ def test_fast_and_plain_paths_agree(quantizer):
     for a, b in zip(idx_fast, idx_plain):
         assert torch.equal(a, b)
     for a, b in zip(m_fast, m_plain):
-        for k in ("loss", "recon_loss", *vqvae._LOSS_KEYS[quantizer], "grad_norm", "perplexity"):
+        for k in ("loss", "recon_loss", *vqvae.QUANTIZERS[quantizer].loss_names, "grad_norm", "perplexity"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
     for (n, p), (_, q) in zip(model_fast.state_dict().items(), model_plain.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
@@ -383,7 +383,7 @@ def test_compiled_model_matches_eager(quantizer):
         else:   # at beta 0.1 and a +-1/K codebook P is almost uniform: float32 rounding flips a few near-ties
             assert (a != b).float().mean() < 0.005
     for a, b in zip(m_e, m_c):
-        for k in ("loss", "recon_loss", *vqvae._LOSS_KEYS[quantizer]):
+        for k in ("loss", "recon_loss", *vqvae.QUANTIZERS[quantizer].loss_names):
             assert a[k] == pytest.approx(b[k], rel=1e-4), k
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4 if quantizer == "vq_ema" else 5e-3)
     assert list(model_e.state_dict()) == list(model_c.state_dict())

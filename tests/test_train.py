@@ -38,7 +38,7 @@ def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
     assert {p.name for p in run.iterdir()} >= {"final_model.pt", "final_metrics.json", "history.jsonl",
                                                 "config.yaml", "checkpoint_epoch1.pt", "checkpoint_epoch2.pt"}
     final = json.loads((run / "final_metrics.json").read_text())
-    expected = FINAL_KEYS | set(vqvae._LOSS_KEYS[quantizer]) | (BA_FINAL_KEYS if quantizer == "ba_vq" else set())
+    expected = FINAL_KEYS | set(vqvae.QUANTIZERS[quantizer].loss_names) | (BA_FINAL_KEYS if quantizer == "ba_vq" else set())
     assert expected <= set(final)
     assert all(np.isfinite(final[k]) for k in expected)
     assert 1.0 <= final["perplexity"] <= 16 and 0 < final["usage_rate"] <= 1
@@ -47,7 +47,7 @@ def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
     lines = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     assert all(HISTORY_KEYS <= set(l) for l in lines)
-    assert all({f"{s}/{k}" for s in ("train", "val") for k in vqvae._LOSS_KEYS[quantizer]} <= set(l) for l in lines)
+    assert all({f"{s}/{k}" for s in ("train", "val") for k in vqvae.QUANTIZERS[quantizer].loss_names} <= set(l) for l in lines)
     if quantizer == "ba_vq":
         assert all({"train/entropy_loss", "val/entropy_loss", "val/beta"} <= set(l) for l in lines)
     assert lines[-1]["val/psnr"] == pytest.approx(final["psnr"])

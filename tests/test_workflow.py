@@ -65,7 +65,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(tiny_cfg, monkeypatch):
         vqvae.train(cfg)
     run = Path(cfg.out_dir) / "cut"
     ck = vqvae.load_checkpoint(run / "checkpoint_interrupted.pt")
-    assert ck["epoch"] == 1 and ck["epoch_progress"]["batch"] == 2 and ck["step"] == 6
+    assert ck["epoch"] == 1 and ck["partial_epoch"]["batch"] == 2 and ck["step"] == 6
     assert not (run / "final_metrics.json").exists()
     monkeypatch.undo()
     assert vqvae.latest_checkpoint(run).name == "checkpoint_interrupted.pt"
