@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--count_syncs", action="store_true",
                    help="CUDA: after timing, run one more epoch and pass under torch.cuda.set_sync_debug_mode "
                         "and count the host synchronisations (expected: about steps/progress_every + a fixed few)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS training steps with torch.profiler and write the operator "
+                        "table (sorted by device time) next to --out as <out>.<quantizer>_k<K>.profile.txt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, YAML-typed (repeatable)")
     p.add_argument("--out", default="benchmark.json", help="JSON file for the results")
@@ -102,6 +105,9 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
                                                                                     total + steps, rt=rt)),
                  "host_syncs_val_pass": _count_syncs(lambda: vqvae.validate(model, va, val_bs, rt=rt)),
                  "train_steps": steps, "progress_every": cfg.progress_every}
+    if args.profile:
+        _profile(model, opt, tr[:args.profile * cfg.batch_size], cfg, g, step, total, rt, device,
+                 f"{args.out}.{quantizer}_k{K}.profile.txt")
     return {"quantizer": quantizer, "K": K, "batch_size": cfg.batch_size, "train_images": int(tr.shape[0]),
             "val_images": int(va.shape[0]), "train_s_per_epoch": t_train, "val_s_per_pass": t_val,
             "epoch_plus_val_s": t_train + t_val, "train_images_per_s": tr.shape[0] / t_train,
@@ -109,6 +115,24 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
             "final_train_loss": m["loss"], "val_psnr": v["psnr"],
             "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off", "compile": cfg.compile,
             "compile_mode": cfg.compile_mode, "ba_impl": cfg.ba_impl, "data_path": cfg.data_path, **syncs}
+
+
+def _profile(model, opt, images, cfg, g, step, total, rt, device, path) -> None:
+    """torch.profiler over one short training epoch: operator table sorted by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        vqvae.train_epoch(model, opt, images, cfg, g, step, total, rt=rt)
+        _sync(device)
+    wall = time.perf_counter() - t0
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    steps = -(-images.shape[0] // cfg.batch_size)
+    with open(path, "w") as f:
+        f.write(f"{steps} steps, {wall:.3f} s wall under the profiler\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+    print(f"[bench] profile written to {path}", flush=True)
 
 
 def _count_syncs(fn) -> int:

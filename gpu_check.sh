@@ -4,7 +4,7 @@
 #
 #   bash gpu_check.sh DATA                 # DATA: CIFAR-10 in ImageFolder layout (train/, test/),
 #                                          # or a .tar.gz of it (extracted to a temporary folder)
-#   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench compile runs
+#   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench compile profile runs
 #   EPOCHS=30 bash gpu_check.sh DATA       # epochs of the real-data runs (default 30)
 #
 # Each part has its own time limit, so one failing or slow part does not stop the others; the log says
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 DATA="${1:-data/cifar10-jpg}"
 OUT="${OUT:-results/gpu_check}"
-PARTS="${PARTS:-tests bench compile runs}"
+PARTS="${PARTS:-tests bench compile profile runs}"
 EPOCHS="${EPOCHS:-30}"
 PY="${PYTHON:-python3}"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
@@ -39,12 +39,14 @@ part() {   # part NAME SECONDS COMMAND...
 # decode the image folder once (cached as .pt next to the data)
 "$PY" -c "import vqvae; vqvae.load_dataset(vqvae.make_config({'dataset': 'folder', 'data_dir': '$DATA', 'num_workers': 16}))" 2>&1 | tee -a "$LOG"
 
-part tests 240 "$PY" -m pytest -q -rs -m cuda tests
+part tests 200 "$PY" -m pytest -q -rs -m cuda tests
 part bench 240 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --count_syncs --out "$OUT/benchmark_gpu.json"
-part compile 240 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
+part compile 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
     --out "$OUT/benchmark_gpu_compile.json"
-part compile 240 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
+part compile 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
     --set compile_mode=reduce-overhead --out "$OUT/benchmark_gpu_cudagraphs.json"
+part profile 90 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --profile 40 \
+    --out "$OUT/benchmark_gpu_profiled.json"
 RUNS="$(mktemp -d)"
 part runs 300 "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$RUNS" --name short \
     --quantizer vq_ema ba_vq --epochs "$EPOCHS" --checkpoint_every 0 --no_wandb --no_progress
