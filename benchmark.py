@@ -101,9 +101,9 @@ def bench_one(base: dict, quantizer: str, K: int, train_u8, val_u8, args) -> dic
     t_val /= args.epochs
     syncs = {}
     if args.count_syncs and device.type == "cuda":        # untimed: the warnings themselves cost host time
-        syncs = {"host_syncs_train_epoch": _count_syncs(lambda: vqvae.train_epoch(model, opt, tr, cfg, g, step,
+        syncs = {"host_syncs_train_epoch": count_syncs(lambda: vqvae.train_epoch(model, opt, tr, cfg, g, step,
                                                                                     total + steps, rt=rt)),
-                 "host_syncs_val_pass": _count_syncs(lambda: vqvae.validate(model, va, val_bs, rt=rt)),
+                 "host_syncs_val_pass": count_syncs(lambda: vqvae.validate(model, va, val_bs, rt=rt)),
                  "train_steps": steps, "progress_every": cfg.progress_every}
     if args.profile:
         _profile(model, opt, tr[:args.profile * cfg.batch_size], cfg, g, step, total, rt, device,
@@ -135,7 +135,7 @@ def _profile(model, opt, images, cfg, g, step, total, rt, device, path) -> None:
     print(f"[bench] profile written to {path}", flush=True)
 
 
-def _count_syncs(fn) -> int:
+def count_syncs(fn) -> int:
     """Host synchronisations made while ``fn`` runs, as reported by torch.cuda.set_sync_debug_mode('warn').
     Blocking host-to-device copies count too (train_epoch's per-epoch ``randperm(...).to(device)``), and
     so would any CUDA-graph recording inside ``fn`` (the warm-up epochs should have done it)."""

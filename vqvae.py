@@ -170,90 +170,6 @@ def _fake_images(n: int, seed: int) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    import torchvision
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
-    try:
-        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
-        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
-    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
-        raise BavqError(
-            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to "
-            "have no network access to the CIFAR-10 server. Either copy the CIFAR-10 python archive "
-            "(cifar-10-python.tar.gz) into that directory, or use images already on disk with "
-            "'--dataset folder --data_dir DIR', where DIR holds train/<class>/*.jpg and test/<class>/*.jpg "
-            "(e.g. extract shared/data/cifar10-jpg.tar.gz).") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
-    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
-    return to_t(tr.data), to_t(te.data)
-
-
-def _list_images(split_dir: Path) -> list[Path]:
-    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return files
-
-
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, 32, 32)
-
-
-def _decode_files(paths: list[Path], num_workers: int) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
-                                         num_workers=num_workers)
-    return torch.cat(list(loader)) if len(paths) else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-
-
-def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) -> torch.Tensor:
-    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
-    A full split is decoded once and cached next to the data as a .pt file keyed by the file list."""
-    split_dir = root / split
-    paths = _list_images(split_dir)
-    if not paths:
-        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
-                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
-                        f"check --data_dir (now '{root}').")
-    if subset and subset < len(paths):
-        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
-        return _decode_files(chosen, num_workers)
-    key = hashlib.sha1()
-    for p in paths:
-        key.update(str(p.relative_to(root)).encode())
-        key.update(str(p.stat().st_size).encode())
-    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
-    if cache.is_file():
-        try:
-            images = torch.load(cache, map_location="cpu", weights_only=True)
-            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
-                return images
-        except Exception:
-            pass  # a corrupt cache is rebuilt below
-    images = _decode_files(paths, num_workers)
-    try:
-        atomic_torch_save(images, cache)
-    except OSError as e:
-        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror}); they will be decoded "
-              "again next run.", file=sys.stderr)
-    return images
-
-
 def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) uint8 tensors of shape (N, 3, 32, 32) on the CPU."""
     if cfg.dataset == "fake":
@@ -1605,6 +1521,14 @@ def field_choices() -> dict:
             "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
 
 
+# lower bounds of the numeric fields (the other checks are below)
+AT_LEAST = {"codebook_size": 2, "latent_dim": 1, "hidden_dim": 1, "epochs": 1, "batch_size": 1, "val_batch_size": 0,
+            "weight_decay": 0, "ema_init_count": 0, "commitment_cost": 0, "ba_iterations": 1, "entropy_cost": 0,
+            "codebook_cost": 0, "ba_chunk_rows": 0, "kmeans_batches": 1, "kmeans_iters": 0, "dead_code_threshold": 0,
+            "dead_code_every": 1, "vq_loss_warmup_epochs": 0, "grad_clip": 0, "num_workers": 0, "train_subset": 0,
+            "val_subset": 0, "checkpoint_every": 0, "progress_every": 1, "recon_images": 1}
+
+
 def config_problems(cfg: Config) -> list:
     """Every problem of ``cfg``'s values, one sentence each (``Config.validate`` raises them)."""
     problems = []
@@ -1618,41 +1542,18 @@ def config_problems(cfg: Config) -> list:
         need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
     need(cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
          f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
-    need(cfg.codebook_size >= 2, f"codebook_size must be >= 2 (got {cfg.codebook_size})")
-    need(cfg.latent_dim >= 1, f"latent_dim must be >= 1 (got {cfg.latent_dim})")
-    need(cfg.hidden_dim >= 1, f"hidden_dim must be >= 1 (got {cfg.hidden_dim})")
-    need(cfg.epochs >= 1, f"epochs must be >= 1 (got {cfg.epochs})")
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
-    need(cfg.val_batch_size >= 0, f"val_batch_size must be >= 0 (got {cfg.val_batch_size})")
+    for key, low in AT_LEAST.items():
+        need(getattr(cfg, key) >= low, f"{key} must be >= {low} (got {getattr(cfg, key)})")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
-    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})")
     need(0 <= cfg.decay < 1, f"decay must be in [0, 1) (got {cfg.decay})")
     need(cfg.epsilon > 0, f"epsilon must be > 0 (got {cfg.epsilon})")
-    need(cfg.ema_init_count >= 0, f"ema_init_count must be >= 0 (got {cfg.ema_init_count})")
-    need(cfg.commitment_cost >= 0, f"commitment_cost must be >= 0 (got {cfg.commitment_cost})")
     need(cfg.beta_start > 0, f"beta_start must be > 0 (got {cfg.beta_start})")
     need(cfg.beta_end >= cfg.beta_start,
          f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
-    need(cfg.ba_iterations >= 1, f"ba_iterations must be >= 1 (got {cfg.ba_iterations})")
-    need(cfg.entropy_cost >= 0, f"entropy_cost must be >= 0 (got {cfg.entropy_cost})")
-    need(cfg.codebook_cost >= 0, f"codebook_cost must be >= 0 (got {cfg.codebook_cost})")
-    need(cfg.ba_chunk_rows >= 0, f"ba_chunk_rows must be >= 0 (got {cfg.ba_chunk_rows})")
-    need(cfg.kmeans_batches >= 1, f"kmeans_batches must be >= 1 (got {cfg.kmeans_batches})")
-    need(cfg.kmeans_iters >= 0, f"kmeans_iters must be >= 0 (got {cfg.kmeans_iters})")
-    need(cfg.dead_code_threshold >= 0, f"dead_code_threshold must be >= 0 (got {cfg.dead_code_threshold})")
-    need(cfg.dead_code_every >= 1, f"dead_code_every must be >= 1 (got {cfg.dead_code_every})")
-    need(cfg.vq_loss_warmup_epochs >= 0, f"vq_loss_warmup_epochs must be >= 0 (got {cfg.vq_loss_warmup_epochs})")
-    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (got {cfg.grad_clip})")
     need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
          f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
     if cfg.quantizer in QUANTIZERS:
         problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
-    need(cfg.num_workers >= 0, f"num_workers must be >= 0 (got {cfg.num_workers})")
-    need(cfg.train_subset >= 0, f"train_subset must be >= 0 (got {cfg.train_subset})")
-    need(cfg.val_subset >= 0, f"val_subset must be >= 0 (got {cfg.val_subset})")
-    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (got {cfg.checkpoint_every})")
-    need(cfg.progress_every >= 1, f"progress_every must be >= 1 (got {cfg.progress_every})")
-    need(cfg.recon_images >= 1, f"recon_images must be >= 1 (got {cfg.recon_images})")
     need("/" not in cfg.resolved_name() and cfg.resolved_name() not in (".", ".."),
          f"name '{cfg.name}' must be a plain directory name (no '/')")
     for f_name, f_type in config_fields().items():
@@ -1806,6 +1707,93 @@ def atomic_torch_save(obj, path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
+
+
+# ---------------------------------------------------------------------------- data files (used by load_dataset)
+
+
+def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
+    try:
+        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
+    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
+        raise BavqError(
+            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to "
+            "have no network access to the CIFAR-10 server. Either copy the CIFAR-10 python archive "
+            "(cifar-10-python.tar.gz) into that directory, or use images already on disk with "
+            "'--dataset folder --data_dir DIR', where DIR holds train/<class>/*.jpg and test/<class>/*.jpg "
+            "(e.g. extract shared/data/cifar10-jpg.tar.gz).") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return to_t(tr.data), to_t(te.data)
+
+
+def _list_images(split_dir: Path) -> list[Path]:
+    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return files
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8).copy()
+        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, 32, 32)
+
+
+def _decode_files(paths: list[Path], num_workers: int) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
+                                         num_workers=num_workers)
+    return torch.cat(list(loader)) if len(paths) else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+
+
+def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) -> torch.Tensor:
+    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
+    A full split is decoded once and cached next to the data as a .pt file keyed by the file list."""
+    split_dir = root / split
+    paths = _list_images(split_dir)
+    if not paths:
+        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
+                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
+                        f"check --data_dir (now '{root}').")
+    if subset and subset < len(paths):
+        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
+        return _decode_files(chosen, num_workers)
+    key = hashlib.sha1()
+    for p in paths:
+        key.update(str(p.relative_to(root)).encode())
+        key.update(str(p.stat().st_size).encode())
+    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
+    if cache.is_file():
+        try:
+            images = torch.load(cache, map_location="cpu", weights_only=True)
+            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
+                return images
+        except Exception:
+            pass  # a corrupt cache is rebuilt below
+    images = _decode_files(paths, num_workers)
+    try:
+        atomic_torch_save(images, cache)
+    except OSError as e:
+        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror}); they will be decoded "
+              "again next run.", file=sys.stderr)
+    return images
 
 
 # ---------------------------------------------------------------------------- errors a run can end with

@@ -77,6 +77,7 @@ def run_cli(*args, cwd):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("epochz: 3\n")

@@ -14,12 +14,11 @@ real-data run. What is checked here (one NVIDIA GPU):
 - no per-step host synchronisation (torch.cuda.set_sync_debug_mode): an epoch of 6 steps makes
   exactly the synchronisations of an epoch of 3.
 """
-import warnings
-
 import pytest
 import torch
 
 import vqvae
+from benchmark import count_syncs
 from conftest import record_code_indices, tiny_config
 
 pytestmark = [pytest.mark.cuda,
@@ -155,18 +154,6 @@ def test_device_data_path_matches_the_loader_path_on_cuda(quantizer):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-def _syncs(fn) -> int:
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
-
-
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
 def test_no_per_step_host_syncs(quantizer):
     """torch.cuda.set_sync_debug_mode counts every host synchronisation: an epoch of 6 steps makes
@@ -179,10 +166,10 @@ def test_no_per_step_host_syncs(quantizer):
     tr = train_u8.to(DEV)
     g = torch.Generator().manual_seed(0)
     vqvae.train_epoch(model, opt, tr[:128], cfg, g, 0, 100, rt=rt)          # warm-up (autotuning, allocator)
-    n3 = _syncs(lambda: vqvae.train_epoch(model, opt, tr[:3 * 64], cfg, g, 2, 100, rt=rt))
-    n6 = _syncs(lambda: vqvae.train_epoch(model, opt, tr[:6 * 64], cfg, g, 5, 100, rt=rt))
+    n3 = count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:3 * 64], cfg, g, 2, 100, rt=rt))
+    n6 = count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:6 * 64], cfg, g, 5, 100, rt=rt))
     assert n6 == n3, (n3, n6)
     vb = 16
-    v2 = _syncs(lambda: vqvae.validate(model, tr[:2 * vb], vb, rt=rt))
-    v4 = _syncs(lambda: vqvae.validate(model, tr[:4 * vb], vb, rt=rt))
+    v2 = count_syncs(lambda: vqvae.validate(model, tr[:2 * vb], vb, rt=rt))
+    v4 = count_syncs(lambda: vqvae.validate(model, tr[:4 * vb], vb, rt=rt))
     assert v4 == v2, (v2, v4)

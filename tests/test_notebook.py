@@ -22,6 +22,8 @@ UNFINISHED = "crashed/ba_vq_k16_s2"
 # Appended to the executed copy only: which interpreter ran the notebook and what it imported.
 PROBE = 'import sys\nprint("PROBE", sys.prefix, "wandb" in sys.modules, "pandas" in sys.modules)'
 
+pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect with -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory):

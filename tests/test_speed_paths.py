@@ -86,6 +86,7 @@ def test_fp16_needs_cuda():
     assert vqvae.make_runtime(tiny_config(), torch.device("cpu")).amp_dtype is None   # auto = off on CPU
 
 
+@pytest.mark.slow
 def test_benchmark_runs_on_cpu_and_writes_its_table(tmp_path):
     import json
     import os
@@ -347,6 +348,7 @@ def test_compiled_model_marks_a_cuda_graph_step_per_training_step_and_eval_batch
     assert len(marks) == (2 + 4 + 3 if compiled else 0)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_compiled_ba_kernels_equal_the_eager_ones():
     """The torch.compile'd fused-BA chunk functions (float64, chunks of 7 rows with a remainder of 2,
@@ -366,6 +368,7 @@ def test_compiled_ba_kernels_equal_the_eager_ones():
     assert out["eager"][3].abs().sum() > 0 and out["eager"][4].abs().sum() > 0
 
 
+@pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("quantizer", ["vq_ema", "ba_vq"])
 def test_compiled_model_matches_eager(quantizer):

@@ -22,6 +22,7 @@ HISTORY_KEYS = {"epoch", "train/loss", "train/recon_loss", "train/perplexity", "
                 "val/loss", "val/recon_loss", "val/psnr", "val/perplexity", "val/usage_rate", "val/dead_codes"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
 def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -164,6 +165,7 @@ def test_cifar10_without_network_is_a_clear_error(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- W&B
 
 
+@pytest.mark.slow
 def test_wandb_without_api_key_falls_back_and_does_not_crash(tiny_cfg, tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -211,6 +213,7 @@ def cifar_folder(tmp_path_factory):
 # BA-VQ with the seed's beta range (0.1 -> 5) barely learns in 80 steps: codes start within
 # +-1/K, so beta * (d(x,j) - d(x,k)) << 1, P(k|x) is nearly uniform and the decoder sees almost
 # the same P.E for every input (measured: +0.6 dB). A steeper beta range shows the pipeline learns.
+@pytest.mark.slow
 @pytest.mark.parametrize("quantizer,extra,margin_db", [
     ("vq_ema", {}, 3.0),
     ("ba_vq", {"beta_start": 1.0, "beta_end": 50.0}, 1.0),

@@ -16,6 +16,8 @@ import train as cli
 import vqvae
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect with -m "not slow")
+
 
 def final_of(run_dir):
     return json.loads((Path(run_dir) / "final_metrics.json").read_text())
