@@ -385,10 +385,10 @@ CODEBOOK_INITS = ("uniform", "normal", "kmeans")
 
 
 
-def cosine_schedule(start: float, end: float, progress: float) -> float:
-    """Cosine interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return start + (end - start) * (1.0 - math.cos(math.pi * progress)) / 2.0
+def cosine_schedule(start: float, end: float, t: float) -> float:
+    """Cosine interpolation from ``start`` (t = 0) to ``end`` (t = 1)."""
+    t = min(max(t, 0.0), 1.0)
+    return start + (end - start) * (1.0 - math.cos(math.pi * t)) / 2.0
 
 
 class Quantizer(nn.Module):

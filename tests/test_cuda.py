@@ -12,7 +12,7 @@ real-data run. What is checked here (one NVIDIA GPU):
 - --compile and --compile_mode reduce-overhead (CUDA graphs) against eager;
 - the device data path against the DataLoader path;
 - no per-step host synchronisation (torch.cuda.set_sync_debug_mode): an epoch of 6 steps makes
-  exactly the synchronisations of an epoch of 3.
+  no more synchronisations than an epoch of 3.
 """
 import pytest
 import torch
@@ -157,7 +157,7 @@ def test_device_data_path_matches_the_loader_path_on_cuda(quantizer):
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
 def test_no_per_step_host_syncs(quantizer):
     """torch.cuda.set_sync_debug_mode counts every host synchronisation: an epoch of 6 steps makes
-    exactly those of an epoch of 3 (they are per epoch, not per step), remedies on."""
+    no more than an epoch of 3 (they are per epoch, not per step), remedies on."""
     extra = {} if quantizer == "fsq" else dict(dead_code_threshold=0.5, dead_code_every=2, grad_clip=1.0)
     cfg = cuda_config(quantizer=quantizer, progress_every=1000, **extra)
     train_u8, _ = vqvae.load_dataset(cfg)
@@ -166,10 +166,13 @@ def test_no_per_step_host_syncs(quantizer):
     tr = train_u8.to(DEV)
     g = torch.Generator().manual_seed(0)
     vqvae.train_epoch(model, opt, tr[:128], cfg, g, 0, 100, rt=rt)          # warm-up (autotuning, allocator)
-    n3 = count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:3 * 64], cfg, g, 2, 100, rt=rt))
-    n6 = count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:6 * 64], cfg, g, 5, 100, rt=rt))
-    assert n6 == n3, (n3, n6)
+    # the first counted epoch also sees one-time warnings (measured on an H100: 13 then 12), so count twice
+    count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:3 * 64], cfg, g, 2, 100, rt=rt))
+    n3 = count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:3 * 64], cfg, g, 5, 100, rt=rt))
+    n6 = count_syncs(lambda: vqvae.train_epoch(model, opt, tr[:6 * 64], cfg, g, 8, 100, rt=rt))
+    assert n6 <= n3, (n3, n6)                  # a per-step sync would make n6 >= n3 + 3
     vb = 16
+    count_syncs(lambda: vqvae.validate(model, tr[:2 * vb], vb, rt=rt))
     v2 = count_syncs(lambda: vqvae.validate(model, tr[:2 * vb], vb, rt=rt))
     v4 = count_syncs(lambda: vqvae.validate(model, tr[:4 * vb], vb, rt=rt))
-    assert v4 == v2, (v2, v4)
+    assert v4 <= v2, (v2, v4)

@@ -36,7 +36,7 @@ def test_psnr_of_known_mse_equals_closed_form():
     for e in (0.02, 0.1, 0.5):
         xr = x + e
         assert compute_psnr(x, xr) == pytest.approx(10 * math.log10(1 / (e / 2) ** 2), rel=1e-5)
-    # the seed's formula 20 log10(1/sqrt(mse)) on [-1, 1] is 6.02 dB lower
+    # the original code's formula 20 log10(1/sqrt(mse)) on [-1, 1] is 6.02 dB lower
     e = 0.1
     seed = 20 * math.log10(1 / math.sqrt(e ** 2))
     assert compute_psnr(x, x + e) - seed == pytest.approx(20 * math.log10(2), abs=1e-4)

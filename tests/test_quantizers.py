@@ -154,7 +154,7 @@ def test_ba_codebook_term_matches_finite_differences():
 
 
 def test_ba_without_codebook_or_entropy_term_codebook_gets_no_gradient():
-    """The seed's STE line: reconstruction + commitment send nothing to the codebook."""
+    """The original code's STE line: reconstruction + commitment send nothing to the codebook."""
     q = make_quantizer("ba_vq", codebook_cost=0.0, entropy_cost=0.0).train()
     z = latents()
     w = torch.randn_like(z)
@@ -163,7 +163,7 @@ def test_ba_without_codebook_or_entropy_term_codebook_gets_no_gradient():
 
 
 class SeedBAQuantizer(torch.nn.Module):
-    """The original code's BA quantizer, transcribed from the seed document (probability domain,
+    """The original code's BA quantizer, transcribed from the original code (probability domain,
     Q clamped at 1e-10), used as the reference for codebook_cost = 0."""
 
     def __init__(self, codebook, beta, iters, commitment_cost=0.25, entropy_cost=0.01):
@@ -573,7 +573,7 @@ def test_fused_ba_keeps_one_n_by_k_matrix_for_the_backward(impl):
 
 
 def test_vq_ema_seed_start_state_and_the_ema_init_count_option():
-    """The seed starts EMA counts at 0 and EMA sums at the codes: after one step every unused code
+    """The original code starts EMA counts at 0 and EMA sums at the codes: after one step every unused code
     is e * decay / (~eps) (a jump of ~1e5 in norm). ema_init_count = c starts counts at c and sums at
     c * code, so an unused code keeps its scale (decay * c e / (decay * c) = e, up to smoothing)."""
     z = latents(B=2, D=8, H=4, W=4, scale=0.2)
@@ -586,7 +586,7 @@ def test_vq_ema_seed_start_state_and_the_ema_init_count_option():
         assert unused.sum() > 10
         ratio = q.codebook.norm(dim=1)[unused] / before[unused]
         if c == 0:
-            assert (ratio > 1e3).all()                                  # the seed's artefact, kept by default
+            assert (ratio > 1e3).all()                                  # the original code's artefact, kept by default
         else:
             assert (ratio < max_ratio).all() and (ratio > 0.99).all()
             torch.testing.assert_close(q.ema_cluster_size[unused], torch.full((int(unused.sum()),), 0.99))

@@ -54,7 +54,7 @@ def test_vq_losses_use_the_hard_code_and_the_ste_ignores_requires_grad():
     z = latents()
     z_q_nograd, losses, info = q(z)                                   # z.requires_grad is False
     z_q_grad, _, _ = q(z.clone().requires_grad_(True))
-    torch.testing.assert_close(z_q_nograd, z_q_grad)                  # same path either way (seed 004, bug 2)
+    torch.testing.assert_close(z_q_nograd, z_q_grad)                  # same path either way
     e = q.codebook.detach()[info["code_indices"]].permute(0, 3, 1, 2)
     torch.testing.assert_close(z_q_nograd, e, rtol=0, atol=1e-6)
     mse = F.mse_loss(z, e)

@@ -210,7 +210,7 @@ def cifar_folder(tmp_path_factory):
     return root
 
 
-# BA-VQ with the seed's beta range (0.1 -> 5) barely learns in 80 steps: codes start within
+# BA-VQ with the original code's beta range (0.1 -> 5) barely learns in 80 steps: codes start within
 # +-1/K, so beta * (d(x,j) - d(x,k)) << 1, P(k|x) is nearly uniform and the decoder sees almost
 # the same P.E for every input (measured: +0.6 dB). A steeper beta range shows the pipeline learns.
 @pytest.mark.slow
