@@ -26,16 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of config values (overridden by flags)")
     defaults = vqvae.Config()
     choices = vqvae.field_choices()
+    comments = {k: v.replace('%', '%%') for k, v in vqvae.config_comments().items()}
     for name, typ in vqvae.config_fields().items():
         default = getattr(defaults, name)
         if typ is bool:
             g = p.add_mutually_exclusive_group()
             g.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=argparse.SUPPRESS,
-                           help=f"turn {name} on (default: {default})")
+                           help=f"{comments.get(name, '')} (default: {default})")
             g.add_argument(f"--no_{name}", dest=name, action="store_const", const=False,
                            default=argparse.SUPPRESS, help=f"turn {name} off")
             continue
-        kwargs = {"type": typ, "default": argparse.SUPPRESS, "help": f"(default: {default!r})"}
+        kwargs = {"type": typ, "default": argparse.SUPPRESS, "help": f"{comments.get(name, '')} (default: {default!r})"}
         if typ is list:   # list of ints, e.g. --fsq_levels 8 5 5 5
             kwargs.update(type=int, nargs="+")
         if name in vqvae.SWEEP_KEYS:

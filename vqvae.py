@@ -86,6 +86,7 @@ class Config:
     decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
     ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
+    ema_smoothing: str = "overwrite"  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
@@ -381,6 +382,7 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
 
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 BA_IMPLS = ("fused", "autograd")
+EMA_SMOOTHINGS = ("overwrite", "copy")
 CODEBOOK_INITS = ("uniform", "normal", "kmeans")
 
 
@@ -444,9 +446,12 @@ def init_codebook(K: int, D: int, init: str) -> torch.Tensor:
 def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Generator | None = None,
                     cosine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) then ``iters`` Lloyd iterations on the rows
-    of x (N, D). Returns (centers (K, D), cluster sizes (K,)). A cluster that empties keeps its
-    previous centre. ``cosine``: spherical k-means (rows and centres L2-normalised).
-    If N < K, the missing centres are copies of random points (then cluster sizes are 0)."""
+    of x (N, D). Returns (centers (K, D), cluster sizes (K,)). ``cosine``: spherical k-means (rows
+    and centres L2-normalised). An empty cluster is re-seeded at the data point farthest from its
+    own centre (standard practice), after the seeding and after every Lloyd update, so every centre
+    ends at a data point or a mean of data points with a positive size. Only when x has fewer than
+    K distinct rows must some centres coincide; each such centre shares the count of the used centre
+    it coincides with (the nearest one) equally, so every count is positive and they sum to N."""
     x = x.float()
     if cosine:
         x = F.normalize(x, dim=1)
@@ -462,20 +467,39 @@ def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Genera
             nxt = torch.multinomial((d2 / d2.sum()).cpu(), 1, generator=generator).to(dev)[0]
         centers.append(x[nxt])
         d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
-    c = torch.stack(centers)                                                  # (K, D)
-    counts = torch.zeros(K, device=dev)
-    for _ in range(max(iters, 1)):
+    c = _reseed_empty_clusters(x, torch.stack(centers))                       # (K, D)
+    for _ in range(iters):
         assign = squared_distances(x, c).argmin(1)                            # (N,)
         counts = torch.bincount(assign, minlength=K).float()
         sums = torch.zeros_like(c).index_add_(0, assign, x)
-        if iters == 0:
-            break
         c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
         if cosine:
             c = F.normalize(c, dim=1)
-    if iters > 0:
-        counts = torch.bincount(squared_distances(x, c).argmin(1), minlength=K).float()
+        c = _reseed_empty_clusters(x, c)
+    counts = torch.bincount(squared_distances(x, c).argmin(1), minlength=K).float()
+    empty = counts == 0                       # left only when x has fewer distinct rows than K
+    if bool(empty.any()):                     # each joins the nearest used centre and shares its count
+        used = (~empty).nonzero().flatten()
+        owner = torch.arange(K, device=dev)
+        owner[empty] = used[squared_distances(c[empty], c[used]).argmin(1)]
+        counts = counts[owner] / torch.bincount(owner, minlength=K).float()[owner]
     return c, counts
+
+
+def _reseed_empty_clusters(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Move the centre of each empty cluster onto a data point, the points farthest from their own
+    centres first (one per empty cluster), until none is empty or every point sits on a centre."""
+    c = c.clone()
+    for _ in range(c.shape[0]):
+        d = squared_distances(x, c)                                           # (N, K)
+        own, assign = d.min(1)
+        empty = (torch.bincount(assign, minlength=c.shape[0]) == 0).nonzero().flatten()
+        far = own.argsort(descending=True)[:len(empty)]
+        far = far[own[far] > 0]
+        if len(empty) == 0 or len(far) == 0:
+            break
+        c[empty[:len(far)]] = x[far]
+    return c
 
 
 class CodebookQuantizer(Quantizer):
@@ -560,7 +584,10 @@ class VQEMAQuantizer(CodebookQuantizer):
         m_k <- decay * m_k + (1 - decay) * sum_{x -> k} z_x
         e_k  = m_k / N~_k,   N~_k = (N_k + eps) / (sum_j N_j + K eps) * sum_j N_j   (Laplace smoothing)
 
-    The smoothed counts N~ are a copy; the raw EMA counts N are never overwritten by them.
+    ``ema_smoothing``: ``overwrite`` (the default, the original code) stores the smoothed counts N~ back
+    as N, so the next step's EMA starts from them; ``copy`` (DeepMind Sonnet's VectorQuantizerEMA)
+    smooths a copy and keeps the raw EMA counts. With the original start state the two differ a lot
+    in how fast unused codes recover (README, "VQ-EMA").
     The EMA buffers start as in the original code: counts N = ``ema_init_count`` (0), sums m = the
     initial codes (or count x code when ``ema_init_count`` > 0).
     The step's output uses the codebook as it was *before* the step's update, and buffers only
@@ -579,8 +606,12 @@ class VQEMAQuantizer(CodebookQuantizer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, init: str = "uniform", cosine: bool = False,
-                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, ema_init_count: float = 0.0):
+                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, ema_init_count: float = 0.0,
+                 ema_smoothing: str = "overwrite"):
         super().__init__()
+        if ema_smoothing not in EMA_SMOOTHINGS:
+            raise BavqError(f"ema_smoothing '{ema_smoothing}' is unknown (choose from {', '.join(EMA_SMOOTHINGS)}).")
+        self.ema_smoothing = ema_smoothing
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.epsilon = commitment_cost, epsilon
@@ -613,7 +644,9 @@ class VQEMAQuantizer(CodebookQuantizer):
         self.ema_cluster_size.mul_(self.decay).add_(counts.to(z_flat.dtype), alpha=1.0 - self.decay)
         self.ema_w.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         n = self.ema_cluster_size.sum()
-        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~, a copy
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~
+        if self.ema_smoothing == "overwrite":                                            # the original code
+            self.ema_cluster_size.copy_(smoothed)
         codebook = self.ema_w / smoothed[:, None]
         self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
 
@@ -708,12 +741,15 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torc
     return log_p, log_q
 
 
-def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
+def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor,
                           source_weights: torch.Tensor | None = None) -> tuple[float, float]:
-    """(R in bits, D) of the conditional P(k|x) on a source with weights p(x) (uniform by default):
-    R = I(X; K) = sum_x p(x) sum_k P(k|x) log2(P(k|x) / Q(k)), D = sum_x p(x) sum_k P(k|x) d(x,k)."""
+    """(R in bits, D) of the conditional P(k|x) (``log_p``, (N, K)) on a source with probabilities
+    p(x) = ``source_weights`` (N,) (uniform when None): with Q(k) = sum_x p(x) P(k|x),
+    R = I(X; K) = sum_x p(x) sum_k P(k|x) log2(P(k|x) / Q(k)),  D = sum_x p(x) sum_k P(k|x) d(x,k)."""
     N = distances.shape[0]
-    w = torch.full((N,), 1.0 / N, dtype=log_p.dtype) if source_weights is None else source_weights
+    w = (torch.full((N,), 1.0 / N, dtype=log_p.dtype, device=log_p.device) if source_weights is None
+         else source_weights.to(log_p.device, log_p.dtype))
+    log_q = torch.logsumexp(log_p + w.log()[:, None], dim=0)                      # log Q, (K,)
     p = log_p.exp()
     rate = (w[:, None] * p * (log_p - log_q[None, :])).sum() / math.log(2.0)
     dist = (w[:, None] * p * distances).sum()
@@ -1517,7 +1553,7 @@ def field_choices() -> dict:
     """{Config field: its allowed values} for every field with a fixed set of values; Config
     checking and the CLI (train.py) both read this."""
     return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
-            "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS,
+            "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS,
             "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
 
 
@@ -1576,6 +1612,17 @@ def _quantizer_problems(cfg: Config, qcls: type) -> list:
     if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
         problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
     return problems + qcls.config_problems(cfg)
+
+
+def config_comments() -> dict:
+    """{field name: its comment in the Config dataclass} (the CLI's --help text)."""
+    import re
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m and m.group(1) in {f.name for f in fields(Config)}:
+            out[m.group(1)] = m.group(2).strip()
+    return out
 
 
 def config_fields() -> dict:
@@ -1826,7 +1873,8 @@ def _interrupted_message(epoch: int, s: _StopRequested, path: Path, run_dir: Pat
 # ---------------------------------------------------------------------------- run directory, checkpoints
 
 SHAPE_KEYS = ("quantizer", "codebook_size", "latent_dim", "hidden_dim")   # must match to resume
-CHECKPOINT_FORMAT = 1          # written with every checkpoint; load_checkpoint refuses newer formats
+CHECKPOINT_FORMAT = 2          # written with every checkpoint; load_checkpoint refuses newer formats
+# format 1 (before ema_smoothing existed) smoothed the VQ-EMA counts the way that is now "copy"
 
 _RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.yaml", "recon.png", "usage.png",
               "checkpoint_interrupted.pt")
@@ -1907,8 +1955,10 @@ def load_checkpoint(path: Path) -> dict:
                         f"{', '.join(sorted(needed - set(ck))) if isinstance(ck, dict) else 'a checkpoint dict'}). "
                         "final_model.pt holds weights only and cannot be resumed; pass a checkpoint_epoch{N}.pt "
                         "file or the run directory.")
-    if "epoch_progress" in ck:                     # the name of partial_epoch in earlier versions
+    if "epoch_progress" in ck:                     # the name of partial_epoch in format 1
         ck["partial_epoch"] = ck.pop("epoch_progress")
+    if ck.get("format", 1) == 1 and isinstance(ck.get("config"), dict):
+        ck["config"].setdefault("ema_smoothing", "copy")
     if ck.get("format", 1) > CHECKPOINT_FORMAT:
         raise BavqError(f"Checkpoint '{path}' was written by a newer version of bavq (checkpoint format "
                         f"{ck['format']}, this version reads up to {CHECKPOINT_FORMAT}). Update bavq (git pull) to "

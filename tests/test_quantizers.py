@@ -228,20 +228,22 @@ def test_ba_codebook_cost_changes_the_codebook_gradient():
 # --------------------------------------------------------------------------- VQ-EMA update by hand
 
 
-def test_vq_ema_one_step_equals_hand_computation():
+@pytest.mark.parametrize("smoothing", ["overwrite", "copy"])
+def test_vq_ema_one_step_equals_hand_computation(smoothing):
     """K=2, D=2, decay 0.5, epsilon 0.1; codes e0=(0,0), e1=(1,1); EMA counts (2,2), sums = 2 e.
 
     Inputs x1=(0.1,0), x2=(0.9,1.2), x3=(1.1,0.8): x1 -> e0, x2, x3 -> e1, so n = (1, 2),
     sum_0 = (0.1, 0), sum_1 = (2.0, 2.0).
-      N   = 0.5*(2,2) + 0.5*(1,2)               = (1.5, 2.0)          (raw, stored)
+      N   = 0.5*(2,2) + 0.5*(1,2)               = (1.5, 2.0)          (raw EMA counts)
       m_0 = 0.5*(0,0) + 0.5*(0.1,0)             = (0.05, 0)
       m_1 = 0.5*(2,2) + 0.5*(2,2)               = (2, 2)
       n_tot = 3.5; N~ = (N + 0.1) / (3.5 + 0.2) * 3.5 = (5.6/3.7, 7.35/3.7)
       e_0 = m_0 / N~_0 = (0.05*3.7/5.6, 0),   e_1 = m_1 / N~_1 = 2*3.7/7.35 * (1, 1)
+    The stored counts are N~ with 'overwrite' (the original code) and the raw N with 'copy' (Sonnet).
     Output uses the old codes: z_q = (0,0), (1,1), (1,1);
     commitment = 0.25 * mean((z - z_q)^2) = 0.25 * (0.01 + 0.05 + 0.05) / 6.
     """
-    q = VQEMAQuantizer(2, 2, commitment_cost=0.25, decay=0.5, epsilon=0.1).train()
+    q = VQEMAQuantizer(2, 2, commitment_cost=0.25, decay=0.5, epsilon=0.1, ema_smoothing=smoothing).train()
     with torch.no_grad():
         q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
         q.ema_w.copy_(torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
@@ -253,10 +255,62 @@ def test_vq_ema_one_step_equals_hand_computation():
     assert info["code_indices"].flatten().tolist() == [0, 1, 1]
     torch.testing.assert_close(z_q.reshape(2, 3).t(), torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
     torch.testing.assert_close(losses["commitment_loss"], torch.tensor(0.25 * 0.11 / 6))
-    torch.testing.assert_close(q.ema_cluster_size, torch.tensor([1.5, 2.0]))          # raw, not smoothed
+    stored = torch.tensor([5.6 / 3.7, 7.35 / 3.7]) if smoothing == "overwrite" else torch.tensor([1.5, 2.0])
+    torch.testing.assert_close(q.ema_cluster_size, stored)
     torch.testing.assert_close(q.ema_w, torch.tensor([[0.05, 0.0], [2.0, 2.0]]))
     e1 = 2 * 3.7 / 7.35
     torch.testing.assert_close(q.codebook, torch.tensor([[0.05 * 3.7 / 5.6, 0.0], [e1, e1]]))
+
+
+def test_vq_ema_overwrite_is_the_default_and_matches_the_original_update_over_two_steps():
+    """The original code's update, transcribed (EMA counts overwritten by their smoothed values),
+    against the quantizer over two steps with random data; 'copy' differs from it."""
+    def original(cs, w, z, idx, K, decay=0.99, eps=1e-5):
+        onehot = torch.nn.functional.one_hot(idx, K).float()
+        cs = cs * decay + (1 - decay) * onehot.sum(0)
+        n = cs.sum()
+        cs = (cs + eps) / (n + K * eps) * n
+        w = w * decay + (1 - decay) * onehot.t() @ z
+        return cs, w, w / cs[:, None]
+    assert VQEMAQuantizer(4, 3).ema_smoothing == "overwrite" == vqvae.Config().ema_smoothing
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(2, 3, 2, 2, generator=g) for _ in range(2)]
+    results = {}
+    for smoothing in ("overwrite", "copy"):
+        torch.manual_seed(0)
+        q = VQEMAQuantizer(4, 3, ema_smoothing=smoothing).train()
+        cs, w = q.ema_cluster_size.clone(), q.ema_w.clone()
+        for z in zs:
+            _, _, info = q(z)
+            cs, w, e = original(cs, w, z.permute(0, 2, 3, 1).reshape(-1, 3), info["code_indices"].flatten(), 4)
+        results[smoothing] = (q.codebook.clone(), e)
+    torch.testing.assert_close(*results["overwrite"])
+    assert not torch.allclose(*results["copy"])
+
+
+def _unused_code_growth(smoothing, steps, K=512, D=16, used=85, seed=0):
+    """Norm of an unused code relative to its initial norm after ``steps`` steps from the original start
+    state (counts 0, sums = the uniform(-1/K, 1/K) codes), when every step assigns the same ``used``
+    codes (batches of 2048 latents)."""
+    torch.manual_seed(seed)
+    q = VQEMAQuantizer(K, D, ema_smoothing=smoothing).train()
+    e0 = q.codebook[K - 1].norm()
+    idx = torch.randint(0, used, (2048,), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        z = torch.randn(2048, D, generator=g) * 0.1
+        counts = vqvae.code_histogram(idx, K)
+        q._ema_update(z, idx, counts)
+    return float(q.codebook[K - 1].norm() / e0)
+
+
+def test_overwrite_lets_unused_codes_recover_much_faster_than_copy():
+    """With the original start state an unused code first jumps to ~decay/eps times its size; with
+    'overwrite' the smoothed count it divides by grows back each step, with 'copy' it does not."""
+    over = [_unused_code_growth("overwrite", s) for s in (10, 100)]
+    copy = [_unused_code_growth("copy", s) for s in (10, 100)]
+    assert over[1] < over[0] and copy[0] > 1e4
+    assert over[1] * 10 < copy[1]
 
 
 def test_vq_ema_uses_pre_update_codebook_and_float32_under_autocast():
@@ -402,7 +456,7 @@ def test_ba_fair_binary_source_hamming_reaches_rate_distortion_function(beta):
     """Fair binary source, Hamming distortion: R(D) = 1 - H2(D), and slope beta gives D = 1/(1+e^beta)."""
     d = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     log_p, log_q = blahut_arimoto(d, beta, 200)
-    R, D = rate_distortion_point(d, log_p, log_q)
+    R, D = rate_distortion_point(d, log_p)
     assert abs(D - 1 / (1 + math.exp(beta))) < 1e-9
     assert abs(R - (1 - _h2(D))) < 1e-3
 
@@ -414,15 +468,26 @@ def test_ba_skewed_binary_source_converges_to_rate_distortion_function(beta):
     distribution, so this checks the alternation, not just one softmax."""
     d = torch.tensor([[0.0, 1.0]] * 4 + [[1.0, 0.0]], dtype=torch.float64)
     log_p, log_q = blahut_arimoto(d, beta, 3000)
-    R, D = rate_distortion_point(d, log_p, log_q)
+    R, D = rate_distortion_point(d, log_p)
     D_star = 1 / (1 + math.exp(beta))
     assert abs(D - D_star) < 1e-4
     assert abs(R - (_h2(0.2) - _h2(D))) < 1e-3
     # optimal output marginal: Q(1) = (p - D) / (1 - 2D)
     assert abs(log_q.exp()[1].item() - (0.2 - D_star) / (1 - 2 * D_star)) < 1e-4
     # and the few-iteration answer is measurably off: the alternation matters here
-    R1, D1 = rate_distortion_point(d, *blahut_arimoto(d, beta, 1))
+    R1, D1 = rate_distortion_point(d, blahut_arimoto(d, beta, 1)[0])
     assert abs(R1 - (_h2(0.2) - _h2(D1))) > 1e-3
+
+
+def test_rate_distortion_point_weights_q_by_the_source_weights():
+    """Rows (0,1), (1,0) with p = (0.8, 0.2) are the same source as 4 copies of the first row and one
+    of the second with uniform weights: same R and D (Q must be the weighted mean of P, not the plain one)."""
+    d = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    log_p = torch.log_softmax(-2.0 * d + torch.tensor([0.3, -0.3], dtype=torch.float64), dim=1)
+    weighted = rate_distortion_point(d, log_p, torch.tensor([0.8, 0.2], dtype=torch.float64))
+    copies = rate_distortion_point(d[[0, 0, 0, 0, 1]], log_p[[0, 0, 0, 0, 1]])
+    assert weighted == pytest.approx(copies, rel=1e-12)
+    assert weighted[0] != pytest.approx(rate_distortion_point(d, log_p)[0], rel=1e-3)
 
 
 def test_beta_schedule_is_cosine_from_start_to_end():

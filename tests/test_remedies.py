@@ -155,6 +155,36 @@ def test_kmeans_recovers_well_separated_clusters():
     assert counts[order].tolist() == sizes.float().tolist()
 
 
+def test_an_empty_cluster_is_reseeded_at_the_farthest_point():
+    """Centres p0, p0 (a duplicate: its cluster is empty) and (100, 100) (no point near it): both empty
+    centres move onto the data points farthest from their own centres, so every cluster has points."""
+    x = torch.tensor([[0.0, 0.0]] * 10 + [[1.0, 0.0]] * 10 + [[3.0, 0.0], [0.0, 4.0]])
+    c = torch.tensor([[0.0, 0.0], [0.0, 0.0], [100.0, 100.0]])
+    new = vqvae._reseed_empty_clusters(x, c)
+    assert new[0].tolist() == [0.0, 0.0]
+    assert sorted(map(tuple, new[1:].tolist())) == [(0.0, 4.0), (3.0, 0.0)]   # the two farthest points
+    assert (torch.bincount(squared_distances(x, new).argmin(1), minlength=3) > 0).all()
+
+
+@pytest.mark.parametrize("distinct,K", [(40, 16), (3, 5)])
+def test_kmeans_gives_every_code_a_data_point_and_a_positive_count(distinct, K):
+    """Latents with many exact duplicates (as ReLU outputs at initialisation are: many all-zero rows).
+    With at least K distinct rows every cluster is non-empty; with fewer, coinciding centres share
+    their points' count equally. Either way the counts sum to N and are all positive."""
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(distinct, 4, generator=g).relu()
+    pts[0] = 0.0
+    x = torch.cat([pts[0].expand(500, 4), pts[torch.randint(0, distinct, (300,), generator=g)]])
+    c, counts = kmeans_codebook(x, K, iters=10, generator=torch.Generator().manual_seed(1))
+    assert (counts > 0).all() and counts.sum() == pytest.approx(x.shape[0])
+    assert squared_distances(c, x).min(1).values.max() < 1e-6 or distinct >= K   # few points: centres are points
+    q = vqvae.VQEMAQuantizer(K, 4).train()
+    q.load_codes(c, counts / 10)
+    q(x.t().reshape(1, 4, 1, -1))
+    # an empty cluster with count 0 would become exactly 0 here; a code at a zero data point is zero anyway
+    assert torch.isfinite(q.codebook).all() and ((q.codebook.norm(dim=1) > 0) | (c.norm(dim=1) == 0)).all()
+
+
 @pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
 def test_kmeans_init_uses_more_codes_than_uniform_init(name, tmp_path):
     """Structured data (fake images); initial usage = validation usage before any training."""
