@@ -95,6 +95,8 @@ class Config:
     ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
     entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
     codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq: hard code; ba_vq: P.E; 1.0 is a fix, 0 = the original code)
+    ba_prior: str = "batch"          # BA iterations start from: batch (uniform Q, original code) | ema (the running marginal Q-bar)
+    marginal_decay: float = 0.99     # BA-VQ: EMA decay of the running marginal Q-bar (evaluation codes; --ba_prior ema), in [0, 1)
     ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
     ba_chunk_rows: int = 0           # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
@@ -383,6 +385,7 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 BA_IMPLS = ("fused", "autograd")
 EMA_SMOOTHINGS = ("overwrite", "copy")
+BA_PRIORS = ("batch", "ema")
 CODEBOOK_INITS = ("uniform", "normal", "kmeans")
 
 
@@ -417,6 +420,7 @@ class Quantizer(nn.Module):
                                          # the training batch size
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
                                          # gradient_estimator); see CodebookQuantizer for what they call
+    eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
 
     def set_schedule(self, t: float) -> None:
         """Called before every training step with t in [0, 1], the fraction of training done."""
@@ -714,11 +718,12 @@ class VQQuantizer(CodebookQuantizer):
 
 
 
-def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blahut_arimoto(distances: torch.Tensor, beta, iterations: int,
+                   log_q0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blahut-Arimoto alternations for the rate-distortion problem, in log space.
 
     Source: the N rows of ``distances`` (N, K), each with probability 1/N; reproduction alphabet:
-    the K codes. Starting from Q(k) = 1/K, each iteration computes
+    the K codes. Starting from Q(k) = 1/K (or exp(``log_q0``)), each iteration computes
 
         P(k|x) = Q(k) exp(-beta d(x,k)) / sum_j Q(j) exp(-beta d(x,j))      (log_softmax)
         Q(k)   = (1/N) sum_x P(k|x)                                          (logsumexp - log N)
@@ -733,7 +738,8 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int) -> tuple[torc
     """
     N, K = distances.shape
     neg_beta_d = -beta * distances                                                   # (N, K)
-    log_q = torch.full((K,), -math.log(K), dtype=distances.dtype, device=distances.device)
+    log_q = (torch.full((K,), -math.log(K), dtype=distances.dtype, device=distances.device) if log_q0 is None
+             else log_q0.to(distances.dtype))
     log_p = None
     for _ in range(iterations):
         log_p = torch.log_softmax(neg_beta_d + log_q[None, :], dim=1)               # (N, K)
@@ -766,8 +772,16 @@ class BAQuantizer(CodebookQuantizer):
 
     Training forward: z_q = P.E (soft quantization), passed on with the straight-through line
     ``z + sg[P.E - z]`` (as in the original code: the decoder sees P.E, its gradient is copied to z).
-    Eval forward: z_q = e_{argmax_k P(k|x)}, the hard code, so validation measures the discrete
-    bottleneck; the soft P.E is also returned as ``info['z_q_soft']``.
+    The BA iterations start from the uniform Q (``ba_prior`` batch, the original code) or from the
+    running marginal Q-bar (``ba_prior`` ema). After every training step Q-bar, a buffer, moves
+    toward the step's final Q:  Q-bar <- marginal_decay * Q-bar + (1 - marginal_decay) * Q_T  (in log space).
+
+    Eval forward: every latent is assigned on its own, with no statistic of the batch (as batch
+    norm uses its running statistics):  P(k|x) = Q-bar(k) exp(-beta d(x,k)) / sum_j (...), hard code
+    argmax_k [log Q-bar(k) - beta d(x,k)], z_q = that code, so validation measures the discrete
+    bottleneck; the soft P.E is returned as ``info['z_q_soft']`` and the rate
+    I(X;K) = H(Q-bar) - mean_x H(P(.|x)) (bits) as ``info['mutual_information_bits']``. The eval
+    losses use P and H(Q-bar) in place of the batch's.
 
     Losses (all in float32):
       commitment_loss = commitment_cost * mse(z, sg[P.E])            -> encoder
@@ -791,17 +805,19 @@ class BAQuantizer(CodebookQuantizer):
     ``_FusedBA`` and run ``pytest tests/test_quantizers.py -k fused`` (fused == autograd in float64).
     """
     loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
-    batch_dependent_codes = True          # Q, and so each latent's code, is computed from the batch
+    eval_metrics = ("mutual_information_bits",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
                  entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
                  init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
-                 dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0):
+                 dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0,
+                 ba_prior: str = "batch", marginal_decay: float = 0.99):
         super().__init__()
-        if ba_impl not in BA_IMPLS:
-            raise BavqError(f"ba_impl '{ba_impl}' is unknown (choose from {', '.join(BA_IMPLS)}).")
-        self.ba_impl, self.ba_chunk_rows = ba_impl, ba_chunk_rows
+        for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS)):
+            if value not in options:
+                raise BavqError(f"{name} '{value}' is unknown (choose from {', '.join(options)}).")
+        self.ba_impl, self.ba_chunk_rows, self.ba_prior, self.marginal_decay = ba_impl, ba_chunk_rows, ba_prior, marginal_decay
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
@@ -809,6 +825,7 @@ class BAQuantizer(CodebookQuantizer):
         self.codebook = nn.Parameter(codebook)                           # E, (K, D)
         self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
+        self.register_buffer("log_q_bar", torch.full((num_embeddings,), -math.log(num_embeddings)))  # log Q-bar (K,)
         self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
 
     def compile_kernels(self) -> None:
@@ -828,23 +845,18 @@ class BAQuantizer(CodebookQuantizer):
         with _autocast_off(z.device.type):
             z_flat = self._latents(z)                                     # (N, D)
             E = self._codes()                                             # (K, D)
-            beta = self.beta
-            if self.ba_impl == "fused":
-                # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
-                z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows,
-                                                            self._ba_kernels)
-                z_q_cb = z_q_soft
-            else:                                                         # reference: autograd throughout
-                d = squared_distances(z_flat, E)                          # (N, K)
-                log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations)  # (N, K), (K,)
-                z_q_soft = log_p.exp() @ E                                # (N, D)
-                indices = log_p.argmax(dim=1)                             # (N,)
-                z_q_cb = z_q_soft
-                if self.codebook_cost > 0 and torch.is_grad_enabled() and z_flat.requires_grad:
-                    # P' from sg[z]: same values as P, but no path back into the encoder.
-                    log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations)
-                    z_q_cb = log_p_sg.exp() @ E                           # (N, D)
-            entropy = -(log_q.exp() * log_q).sum()                        # H(Q), nats
+            if self.training:
+                z_q_soft, z_q_cb, log_q, indices = self._ba(z_flat, E)
+                entropy = -(log_q.exp() * log_q).sum()                    # H(Q), nats
+                with torch.no_grad():                                     # Q-bar <- decay Q-bar + (1 - decay) Q_T
+                    w = self.marginal_decay
+                    self.log_q_bar.copy_(torch.logaddexp(self.log_q_bar + math.log(w) if w > 0 else
+                                                         torch.full_like(self.log_q_bar, -math.inf),
+                                                         log_q.detach().float() + math.log(1.0 - w)))
+            else:
+                z_q_soft, indices, cond_entropy = self._assign_each(z_flat, E)
+                z_q_cb, log_q = z_q_soft, self.log_q_bar.to(z_flat.dtype)
+                entropy = -(log_q.exp() * log_q).sum()                    # H(Q-bar), nats
             losses = {
                 "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, z_q_soft.detach()),
                 "entropy_loss": -self.entropy_cost * entropy,
@@ -859,10 +871,47 @@ class BAQuantizer(CodebookQuantizer):
             z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats,
-                "beta": beta.detach().clone(), "entropy": entropy.detach()}
+                "beta": self.beta.detach().clone(), "entropy": entropy.detach()}
         if not self.training:
             info["z_q_soft"] = _unflatten_latents(z_q_soft, z.shape)
+            h_q_bar = -(self.log_q_bar.double().exp() * self.log_q_bar.double()).sum()
+            info["mutual_information_bits"] = ((h_q_bar - cond_entropy) / math.log(2.0)).float()
         return z_q, losses, info
+
+    def _ba(self, z_flat: torch.Tensor, E: torch.Tensor):
+        """Training: the BA iterations on the batch. Returns (P.E, P'.E for the codebook term (P' from
+        sg[z]), log Q_T (K,), argmax_k P (N,))."""
+        beta = self.beta
+        log_q0 = self.log_q_bar.to(z_flat.dtype) if self.ba_prior == "ema" else None
+        if self.ba_impl == "fused":
+            # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
+            z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows,
+                                                        self._ba_kernels, log_q0)
+            return z_q_soft, z_q_soft, log_q, indices
+        d = squared_distances(z_flat, E)                                  # reference: autograd throughout
+        log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations, log_q0)  # (N, K), (K,)
+        z_q_soft = log_p.exp() @ E                                        # (N, D)
+        z_q_cb = z_q_soft
+        if self.codebook_cost > 0 and torch.is_grad_enabled() and z_flat.requires_grad:
+            # P' from sg[z]: same values as P, but no path back into the encoder.
+            log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations, log_q0)
+            z_q_cb = log_p_sg.exp() @ E                                   # (N, D)
+        return z_q_soft, z_q_cb, log_q, log_p.argmax(dim=1)
+
+    def _assign_each(self, z_flat: torch.Tensor, E: torch.Tensor):
+        """Evaluation: each latent on its own, P(k|x) = softmax_k(log Q-bar(k) - beta d(x,k)), in row
+        chunks. Returns (P.E (N, D), argmax_k P (N,), mean_x H(P(.|x)) in nats (0-dim))."""
+        N = z_flat.shape[0]
+        C = _ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows)
+        log_q_bar = self.log_q_bar.to(z_flat.dtype)
+        parts = []
+        for s in range(0, N, C):
+            log_p = torch.log_softmax(log_q_bar - self.beta * squared_distances(z_flat[s:s + C], E), dim=1)  # (C, K)
+            p = log_p.exp()
+            parts.append((p @ E, log_p.argmax(dim=1), -(p * log_p).sum(1).double().sum()))   # float64: I(X;K) is a small
+                                                                                                # difference of entropies
+        z_q_soft = torch.cat([p[0] for p in parts])                      # (N, D)
+        return z_q_soft, torch.cat([p[1] for p in parts]), sum(p[2] for p in parts) / N
 
 
 # ----------------------------------------------------------------------------- BA-VQ's fast path
@@ -937,7 +986,7 @@ class _FusedBA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None):
+    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None, log_q0=None):
         fwd_chunk, _ = kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = z.shape[0], E.shape[0]
         C = _ba_chunk_rows(N, K, chunk_rows)
@@ -945,7 +994,8 @@ class _FusedBA(torch.autograd.Function):
         A = torch.empty(N, K, dtype=z.dtype, device=z.device)
         for s in range(0, N, C):
             A[s:s + C] = squared_distances(z[s:s + C], E).mul_(-beta)              # -beta d, (C, K)
-        log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device)]
+        log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device) if log_q0 is None
+                  else log_q0.detach().to(z.dtype)]                  # Q_0: uniform, or Q-bar (no gradient)
         cols = [log_qs[0]]                                   # unshifted logsumexp_x L_t (= log Q_t + log N)
         z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
@@ -976,7 +1026,7 @@ class _FusedBA(torch.autograd.Function):
         N, K = A.shape
         use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
         if not (use_a or use_b):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         g_z, g_E = torch.zeros_like(z), torch.zeros_like(E)
         # dlogQ_t of both paths as the columns of one (K, 2) matrix: [codebook path a, entropy path b]
         gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
@@ -1009,14 +1059,15 @@ class _FusedBA(torch.autograd.Function):
             # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dS:  dE = -2 beta (E colsum(dS) - dS^T z)
             g_E -= (2.0 * beta) * (E * next_gq.sum(1, keepdim=True) - dSz)
             gq = next_gq
-        return (g_z if use_b else None), g_E, None, None, None, None
+        return (g_z if use_b else None), g_E, None, None, None, None, None
 
 
 def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0,
-                     kernels=None):
+                     kernels=None, log_q0: torch.Tensor | None = None):
     """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract).
-    ``kernels``: (forward chunk, backward chunk) functions, e.g. from ``compiled_ba_kernels``."""
-    return _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels)
+    ``kernels``: (forward chunk, backward chunk) functions, e.g. from ``compiled_ba_kernels``;
+    ``log_q0``: the starting log Q (uniform when None), treated as a constant."""
+    return _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels, log_q0)
 
 
 def compiled_ba_kernels() -> tuple:
@@ -1187,8 +1238,9 @@ def make_runtime(cfg: Config, device: torch.device) -> Runtime:
 
 
 def default_val_batch_size(cfg: Config) -> int:
-    """A quantizer whose codes depend on the batch (BA-VQ: through Q) validates at the training
-    batch size; the others are per-vector and validate in batches of 1024 for speed."""
+    """A quantizer whose codes depend on the batch would validate at the training batch size (none
+    of the built-in ones: BA-VQ evaluates with its running marginal); the others validate in batches
+    of 1024 for speed."""
     if cfg.val_batch_size:
         return cfg.val_batch_size
     return cfg.batch_size if QUANTIZERS[cfg.quantizer].batch_dependent_codes else max(cfg.batch_size, 1024)
@@ -1502,7 +1554,7 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
     ``mse`` (same as recon_loss), perplexity, usage and dead codes over *all* code indices of the
     set, ``code_counts`` (K,) (a CPU tensor), ``psnr_soft`` when the quantizer returns ``z_q_soft``
-    (BA-VQ: the reconstruction from P.E), and the quantizer's ``extra_metrics``.
+    (BA-VQ: the reconstruction from P.E), the quantizer's ``eval_metrics`` and ``extra_metrics``.
     """
     was_training = model.training
     model.eval()
@@ -1522,6 +1574,7 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
             with rt.autocast():
                 x_soft = model.decoder(info["z_q_soft"])
             values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
+        values.update({k: info[k] for k in model.quantizer.eval_metrics})
         acc.add(values, x.shape[0])
         counts += info["code_counts"]
         bar.update()
@@ -1553,7 +1606,7 @@ def field_choices() -> dict:
     """{Config field: its allowed values} for every field with a fixed set of values; Config
     checking and the CLI (train.py) both read this."""
     return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
-            "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS,
+            "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS, "ba_prior": BA_PRIORS,
             "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
 
 
@@ -1582,6 +1635,7 @@ def config_problems(cfg: Config) -> list:
         need(getattr(cfg, key) >= low, f"{key} must be >= {low} (got {getattr(cfg, key)})")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
     need(0 <= cfg.decay < 1, f"decay must be in [0, 1) (got {cfg.decay})")
+    need(0 <= cfg.marginal_decay < 1, f"marginal_decay must be in [0, 1) (got {cfg.marginal_decay})")
     need(cfg.epsilon > 0, f"epsilon must be > 0 (got {cfg.epsilon})")
     need(cfg.beta_start > 0, f"beta_start must be > 0 (got {cfg.beta_start})")
     need(cfg.beta_end >= cfg.beta_start,

@@ -58,6 +58,8 @@ def test_validate_uses_the_whole_set_and_hard_codes(name):
     model = vqvae.VQVAE(name, codebook_size=32, latent_dim=8, hidden_dim=8)
     images = vqvae._fake_images(70, seed=3)
     model.quantizer.set_schedule(0.7)
+    if name == "ba_vq":                      # a non-uniform running marginal, so that it matters
+        model.quantizer.log_q_bar.copy_(torch.log_softmax(torch.randn(32), 0))
     m = vqvae.validate(model, images, batch_size=32)
     model.eval()
     with torch.no_grad():
@@ -65,10 +67,15 @@ def test_validate_uses_the_whole_set_and_hard_codes(name):
         z = model.encoder(x)
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
         d = vqvae.squared_distances(z_flat, model.quantizer.codebook.detach())
-        if name == "ba_vq":   # argmax of P; BA's Q is computed per validation batch of 32 images
-            beta = model.quantizer.beta
-            idx = torch.cat([vqvae.blahut_arimoto(d[s:s + 32 * 64], beta, 5)[0].argmax(1)
-                             for s in range(0, 70 * 64, 32 * 64)])
+        if name == "ba_vq":   # argmax of P(k|x) = softmax(log Q-bar - beta d), each latent on its own
+            q = model.quantizer
+            log_p = torch.log_softmax(q.log_q_bar.double() - q.beta.double() * d.double(), dim=1)
+            idx = log_p.argmax(1)
+            x_soft = model.decoder((log_p.exp() @ q.codebook.double()).float().reshape(70, 8, 8, 8).permute(0, 3, 1, 2))
+            assert m["psnr_soft"] == pytest.approx(float(psnr_per_image(x, x_soft).mean()), rel=1e-5)
+            h_q = -(q.log_q_bar.double().exp() * q.log_q_bar.double()).sum()
+            h_p = -(log_p.exp() * log_p).sum(1).mean()
+            assert m["mutual_information_bits"] == pytest.approx(float((h_q - h_p) / math.log(2)), rel=1e-4)
         else:
             idx = d.argmin(1)
         zq = model.quantizer.codebook.detach()[idx].reshape(70, 8, 8, 8).permute(0, 3, 1, 2)
@@ -98,3 +105,21 @@ def test_ba_validation_reports_soft_psnr_separately():
     assert {"psnr", "psnr_soft", "beta"} <= set(m)
     assert m["psnr"] != m["psnr_soft"]
     assert m["beta"] == pytest.approx(0.5)
+
+
+def test_ba_validation_does_not_depend_on_the_validation_batch_size():
+    """BA-VQ evaluates each latent with its running marginal: the same code histogram and (to float
+    rounding of the sums) the same metrics for validation batches of 1, 7 and 1024 images."""
+    from conftest import tiny_config
+    cfg = tiny_config(quantizer="ba_vq", batch_size=32)
+    train_u8, val_u8 = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    vqvae.train_epoch(model, opt, train_u8[:96], cfg, torch.Generator().manual_seed(0), 0, 3)
+    runs = [vqvae.validate(model, val_u8[:20], bs) for bs in (1, 7, 1024)]
+    for m in runs[1:]:
+        assert torch.equal(m["code_counts"], runs[0]["code_counts"])
+        for k in ("psnr", "psnr_soft", "loss", "recon_loss", "commitment_loss", "codebook_loss", "entropy_loss",
+                  "perplexity"):
+            assert m[k] == pytest.approx(runs[0][k], rel=1e-5), k
+        assert m["mutual_information_bits"] == pytest.approx(runs[0]["mutual_information_bits"], abs=1e-7)

@@ -498,7 +498,9 @@ def test_beta_schedule_is_cosine_from_start_to_end():
 
 
 def test_ba_eval_reports_soft_and_hard():
-    q = make_quantizer("ba_vq").eval()
+    """Eval: z_q is the hard code, info['z_q_soft'] = P.E with P from Q-bar. While Q-bar is still uniform,
+    that P is one BA iteration from the uniform Q, i.e. the training forward with ba_iterations = 1."""
+    q = make_quantizer("ba_vq", ba_iterations=1).eval()
     q.beta.fill_(0.5)
     z = latents()
     z_q, _, info = q(z)
@@ -507,6 +509,69 @@ def test_ba_eval_reports_soft_and_hard():
     q.train()
     z_q_train, _, info_t = q(z)
     torch.testing.assert_close(z_q_train, info["z_q_soft"])
+
+
+def _ba_eval_codes(q, z):
+    with torch.no_grad():
+        return q.eval()(z)[2]["code_indices"]
+
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+def test_ba_code_of_an_image_does_not_depend_on_its_batch(impl):
+    """Evaluation assigns every latent with the running marginal Q-bar: the codes of an image alone
+    equal its codes inside any batch (a batch-computed Q would change them)."""
+    q = make_quantizer("ba_vq", ba_impl=impl).train()
+    q.set_schedule(0.3)
+    for _ in range(3):                                   # some training steps: Q-bar is no longer uniform
+        q(latents(scale=0.5))
+    assert not torch.allclose(q.log_q_bar, torch.full_like(q.log_q_bar, -math.log(16)))
+    g = torch.Generator().manual_seed(5)
+    zs = torch.randn(9, 8, 4, 4, generator=g) * 0.5
+    alone = torch.cat([_ba_eval_codes(q, zs[i:i + 1]) for i in range(9)])
+    for perm in (torch.arange(9), torch.randperm(9, generator=g)):
+        together = _ba_eval_codes(q, zs[perm])
+        assert torch.equal(together, alone[perm])
+    together_with_others = _ba_eval_codes(q, torch.cat([zs[:3], 3.0 + torch.randn(20, 8, 4, 4, generator=g)]))[:3]
+    assert torch.equal(together_with_others, alone[:3])
+
+
+def test_ba_running_marginal_follows_its_ema_definition():
+    """Q-bar_t = decay Q-bar_{t-1} + (1 - decay) Q_T(step t), from the uniform Q-bar_0; eval leaves it."""
+    q = make_quantizer("ba_vq", marginal_decay=0.8).train()
+    expect = torch.full((16,), 1 / 16, dtype=torch.float64)
+    for s in range(3):
+        z = latents(scale=0.5 + s)
+        with torch.no_grad():
+            E = q.codebook.detach()
+            _, log_q = blahut_arimoto(squared_distances(q._latents(z), E).double(), float(q.beta), 5)
+        q(z)
+        expect = 0.8 * expect + 0.2 * log_q.exp()
+        torch.testing.assert_close(q.log_q_bar.double().exp(), expect, rtol=1e-5, atol=1e-7)
+    before = q.log_q_bar.clone()
+    q.eval()(latents())
+    assert torch.equal(q.log_q_bar, before)
+    assert "quantizer.log_q_bar" in vqvae.VQVAE("ba_vq", 16, 8, 8).state_dict()   # saved and resumed
+
+
+def test_ba_prior_ema_starts_the_iterations_from_the_running_marginal():
+    """--ba_prior ema, one iteration: P = softmax(log Q-bar - beta d) (batch: from the uniform Q)."""
+    z = latents(scale=0.5)
+    log_q_bar = torch.log_softmax(torch.randn(16, generator=torch.Generator().manual_seed(1)), 0)
+    out = {}
+    for prior in ("batch", "ema"):
+        for impl in ("fused", "autograd"):
+            q = make_quantizer("ba_vq", ba_prior=prior, ba_iterations=1, ba_impl=impl).train()
+            q.log_q_bar.copy_(log_q_bar)
+            q.beta.fill_(2.0)
+            z_q, _, _ = q(z)
+            out[prior, impl] = z_q
+    zf = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    E = make_quantizer("ba_vq").codebook.detach()
+    for prior, start in (("batch", torch.full((16,), -math.log(16))), ("ema", log_q_bar)):
+        p = torch.softmax(start - 2.0 * squared_distances(zf, E), dim=1)
+        expect = (p @ E).reshape(z.shape[0], z.shape[2], z.shape[3], 8).permute(0, 3, 1, 2)
+        for impl in ("fused", "autograd"):
+            torch.testing.assert_close(out[prior, impl], expect, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- every coefficient matters
@@ -541,17 +606,19 @@ def test_every_coefficient_changes_behaviour(name, param, value, what):
 
 @pytest.mark.parametrize("codebook_cost,entropy_cost", [(1.0, 0.01), (0.0, 0.5), (2.0, 0.0)])
 @pytest.mark.parametrize("chunk_rows", [0, 7])
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("prior", ["batch", "ema"])
 @pytest.mark.parametrize("cosine,beta", [(False, 3.0), (True, 0.7)])
-def test_fused_ba_equals_autograd_reference(codebook_cost, entropy_cost, chunk_rows, training, cosine, beta):
-    """Outputs, indices, every loss and the gradients of z and the codebook are those of autograd
-    through every BA iteration (float64, chunks of 7 rows exercise the chunk loop and remainder)."""
+def test_fused_ba_equals_autograd_reference(codebook_cost, entropy_cost, chunk_rows, prior, cosine, beta):
+    """Training forward: outputs, indices, every loss and the gradients of z and the codebook are
+    those of autograd through every BA iteration (float64, chunks of 7 rows exercise the chunk loop
+    and remainder), starting from the uniform Q or from a non-uniform running marginal."""
     out = {}
     for impl in ("autograd", "fused"):
         torch.manual_seed(0)
         q = BAQuantizer(12, 5, codebook_cost=codebook_cost, entropy_cost=entropy_cost, ba_iterations=4,
-                        ba_impl=impl, ba_chunk_rows=chunk_rows, cosine=cosine).double().train(training)
+                        ba_impl=impl, ba_chunk_rows=chunk_rows, cosine=cosine, ba_prior=prior).double().train()
         q.beta.fill_(beta)
+        q.log_q_bar.copy_(torch.log_softmax(torch.randn(12, generator=torch.Generator().manual_seed(3)), 0))
         z = latents(B=2, D=5, H=3, W=5, scale=0.4).double().requires_grad_(True)
         z_q, losses, info = q(z)
         w = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
