@@ -1193,6 +1193,37 @@ def compute_psnr(x: torch.Tensor, x_recon: torch.Tensor) -> float:
     return float(psnr_per_image(x, x_recon).mean())
 
 
+def ssim_per_image(x: torch.Tensor, x_recon: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM (Wang et al. 2004, eq. 13) per image, for images stored in [-1, 1]: both mapped to [0, 1]
+    (the reconstruction clipped to it), data range 1, C1 = (0.01)^2, C2 = (0.03)^2, local statistics
+    under a normalised Gaussian window (11 x 11, sigma 1.5) over every position where the window fits
+    ('valid'), the SSIM map averaged over positions and channels. This is scikit-image's
+    structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
+    (a test checks it). Float32 at least; (B,) out."""
+    a = _at_least_f32(x).add(1).div(2)
+    b = _at_least_f32(x_recon).add(1).div(2).clamp(0, 1)
+    C = a.shape[1]
+    r = (window - 1) // 2
+    g = torch.exp(-(torch.arange(window, dtype=a.dtype, device=a.device) - r) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)             # (C, 1, 11, 11)
+
+    def blur(t):                                                                 # local weighted mean, per channel
+        return F.conv2d(t, kernel, groups=C)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
+    """H of the code histogram ``counts`` (K,) in bits (= log2 of the perplexity), 0-dim float."""
+    return perplexity_from_counts(counts).log2()
+
+
 
 # =============================================================================
 # training
@@ -1513,13 +1544,17 @@ class _EpochStats:
         m["grad_norm_max"] = float(self.extra["grad_norm_max"])
         m["skipped_steps"] = n_steps - n_finite
         m["dead_code_restarts"] = int(self.extra["restarts"])
-        return {**m, **_histogram_metrics(self.counts)}
+        return {**m, **_histogram_metrics(self.counts, self.acc.n)}
 
 
-def _histogram_metrics(counts: torch.Tensor) -> dict:
-    """perplexity, usage_rate, dead_codes (never used) and the histogram itself (CPU) of a pass."""
+def _histogram_metrics(counts: torch.Tensor, n_images: int) -> dict:
+    """perplexity, usage_rate, dead_codes (never used), the rate (entropy of the histogram in bits per
+    code and per image) and the histogram itself (CPU) of a pass over ``n_images`` images."""
+    h = float(entropy_bits(counts))
+    codes_per_image = float(counts.sum()) / max(n_images, 1)
     return {"perplexity": float(perplexity_from_counts(counts)), "usage_rate": float(usage_from_counts(counts)),
-            "dead_codes": int((counts == 0).sum()), "code_counts": counts.cpu()}
+            "dead_codes": int((counts == 0).sum()), "code_entropy_bits": h, "bits_per_image": h * codes_per_image,
+            "code_counts": counts.cpu()}
 
 
 class _ProgressBar:
@@ -1570,6 +1605,7 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
         values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
         # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
         values["psnr"] = psnr_per_image(x, x_recon).mean()
+        values["ssim"] = ssim_per_image(x, x_recon).mean()
         if "z_q_soft" in info:                                            # a second decoder input (BA-VQ: P.E)
             with rt.autocast():
                 x_soft = model.decoder(info["z_q_soft"])
@@ -1581,7 +1617,7 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     bar.close()
     metrics = acc.means()
     metrics["mse"] = metrics["recon_loss"]
-    metrics.update(_histogram_metrics(counts), **model.quantizer.extra_metrics())
+    metrics.update(_histogram_metrics(counts, images.shape[0]), **model.quantizer.extra_metrics())
     model.train(was_training)
     return metrics
 

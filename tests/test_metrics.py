@@ -123,3 +123,39 @@ def test_ba_validation_does_not_depend_on_the_validation_batch_size():
                   "perplexity"):
             assert m[k] == pytest.approx(runs[0][k], rel=1e-5), k
         assert m["mutual_information_bits"] == pytest.approx(runs[0]["mutual_information_bits"], abs=1e-7)
+
+
+def test_ssim_matches_scikit_image():
+    """ssim_per_image == scikit-image's structural_similarity with the paper's settings (Gaussian
+    window sigma 1.5, population covariances, data range 1), per image, on [0, 1] images."""
+    metrics = pytest.importorskip("skimage.metrics", reason="scikit-image (requirements-dev.txt) is the reference")
+    g = torch.Generator().manual_seed(0)
+    x = vqvae.to_float(vqvae._fake_images(4, seed=5))
+    x_recon = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1.2, 1.2)      # some values outside [-1, 1]
+    ours = vqvae.ssim_per_image(x, x_recon)
+    a, b = ((x + 1) / 2).double().numpy(), ((x_recon + 1) / 2).clamp(0, 1).double().numpy()
+    ref = [metrics.structural_similarity(a[i], b[i], channel_axis=0, data_range=1.0, gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=False) for i in range(4)]
+    assert ours.tolist() == pytest.approx(ref, abs=1e-5)
+    assert vqvae.ssim_per_image(x, x).tolist() == pytest.approx([1.0] * 4, abs=1e-6)
+    assert 0 < min(ref) < 0.9
+
+
+def test_rate_is_the_entropy_of_the_code_histogram():
+    """code_entropy_bits = H of the histogram in bits (uniform over 4 of 8 codes: 2 bits);
+    bits_per_image = that times the codes per image; validation reports both, and SSIM."""
+    counts = torch.tensor([5, 5, 5, 5, 0, 0, 0, 0])
+    assert float(vqvae.entropy_bits(counts)) == pytest.approx(2.0)
+    torch.manual_seed(0)
+    model = vqvae.VQVAE("vq_ema", codebook_size=32, latent_dim=8, hidden_dim=8)
+    images = vqvae._fake_images(30, seed=3)
+    m = vqvae.validate(model, images, batch_size=16)
+    c = torch.tensor(m["code_counts"]).double()
+    p = c / c.sum()
+    h = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    assert m["code_entropy_bits"] == pytest.approx(h, rel=1e-6)
+    assert m["bits_per_image"] == pytest.approx(h * 64, rel=1e-6)                  # 8x8 codes per image
+    with torch.no_grad():
+        x = vqvae.to_float(images)
+        xr = model.eval()(x)[0]
+    assert m["ssim"] == pytest.approx(float(vqvae.ssim_per_image(x, xr).mean()), rel=1e-5)
