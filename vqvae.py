@@ -282,6 +282,20 @@ class VQVAE(nn.Module):
         kwargs = {k: getattr(cfg, k) for k in params if k not in ("self", "num_embeddings", "embedding_dim")}
         return cls(cfg.quantizer, cfg.codebook_size, cfg.latent_dim, cfg.hidden_dim, **kwargs)
 
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, 32, 32) in [-1, 1] -> code indices (B, 8, 8), as in evaluation (no state changes)."""
+        was_training = self.training
+        self.eval()
+        indices = self.quantizer(self.encoder(x))[2]["code_indices"]
+        self.train(was_training)
+        return indices
+
+    @torch.no_grad()
+    def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, 8, 8) -> images (B, 3, 32, 32) on the [-1, 1] scale (not clipped)."""
+        return self.decoder(self.quantizer.decode_indices(indices))
+
     def forward(self, x):
         z = self.encoder(x)                                   # (B, D, 8, 8)
         z_q, loss_dict, info = self.quantizer(z)              # (B, D, 8, 8)
@@ -425,6 +439,10 @@ class Quantizer(nn.Module):
     def set_schedule(self, t: float) -> None:
         """Called before every training step with t in [0, 1], the fraction of training done."""
 
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, H, W) -> the decoder input (B, D, H, W) that eval-mode forward gives for them."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement decode_indices")
+
     def extra_metrics(self) -> dict:
         """Scalars logged with every epoch's train and val metrics (e.g. BA-VQ's beta)."""
         return {}
@@ -542,6 +560,9 @@ class CodebookQuantizer(Quantizer):
     def _codes(self) -> torch.Tensor:
         E = _at_least_f32(self.codebook)                              # (K, D)
         return F.normalize(E, dim=1) if self.cosine else E
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._codes()[indices].permute(0, 3, 1, 2)             # (B, H, W) -> (B, D, H, W)
 
     def _track(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
         """Training-mode bookkeeping for dead-code restarts (no host sync)."""
@@ -1128,6 +1149,9 @@ class FSQQuantizer(Quantizer):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         digits = (indices[..., None] // self.basis) % self.levels                   # (..., d)
         return (digits.float() - self._half_width()) / self._half_width()
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.indices_to_codes(indices)).permute(0, 3, 1, 2)   # (B, H, W) -> (B, D, H, W)
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -2564,6 +2588,58 @@ def _finish(run: _Run) -> dict:
         run.wb.summary.update({f"final/{k}": v for k, v in final.items() if not k.endswith("code_counts")})
     return final
 
+
+
+# ---------------------------------------------------------------------------- finished runs: reload, evaluate
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+             device: str = "cpu") -> tuple[VQVAE, Config]:
+    """(model in eval mode, its Config) of a run directory: the run's own architecture from its
+    config.yaml, the weights of final_model.pt, or of ``checkpoint`` (a checkpoint_*.pt of the run)."""
+    import yaml
+    run_dir = Path(run_dir).expanduser()
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        raise BavqError(f"'{run_dir}' is not a run directory (it has no config.yaml). Pass the folder that "
+                        "train.py wrote, e.g. experiments/<name>.")
+    values = {k: v for k, v in (yaml.safe_load(stored.read_text()) or {}).items() if k in config_fields()}
+    if checkpoint is not None:
+        ck = load_checkpoint(Path(checkpoint))
+        cfg, state = make_config(ck["config"], source=f"checkpoint '{checkpoint}'"), ck["model_state_dict"]
+    else:
+        weights = run_dir / "final_model.pt"
+        if not weights.is_file():
+            raise BavqError(f"'{run_dir}' has no final_model.pt (the run has not finished). Pass one of its "
+                            f"checkpoints: {', '.join(sorted(p.name for p in run_dir.glob('checkpoint_*.pt'))) or 'none'}.")
+        cfg, state = make_config(values, source=f"'{stored}'"), torch.load(weights, map_location="cpu", weights_only=True)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise BavqError(_misfit_message(run_dir, e)) from None
+    return model.to(pick_device(device)).eval(), cfg
+
+
+def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto",
+                 data_dir: str | None = None, out_name: str = "eval_metrics.json") -> dict:
+    """Every validation metric of a finished run (or of one of its checkpoints) on its whole test
+    set, written to <run_dir>/eval_metrics.json (and eval_recon.png, eval_usage.png); returns them."""
+    model, cfg = load_run(run_dir, checkpoint, device)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    dev = next(model.parameters()).device
+    _, val_u8 = load_dataset(cfg)
+    val_u8 = val_u8.to(dev)
+    rt = make_runtime(dataclasses.replace(cfg, device=str(dev)), dev)
+    metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt)
+    run_dir = Path(run_dir)
+    out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
+           "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}
+    atomic_write_text(run_dir / out_name, json.dumps(out, indent=2))
+    save_recon_grid(model, val_u8, run_dir / "eval_recon.png", cfg.recon_images)
+    save_usage_plot(None, metrics["code_counts"], run_dir / "eval_usage.png", f"{cfg.resolved_name()} (evaluation)")
+    return out
 
 
 # ---------------------------------------------------------------------------- sweeps

@@ -1,0 +1,56 @@
+"""Evaluate finished runs: rebuild each model from its run directory, load final_model.pt (or a
+checkpoint), compute every validation metric on the whole test set, and write eval_metrics.json,
+eval_recon.png and eval_usage.png into the run directory.
+
+    python evaluate.py experiments/ba_vq_k512_s0
+    python evaluate.py experiments/ba_vq_k512_s0 --checkpoint experiments/ba_vq_k512_s0/checkpoint_epoch50.pt
+    python evaluate.py experiments/                 # every run directory below it (a grid), with a table
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import vqvae
+
+
+def run_dirs(path: Path) -> list:
+    """``path`` itself if it is a run directory, else every run directory below it (sorted)."""
+    if (path / "config.yaml").is_file():
+        return [path]
+    return sorted(p.parent for p in path.rglob("config.yaml") if (p.parent / "final_model.pt").is_file())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("path", help="a run directory, or a folder of run directories (a grid)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint_*.pt of the run instead of final_model.pt")
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(vqvae.DEVICES)}, or cuda:N")
+    p.add_argument("--data_dir", default=None, help="where the dataset is now, if not where the run found it")
+    args = p.parse_args(argv)
+    try:
+        dirs = run_dirs(Path(args.path))
+        if not dirs:
+            raise vqvae.BavqError(f"No finished run found at '{args.path}' (a run directory holds config.yaml and "
+                                  "final_model.pt). Pass a run directory or a folder of them.")
+        if args.checkpoint and len(dirs) > 1:
+            raise vqvae.BavqError("--checkpoint names one checkpoint; pass the run directory it belongs to.")
+        rows = []
+        for d in dirs:
+            m = vqvae.evaluate_run(d, args.checkpoint, args.device, args.data_dir)
+            cfg = vqvae.load_run(d, args.checkpoint)[1]
+            print(f"[bavq] {d}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, perplexity {m['perplexity']:.1f}, "
+                  f"usage {m['usage_rate'] * 100:.1f}% -> {d / 'eval_metrics.json'}", flush=True)
+            rows.append((d.name, cfg.quantizer, cfg.codebook_size, cfg.seed, m, "evaluated"))
+        if len(rows) > 1:
+            print("\n" + vqvae.summary_table(rows))
+    except vqvae.BavqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
