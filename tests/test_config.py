@@ -31,10 +31,24 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     assert cli.config_from_args(["--overwrite"]).overwrite is True
 
 
-@pytest.mark.parametrize("path", ["config.yaml", "config_mac.yaml"])
+@pytest.mark.parametrize("path", ["config.yaml", "config_mac.yaml", "configs/original_code.yaml",
+                                  "configs/vqwae_sqvae.yaml", "configs/cvq_vae.yaml"])
 def test_shipped_config_files_are_valid(path):
     cfg = cli.config_from_args(["--config", str(ROOT / path)])
     assert cfg.epochs >= 1
+
+
+@pytest.mark.parametrize("path,expect", [
+    ("configs/original_code.yaml", dict(codebook_size=512, latent_dim=256, batch_size=256, epochs=100, lr=3e-4)),
+    ("configs/vqwae_sqvae.yaml", dict(codebook_size=512, latent_dim=64, batch_size=32, epochs=100, lr=1e-3)),
+    ("configs/cvq_vae.yaml", dict(codebook_size=512, latent_dim=64, batch_size=1024, epochs=500, lr=3e-4,
+                                  cosine=True)),
+])
+def test_published_protocols_say_what_the_papers_used(path, expect):
+    cfg = cli.config_from_args(["--config", str(ROOT / path)])
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == ["cvq_vae.yaml", "original_code.yaml",
+                                                                         "vqwae_sqvae.yaml"]
 
 
 def test_mac_config_is_quick():
