@@ -40,7 +40,8 @@ part() {   # part NAME SECONDS COMMAND...
 "$PY" -c "import vqvae; vqvae.load_dataset(vqvae.make_config({'dataset': 'folder', 'data_dir': '$DATA', 'num_workers': 16}))" 2>&1 | tee -a "$LOG"
 
 part tests 200 "$PY" -m pytest -q -rs -m cuda tests
-part bench 240 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --count_syncs --out "$OUT/benchmark_gpu.json"
+part bench 240 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --count_syncs --codebook_sizes ${BENCH_K:-512 2048 8192} \
+    --out "$OUT/benchmark_gpu.json"
 part compile 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
     --out "$OUT/benchmark_gpu_compile.json"
 part compile 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
@@ -53,6 +54,7 @@ part runs 300 "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$RUN
 part runs 200 "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$RUNS" --name remedies \
     --quantizer vq_ema --init kmeans --dead_code_threshold 1 --dead_code_every 100 --epochs "$EPOCHS" \
     --checkpoint_every 0 --no_wandb --no_progress
+part runs 120 "$PY" evaluate.py "$RUNS"
 if [[ " $PARTS " == *" runs "* ]]; then
     "$PY" - "$RUNS" "$OUT/runs.json" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, sys, pathlib
@@ -66,7 +68,8 @@ for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
         if hist.exists():
             runs[d.name]["history"] = [{k: v for k, v in json.loads(l).items() if "code_counts" not in k}
                                       for l in hist.read_text().splitlines() if l.strip()]
-        print(d.name, {k: runs[d.name].get(k) for k in ("epoch", "psnr", "perplexity", "usage_rate", "dead_codes")})
+        print(d.name, {k: runs[d.name].get(k) for k in ("epoch", "psnr", "ssim", "perplexity", "usage_rate", "dead_codes",
+                                                   "bits_per_image", "psnr_soft", "mutual_information_bits")})
 pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
 PYEOF
 fi
