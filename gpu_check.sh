@@ -6,6 +6,7 @@
 #                                          # or a .tar.gz of it (extracted to a temporary folder)
 #   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench compile profile runs
 #   EPOCHS=30 bash gpu_check.sh DATA       # epochs of the real-data runs (default 30)
+#   BENCH_K=512 bash gpu_check.sh DATA     # codebook sizes of the benchmark (default 512 2048 8192)
 #
 # Each part has its own time limit, so one failing or slow part does not stop the others; the log says
 # which part failed. Nothing here needs network or W&B.
