@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 
 import vqvae
 
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                            default=argparse.SUPPRESS, help=f"turn {name} off")
             continue
         kwargs = {"type": typ, "default": argparse.SUPPRESS, "help": f"{comments.get(name, '')} (default: {default!r})"}
-        if typ is list:   # list of ints, e.g. --fsq_levels 8 5 5 5
-            kwargs.update(type=int, nargs="+")
+        if typing.get_origin(typ) is list:   # --fsq_levels 8 5 5 5, --eval_metrics psnr ssim fid
+            kwargs.update(type=typing.get_args(typ)[0], nargs="+")
         if name in vqvae.SWEEP_KEYS:
             kwargs["nargs"] = "+"
             kwargs["help"] += "; several values run a grid"

@@ -88,7 +88,7 @@ class Config:
     ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
     ema_smoothing: str = "overwrite"  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
-    fsq_levels: list = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = 0.1          # inverse temperature at the first training step
     beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
@@ -125,6 +125,8 @@ class Config:
     wandb: bool = True               # log to Weights & Biases (offline without API key/network)
     wandb_project: str = "vq-codebook"  # W&B project name
     checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
+    eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt)
+    eval_every: int = 0              # also compute lpips/fid every N epochs (0 = only at the end of the run)
     recon_images: int = 8            # validation images shown in recon.png
     progress: bool = True            # show tqdm progress bars
     progress_every: int = 25         # steps between progress-bar refreshes (each one syncs the device)
@@ -1248,6 +1250,27 @@ def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     return perplexity_from_counts(counts).log2()
 
 
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, F) (Heusel et al. 2017):
+    ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), covariances with N - 1 (as pytorch-fid and
+    torchmetrics), in float64; tr (S_a S_b)^(1/2) = sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2))) (symmetric)."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.t()), torch.cov(b.t())                          # (F, F)
+    w, V = torch.linalg.eigh(cov_a)
+    root_a = (V * w.clamp_min(0).sqrt()) @ V.t()                               # S_a^(1/2)
+    tr_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)
+
+
+EVAL_METRICS = ("psnr", "ssim", "lpips", "fid")     # psnr, ssim: every validation; lpips, fid: optional packages
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> uint8 [0, 255] (clipped, rounded), as they would be saved."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 
 # =============================================================================
 # training
@@ -1700,6 +1723,9 @@ def config_problems(cfg: Config) -> list:
     need(cfg.beta_start > 0, f"beta_start must be > 0 (got {cfg.beta_start})")
     need(cfg.beta_end >= cfg.beta_start,
          f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
+    need(all(m in EVAL_METRICS for m in cfg.eval_metrics),
+         f"eval_metrics {cfg.eval_metrics} has unknown names (choose from {', '.join(EVAL_METRICS)})")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (got {cfg.eval_every})")
     need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
          f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
     if cfg.quantizer in QUANTIZERS:
@@ -1772,8 +1798,9 @@ def _coerce(key: str, value, typ, source: str):
         if isinstance(value, str):
             return value
         raise bad()
-    if typ is list:   # list of ints (fsq_levels)
-        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if typing.get_origin(typ) is list:   # list[int] (fsq_levels), list[str] (eval_metrics)
+        elem = typing.get_args(typ)[0]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value):
             return list(value)
         raise bad()
     raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
@@ -2125,7 +2152,7 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
 RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "num_workers", "data_dir",
                      "epochs", "checkpoint_every", "recon_images", "amp", "compile", "compile_mode",
                      "channels_last", "data_path",
-                     "ba_chunk_rows", "resume", "out_dir", "name", "overwrite")
+                     "ba_chunk_rows", "eval_metrics", "eval_every", "resume", "out_dir", "name", "overwrite")
 
 
 def config_differences(stored: dict, cfg: Config) -> list[str]:
@@ -2530,6 +2557,8 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         raise TrainingInterrupted(_interrupted_message(epoch, s, path, run.run_dir)) from None
     run.partial_epoch = None
     run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt)
+    if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:     # the last epoch: in _finish
+        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
     record = _history_record(run, epoch, time.time() - t0)
     run.history.append(record)
     with open(run.run_dir / "history.jsonl", "a") as f:
@@ -2576,6 +2605,7 @@ def _finish(run: _Run) -> dict:
         run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress,
                                    rt=run.rt)
     atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
+    run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
     final = {"epoch": cfg.epochs, **_plain(run.val_metrics),
              "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
              "val_code_counts": run.val_metrics["code_counts"].tolist(),
@@ -2588,6 +2618,85 @@ def _finish(run: _Run) -> dict:
         run.wb.summary.update({f"final/{k}": v for k, v in final.items() if not k.endswith("code_counts")})
     return final
 
+
+
+# ---------------------------------------------------------------------------- LPIPS and rFID (optional packages)
+
+
+def inception_features():
+    """The standard FID feature network (Inception-v3 pool features, 2048-d, weights of the TF FID
+    release via torch-fidelity, bilinear resize to 299x299 inside), from torchmetrics; uint8 images
+    (N, 3, H, W) in, (N, 2048) out. Needs requirements-eval.txt and, once, network for the weights."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).eval()
+
+
+@torch.no_grad()
+def reconstruction_fid(model: VQVAE, images_u8: torch.Tensor, feature_net, batch_size: int = 256,
+                       rt: Runtime | None = None) -> float:
+    """rFID: Frechet distance between the features of ``images_u8`` (the whole test set) and of their
+    eval-mode reconstructions, both as uint8 images (reconstructions clipped and rounded)."""
+    was_training = model.training
+    model.eval()
+    rt = rt or Runtime(images_u8.device)
+    real, fake = [], []
+    for s in range(0, images_u8.shape[0], batch_size):
+        x_u8 = images_u8[s:s + batch_size]
+        model.mark_step()
+        with rt.autocast():
+            x_recon = model(rt.prepare(to_float(x_u8)))[0]
+        real.append(feature_net(x_u8).double().cpu())
+        fake.append(feature_net(to_uint8(x_recon)).double().cpu())
+    model.train(was_training)
+    return frechet_distance(torch.cat(real), torch.cat(fake))
+
+
+@torch.no_grad()
+def reconstruction_lpips(model: VQVAE, images_u8: torch.Tensor, batch_size: int = 256, rt: Runtime | None = None,
+                         net_type: str = "alex") -> float:
+    """Mean LPIPS (Zhang et al. 2018, torchmetrics, AlexNet features with the published linear
+    weights) between the test images and their eval-mode reconstructions, both on the [-1, 1] scale
+    (reconstructions clipped to it)."""
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, reduction="sum").to(images_u8.device)
+    was_training = model.training
+    model.eval()
+    rt = rt or Runtime(images_u8.device)
+    total = 0.0
+    for s in range(0, images_u8.shape[0], batch_size):
+        x = to_float(images_u8[s:s + batch_size])
+        model.mark_step()
+        with rt.autocast():
+            x_recon = model(rt.prepare(x))[0]
+        total += float(metric(x_recon.float().clamp(-1, 1), x))
+        metric.reset()
+    model.train(was_training)
+    return total / images_u8.shape[0]
+
+
+def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None) -> dict:
+    """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for. A metric
+    whose package or weights are missing is skipped with one printed line saying why."""
+    out = {}
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)              # a weight download behind a firewall fails instead of hanging
+    try:
+        for name in [n for n in ("lpips", "fid") if n in names]:
+            try:
+                if name == "lpips":
+                    out["lpips"] = reconstruction_lpips(model, images_u8, rt=rt)
+                else:
+                    out["rfid"] = reconstruction_fid(model, images_u8, inception_features().to(images_u8.device), rt=rt)
+            except Exception as e:   # ImportError, no network for the weights, ...: the run still finishes
+                print(f"[bavq] {name} skipped ({_one_line(e)}); pip install -r requirements-eval.txt, and allow one "
+                      "download of its weights.", flush=True)
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return out
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 # ---------------------------------------------------------------------------- finished runs: reload, evaluate
@@ -2622,7 +2731,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
 
 
 def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 data_dir: str | None = None, out_name: str = "eval_metrics.json") -> dict:
+                 data_dir: str | None = None, out_name: str = "eval_metrics.json", eval_metrics=None) -> dict:
     """Every validation metric of a finished run (or of one of its checkpoints) on its whole test
     set, written to <run_dir>/eval_metrics.json (and eval_recon.png, eval_usage.png); returns them."""
     model, cfg = load_run(run_dir, checkpoint, device)
@@ -2633,6 +2742,7 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     val_u8 = val_u8.to(dev)
     rt = make_runtime(dataclasses.replace(cfg, device=str(dev)), dev)
     metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt)
+    metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt))
     run_dir = Path(run_dir)
     out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
            "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}

@@ -57,3 +57,68 @@ def test_evaluate_a_grid_folder_and_clear_errors(tmp_path, capsys):
     assert "No finished run found" in capsys.readouterr().err
     with pytest.raises(vqvae.BavqError, match="not a run directory"):
         vqvae.load_run(tmp_path)
+
+
+def _numpy_fid(a, b):
+    """The reference: pytorch-fid's formula with NumPy / SciPy (scipy.linalg.sqrtm) in float64."""
+    import numpy as np
+    linalg = pytest.importorskip("scipy.linalg", reason="SciPy (via scikit-image, requirements-dev.txt) is the reference")
+    a, b = a.double().numpy(), b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_distance_matches_the_numpy_scipy_reference():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = torch.randn(250, 6, generator=g) * 0.7 + 0.3
+    assert vqvae.frechet_distance(a, b) == pytest.approx(_numpy_fid(a, b), rel=1e-8)
+    assert vqvae.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_reconstruction_fid_end_to_end_with_a_small_random_feature_network():
+    """The rFID pipeline (test images vs their eval-mode reconstructions as uint8, features, Frechet
+    distance) with a tiny randomly initialised feature network in place of Inception, against the
+    NumPy/SciPy formula on features computed independently."""
+    torch.manual_seed(0)
+    feat = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 8 * 8, 5))
+    net = lambda u8: feat(u8.float() / 255.0)                                           # noqa: E731
+    model = vqvae.VQVAE("vq_ema", codebook_size=16, latent_dim=8, hidden_dim=8).eval()
+    images = vqvae._fake_images(90, seed=4)
+    ours = vqvae.reconstruction_fid(model, images, net, batch_size=32)
+    with torch.no_grad():
+        x_recon = model(vqvae.to_float(images))[0]
+        recon_u8 = ((x_recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        ref = _numpy_fid(net(images), net(recon_u8))
+    assert ours == pytest.approx(ref, rel=1e-6) and ours > 0
+
+
+def test_a_missing_metric_package_skips_with_one_line_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+    def missing(*a, **k):
+        raise ImportError("No module named 'torchmetrics'")
+    monkeypatch.setattr(vqvae, "reconstruction_lpips", missing)
+    monkeypatch.setattr(vqvae, "inception_features", missing)
+    final = vqvae.train(tiny_config(out_dir=str(tmp_path), eval_metrics=["psnr", "ssim", "lpips", "fid"]))
+    out = capsys.readouterr().out
+    assert "lpips skipped (ImportError" in out and "fid skipped (ImportError" in out
+    assert "psnr" in final and "lpips" not in final and "rfid" not in final
+    with pytest.raises(vqvae.BavqError, match="eval_metrics"):
+        tiny_config(eval_metrics=["psnr", "is"])
+
+
+def test_lpips_and_inception_weights_load_where_available():
+    """The real networks (needs requirements-eval.txt and their weights, downloaded once): LPIPS of an
+    image with itself is 0, and Inception gives 2048 features. Skipped, with the reason, otherwise."""
+    pytest.importorskip("torchmetrics", reason="requirements-eval.txt is not installed")
+    model = vqvae.VQVAE("vq_ema", codebook_size=16, latent_dim=8, hidden_dim=8).eval()
+    images = vqvae._fake_images(4, seed=1)
+    try:
+        lp = vqvae.reconstruction_lpips(model, images)
+        net = vqvae.inception_features()
+    except Exception as e:          # offline: the weights cannot be downloaded
+        pytest.skip(f"LPIPS/Inception weights unavailable ({type(e).__name__}: {str(e)[:100]})")
+    assert lp > 0
+    assert net(images).shape == (4, 2048)
