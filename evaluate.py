@@ -5,6 +5,7 @@ eval_recon.png and eval_usage.png into the run directory.
     python evaluate.py experiments/ba_vq_k512_s0
     python evaluate.py experiments/ba_vq_k512_s0 --checkpoint experiments/ba_vq_k512_s0/checkpoint_epoch50.pt
     python evaluate.py experiments/                 # every run directory below it (a grid), with a table
+    python evaluate.py experiments/ba_vq_k512_s0 --eval_metrics psnr ssim lpips fid
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="a checkpoint_*.pt of the run instead of final_model.pt")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(vqvae.DEVICES)}, or cuda:N")
     p.add_argument("--data_dir", default=None, help="where the dataset is now, if not where the run found it")
+    p.add_argument("--eval_metrics", nargs="+", default=None, choices=list(vqvae.EVAL_METRICS),
+                   help="metrics to compute (psnr and ssim always are; lpips and fid need requirements-eval.txt); "
+                        "default: the run's own --eval_metrics")
     args = p.parse_args(argv)
     try:
         dirs = run_dirs(Path(args.path))
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
             raise vqvae.BavqError("--checkpoint names one checkpoint; pass the run directory it belongs to.")
         rows = []
         for d in dirs:
-            m = vqvae.evaluate_run(d, args.checkpoint, args.device, args.data_dir)
+            m = vqvae.evaluate_run(d, args.checkpoint, args.device, args.data_dir, eval_metrics=args.eval_metrics)
             cfg = vqvae.load_run(d, args.checkpoint)[1]
             print(f"[bavq] {d}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, perplexity {m['perplexity']:.1f}, "
                   f"usage {m['usage_rate'] * 100:.1f}% -> {d / 'eval_metrics.json'}", flush=True)
