@@ -2231,6 +2231,141 @@ def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history,
 
 
 
+# ---------------------------------------------------------------------------- one process per run directory
+
+CLAIM_FILE = ".bavq.lock"
+CLAIM_HEARTBEAT_S = 20.0       # the holder refreshes the claim's mtime this often
+CLAIM_STALE_S = 120.0          # a claim from another host not refreshed for this long is a dead process's
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # alive, owned by another user
+        return True
+    return True
+
+
+class RunClaim:
+    """An exclusive claim on a run directory for the life of a run (train, resume, sweep member):
+    ``<run_dir>/.bavq.lock``, created atomically (O_EXCL), holding host, pid, boot id, start time and
+    a random token; a background thread refreshes its mtime every CLAIM_HEARTBEAT_S. A second process
+    gets a BavqError naming the holder. A claim left by a dead process is taken over: on the same host
+    when its pid is gone or the machine has rebooted since (boot id), from another host (a shared file
+    system) when it has not been refreshed for CLAIM_STALE_S. Taking over renames the stale file away
+    first (atomic: of two processes only one succeeds) and checks that the file it moved is the one it
+    judged stale. The claim is released (the file removed, and the directory too if this run created
+    it and left it empty) on exit."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / CLAIM_FILE
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": os.urandom(8).hex()}
+        self._stop, self._thread, self._created = None, None, []
+
+    def __enter__(self):
+        import threading
+        try:
+            self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]   # innermost first
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BavqError(f"Cannot create the run directory '{self.run_dir}' ({e.strerror}). Choose an --out_dir "
+                            "you can write to.") from None
+        for _ in range(5):
+            if self._try_create():
+                break
+            holder = self._read()
+            if holder is not None and not self._stale(holder):
+                self._release_dir()
+                raise BavqError(_claimed_message(self.run_dir, holder))
+            self._take_over(holder)
+        else:
+            self._release_dir()
+            raise BavqError(f"Could not claim the run directory '{self.run_dir}': other processes keep claiming it. "
+                            "Nothing was changed.")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        holder = self._read()
+        if holder is not None and holder.get("token") == self.info["token"]:
+            self.path.unlink(missing_ok=True)
+        self._release_dir()
+        return False
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.info))
+        return True
+
+    def _read(self, path: Path | None = None) -> dict | None:
+        try:
+            info = json.loads((path or self.path).read_text())
+            info["age_s"] = time.time() - (path or self.path).stat().st_mtime
+            return info
+        except (OSError, ValueError):
+            return None             # gone, or still being written: look again
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == self.info["host"]:
+            return holder.get("boot_id") != self.info["boot_id"] or not _pid_alive(int(holder.get("pid", -1)))
+        return holder["age_s"] > CLAIM_STALE_S
+
+    def _take_over(self, holder: dict | None) -> None:
+        if holder is None:
+            time.sleep(0.05)        # a claim being written, or just released
+            return
+        moved = self.path.with_name(f"{CLAIM_FILE}.stale-{self.info['token']}")
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return                  # another process took it over first
+        if (self._read(moved) or {}).get("token") != holder.get("token"):
+            try:                    # a fresh claim was moved by mistake: put it back unless a new one exists
+                os.link(moved, self.path)
+            except FileExistsError:
+                pass
+        moved.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(CLAIM_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def _release_dir(self) -> None:
+        for p in self._created:       # the folders this claim created, if they are still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _claimed_message(run_dir: Path, holder: dict) -> str:
+    return (f"Run directory '{run_dir}' is in use by another bavq process (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}, started {holder.get('started')}). Nothing was changed. Wait for it to finish, or "
+            f"use another --name. If that process is gone (e.g. its machine was switched off and it ran on another "
+            f"host), its claim is taken over automatically {CLAIM_STALE_S:.0f} s after its last sign of life, or "
+            f"delete '{run_dir / CLAIM_FILE}'.")
+
+
 # ---------------------------------------------------------------------------- interruption
 
 
@@ -2459,6 +2594,12 @@ def train(cfg: Config) -> dict:
     cfg.validate()
     device = pick_device(cfg.device)
     rt = make_runtime(cfg, device)
+    run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
+    with RunClaim(run_dir):                                   # one process per run directory, from here on
+        return _train_claimed(cfg, device, rt)
+
+
+def _train_claimed(cfg: Config, device: torch.device, rt: Runtime) -> dict:
     ck_path, ck = _checked_resume(cfg) if cfg.resume else (None, None)
     if ck is None:
         check_run_dir(cfg)                                    # before any download or decoding
