@@ -1826,8 +1826,19 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
                         "config.yaml or config_mac.yaml with --config.")
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if dup:
+            raise BavqError(f"Config file '{path}' gives {', '.join(map(repr, dup))} more than once (line "
+                            f"{node.start_mark.line + 1} on). Keep one line per key; nothing was run.")
+        return loader.construct_mapping(node, deep=deep)
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeys)
     except yaml.YAMLError as e:
         raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
                         "Fix the syntax: one 'key: value' per line.") from None
@@ -1938,11 +1949,30 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
         with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
+            im = _to_rgb8(im)
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8).copy()
         return torch.from_numpy(arr).permute(2, 0, 1)  # (3, 32, 32)
+
+
+DECODE_VERSION = "rgb8-v2"       # changes whenever _to_rgb8 or the resizing changes (part of the cache key)
+
+
+def _to_rgb8(im):
+    """Any mode PIL opens -> 8-bit RGB. 16-bit and 32-bit integer grayscale (I;16*, I) are scaled from
+    0..65535 to 0..255 (PIL's own convert clips them to 255, i.e. nearly white); float grayscale (F)
+    is taken as 0..1 if its maximum is <= 1, else as 0..255; palette, CMYK, RGBA, LA, L and 1 use PIL's
+    conversion (alpha is dropped, as torchvision's ImageFolder does)."""
+    from PIL import Image
+    if im.mode.startswith("I"):
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def _decode_files(paths: list[Path], num_workers: int) -> torch.Tensor:
@@ -1953,7 +1983,8 @@ def _decode_files(paths: list[Path], num_workers: int) -> torch.Tensor:
 
 def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) -> torch.Tensor:
     """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
-    A full split is decoded once and cached next to the data as a .pt file keyed by the file list."""
+    A full split is decoded once and cached next to the data as a .pt file keyed by the decode settings
+    and every file's path, size and modification time (ns)."""
     split_dir = root / split
     paths = _list_images(split_dir)
     if not paths:
@@ -1963,10 +1994,10 @@ def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) ->
     if subset and subset < len(paths):
         chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
         return _decode_files(chosen, num_workers)
-    key = hashlib.sha1()
-    for p in paths:
-        key.update(str(p.relative_to(root)).encode())
-        key.update(str(p.stat().st_size).encode())
+    key = hashlib.sha1(f"{DECODE_VERSION} {IMAGE_SIZE} bicubic".encode())    # the decode settings
+    for p in paths:                                 # and what changes when a file's content changes
+        st = p.stat()
+        key.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}".encode())
     cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
     if cache.is_file():
         try:
@@ -2053,8 +2084,21 @@ def prepare_run_dir(cfg: Config) -> Path:
     if run_dir.exists():
         for p in _run_files(run_dir):
             p.unlink()
+        if cfg.overwrite and (run_dir / "wandb").is_dir():      # an old offline W&B run would be synced later
+            import shutil
+            shutil.rmtree(run_dir / "wandb")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def remove_stale_temporaries(run_dir: Path) -> list:
+    """Remove the '.<file>.tmp<pid>' files an atomic write leaves when it is killed or the disk is full
+    (call only while holding the run's claim: no other process writes there). Returns their names."""
+    import re
+    stale = [p for p in Path(run_dir).glob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -2142,6 +2186,12 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
     model shape is caught by ``train``. The run continues in the checkpoint's directory."""
     ck_path = resolve_resume_path(path)
     ck = load_checkpoint(ck_path)
+    here = ck_path.parent.resolve()
+    asked = (Path((overrides or {}).get("out_dir", ck_path.parent.parent)) / (overrides or {}).get("name", ck_path.parent.name))
+    if asked.resolve() != here:
+        raise BavqError(f"--resume continues the run where its checkpoint is ('{ck_path.parent}'), but --out_dir/--name "
+                        f"point to '{asked}'. Nothing was changed. Drop --out_dir and --name when resuming (to continue "
+                        "elsewhere, copy the whole run directory there and resume the copy).")
     values = {**ck["config"], **(overrides or {})}
     values.update(resume=str(ck_path), out_dir=str(ck_path.parent.parent), name=ck_path.parent.name,
                   overwrite=bool((overrides or {}).get("overwrite", False)))   # never inherited
@@ -2172,6 +2222,16 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
     settings that would silently not apply or change the experiment, with fewer epochs than done,
     or a finished run without --overwrite."""
     old = {**asdict(Config()), **ck["config"]}
+    stored = ck_path.parent / "config.yaml"
+    if stored.is_file():                       # a checkpoint copied in from another run does not belong here
+        import yaml
+        run_cfg = yaml.safe_load(stored.read_text()) or {}
+        theirs = [f"{k}: {run_cfg[k]!r} (run) vs {old[k]!r} (checkpoint)" for k in config_fields()
+                  if k in run_cfg and k not in RESUME_MAY_CHANGE and run_cfg[k] != old.get(k)]
+        if theirs:
+            raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{ck_path.parent}': its settings "
+                            f"differ from the run's config.yaml ({'; '.join(theirs)}). Nothing was changed. Resume "
+                            "it from the directory it was written in, or start a new run.")
     shape = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in (*SHAPE_KEYS, "fsq_levels")
              if old.get(k) != getattr(cfg, k)]
     if shape:
@@ -2601,6 +2661,9 @@ def train(cfg: Config) -> dict:
 
 def _train_claimed(cfg: Config, device: torch.device, rt: Runtime) -> dict:
     ck_path, ck = _checked_resume(cfg) if cfg.resume else (None, None)
+    run_dir = ck_path.parent if ck is not None else Path(cfg.out_dir) / cfg.resolved_name()
+    if run_dir.is_dir() and (ck is not None or cfg.overwrite or not _run_files(run_dir)):
+        remove_stale_temporaries(run_dir)
     if ck is None:
         check_run_dir(cfg)                                    # before any download or decoding
     seed_everything(cfg.seed)

@@ -1,12 +1,15 @@
 """Nothing lost, nothing mixed: one process per run directory (train, resume, sweep member), with
-claims of dead processes taken over."""
+claims of dead processes taken over; image folders decode every mode right and their cache sees
+rewrites; config files cannot say a key twice."""
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 import vqvae
 from conftest import ROOT, tiny_config
@@ -80,3 +83,110 @@ def test_two_runs_started_together_on_one_directory(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert "train/entropy_loss" in history[0]                           # ba_vq's, not vq_ema's
     assert not claim.exists()
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _folder(tmp_path, images):
+    """An ImageFolder with one class; images: {name: PIL image}."""
+    d = tmp_path / "data"
+    for split in ("train", "test"):
+        (d / split / "c").mkdir(parents=True, exist_ok=True)
+        for name, im in images.items():
+            im.save(d / split / "c" / name)
+    return d
+
+
+def _decode(d):
+    cfg = vqvae.make_config({"dataset": "folder", "data_dir": str(d), "num_workers": 0})
+    return vqvae.load_dataset(cfg)[0]
+
+
+def test_every_image_mode_decodes_to_the_right_8_bit_rgb(tmp_path):
+    """16-bit and 32-bit grayscale are scaled (PIL's own convert clips them to 255: nearly white),
+    palette / CMYK / RGBA / LA / L / 1 / float convert to the RGB values they show."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    gray8 = g.integers(0, 256, (32, 32)).astype(np.uint8)
+    rgb = g.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    images = {
+        "a_l.png": Image.fromarray(gray8),
+        "b_i16.png": Image.fromarray(gray8.astype(np.uint16) * 257),
+        "c_i32.tif": Image.fromarray(gray8.astype(np.int32) * 257),
+        "d_f.tif": Image.fromarray(gray8.astype(np.float32) / 255.0),
+        "e_rgba.png": Image.fromarray(np.dstack([rgb, np.full((32, 32), 128, np.uint8)])),
+        "f_la.png": Image.fromarray(np.dstack([gray8, np.full((32, 32), 9, np.uint8)])),
+        "g_p.png": Image.fromarray(rgb).quantize(64),
+        "h_cmyk.tif": Image.fromarray(rgb).convert("CMYK"),
+        "i_1.png": Image.fromarray(gray8 > 127),
+    }
+    assert [im.mode for im in images.values()] == ["L", "I;16", "I", "F", "RGBA", "LA", "P", "CMYK", "1"]
+    x = _decode(_folder(tmp_path, images))                             # (9, 3, 32, 32), sorted by name
+    as_rgb = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)    # noqa: E731
+    gray3 = torch.from_numpy(gray8)[None].expand(3, -1, -1)
+    for i in range(4):                                                  # L, I;16, I, F: the same gray image
+        assert torch.equal(x[i], gray3), i
+    assert torch.equal(x[4], as_rgb(rgb))                               # RGBA: alpha dropped
+    assert torch.equal(x[5], gray3)
+    assert torch.equal(x[6], as_rgb(np.asarray(images["g_p.png"].convert("RGB"))))
+    assert (x[7].int() - as_rgb(rgb).int()).abs().max() <= 1            # CMYK round trip
+    assert torch.equal(x[8], torch.from_numpy(np.where(gray8 > 127, 255, 0).astype(np.uint8))[None].expand(3, -1, -1))
+    assert float(x[1].float().mean()) == pytest.approx(float(gray8.mean()), abs=0.5)   # not nearly white
+
+
+def test_the_image_cache_sees_a_same_size_rewrite(tmp_path):
+    """Rewriting an uncompressed image with other pixels keeps its size; the cache must not return
+    the old pixels (its key includes every file's modification time)."""
+    from PIL import Image
+    a = np.zeros((32, 32, 3), np.uint8)
+    d = _folder(tmp_path, {"x.bmp": Image.fromarray(a)})
+    first = _decode(d)
+    assert list(d.glob(".bavq_train_*.pt"))                             # cached
+    size = (d / "train" / "c" / "x.bmp").stat().st_size
+    time.sleep(0.01)
+    for split in ("train", "test"):
+        Image.fromarray(a + 200).save(d / split / "c" / "x.bmp")
+    assert (d / "train" / "c" / "x.bmp").stat().st_size == size
+    second = _decode(d)
+    assert int(first.max()) == 0 and int(second.min()) == 200
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1.0e-3\nepochs: 3\nlr: 2.0e-3\n")
+    with pytest.raises(vqvae.BavqError, match="'lr' more than once"):
+        vqvae.load_yaml_config(f)
+
+
+# --------------------------------------------------------------------------- leftovers and resume
+
+
+def test_stale_temporaries_are_removed_and_overwrite_removes_old_wandb_runs(tmp_path):
+    cfg = tiny_config(out_dir=str(tmp_path), name="r", checkpoint_every=1)
+    vqvae.train(cfg)
+    run = tmp_path / "r"
+    (run / ".checkpoint_epoch1.pt.tmp4242").write_bytes(b"half a checkpoint")
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)
+    vqvae.train(vqvae.resume_config(run, {"epochs": 2, "overwrite": True}))
+    assert not (run / ".checkpoint_epoch1.pt.tmp4242").exists() and (run / "wandb").is_dir()
+    (run / ".final_model.pt.tmp99").write_bytes(b"x")
+    vqvae.train(tiny_config(out_dir=str(tmp_path), name="r", overwrite=True))
+    assert not (run / "wandb").exists() and not (run / ".final_model.pt.tmp99").exists()
+
+
+def test_resume_refuses_another_place_and_a_checkpoint_from_another_run(tmp_path):
+    vqvae.train(tiny_config(out_dir=str(tmp_path), name="a", quantizer="vq_ema", checkpoint_every=1))
+    vqvae.train(tiny_config(out_dir=str(tmp_path), name="b", quantizer="ba_vq", checkpoint_every=1))
+    with pytest.raises(vqvae.BavqError, match="point to"):
+        vqvae.resume_config(tmp_path / "a", {"name": "elsewhere", "epochs": 2})
+    with pytest.raises(vqvae.BavqError, match="point to"):
+        vqvae.resume_config(tmp_path / "a", {"out_dir": str(tmp_path / "other"), "epochs": 2})
+    assert vqvae.resume_config(tmp_path / "a", {"out_dir": str(tmp_path), "name": "a", "epochs": 2}).epochs == 2
+    # b's checkpoint copied into a: refused, and a's config.yaml is left as it was
+    import shutil
+    shutil.copy(tmp_path / "b" / "checkpoint_epoch1.pt", tmp_path / "a" / "checkpoint_epoch1.pt")
+    before = (tmp_path / "a" / "config.yaml").read_text()
+    with pytest.raises(vqvae.BavqError, match="does not belong to the run"):
+        vqvae.train(vqvae.resume_config(tmp_path / "a" / "checkpoint_epoch1.pt", {"epochs": 2, "overwrite": True}))
+    assert (tmp_path / "a" / "config.yaml").read_text() == before
