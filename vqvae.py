@@ -76,6 +76,7 @@ class Config:
     num_workers: int = 4             # processes that decode an image folder (once; then cached as .pt)
     train_subset: int = 0            # use N evenly spaced training images (0 = all; fake: its size, 0 -> 2048)
     val_subset: int = 0              # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
+    skip_bad_images: bool = False    # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
     quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq
     codebook_size: int = 512         # K, number of codes
@@ -196,8 +197,8 @@ def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
                             f"class subfolders with images; it contains: "
                             f"{', '.join(sorted(p.name for p in root.iterdir())[:10]) or 'nothing'}. "
                             "Point --data_dir at the folder that holds train/ and test/.")
-        return (_load_folder_split(root, "train", cfg.train_subset, cfg.num_workers),
-                _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers))
+        return (_load_folder_split(root, "train", cfg.train_subset, cfg.num_workers, cfg.skip_bad_images),
+                _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers, cfg.skip_bad_images))
     raise BavqError(f"dataset '{cfg.dataset}' is unknown (choose from {', '.join(DATASETS)}).")
 
 # =============================================================================
@@ -1732,6 +1733,11 @@ def config_problems(cfg: Config) -> list:
         problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
     need("/" not in cfg.resolved_name() and cfg.resolved_name() not in (".", ".."),
          f"name '{cfg.name}' must be a plain directory name (no '/')")
+    need(cfg.name == cfg.name.strip() and (cfg.name == "" or cfg.name.strip() != ""),
+         f"name {cfg.name!r} must not be blank or start or end with spaces")
+    need(len(cfg.resolved_name().encode()) <= 200, f"name is {len(cfg.resolved_name().encode())} bytes long; "
+         "use at most 200 (file systems allow 255 per folder name)")
+    need(0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63) (got {cfg.seed})")
     for f_name, f_type in config_fields().items():
         if f_type is float and not math.isfinite(getattr(cfg, f_name)):
             problems.append(f"{f_name} must be a finite number (got {getattr(cfg, f_name)})")
@@ -1890,11 +1896,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     never leaves a truncated file under ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:                                   # disk full, read-only, no permission, ...
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise WriteError(path, e) from None
+
+
+class WriteError(BavqError):
+    """A file could not be written (disk full, read-only, no permission); the previous version of the
+    file, if any, is intact and the partial file was removed."""
+
+    def __init__(self, path: Path, e: OSError):
+        super().__init__(f"Could not write '{path}' ({e.strerror or type(e).__name__}). The file it was to "
+                         f"replace, if any, is intact and the partial file was removed. Free disk space or fix the "
+                         f"permissions of '{path.parent}', then continue the run with: python train.py --resume "
+                         f"{path.parent} (if it has a checkpoint; otherwise start it again with --overwrite).")
+        self.path, self.os_error = path, e
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -1947,13 +1972,17 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
+        """(image (3, 32, 32) uint8, whether it could be read); an unreadable file gives zeros, False."""
         from PIL import Image
-        with Image.open(self.paths[i]) as im:
-            im = _to_rgb8(im)
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, 32, 32)
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = _to_rgb8(im)
+                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except Exception:                                  # truncated, corrupt, not an image
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
+        return torch.from_numpy(arr).permute(2, 0, 1), True   # (3, 32, 32)
 
 
 DECODE_VERSION = "rgb8-v2"       # changes whenever _to_rgb8 or the resizing changes (part of the cache key)
@@ -1975,13 +2004,25 @@ def _to_rgb8(im):
     return im.convert("RGB")
 
 
-def _decode_files(paths: list[Path], num_workers: int) -> torch.Tensor:
+def _decode_files(paths: list[Path], num_workers: int, skip_bad: bool = False) -> torch.Tensor:
+    """Decode ``paths`` to (N, 3, 32, 32) uint8 in ``num_workers`` processes (capped at the CPU count).
+    A file PIL cannot read is an error naming it, or, with ``skip_bad``, left out with a count."""
+    if not paths:
+        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
-                                         num_workers=num_workers)
-    return torch.cat(list(loader)) if len(paths) else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+                                         num_workers=min(num_workers, os.cpu_count() or 1))
+    images, ok = map(torch.cat, zip(*loader))
+    bad = [paths[i] for i in (~ok).nonzero().flatten().tolist()]
+    if bad and not skip_bad:
+        raise BavqError(f"{len(bad)} image file(s) cannot be read, e.g. '{bad[0]}'"
+                        f"{' and ' + repr(str(bad[1])) if len(bad) > 1 else ''}. Replace or delete them, or pass "
+                        "--skip_bad_images to train without them (the count is printed).")
+    if bad:
+        print(f"[bavq] skipped {len(bad)} unreadable image file(s) (e.g. '{bad[0]}').", file=sys.stderr)
+    return images[ok]
 
 
-def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) -> torch.Tensor:
+def _load_folder_split(root: Path, split: str, subset: int, num_workers: int, skip_bad: bool = False) -> torch.Tensor:
     """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
     A full split is decoded once and cached next to the data as a .pt file keyed by the decode settings
     and every file's path, size and modification time (ns)."""
@@ -1993,7 +2034,7 @@ def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) ->
                         f"check --data_dir (now '{root}').")
     if subset and subset < len(paths):
         chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
-        return _decode_files(chosen, num_workers)
+        return _decode_files(chosen, num_workers, skip_bad)
     key = hashlib.sha1(f"{DECODE_VERSION} {IMAGE_SIZE} bicubic".encode())    # the decode settings
     for p in paths:                                 # and what changes when a file's content changes
         st = p.stat()
@@ -2006,12 +2047,12 @@ def _load_folder_split(root: Path, split: str, subset: int, num_workers: int) ->
                 return images
         except Exception:
             pass  # a corrupt cache is rebuilt below
-    images = _decode_files(paths, num_workers)
+    images = _decode_files(paths, num_workers, skip_bad)
     try:
         atomic_torch_save(images, cache)
-    except OSError as e:
-        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror}); they will be decoded "
-              "again next run.", file=sys.stderr)
+    except WriteError as e:
+        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.os_error.strerror}); they will be "
+              "decoded again next run.", file=sys.stderr)
     return images
 
 
@@ -2370,6 +2411,10 @@ class RunClaim:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:                               # read-only, no permission, ...
+            self._release_dir()
+            raise BavqError(f"Cannot write in the run directory '{self.run_dir}' ({e.strerror}). Nothing was "
+                            "changed. Choose an --out_dir you can write to (or fix its permissions).") from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(self.info))
         return True
@@ -2656,7 +2701,12 @@ def train(cfg: Config) -> dict:
     rt = make_runtime(cfg, device)
     run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
     with RunClaim(run_dir):                                   # one process per run directory, from here on
-        return _train_claimed(cfg, device, rt)
+        try:
+            return _train_claimed(cfg, device, rt)
+        except (RuntimeError, MemoryError) as e:              # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not _is_out_of_memory(e):
+                raise
+            raise BavqError(_out_of_memory_message(cfg, device, run_dir, e)) from None
 
 
 def _train_claimed(cfg: Config, device: torch.device, rt: Runtime) -> dict:
@@ -2687,6 +2737,21 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime) -> dict:
     finally:
         if run.wb is not None:
             run.wb.finish()
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _out_of_memory_message(cfg: Config, device, run_dir: Path, e: BaseException) -> str:
+    ck = sorted(run_dir.glob("checkpoint_*.pt")) if run_dir.is_dir() else []
+    then = (f"then continue from the last checkpoint with: python train.py --resume {run_dir}" if ck
+            else "then start the run again (with --overwrite if its folder already holds files)")
+    return (f"Ran out of memory on {device} ({str(e).splitlines()[0][:160]}). Files already written are intact. "
+            f"The run needs less memory with a smaller --codebook_size (now {cfg.codebook_size}), --latent_dim (now "
+            f"{cfg.latent_dim}), --batch_size (now {cfg.batch_size}), --val_batch_size, --ba_chunk_rows (BA-VQ), or "
+            f"--train_subset / --val_subset (the size of fake data); {then}.")
 
 
 def _checked_resume(cfg: Config) -> tuple[Path, dict]:

@@ -190,3 +190,87 @@ def test_resume_refuses_another_place_and_a_checkpoint_from_another_run(tmp_path
     with pytest.raises(vqvae.BavqError, match="does not belong to the run"):
         vqvae.train(vqvae.resume_config(tmp_path / "a" / "checkpoint_epoch1.pt", {"epochs": 2, "overwrite": True}))
     assert (tmp_path / "a" / "config.yaml").read_text() == before
+
+
+# --------------------------------------------------------------------------- every failure is one paragraph
+
+
+def _one_paragraph(msg):
+    assert "Traceback" not in msg and "\n" not in msg.strip() and len(msg) > 40
+
+
+def test_a_corrupt_image_is_named_and_can_be_skipped(tmp_path, capsys):
+    from PIL import Image
+    d = _folder(tmp_path, {"a.png": Image.new("RGB", (32, 32), (10, 20, 30)),
+                           "b.png": Image.new("RGB", (32, 32), (1, 2, 3))})
+    (d / "train" / "c" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = vqvae.make_config({"dataset": "folder", "data_dir": str(d), "num_workers": 0})
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.load_dataset(cfg)
+    _one_paragraph(str(e.value))
+    assert "b.png" in str(e.value) and "--skip_bad_images" in str(e.value)
+    train_u8, val_u8 = vqvae.load_dataset(vqvae.make_config({**vqvae.asdict(cfg), "skip_bad_images": True}))
+    assert train_u8.shape[0] == 1 and val_u8.shape[0] == 2
+    assert "skipped 1 unreadable image file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out_dir,name", [("/proc", "bavq_test"), ("/sys", "kernel")])
+def test_an_unwritable_place_is_one_paragraph_and_touches_nothing(out_dir, name):
+    if not os.path.isdir(out_dir):
+        pytest.skip(f"{out_dir} does not exist here")
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.train(tiny_config(out_dir=out_dir, name=name))
+    _one_paragraph(str(e.value))
+    assert "--out_dir" in str(e.value)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+    cfg = tiny_config(out_dir=str(tmp_path), name="r", epochs=3, checkpoint_every=1)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".checkpoint_epoch2.pt.tmp" + str(os.getpid())):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(vqvae.os, "fsync", fsync)
+    with pytest.raises(vqvae.WriteError) as e:
+        vqvae.train(cfg)
+    msg = str(e.value)
+    _one_paragraph(msg)
+    assert "No space left on device" in msg and f"python train.py --resume {tmp_path / 'r'}" in msg
+    run = tmp_path / "r"
+    assert vqvae.load_checkpoint(run / "checkpoint_epoch1.pt")["epoch"] == 1      # intact
+    assert not (run / "checkpoint_epoch2.pt").exists() and not list(run.glob(".*.tmp*"))
+    monkeypatch.setattr(vqvae.os, "fsync", real_fsync)
+    assert vqvae.train(vqvae.resume_config(run))["epoch"] == 3                     # and it resumes
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (dict(codebook_size=10**13), "Ran out of memory"),        # beyond any address space: fails at once
+    (dict(val_subset=10**12), "Ran out of memory"),
+])
+def test_sizes_that_cannot_be_allocated_are_one_paragraph(tmp_path, overrides, expect):
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.train(tiny_config(out_dir=str(tmp_path), name="r", **overrides))
+    _one_paragraph(str(e.value))
+    assert expect in str(e.value) and not (tmp_path / "r" / vqvae.CLAIM_FILE).exists()
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (dict(seed=2**64), "seed must be in"),
+    (dict(name=" "), "must not be blank"),
+    (dict(name="x" * 300), "bytes long"),
+])
+def test_values_a_run_cannot_use_are_config_errors(overrides, expect):
+    with pytest.raises(vqvae.BavqError, match=expect):
+        tiny_config(**overrides)
+
+
+def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
+    if vqvae.torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.train(tiny_config(device="cuda:0", out_dir=str(tmp_path)))
+    _one_paragraph(str(e.value))
+    assert "--device cuda:0 was asked for" in str(e.value)
