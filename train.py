@@ -20,10 +20,19 @@ import typing
 import vqvae
 
 
+class _Parser(argparse.ArgumentParser):
+    """Unknown or malformed flags: one line and a pointer to --help (not the whole usage), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}. python train.py --help lists every option.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train a VQ-VAE on CIFAR-10 with one of the quantizers in vqvae.QUANTIZERS.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(
+        description="Train a VQ-VAE on CIFAR-10 with one of the quantizers in vqvae.QUANTIZERS. --resume RUN_DIR "
+                    "(or a checkpoint file) continues a run from its latest checkpoint with its own settings; only "
+                    "settings that change how it runs (device, epochs, logging, speed options) may be given with it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of config values (overridden by flags)")
     defaults = vqvae.Config()
     choices = vqvae.field_choices()

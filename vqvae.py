@@ -126,6 +126,7 @@ class Config:
     wandb: bool = True               # log to Weights & Biases (offline without API key/network)
     wandb_project: str = "vq-codebook"  # W&B project name
     checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
+    keep_checkpoints: int = 0        # keep only the N latest checkpoint_epoch{N}.pt (0 = keep all)
     eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt)
     eval_every: int = 0              # also compute lpips/fid every N epochs (0 = only at the end of the run)
     recon_images: int = 8            # validation images shown in recon.png
@@ -1606,11 +1607,11 @@ def _histogram_metrics(counts: torch.Tensor, n_images: int) -> dict:
 
 
 class _ProgressBar:
-    """A tqdm bar when ``enabled``; every method is a no-op otherwise."""
+    """A tqdm bar when ``enabled`` and stderr is a terminal; every method is a no-op otherwise."""
 
     def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():              # no carriage-return floods in log files
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
@@ -1699,7 +1700,7 @@ AT_LEAST = {"codebook_size": 2, "latent_dim": 1, "hidden_dim": 1, "epochs": 1, "
             "weight_decay": 0, "ema_init_count": 0, "commitment_cost": 0, "ba_iterations": 1, "entropy_cost": 0,
             "codebook_cost": 0, "ba_chunk_rows": 0, "kmeans_batches": 1, "kmeans_iters": 0, "dead_code_threshold": 0,
             "dead_code_every": 1, "vq_loss_warmup_epochs": 0, "grad_clip": 0, "num_workers": 0, "train_subset": 0,
-            "val_subset": 0, "checkpoint_every": 0, "progress_every": 1, "recon_images": 1}
+            "val_subset": 0, "checkpoint_every": 0, "keep_checkpoints": 0, "progress_every": 1, "recon_images": 1}
 
 
 def config_problems(cfg: Config) -> list:
@@ -1937,19 +1938,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import shutil
     import torchvision
+    created = not data_dir.exists()
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
     try:
         tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
         te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
     except Exception as e:  # URLError, socket timeout, corrupt archive, ...
+        if created:                                   # leave nothing behind when nothing could be downloaded
+            shutil.rmtree(data_dir, ignore_errors=True)
         raise BavqError(
-            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to "
-            "have no network access to the CIFAR-10 server. Either copy the CIFAR-10 python archive "
-            "(cifar-10-python.tar.gz) into that directory, or use images already on disk with "
-            "'--dataset folder --data_dir DIR', where DIR holds train/<class>/*.jpg and test/<class>/*.jpg "
-            "(e.g. extract shared/data/cifar10-jpg.tar.gz).") from None
+            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to have no "
+            "network access to the CIFAR-10 server. Either run where there is network, or copy the CIFAR-10 python "
+            "archive (cifar-10-python.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar.html) into that folder, or "
+            "use images already on disk with '--dataset folder --data_dir DIR', where DIR holds "
+            "train/<class>/<images> and test/<class>/<images> (any format PIL reads).") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
     # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
@@ -2241,7 +2246,7 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
 
 # Settings that change how a run executes but not what it computes: they may differ on --resume.
 RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "num_workers", "data_dir",
-                     "epochs", "checkpoint_every", "recon_images", "amp", "compile", "compile_mode",
+                     "epochs", "checkpoint_every", "keep_checkpoints", "recon_images", "amp", "compile", "compile_mode",
                      "channels_last", "data_path",
                      "ba_chunk_rows", "eval_metrics", "eval_every", "resume", "out_dir", "name", "overwrite")
 
@@ -2576,20 +2581,41 @@ def _wandb_images(wb, paths: dict) -> None:
 
 
 @torch.no_grad()
-def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int) -> Path:
-    """recon.png: ``n`` evenly spaced validation images (top row) above their eval-mode (hard-code)
-    reconstructions (bottom row), clipped to [0, 1] for display."""
-    import torchvision
+@torch.no_grad()
+def recon_rows(model: VQVAE, images_u8: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``n`` evenly spaced images, their eval-mode reconstructions), both on the [-1, 1] scale."""
     was_training = model.training
     model.eval()
     x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
     model.mark_step()
     x_recon = model(x)[0].float()
     model.train(was_training)
-    grid = torchvision.utils.make_grid(torch.cat([x, x_recon]).add(1).div(2).clamp(0, 1).cpu(),
-                                       nrow=x.shape[0], padding=2, pad_value=1.0)
+    return x, x_recon
+
+
+@torch.no_grad()
+def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int, title: str = "") -> Path:
+    """recon.png: ``n`` evenly spaced validation images (row "original") above their eval-mode
+    (hard-code) reconstructions (row "reconstruction", clipped to [0, 1] for display), each image
+    shown 3x enlarged, with ``title`` (run, epoch, PSNR) on top."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    x, x_recon = recon_rows(model, images_u8, n)
+    rows = {"original": x, "reconstruction": x_recon}
+    fig, axes = plt.subplots(2, x.shape[0], figsize=(1.1 * x.shape[0] + 1.2, 3.0), dpi=100, squeeze=False)
+    for r, (label, imgs) in enumerate(rows.items()):
+        for c in range(x.shape[0]):
+            ax = axes[r][c]
+            ax.imshow(imgs[c].add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.12, right=0.99, bottom=0.02, top=0.86, wspace=0.05, hspace=0.08)
     buf = io.BytesIO()
-    torchvision.utils.save_image(grid, buf, format="png")
+    fig.savefig(buf, format="png")
+    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -2626,9 +2652,9 @@ def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor,
 # ---------------------------------------------------------------------------- the experiment: train(cfg)
 
 
-def _summary_line(epoch: int, epochs: int, tr: dict, va: dict) -> str:
+def _summary_line(epoch: int, epochs: int, tr: dict, va: dict, seconds: float) -> str:
     restarts = f", {tr['dead_code_restarts']} restarted" if tr.get("dead_code_restarts") else ""
-    return (f"Epoch {epoch}/{epochs} | Train Loss: {tr['loss']:.4f} | Val Loss: {va['loss']:.4f} | "
+    return (f"Epoch {epoch}/{epochs} ({seconds:.1f} s) | Train Loss: {tr['loss']:.4f} | Val Loss: {va['loss']:.4f} | "
             f"PSNR: {va['psnr']:.2f} | Perplexity: {va['perplexity']:.1f} (train {tr['perplexity']:.1f}) | "
             f"Usage: {va['usage_rate'] * 100:.1f}% (train {tr['usage_rate'] * 100:.1f}%) | "
             f"Dead: {va['dead_codes']}{restarts} | Grad: {tr['grad_norm']:.3g}")
@@ -2801,10 +2827,24 @@ def _misfit_message(ck_path: Path, e: Exception) -> str:
             "different model or library version; resume it with the settings it was trained with, or start a new run.")
 
 
+def _provenance(device: torch.device) -> str:
+    """YAML comment lines: when, where (the device actually used) and which code wrote the run."""
+    import subprocess
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (not a git checkout)"
+    return (f"# written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {socket.gethostname()}\n"
+            f"# device used: {device} ({name}); torch {torch.__version__}; bavq code: git {commit}\n")
+
+
 def _start_files(run: _Run, device: torch.device) -> None:
     """config.yaml and history.jsonl (so far), and the one-line run announcement."""
     cfg = run.cfg
-    atomic_write_text(run.run_dir / "config.yaml", config_to_yaml(_stored(cfg)))
+    atomic_write_text(run.run_dir / "config.yaml", _provenance(device) + config_to_yaml(_stored(cfg)))
     atomic_write_text(run.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
     print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
           f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
@@ -2834,10 +2874,11 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         f.write(json.dumps(record) + "\n")
     if run.wb is not None:
         run.wb.log(record, step=epoch)
-    print(_summary_line(epoch, cfg.epochs, run.train_metrics, run.val_metrics), flush=True)
+    print(_summary_line(epoch, cfg.epochs, run.train_metrics, run.val_metrics, record["time_s"]), flush=True)
     if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
         _save_run(run, run.run_dir / f"checkpoint_epoch{epoch}.pt", epoch, run.step)
-        _write_pictures(run)
+        _prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
+        _write_pictures(run, epoch)
 
 
 def _history_record(run: _Run, epoch: int, seconds: float) -> dict:
@@ -2857,10 +2898,21 @@ def _save_run(run: _Run, path: Path, epoch: int, step: int, partial_epoch: dict 
                      generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler)
 
 
-def _write_pictures(run: _Run) -> None:
+def _prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """--keep_checkpoints N: delete all but the N latest checkpoint_epoch{N}.pt (0 = keep all)."""
+    if keep <= 0:
+        return
+    epochs = sorted((n, p) for p in run_dir.glob("checkpoint_epoch*.pt") if (n := _checkpoint_epoch(p)) is not None)
+    for _, p in epochs[:-keep]:
+        p.unlink(missing_ok=True)
+
+
+def _write_pictures(run: _Run, epoch: int) -> None:
     cfg = run.cfg
     title = f"{cfg.resolved_name()}: {cfg.quantizer}, K={cfg.codebook_size}"
-    paths = {"recon": save_recon_grid(run.model, run.val_u8, run.run_dir / "recon.png", cfg.recon_images),
+    recon_title = f"{title}, epoch {epoch}, val PSNR {run.val_metrics['psnr']:.2f} dB"
+    paths = {"recon": save_recon_grid(run.model, run.val_u8, run.run_dir / "recon.png", cfg.recon_images,
+                                      recon_title),
              "usage": save_usage_plot(run.train_metrics.get("code_counts"), run.val_metrics["code_counts"],
                                       run.run_dir / "usage.png", title)}
     _wandb_images(run.wb, paths)
@@ -2880,7 +2932,7 @@ def _finish(run: _Run) -> dict:
              "val_code_counts": run.val_metrics["code_counts"].tolist(),
              "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
     if run.pictures_step != run.step:                    # not already drawn at the last checkpoint
-        _write_pictures(run)
+        _write_pictures(run, cfg.epochs)
     atomic_write_text(run.run_dir / "final_metrics.json", json.dumps(final, indent=2))
     (run.run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
     if run.wb is not None:
@@ -3016,7 +3068,8 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
            "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}
     atomic_write_text(run_dir / out_name, json.dumps(out, indent=2))
-    save_recon_grid(model, val_u8, run_dir / "eval_recon.png", cfg.recon_images)
+    save_recon_grid(model, val_u8, run_dir / "eval_recon.png", cfg.recon_images,
+                    f"{cfg.resolved_name()} (evaluation), val PSNR {metrics['psnr']:.2f} dB")
     save_usage_plot(None, metrics["code_counts"], run_dir / "eval_usage.png", f"{cfg.resolved_name()} (evaluation)")
     return out
 

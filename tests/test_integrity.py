@@ -274,3 +274,68 @@ def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
         vqvae.train(tiny_config(device="cuda:0", out_dir=str(tmp_path)))
     _one_paragraph(str(e.value))
     assert "--device cuda:0 was asked for" in str(e.value)
+
+
+# --------------------------------------------------------------------------- daily friction
+
+
+def test_keep_checkpoints_keeps_the_latest_n_and_config_yaml_says_where_it_ran(tmp_path, capsys):
+    cfg = tiny_config(out_dir=str(tmp_path), name="k", epochs=4, checkpoint_every=1, keep_checkpoints=2)
+    vqvae.train(cfg)
+    run = tmp_path / "k"
+    assert sorted(p.name for p in run.glob("checkpoint_epoch*.pt")) == ["checkpoint_epoch3.pt", "checkpoint_epoch4.pt"]
+    head = (run / "config.yaml").read_text().splitlines()[:2]
+    assert head[1].startswith("# device used: cpu (cpu); torch ") and "bavq code: git " in head[1]
+    assert vqvae.load_run(run)[1].keep_checkpoints == 2                # comments do not disturb reading it back
+    out = capsys.readouterr().out
+    assert "Epoch 4/4 (" in out and " s) | Train Loss" in out          # per-epoch time on the epoch line
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    class Tty:
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            pass
+
+        def flush(self):
+            pass
+    assert vqvae._ProgressBar(3, "x", True).bar is None                # pytest's stderr is not a terminal
+    monkeypatch.setattr(vqvae.sys, "stderr", Tty())
+    bar = vqvae._ProgressBar(3, "x", True)
+    assert bar.bar is not None
+    bar.close()
+    assert vqvae._ProgressBar(3, "x", False).bar is None
+
+
+def test_num_workers_is_capped_at_the_cpu_count(tmp_path, monkeypatch):
+    seen = []
+    real = torch.utils.data.DataLoader
+
+    def loader(*a, **k):
+        seen.append(k["num_workers"])
+        return real(*a, **{**k, "num_workers": 0})
+    monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
+    from PIL import Image
+    d = _folder(tmp_path, {"a.png": Image.new("RGB", (32, 32))})
+    vqvae.load_dataset(vqvae.make_config({"dataset": "folder", "data_dir": str(d), "num_workers": 999}))
+    assert seen and max(seen) <= (os.cpu_count() or 1)
+
+
+@pytest.mark.slow
+def test_cli_flags_are_not_abbreviated_and_an_unknown_flag_is_one_line(tmp_path):
+    for args in (["--quant", "ba_vq"], ["--nope"]):
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr and "usage" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert "a fix, 0 = the original code" in r.stdout and "{overwrite,copy}" in r.stdout and "--resume" in r.stdout
+
+
+def test_pyproject_makes_vqvae_an_installable_module():
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads TOML")
+    p = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert p["tool"]["setuptools"]["py-modules"] == ["vqvae"]
+    req = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(p["project"]["dependencies"]) == sorted(r for r in req if r)

@@ -7,6 +7,8 @@ import tarfile
 import urllib.error
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -160,6 +162,16 @@ def test_cifar10_without_network_is_a_clear_error(monkeypatch, tmp_path):
         vqvae.load_dataset(tiny_config(dataset="cifar10", data_dir=str(tmp_path)))
     msg = str(e.value)
     assert "--dataset folder" in msg and "download" in msg and "\n" not in msg
+    assert "shared/data" not in msg                                    # no path of this project's own setup
+
+    def offline_after_mkdir(root, **k):                                 # what torchvision does: folder first
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        raise urllib.error.URLError("timed out")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_after_mkdir)
+    with pytest.raises(vqvae.BavqError):
+        vqvae.load_dataset(tiny_config(dataset="cifar10", data_dir=str(tmp_path / "data")))
+    assert not (tmp_path / "data").exists()                            # nothing left behind
 
 
 # --------------------------------------------------------------------------- W&B
