@@ -130,3 +130,17 @@ def test_notebook_without_runs_says_so(tmp_path, monkeypatch):
     _, text, images = execute(empty, tmp_path, monkeypatch)
     assert "No runs found" in text
     assert images == 0
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path, monkeypatch):
+    """Two vq_ema K=16 runs with other inits are two rows, labelled by the setting that differs, and
+    the rate-distortion plot still gets drawn."""
+    out = tmp_path / "experiments"
+    for init in ("uniform", "normal"):
+        vqvae.train(tiny_config(quantizer="vq_ema", codebook_size=K, init=init, epochs=1, checkpoint_every=0,
+                                out_dir=str(out), name=f"vq_{init}"))
+    _, text, images = execute(out, tmp_path, monkeypatch)
+    rows = [ln for ln in text.splitlines() if ln.strip().startswith("| vq_ema")]
+    assert len(rows) == 2 and any("init=normal" in r for r in rows) and any("init=uniform" in r for r in rows)
+    assert "Rows differ in: init" in text
+    assert images >= 3
