@@ -78,7 +78,7 @@ class Config:
     val_subset: int = 0              # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False    # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq
+    quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq
     codebook_size: int = 512         # K, number of codes
     latent_dim: int = 256            # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = 128            # channels after the first stride-2 conv (original code: 128)
@@ -95,7 +95,7 @@ class Config:
     beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
     ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
     entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
-    codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq: hard code; ba_vq: P.E; 1.0 is a fix, 0 = the original code)
+    codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq, simvq: hard code; ba_vq: P.E, where 1.0 is a fix, 0 = the original code)
     ba_prior: str = "batch"          # BA iterations start from: batch (uniform Q, original code) | ema (the running marginal Q-bar)
     marginal_decay: float = 0.99     # BA-VQ: EMA decay of the running marginal Q-bar (evaluation codes; --ba_prior ema), in [0, 1)
     ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
@@ -439,6 +439,7 @@ class Quantizer(nn.Module):
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
                                          # gradient_estimator); see CodebookQuantizer for what they call
     eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
+    remedies_note: str = "which has no codebook"   # why the codebook remedies do not apply (has_codebook False)
 
     def set_schedule(self, t: float) -> None:
         """Called before every training step with t in [0, 1], the fraction of training done."""
@@ -1170,11 +1171,58 @@ class FSQQuantizer(Quantizer):
         return z_q, {}, info
 
 
+class SimVQQuantizer(Quantizer):
+    """SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One
+    Linear Layer"): the codebook is a frozen random matrix C (K, D), entries N(0, 1/D), reparameterised
+    by one learned linear layer, codes e_k = W c_k + b (W (D, D), b (D,); nn.Linear, PyTorch's default
+    init). Nearest code by squared distance, straight-through estimator, and the VQ-VAE losses on the
+    hard code (as ``VQQuantizer``):
+
+        loss = codebook_cost * mse(sg[z], e) + commitment_cost * mse(z, sg[e])
+
+    so the codebook term trains W and b, never C, and every code moves whenever W does (the paper's
+    argument against collapse: a gradient step on W updates the whole codebook, not only the chosen
+    codes). Defaults 1.0 and 0.25. The codebook remedies (init, restarts, cosine, rotation) do not apply.
+    """
+    loss_names = ("commitment_loss", "codebook_loss")
+    remedies_note = "whose codebook is a frozen random matrix times a learned linear layer"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 codebook_cost: float = 1.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
+        self.register_buffer("frozen_codebook", torch.randn(num_embeddings, embedding_dim) * embedding_dim ** -0.5)
+        self.proj = nn.Linear(embedding_dim, embedding_dim)              # W, b
+
+    def codes(self) -> torch.Tensor:
+        """e = C W^T + b, (K, D), differentiable in W and b."""
+        return F.linear(self.frozen_codebook, _at_least_f32(self.proj.weight), _at_least_f32(self.proj.bias))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.codes()[indices].permute(0, 3, 1, 2)              # (B, H, W) -> (B, D, H, W)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            E = self.codes()                                              # (K, D)
+            with torch.no_grad():
+                indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
+            e = F.embedding(indices, E)                                   # (N, D), differentiable in W, b
+            losses = {"commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach()),
+                      "codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e)}
+            z_q = _unflatten_latents(straight_through(z_flat, e.detach()), z.shape)   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
 QUANTIZERS = {
     "vq_ema": VQEMAQuantizer,
     "vq": VQQuantizer,
     "ba_vq": BAQuantizer,
     "fsq": FSQQuantizer,
+    "simvq": SimVQQuantizer,
 }
 
 
@@ -1755,7 +1803,7 @@ def _quantizer_problems(cfg: Config, qcls: type) -> list:
         if used:
             with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
             problems.append(f"{', '.join(used)} apply to codebook quantizers ({with_codebook}), not to "
-                            f"{cfg.quantizer}, which has no codebook")
+                            f"{cfg.quantizer}, {qcls.remedies_note}")
     if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
         problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
     return problems + qcls.config_problems(cfg)
