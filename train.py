@@ -13,7 +13,6 @@ flag of the same name; a boolean field `x` has `--x` and `--no_x`. Giving severa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import typing
 
@@ -77,8 +76,8 @@ def configs_from_args(argv=None) -> tuple[list[vqvae.Config], bool]:
                                   "interrupted runs of the grid by itself.")
         overrides = {**values, **args, **{k: v[0] for k, v in grid.items() if v}}
         return [vqvae.resume_config(args["resume"], overrides).validate()], False
-    base = vqvae.make_config(values, source=source)
-    return vqvae.grid_configs({**dataclasses.asdict(base), **args}, grid)
+    vqvae.make_config(values, source=source)              # the file's keys and types, named in any error
+    return vqvae.grid_configs({**values, **args}, grid)     # only what was given: defaults and derived values fill the rest
 
 
 def config_from_args(argv=None) -> vqvae.Config:

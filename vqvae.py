@@ -89,7 +89,7 @@ class Config:
     ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
     ema_smoothing: str = "overwrite"  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = product = codebook_size
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = 0.1          # inverse temperature at the first training step
     beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
@@ -459,6 +459,12 @@ class Quantizer(nn.Module):
     def config_problems(cls, cfg: Config) -> list:
         """Problems of ``cfg`` that only this quantizer knows about (one sentence each)."""
         return []
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """The settings given (defaults not yet filled in) completed by what this quantizer derives
+        from them (e.g. FSQ: codebook_size from fsq_levels when only the levels are given)."""
+        return given
 
 
 def init_codebook(K: int, D: int, init: str) -> torch.Tensor:
@@ -1103,6 +1109,10 @@ def compiled_ba_kernels() -> tuple:
     return torch.compile(_ba_forward_chunk), torch.compile(_ba_backward_chunk)
 
 
+# The FSQ paper's recommended levels (Mentzer et al. 2023, Sec. 4.1) for codebooks of about 2^8 .. 2^16 codes
+FSQ_PAPER_LEVELS = "K~2^8: 8 6 5; 2^10: 8 5 5 5; 2^12: 7 5 5 5 5; 2^14: 8 8 8 6 5; 2^16: 8 8 8 5 5 5"
+
+
 class FSQQuantizer(Quantizer):
     """Finite scalar quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made
     Simple", Sec. 3): no codebook to collapse.
@@ -1132,9 +1142,17 @@ class FSQQuantizer(Quantizer):
     def config_problems(cls, cfg: Config) -> list:
         K = math.prod(cfg.fsq_levels)
         if K != cfg.codebook_size:
-            return [f"fsq_levels {cfg.fsq_levels} give {K} codes but codebook_size is {cfg.codebook_size} "
-                    f"(set --codebook_size {K})"]
+            return [f"fsq_levels {cfg.fsq_levels} give {K} codes but codebook_size is {cfg.codebook_size} (give "
+                    f"only --fsq_levels, and K is their product; the FSQ paper's level sets: {FSQ_PAPER_LEVELS})"]
         return []
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """Only --fsq_levels given: K = their product. Only --codebook_size given: the default levels
+        (an error unless they match). Both: they must agree (config_problems)."""
+        if "codebook_size" not in given:
+            given = {**given, "codebook_size": math.prod(given.get("fsq_levels", Config().fsq_levels))}
+        return given
 
     def _half_width(self):
         return (self.levels // 2).float()
@@ -1871,6 +1889,9 @@ def make_config(overrides: dict | None = None, source: str = "arguments") -> Con
                         f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
                         "as the command-line flags do).")
     values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
+    qcls = QUANTIZERS.get(values.get("quantizer", Config.quantizer))
+    if qcls is not None:                              # settings a quantizer derives from the others given
+        values = qcls.complete_config(values)
     return Config(**values)
 
 
@@ -3128,21 +3149,20 @@ SWEEP_KEYS = ("quantizer", "codebook_size", "seed")       # the keys that may ta
 
 
 def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
-    """The configs of a grid: ``values`` (all settings) with every combination of ``grid``
+    """The configs of a grid: ``values`` (the settings given; defaults fill the rest) with every combination of ``grid``
     ({sweep key: list of values}). Returns (configs, whether it is a sweep, i.e. more than one run);
     a sweep's runs are named <name>_<quantizer>_k<K>_s<seed>."""
     for k, v in grid.items():
         if not v:
             raise BavqError(f"'{k}' was given an empty list of values; give at least one.")
-    merged = {**asdict(make_config()), **values}
     sweep = any(len(v) > 1 for v in grid.values())
     configs = []
-    for combo in itertools.product(*(grid.get(k, [merged[k]]) for k in SWEEP_KEYS)):
-        run = {**merged, **dict(zip(SWEEP_KEYS, combo))}
+    for combo in itertools.product(*grid.values()):
+        cfg = make_config({**values, **dict(zip(grid, combo))}, source="command-line flags")
         if sweep:
-            prefix = f"{merged['name']}_" if merged["name"] else ""
-            run["name"] = f"{prefix}{run['quantizer']}_k{run['codebook_size']}_s{run['seed']}"
-        configs.append(make_config(run, source="command-line flags").validate())
+            prefix = f"{values['name']}_" if values.get("name") else ""
+            cfg = dataclasses.replace(cfg, name=f"{prefix}{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}")
+        configs.append(cfg.validate())
     return configs, sweep
 
 

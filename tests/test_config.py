@@ -109,3 +109,15 @@ def test_resolved_config_roundtrips_through_yaml():
     cfg = vqvae.make_config({"quantizer": "ba_vq", "lr": 1e-3})
     again = vqvae.make_config(yaml.safe_load(vqvae.config_to_yaml(cfg)))
     assert again == cfg
+
+
+def test_fsq_levels_alone_set_the_codebook_size():
+    """--fsq_levels 4 4 2 alone: K = 32 (the product); both given and disagreeing: an error that
+    lists the FSQ paper's level sets; the default levels 8 8 8 give K = 512."""
+    assert cli.config_from_args(["--quantizer", "fsq", "--fsq_levels", "4", "4", "2"]).codebook_size == 32
+    assert cli.config_from_args(["--quantizer", "fsq"]).codebook_size == 512
+    assert cli.config_from_args(["--quantizer", "fsq", "--fsq_levels", "4", "4", "2", "--codebook_size", "32"]).codebook_size == 32
+    with pytest.raises(vqvae.BavqError, match=r"give 32 codes but codebook_size is 64 .*8 5 5 5"):
+        cli.config_from_args(["--quantizer", "fsq", "--fsq_levels", "4", "4", "2", "--codebook_size", "64"])
+    assert vqvae.make_config({"quantizer": "fsq", "fsq_levels": [5, 3]}).codebook_size == 15
+    assert cli.config_from_args(["--quantizer", "vq_ema"]).codebook_size == 512     # others: the default K

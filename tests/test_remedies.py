@@ -98,7 +98,7 @@ def test_fsq_forward_is_on_the_grid_and_reports_its_indices():
 
 
 def test_fsq_config_must_match_codebook_size():
-    with pytest.raises(vqvae.BavqError, match="codebook_size 512"):
+    with pytest.raises(vqvae.BavqError, match="give 512 codes but codebook_size is 256"):
         vqvae.make_config({"quantizer": "fsq", "codebook_size": 256, "fsq_levels": [8, 8, 8]}).validate()
     with pytest.raises(vqvae.BavqError, match="not to fsq"):
         vqvae.make_config({"quantizer": "fsq", "init": "kmeans"}).validate()
