@@ -78,18 +78,30 @@ class Config:
     val_subset: int = 0              # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False    # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq
+    quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq
     codebook_size: int = 512         # K, number of codes
     latent_dim: int = 256            # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = 128            # channels after the first stride-2 conv (original code: 128)
     # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
-    commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq)
+    commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq, simvq, lfq, rvq)
     decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
     ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
     ema_smoothing: str = "overwrite"  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
+    # --- SQ-VAE (Takida et al. 2022; sony/sqvae) --------------------------------------------
+    sq_log_var_init: float = math.log(20.0)  # s at the start; variance sigma^2 = 1 + exp(s) (sony/sqvae: log 20)
+    sq_temperature_init: float = 1.0  # Gumbel-softmax temperature tau_0; tau = max(tau_0 exp(-r n), tau_min) at step n
+    sq_temperature_decay: float = 1e-5  # r, per training step (sony/sqvae)
+    sq_temperature_min: float = 0.0  # tau_min (sony/sqvae)
+    sq_arelbo: bool = True           # ar-ELBO reconstruction term 0.5 log(mse) (sony/sqvae on CIFAR-10); off: mse
+    # --- LFQ (Yu et al. 2023, MAGVIT-v2) ----------------------------------------------------
+    lfq_entropy_cost: float = 0.1    # weight of the entropy loss E_x[H(p)] - gamma H(E_x[p]) (nats)
+    lfq_diversity_gamma: float = 1.0  # gamma: weight of the codebook (batch) entropy inside it
+    lfq_inv_temperature: float = 100.0  # beta in p(k|x) = softmax_k(2 beta <h, c_k>)
+    # --- residual VQ (Zeghidour et al. 2021, SoundStream) -----------------------------------
+    rvq_stages: int = 8              # S codebooks of K codes (VQ-EMA stages) quantize the successive residuals
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = 0.1          # inverse temperature at the first training step
     beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
@@ -221,6 +233,7 @@ class ResidualBlock(nn.Module):
 
 class Encoder(nn.Module):
     """(B, 3, 32, 32) -> (B, D, 8, 8): two stride-2 4x4 convs, a 3x3 conv, two residual blocks."""
+    downsample = 4                      # each latent position covers 4 x 4 pixels
 
     def __init__(self, in_channels: int = 3, hidden_dim: int = 128, latent_dim: int = 256):
         super().__init__()
@@ -270,6 +283,7 @@ class VQVAE(nn.Module):
             raise BavqError(f"quantizer_type '{quantizer_type}' is unknown (choose from {', '.join(QUANTIZERS)}).")
         self.encoder = Encoder(in_channels, hidden_dim, latent_dim)
         self.quantizer = QUANTIZERS[quantizer_type](codebook_size, latent_dim, **quantizer_kwargs)
+        self.quantizer.image_values_per_position = in_channels * Encoder.downsample ** 2
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
         self.compiled = False                  # set by setup_model when encoder/decoder are torch.compile'd
 
@@ -288,7 +302,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, 32, 32) in [-1, 1] -> code indices (B, 8, 8), as in evaluation (no state changes)."""
+        """Images (B, 3, 32, 32) in [-1, 1] -> code indices (B, 8, 8) (residual VQ: (B, S, 8, 8)), as in
+        evaluation (no state changes)."""
         was_training = self.training
         self.eval()
         indices = self.quantizer(self.encoder(x))[2]["code_indices"]
@@ -297,7 +312,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, 8, 8) -> images (B, 3, 32, 32) on the [-1, 1] scale (not clipped)."""
+        """Code indices (as ``encode`` gives them) -> images (B, 3, 32, 32) on the [-1, 1] scale (not clipped)."""
         return self.decoder(self.quantizer.decode_indices(indices))
 
     def forward(self, x):
@@ -425,7 +440,8 @@ class Quantizer(nn.Module):
       z_q        (B, D, H, W), what the decoder sees, with the gradient path to the encoder;
       loss_dict  {name: 0-dim float32 tensor}, already weighted, keys exactly ``loss_names``; the
                  training loss is recon_loss + w * sum(loss_dict.values()) (w: loss warm-up);
-      info       ``code_indices`` (B, H, W) long, ``code_counts`` (K,) long, ``perplexity`` and
+      info       ``code_indices`` (B, H, W) long (a quantizer with S codes per position: (B, S, H, W)),
+                 ``code_counts`` (num_embeddings,) long, the histogram of those indices, ``perplexity`` and
                  ``usage_rate`` (0-dim tensors, no host sync); optionally ``z_q_soft`` (B, D, H, W),
                  a second decoder input that validation reports as ``psnr_soft``.
     In eval mode forward changes no state (validation leaves ``state_dict()`` bit-identical).
@@ -441,8 +457,28 @@ class Quantizer(nn.Module):
     eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
     remedies_note: str = "which has no codebook"   # why the codebook remedies do not apply (has_codebook False)
 
-    def set_schedule(self, t: float) -> None:
-        """Called before every training step with t in [0, 1], the fraction of training done."""
+    image_values_per_position: int = 48  # image values (channels x pixels) one latent position stands for;
+                                         # set by VQVAE (3 x 4 x 4 for its 4x-downsampling encoder)
+
+    def set_schedule(self, t: float, step: int = 0) -> None:
+        """Called before every training step with t in [0, 1], the fraction of training done, and
+        ``step``, the number of training steps already taken (0 at the first step)."""
+
+    def reconstruction_objective(self, recon_loss: torch.Tensor) -> torch.Tensor:
+        """The reconstruction term of the training loss as a function of recon_loss (the MSE on the
+        [-1, 1] scale): recon_loss itself, except for quantizers whose objective is an ELBO with
+        another likelihood term (SQ-VAE's ar-ELBO: 0.5 log recon_loss)."""
+        return recon_loss
+
+    def histogram_metrics(self, counts: torch.Tensor, n_images: int) -> dict:
+        """Metrics of the (num_embeddings,) code histogram of a training epoch or validation pass
+        beyond the standard ones (e.g. residual VQ's per-stage perplexity); they override those."""
+        return {}
+
+    def code_set_metrics(self, indices: torch.Tensor) -> dict:
+        """Metrics of every code index of a validation pass, (N, ...) long, concatenated over the
+        batches (e.g. residual VQ's combined code); called once per validation."""
+        return {}
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> the decoder input (B, D, H, W) that eval-mode forward gives for them."""
@@ -865,7 +901,7 @@ class BAQuantizer(CodebookQuantizer):
         if self.ba_impl == "fused":
             self._ba_kernels = compiled_ba_kernels()
 
-    def set_schedule(self, t: float) -> None:
+    def set_schedule(self, t: float, step: int = 0) -> None:
         """Cosine schedule: beta = beta_start at t = 0, beta_end at t = 1."""
         self.beta.fill_(cosine_schedule(self.beta_start, self.beta_end, t))
 
@@ -1235,12 +1271,260 @@ class SimVQQuantizer(Quantizer):
         return z_q, losses, info
 
 
+class SQVAEQuantizer(Quantizer):
+    """Gaussian SQ-VAE (Takida et al. 2022, "SQ-VAE: Variational Bayes on Discrete Representation with
+    Self-annealed Stochastic Quantization", ICML, Sec. 3-4; as in the authors' sony/sqvae, vision/,
+    the "gaussian_1" variant: one learned scalar variance).
+
+    Stochastic quantization: a latent z (one position, D values) takes code b_k with the posterior
+
+        P(k|z) = softmax_k( -||z - b_k||^2 / (2 sigma^2) ),     sigma^2 = 1 + exp(s)
+
+    (sony/sqvae: sigma^2 = exp(0) + exp(s), s a learned scalar starting at ``sq_log_var_init`` = log 20).
+    sigma^2 is trained by the ELBO and shrinks as the encoder commits to its codes: the self-annealing.
+    Training: the decoder receives the Gumbel-softmax relaxation (Jang et al. 2017) of a sample of P,
+
+        z_q = sum_k y_k b_k,   y = softmax((log P + g) / tau),   g_k ~ Gumbel(0, 1) i.i.d.,
+
+    soft and without a straight-through line (the gradient reaches z, b and s through y), with the
+    temperature tau = max(tau_0 exp(-r n), tau_min) at the n-th training step, n = 1, 2, ...
+    (``sq_temperature_init/decay/min``; sony/sqvae: 1, 1e-5, 0). The training histogram counts the
+    sampled code argmax_k y_k. Evaluation: the deterministic nearest code (argmax P = argmin distance),
+    as sony/sqvae reports its test numbers.
+    The ELBO's latent terms per image (sum over the H*W positions, mean over the batch), as in sony/sqvae:
+
+        kld_discrete   = sum_positions sum_k P log P           (-entropy; the constant log K is dropped)
+        kld_continuous = sum_positions ||z - z_q||^2 / (2 sigma^2)
+
+    with the ar-ELBO reconstruction term (D_x / 2) log(sum_pixels (x - x_hat)^2) (Lin et al. 2021; the
+    sony/sqvae CIFAR-10 setting; ``sq_arelbo``), D_x = the image's values (3 x 32 x 32). The loss is this
+    objective divided by D_x, so that its terms sit on the per-value scale of recon_loss (Adam(W) updates
+    do not depend on the scale of the loss, up to its eps): loss_dict holds the two KL terms / D_x
+    (= their mean over positions / ``image_values_per_position``) and ``reconstruction_objective`` gives
+    0.5 log recon_loss (equal to (D_x/2) log(...) / D_x up to a constant; --no_sq_arelbo: recon_loss).
+    Codebook b (K, D): N(0, 1) (sony/sqvae: torch.randn), learned by gradient through these terms only.
+    The codebook remedies do not apply (its stochastic quantization is the remedy).
+    """
+    loss_names = ("kld_discrete", "kld_continuous")
+    remedies_note = "whose stochastic quantization is its own remedy against collapse"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, sq_log_var_init: float = math.log(20.0),
+                 sq_temperature_init: float = 1.0, sq_temperature_decay: float = 1e-5,
+                 sq_temperature_min: float = 0.0, sq_arelbo: bool = True):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.tau_init, self.tau_decay, self.tau_min = sq_temperature_init, sq_temperature_decay, sq_temperature_min
+        self.arelbo = sq_arelbo
+        self.codebook = nn.Parameter(torch.randn(num_embeddings, embedding_dim))       # b, (K, D)
+        self.log_var = nn.Parameter(torch.tensor(float(sq_log_var_init)))              # s
+        self.register_buffer("temperature", torch.tensor(float(sq_temperature_init)))  # tau of the current step
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        out = []
+        if not cfg.sq_temperature_init > 0:
+            out.append(f"sq_temperature_init must be > 0 (got {cfg.sq_temperature_init})")
+        if cfg.sq_temperature_decay < 0 or cfg.sq_temperature_min < 0:
+            out.append("sq_temperature_decay and sq_temperature_min must be >= 0 (got "
+                       f"{cfg.sq_temperature_decay}, {cfg.sq_temperature_min})")
+        return out
+
+    def variance(self) -> torch.Tensor:
+        """sigma^2 = 1 + exp(s), 0-dim."""
+        return 1.0 + self.log_var.float().exp()
+
+    def set_schedule(self, t: float, step: int = 0) -> None:
+        """tau = max(tau_0 exp(-r n), tau_min) for the n-th step, n = step + 1 (sony/sqvae counts from 1)."""
+        self.temperature.fill_(max(self.tau_init * math.exp(-self.tau_decay * (step + 1)), self.tau_min))
+
+    def reconstruction_objective(self, recon_loss: torch.Tensor) -> torch.Tensor:
+        return 0.5 * recon_loss.log() if self.arelbo else recon_loss
+
+    def extra_metrics(self) -> dict:
+        return {"sq_variance": float(self.variance().detach()), "sq_temperature": float(self.temperature)}
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return _at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)          # (B, H, W) -> (B, D, H, W)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            E = _at_least_f32(self.codebook)                              # (K, D)
+            var = self.variance()
+            log_p = (-squared_distances(z_flat, E) / (2.0 * var)).log_softmax(1)   # (N, K), log P(k|z)
+            if self.training:
+                # Gumbel(0, 1) = -log Exp(1); the clamp only keeps an exact 0 of the exponential finite
+                g = -torch.empty_like(log_p).exponential_().clamp_min_(torch.finfo(log_p.dtype).tiny).log()
+                y = ((log_p + g) / self.temperature).softmax(1)                     # (N, K), relaxed one-hot
+                z_q_flat = y @ E                                                    # (N, D)
+                indices = y.argmax(1)                                               # the sampled code
+            else:
+                indices = log_p.argmax(1)                                           # nearest code
+                z_q_flat = F.embedding(indices, E)
+            per_value = 1.0 / self.image_values_per_position      # per image / D_x = mean over positions / this
+            losses = {"kld_discrete": (log_p.exp() * log_p).sum(1).mean() * per_value,
+                      "kld_continuous": ((z_flat - z_q_flat).pow(2).sum(1) / (2.0 * var)).mean() * per_value}
+            z_q = _unflatten_latents(z_q_flat, z.shape)                             # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
+class LFQQuantizer(Quantizer):
+    """Lookup-free quantization (Yu et al. 2023, "Language Model Beats Diffusion: Tokenizer is Key to
+    Visual Generation" (MAGVIT-v2), Sec. 3.1). The latent z (D) is projected to d = log2 K values
+    h = W_in z + b_in (a linear layer, as lucidrains' vector-quantize-pytorch when D != d), each
+    quantized to its sign, q_i = +1 if h_i > 0 else -1, with a straight-through estimator, and projected
+    back (W_out q + b_out). The implicit codebook is {-1, +1}^d; index = sum_i 2^(i-1) 1[h_i > 0] (the
+    paper's; the first value is the least significant bit). Losses:
+
+        commitment_loss        = commitment_cost * mse(h, sg[q])
+        sample_entropy_loss    =  lfq_entropy_cost * E_x[ H(p(.|x)) ]
+        codebook_entropy_loss  = -lfq_entropy_cost * lfq_diversity_gamma * H( E_x[p(.|x)] )
+
+    with p(k|x) = softmax_k(2 beta <h_x, c_k>) over all K codes c_k in {-1, +1}^d, beta =
+    ``lfq_inv_temperature`` (defaults 0.1, 1.0, 100: lucidrains' and Open-MAGVIT2's; commitment 0.25:
+    Open-MAGVIT2's). Entropies in nats, E_x the mean over the batch's positions.
+    Relation to BA-VQ: since ||c_k||^2 = d for every code, 2 beta <h, c_k> = -beta ||h - c_k||^2 + const,
+    so p(k|x) is exactly the first Blahut-Arimoto assignment P(k|x) ∝ Q(k) exp(-beta d(x, k)) from a
+    uniform Q, and E_x[p] is its marginal Q. The codebook-entropy term is BA-VQ's -entropy_cost H(Q) (it
+    spreads the batch over the codes); LFQ adds the per-sample entropy, which makes each assignment
+    confident, where BA-VQ anneals beta instead. Costs memory (N, K): keep K moderate (2^12 is 4096 codes).
+    """
+    loss_names = ("commitment_loss", "sample_entropy_loss", "codebook_entropy_loss")
+    remedies_note = "whose codebook is the implicit set of sign vectors"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 lfq_entropy_cost: float = 0.1, lfq_diversity_gamma: float = 1.0, lfq_inv_temperature: float = 100.0):
+        super().__init__()
+        d = num_embeddings.bit_length() - 1
+        if num_embeddings < 2 or 2 ** d != num_embeddings:
+            raise BavqError(f"lfq needs codebook_size to be a power of two (K = 2^d codes for d binary values); "
+                            f"got {num_embeddings}. Use e.g. --codebook_size 512 (d = 9).")
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, d
+        self.commitment_cost, self.entropy_cost = commitment_cost, lfq_entropy_cost
+        self.diversity_gamma, self.inv_temperature = lfq_diversity_gamma, lfq_inv_temperature
+        self.proj_in = nn.Linear(embedding_dim, d)
+        self.proj_out = nn.Linear(d, embedding_dim)
+        self.register_buffer("basis", 2 ** torch.arange(d))                                 # (d,) 1, 2, 4, ...
+        bits = (torch.arange(num_embeddings)[:, None] // self.basis) % 2                    # (K, d)
+        self.register_buffer("codes", bits.float() * 2 - 1)                                  # c_k in {-1, +1}^d
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        K = cfg.codebook_size
+        if K < 2 or K & (K - 1):
+            return [f"lfq needs codebook_size to be a power of two (got {K}; e.g. 512 = 2^9)"]
+        return []
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.codes[indices]).permute(0, 3, 1, 2)             # (B, H, W) -> (B, D, H, W)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            h = self.proj_in(z_flat)                                      # (N, d)
+            q = torch.where(h > 0, 1.0, -1.0)                             # (N, d), sign
+            indices = ((h > 0).long() * self.basis).sum(1)                # (N,)
+            log_p = (2.0 * self.inv_temperature * h @ self.codes.t()).log_softmax(1)   # (N, K)
+            sample_h = -(log_p.exp() * log_p).sum(1).mean()                # E_x H(p(.|x))
+            log_avg = log_p.logsumexp(0) - math.log(log_p.shape[0])        # (K,), log E_x p(k|x)
+            codebook_h = -(log_avg.exp() * log_avg).sum()                  # H(E_x p)
+            losses = {"commitment_loss": self.commitment_cost * F.mse_loss(h, q),
+                      "sample_entropy_loss": self.entropy_cost * sample_h,
+                      "codebook_entropy_loss": -self.entropy_cost * self.diversity_gamma * codebook_h}
+            z_q = _unflatten_latents(self.proj_out(straight_through(h, q)), z.shape)   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
+class ResidualVQQuantizer(Quantizer):
+    """Residual VQ (Zeghidour et al. 2021, "SoundStream", Sec. 3.3, Algorithm 1; Juang & Gray 1982):
+    ``rvq_stages`` S codebooks of K codes, each a VQ-EMA quantizer (``VQEMAQuantizer``, with its EMA
+    coefficients and smoothing), quantize the successive residuals:
+
+        r_0 = z,   q_s = Q_s(r_{s-1}),   r_s = r_{s-1} - q_s   (s = 1..S),   z_q = sum_s q_s
+
+    with one straight-through line for the sum (z + sg[z_q - z]) and each stage's EMA update on the
+    residuals it sees. Loss: the sum over stages of commitment_cost * mse(r_{s-1}, sg[q_s]) (each
+    residual depends on z with gradient one, so every stage's term reaches the encoder).
+    Codes: ``code_indices`` is (B, S, H, W); the histogram covers all S x K codes, stage s owning
+    indices [s K, (s+1) K), so perplexity and usage_rate are over the S x K (stage, code) pairs;
+    ``histogram_metrics`` adds each stage's perplexity and usage and puts the rate at the sum of the
+    stages' code entropies; validation adds the combined code (the tuple of S indices):
+    ``combined_codes`` (distinct tuples used), ``combined_perplexity`` and its entropy in bits.
+    The codebook remedies are not wired to the stages (an error says so).
+    """
+    loss_names = ("commitment_loss",)
+    remedies_note = "whose stages are VQ-EMA quantizers the remedies are not wired to"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rvq_stages: int = 8, commitment_cost: float = 0.25,
+                 decay: float = 0.99, epsilon: float = 1e-5, ema_init_count: float = 0.0,
+                 ema_smoothing: str = "overwrite"):
+        super().__init__()
+        self.codes_per_stage, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings = rvq_stages * num_embeddings                       # histogram size, S x K
+        self.stages = nn.ModuleList(
+            VQEMAQuantizer(num_embeddings, embedding_dim, commitment_cost=commitment_cost, decay=decay,
+                           epsilon=epsilon, ema_init_count=ema_init_count, ema_smoothing=ema_smoothing)
+            for _ in range(rvq_stages))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, S, H, W) -> (B, D, H, W): the sum of the stages' codes."""
+        return sum(stage.decode_indices(indices[:, s]) for s, stage in enumerate(self.stages))
+
+    def histogram_metrics(self, counts: torch.Tensor, n_images: int) -> dict:
+        per_stage = counts.reshape(len(self.stages), self.codes_per_stage)      # (S, K)
+        out, bits = {}, 0.0
+        for s, c in enumerate(per_stage, 1):
+            out[f"stage{s}_perplexity"] = float(perplexity_from_counts(c))
+            out[f"stage{s}_usage_rate"] = float(usage_from_counts(c))
+            bits += float(entropy_bits(c))
+        positions = float(per_stage[0].sum()) / max(n_images, 1)
+        return {**out, "code_entropy_bits": bits, "bits_per_image": bits * positions}
+
+    def code_set_metrics(self, indices: torch.Tensor) -> dict:
+        """The combined code of each position, the tuple (k_1, .., k_S), as one mixed-radix number."""
+        K, S = self.codes_per_stage, len(self.stages)
+        k = indices.transpose(0, 1).reshape(S, -1)                          # (S, positions)
+        if K ** S >= 2 ** 63:                                                # too many tuples for one int64
+            combined = torch.unique(k, dim=1, return_counts=True)[1]
+        else:
+            radix = torch.tensor([K ** s for s in range(S)], device=k.device)
+            combined = torch.unique((k * radix[:, None]).sum(0), return_counts=True)[1]
+        return {"combined_codes": int(combined.numel()), "combined_perplexity": float(perplexity_from_counts(combined)),
+                "combined_entropy_bits": float(entropy_bits(combined))}
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        residual = _at_least_f32(z)                                          # r_0 = z, (B, D, H, W)
+        total = torch.zeros_like(residual)
+        commitment, indices, counts = 0.0, [], []
+        for stage in self.stages:
+            q_s, loss_s, info_s = stage(residual)                            # its forward value is its code
+            q_s = q_s.detach()
+            commitment = commitment + loss_s["commitment_loss"]
+            residual = residual - q_s                                        # r_s
+            total = total + q_s
+            indices.append(info_s["code_indices"])
+            counts.append(info_s["code_counts"])
+        z_q = straight_through(_at_least_f32(z), total)                      # (B, D, H, W)
+        counts = torch.cat(counts)                                           # (S K,)
+        info = {"code_indices": torch.stack(indices, 1), "code_counts": counts,     # (B, S, H, W)
+                "perplexity": perplexity_from_counts(counts), "usage_rate": usage_from_counts(counts)}
+        return z_q, {"commitment_loss": commitment}, info
+
+
 QUANTIZERS = {
     "vq_ema": VQEMAQuantizer,
     "vq": VQQuantizer,
     "ba_vq": BAQuantizer,
     "fsq": FSQQuantizer,
     "simvq": SimVQQuantizer,
+    "sq_vae": SQVAEQuantizer,
+    "lfq": LFQQuantizer,
+    "rvq": ResidualVQQuantizer,
 }
 
 
@@ -1495,12 +1779,12 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
             stats.check_finite(bar)                                       # never checkpoint a NaN state
             raise _StopRequested(stats.state(i), step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
-        q.set_schedule(step / max(total_steps - 1, 1))
+        q.set_schedule(step / max(total_steps - 1, 1), step)
         model.mark_step()
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
         w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0   # quantizer-loss warm-up
-        loss = recon_loss + w * sum(loss_dict.values())
+        loss = q.reconstruction_objective(recon_loss) + w * sum(loss_dict.values())
         grad_norm = _backward_and_step(loss, model, optimizer, rt, clip)  # norm before clipping
         if restarts_on and (step + 1) % cfg.dead_code_every == 0:
             stats.restarts += _restart_dead_codes(q, optimizer)
@@ -1511,7 +1795,9 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
             bar.show(loss=loss, ppl=info["perplexity"])
         bar.update()
     bar.close()
-    return {**stats.metrics(n_steps), "vq_loss_weight": w, **q.extra_metrics()}, step
+    metrics = stats.metrics(n_steps)
+    metrics.update(q.histogram_metrics(stats.counts, stats.acc.n))
+    return {**metrics, "vq_loss_weight": w, **q.extra_metrics()}, step
 
 
 def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float) -> torch.Tensor:
@@ -1710,14 +1996,17 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     model.eval()
     rt = rt or Runtime(images.device)
     acc = _Accumulator()
-    counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.long, device=images.device)
+    q = model.quantizer
+    counts = torch.zeros(q.num_embeddings, dtype=torch.long, device=images.device)
+    all_indices = []
     bar = _ProgressBar(math.ceil(images.shape[0] / batch_size), "val", progress)
     for start in range(0, images.shape[0], batch_size):
         model.mark_step()
         x = rt.prepare(to_float(images[start:start + batch_size]))
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
-        values = {"loss": recon_loss + sum(loss_dict.values()), "recon_loss": recon_loss, **loss_dict}
+        values = {"loss": q.reconstruction_objective(recon_loss) + sum(loss_dict.values()), "recon_loss": recon_loss,
+                  **loss_dict}
         # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
         values["psnr"] = psnr_per_image(x, x_recon).mean()
         values["ssim"] = ssim_per_image(x, x_recon).mean()
@@ -1728,11 +2017,13 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
         values.update({k: info[k] for k in model.quantizer.eval_metrics})
         acc.add(values, x.shape[0])
         counts += info["code_counts"]
+        all_indices.append(info["code_indices"])
         bar.update()
     bar.close()
     metrics = acc.means()
     metrics["mse"] = metrics["recon_loss"]
-    metrics.update(_histogram_metrics(counts, images.shape[0]), **model.quantizer.extra_metrics())
+    metrics.update(_histogram_metrics(counts, images.shape[0]), **q.histogram_metrics(counts, images.shape[0]))
+    metrics.update(q.code_set_metrics(torch.cat(all_indices)), **q.extra_metrics())
     model.train(was_training)
     return metrics
 
@@ -1766,7 +2057,8 @@ AT_LEAST = {"codebook_size": 2, "latent_dim": 1, "hidden_dim": 1, "epochs": 1, "
             "weight_decay": 0, "ema_init_count": 0, "commitment_cost": 0, "ba_iterations": 1, "entropy_cost": 0,
             "codebook_cost": 0, "ba_chunk_rows": 0, "kmeans_batches": 1, "kmeans_iters": 0, "dead_code_threshold": 0,
             "dead_code_every": 1, "vq_loss_warmup_epochs": 0, "grad_clip": 0, "num_workers": 0, "train_subset": 0,
-            "val_subset": 0, "checkpoint_every": 0, "keep_checkpoints": 0, "progress_every": 1, "recon_images": 1}
+            "val_subset": 0, "checkpoint_every": 0, "keep_checkpoints": 0, "progress_every": 1, "recon_images": 1,
+            "rvq_stages": 1, "lfq_entropy_cost": 0, "lfq_diversity_gamma": 0, "lfq_inv_temperature": 0}
 
 
 def config_problems(cfg: Config) -> list:

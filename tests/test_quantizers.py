@@ -40,9 +40,11 @@ def test_interface_shapes(name, training):
     z = latents(B=3, D=8, H=5, W=7)
     z_q, losses, info = q(z)
     assert z_q.shape == z.shape
-    assert info["code_indices"].shape == (3, 5, 7) and info["code_indices"].dtype == torch.long
-    assert info["code_counts"].shape == (16,) and int(info["code_counts"].sum()) == 3 * 5 * 7
-    assert 1.0 <= float(info["perplexity"]) <= 16.0
+    stages = (len(q.stages),) if name == "rvq" else ()                # residual VQ: one index per stage
+    assert info["code_indices"].shape == (3, *stages, 5, 7) and info["code_indices"].dtype == torch.long
+    K = q.num_embeddings                                              # 16 (rvq: 16 per stage)
+    assert info["code_counts"].shape == (K,) and int(info["code_counts"].sum()) == info["code_indices"].numel()
+    assert 1.0 <= float(info["perplexity"]) <= K
     assert 0.0 < float(info["usage_rate"]) <= 1.0
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     assert set(losses) == set(vqvae.QUANTIZERS[name].loss_names)

@@ -25,7 +25,7 @@ class FrozenCodesQuantizer(vqvae.Quantizer):
         self.register_buffer("codes", torch.randn(num_embeddings, embedding_dim, generator=g))
         self.register_buffer("t", torch.zeros(()))
 
-    def set_schedule(self, t):
+    def set_schedule(self, t, step=0):
         self.t.fill_(t)
 
     def extra_metrics(self):
