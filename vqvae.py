@@ -121,6 +121,18 @@ class Config:
     cosine: bool = False             # L2-normalise latents and codes (cosine distance)
     gradient_estimator: str = "ste"  # ste (straight-through) | rotation (Fifty et al. 2024)
     vq_loss_warmup_epochs: float = 0.0  # quantizer-loss weight ramps linearly 0 -> 1 over this many epochs
+    pretrain_epochs: int = 0         # two-stage training: E epochs with the quantizer bypassed, then --init kmeans|data
+    cvq: bool = False                # CVQ-VAE online clustered codebook (vq, ba_vq): every step, under-used codes move to batch anchors
+    cvq_anchor: str = "closest"      # CVQ anchor per code: closest (most similar latent) | random | probrandom (softmax-sampled)
+    cvq_decay: float = 0.99          # CVQ: EMA decay of each code's share of the assignments, in [0, 1)
+    cvq_gain: float = 10.0           # CVQ: a_k = exp(-p_k K gain / (1 - cvq_decay) - cvq_offset) (CVQ-VAE: 10)
+    cvq_offset: float = 1e-3         # CVQ: the offset in a_k (CVQ-VAE: 1e-3; keeps a_k < 1)
+    affine_reparam: str = "off"      # codes = scale * code + shift (Huh et al. 2023; vq, ba_vq): off | ema (latent statistics) | learned
+    affine_momentum: float = 0.1     # --affine_reparam ema: momentum of the running statistics, in (0, 1]
+    affine_lr: float = 1.0           # --affine_reparam learned: scale = 1 + lr s, shift = lr b (vqtorch's affine_lr)
+    sync_nu: float = 0.0             # synchronized update (vq; Huh et al. 2023): the code also gets nu x the decoder's gradient (0 = off)
+    alternate_lr: float = 0.0        # alternating optimisation (vq): SGD step of this lr on the codebook loss before each step (0 = off)
+    alternate_momentum: float = 0.9  # --alternate_lr: SGD momentum of that inner step
     grad_clip: float = 0.0           # clip the global gradient norm to this (0 = off)
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = 100                # passes over the training set
@@ -286,6 +298,7 @@ class VQVAE(nn.Module):
         self.quantizer.image_values_per_position = in_channels * Encoder.downsample ** 2
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
         self.compiled = False                  # set by setup_model when encoder/decoder are torch.compile'd
+        self.bypass_quantizer = False          # two-stage training, stage 1: the decoder gets z itself
 
     def mark_step(self) -> None:
         """Before each training step or evaluation batch of a compiled model: tells CUDA graphs
@@ -315,9 +328,22 @@ class VQVAE(nn.Module):
         """Code indices (as ``encode`` gives them) -> images (B, 3, 32, 32) on the [-1, 1] scale (not clipped)."""
         return self.decoder(self.quantizer.decode_indices(indices))
 
+    @torch.no_grad()
+    def _bypassed(self, z):
+        """Stage 1 of two-stage training: z goes to the decoder unquantized; the quantizer runs in
+        eval mode without gradients (no state changes) so its codes and loss terms can still be logged."""
+        was_training = self.quantizer.training
+        self.quantizer.eval()
+        _, loss_dict, info = self.quantizer(z)
+        self.quantizer.train(was_training)
+        return z, loss_dict, info
+
     def forward(self, x):
         z = self.encoder(x)                                   # (B, D, 8, 8)
-        z_q, loss_dict, info = self.quantizer(z)              # (B, D, 8, 8)
+        if self.bypass_quantizer:                             # the quantizer only reports what it would do
+            z_q, loss_dict, info = self._bypassed(z)
+        else:
+            z_q, loss_dict, info = self.quantizer(z)          # (B, D, 8, 8)
         x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
         recon_loss = F.mse_loss(_at_least_f32(x_recon), _at_least_f32(x))
         return x_recon, recon_loss, loss_dict, info
@@ -419,7 +445,10 @@ GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 BA_IMPLS = ("fused", "autograd")
 EMA_SMOOTHINGS = ("overwrite", "copy")
 BA_PRIORS = ("batch", "ema")
-CODEBOOK_INITS = ("uniform", "normal", "kmeans")
+CODEBOOK_INITS = ("uniform", "normal", "unit_sphere", "kmeans", "data")
+DATA_INITS = ("kmeans", "data")
+CVQ_ANCHORS = ("closest", "random", "probrandom")
+AFFINE_MODES = ("off", "ema", "learned")          # computed from encoder outputs by init_from_data before quantized training
 
 
 
@@ -504,18 +533,22 @@ class Quantizer(nn.Module):
 
 
 def init_codebook(K: int, D: int, init: str) -> torch.Tensor:
-    """uniform: U[-1/K, 1/K] (the original code); normal: N(0, 1). kmeans starts from uniform and is
-    replaced by ``kmeans_codebook`` on encoder outputs before training (see ``train``)."""
+    """uniform: U[-1/K, 1/K] (the original code); normal: N(0, 1); unit_sphere: uniform directions with
+    norm sqrt(D) (the norm of a N(0, I_D) vector, from the tokenizer collapse report). kmeans and data
+    start from uniform and are replaced by ``init_from_data`` on encoder outputs before training."""
     if init == "normal":
         return torch.randn(K, D)
+    if init == "unit_sphere":
+        return F.normalize(torch.randn(K, D), dim=1) * math.sqrt(D)
     return torch.empty(K, D).uniform_(-1.0 / K, 1.0 / K)
 
 
 @torch.no_grad()
 def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Generator | None = None,
-                    cosine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) then ``iters`` Lloyd iterations on the rows
-    of x (N, D). Returns (centers (K, D), cluster sizes (K,)). ``cosine``: spherical k-means (rows
+                    cosine: bool = False, seeding: str = "kmeans++") -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007; ``seeding="random"``: K rows drawn without
+    replacement) then ``iters`` Lloyd iterations on the rows of x (N, D). Returns (centers (K, D),
+    cluster sizes (K,)); with random seeding and 0 iterations the centres are data rows. ``cosine``: spherical k-means (rows
     and centres L2-normalised). An empty cluster is re-seeded at the data point farthest from its
     own centre (standard practice), after the seeding and after every Lloyd update, so every centre
     ends at a data point or a mean of data points with a positive size. Only when x has fewer than
@@ -526,6 +559,9 @@ def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Genera
         x = F.normalize(x, dim=1)
     N = x.shape[0]
     dev = x.device
+    if seeding == "random":
+        pick = torch.randperm(N, generator=generator)[:K] if N >= K else torch.randint(0, N, (K,), generator=generator)
+        return _sized_clusters(x, _lloyd(x, _reseed_empty_clusters(x, x[pick.to(dev)]), iters, cosine))
     first = torch.randint(0, N, (1,), generator=generator).to(dev)
     centers = [x[first[0]]]
     d2 = (x - centers[0]).pow(2).sum(1)                                       # (N,) distance to nearest centre
@@ -537,6 +573,12 @@ def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Genera
         centers.append(x[nxt])
         d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
     c = _reseed_empty_clusters(x, torch.stack(centers))                       # (K, D)
+    return _sized_clusters(x, _lloyd(x, c, iters, cosine))
+
+
+def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int, cosine: bool) -> torch.Tensor:
+    """``iters`` Lloyd iterations from centres c (K, D), re-seeding empty clusters after each."""
+    K = c.shape[0]
     for _ in range(iters):
         assign = squared_distances(x, c).argmin(1)                            # (N,)
         counts = torch.bincount(assign, minlength=K).float()
@@ -545,6 +587,13 @@ def kmeans_codebook(x: torch.Tensor, K: int, iters: int, generator: torch.Genera
         if cosine:
             c = F.normalize(c, dim=1)
         c = _reseed_empty_clusters(x, c)
+    return c
+
+
+def _sized_clusters(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres, cluster sizes): the size of each centre's cluster of rows of x, every one positive
+    (see kmeans_codebook)."""
+    K, dev = c.shape[0], x.device
     counts = torch.bincount(squared_distances(x, c).argmin(1), minlength=K).float()
     empty = counts == 0                       # left only when x has fewer distinct rows than K
     if bool(empty.any()):                     # each joins the nearest used centre and shares its count
@@ -582,9 +631,94 @@ class CodebookQuantizer(Quantizer):
       uses its own EMA counts); every ``dead_code_every`` steps the trainer calls
       ``restart_dead_codes``, which replaces codes with usage < ``dead_code_threshold`` by random
       encoder outputs of the current batch and resets their usage (and EMA sums) to match.
-    * ``load_codes``: k-means initialisation (``--init kmeans``) sets the codes and their usage.
+    * ``load_codes``: k-means / data initialisation (``--init kmeans|data``) sets the codes and their usage.
+
+    Gradient-trained codebooks (vq, ba_vq) also offer, through ``_setup_cvq`` / ``_setup_affine``:
+
+    * CVQ-VAE's online clustered codebook (Zheng & Vedaldi 2023, ``--cvq``): an EMA of each code's share
+      of the batch's assignments, p_k <- decay p_k + (1 - decay) n_k / N, and after every training
+      forward e_k <- (1 - a_k) e_k + a_k f_k with a_k = exp(-p_k K gain / (1 - decay) - offset) (their
+      gain 10 and offset 1e-3), f_k an anchor from this batch's latents: ``closest`` (the latent most
+      similar to e_k), ``random`` (K latents drawn with replacement) or ``probrandom`` (one latent drawn
+      per code with probability softmax over the batch of the similarity). Similarity: -d(x, k), or the
+      cosine with ``cosine``. The step's gradient was computed with the codes before the update (as
+      the authors' in-place assignment).
+    * Affine reparameterisation (Huh et al. 2023, ``--affine_reparam ema|learned``): the codes used
+      everywhere are c_k = scale * e_k + shift with per-dimension scale and shift (D,) shared by all
+      codes; ``ema``: running statistics (momentum m, the first batch copied) of the latents' and the
+      raw codes' per-dimension means and (biased) variances, scale = sqrt(var_z / (var_e + 1e-8)),
+      shift = mean_z - scale mean_e; ``learned``: scale = 1 + lr s, shift = lr b with s, b learned from 0.
+      Restarts and data inits write raw codes through the inverse map.
     """
     has_codebook = True
+    cvq = False
+    affine = "off"
+
+    def _setup_cvq(self, cvq: bool, anchor: str, decay: float, gain: float, offset: float) -> None:
+        if anchor not in CVQ_ANCHORS:
+            raise BavqError(f"cvq_anchor '{anchor}' is unknown (choose from {', '.join(CVQ_ANCHORS)}).")
+        self.cvq, self.cvq_anchor, self.cvq_decay, self.cvq_gain, self.cvq_offset = cvq, anchor, decay, gain, offset
+        if cvq:
+            self.register_buffer("cvq_usage", torch.zeros(self.num_embeddings))    # p_k, share of assignments (K,)
+
+    def _setup_affine(self, affine_reparam: str, momentum: float, lr: float) -> None:
+        if affine_reparam not in AFFINE_MODES:
+            raise BavqError(f"affine_reparam '{affine_reparam}' is unknown (choose from {', '.join(AFFINE_MODES)}).")
+        self.affine, self.affine_momentum, self.affine_lr = affine_reparam, momentum, lr
+        D = self.embedding_dim
+        if affine_reparam == "ema":                  # running statistics of the latents z and the raw codes e
+            self.register_buffer("affine_z_mean", torch.zeros(D))
+            self.register_buffer("affine_z_var", torch.ones(D))
+            self.register_buffer("affine_e_mean", torch.zeros(D))
+            self.register_buffer("affine_e_var", torch.ones(D))
+            self.register_buffer("affine_started", torch.zeros((), dtype=torch.bool))
+        elif affine_reparam == "learned":
+            self.affine_s = nn.Parameter(torch.zeros(D))
+            self.affine_b = nn.Parameter(torch.zeros(D))
+
+    def affine_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale (D,), shift (D,)) of the affine reparameterisation."""
+        if self.affine == "ema":
+            scale = (self.affine_z_var / (self.affine_e_var + 1e-8)).sqrt()
+            return scale, self.affine_z_mean - scale * self.affine_e_mean
+        return 1.0 + self.affine_lr * self.affine_s.float(), self.affine_lr * self.affine_b.float()
+
+    @torch.no_grad()
+    def _affine_track(self, z_flat: torch.Tensor) -> None:
+        """Training forward, before the distances: update the running statistics (``ema`` only)."""
+        if self.affine != "ema":
+            return
+        e, m = _at_least_f32(self.codebook), self.affine_momentum
+        new = (z_flat.mean(0), z_flat.var(0, unbiased=False), e.mean(0), e.var(0, unbiased=False))
+        for buf, x in zip((self.affine_z_mean, self.affine_z_var, self.affine_e_mean, self.affine_e_var), new):
+            buf.copy_(torch.where(self.affine_started, m * x + (1.0 - m) * buf, x))
+        self.affine_started.fill_(True)
+
+    def _to_raw(self, codes: torch.Tensor) -> torch.Tensor:
+        """The raw codebook rows whose reparameterised codes are ``codes`` (the identity without affine)."""
+        if self.affine == "off":
+            return codes
+        scale, shift = self.affine_params()
+        return (codes - shift) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+
+    @torch.no_grad()
+    def _cvq_step(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
+        """CVQ-VAE's update of every code toward an anchor, faster the less the code is used."""
+        if not self.cvq:
+            return
+        K, z = self.num_embeddings, z_flat.detach()
+        self.cvq_usage.mul_(self.cvq_decay).add_(counts.float() / z.shape[0], alpha=1.0 - self.cvq_decay)
+        E = self._codes()                                                          # (K, D)
+        sim = z @ E.t() if self.cosine else -squared_distances(z, E)               # (N, K)
+        if self.cvq_anchor == "closest":
+            pick = sim.argmax(0)                                                    # (K,)
+        elif self.cvq_anchor == "random":
+            pick = torch.randint(0, z.shape[0], (K,), device=z.device)
+        else:                                                                       # probrandom
+            pick = torch.multinomial(sim.t().softmax(1), 1).squeeze(1)
+        alpha = torch.exp(-self.cvq_usage * K * self.cvq_gain / (1.0 - self.cvq_decay) - self.cvq_offset)[:, None]
+        raw = self.codebook.float()
+        self.codebook.copy_((raw * (1.0 - alpha) + self._to_raw(z[pick]) * alpha).to(self.codebook.dtype))
 
     def _setup(self, num_embeddings, embedding_dim, init, cosine, gradient_estimator, dead_code_threshold, decay):
         if init not in CODEBOOK_INITS:
@@ -605,7 +739,14 @@ class CodebookQuantizer(Quantizer):
         return F.normalize(z_flat, dim=1) if self.cosine else z_flat
 
     def _codes(self) -> torch.Tensor:
+        """The codes in use (K, D): the codebook, reparameterised (affine) and normalised (cosine) when
+        asked; a copy with CVQ, whose update after the forward must not change what the backward sees."""
         E = _at_least_f32(self.codebook)                              # (K, D)
+        if self.cvq:
+            E = E.clone()                 # CVQ rewrites the codebook in place after the forward
+        if self.affine != "off":
+            scale, shift = self.affine_params()
+            E = E * scale + shift                                     # c_k = scale * e_k + shift
         return F.normalize(E, dim=1) if self.cosine else E
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -631,8 +772,9 @@ class CodebookQuantizer(Quantizer):
         z = self._last_z
         dead = self.usage_per_step() < self.dead_code_threshold                    # (K,)
         pick = torch.randint(0, z.shape[0], (self.num_embeddings,), device=z.device)
-        new = z[pick].to(self.codebook.dtype)                                        # (K, D)
-        self.codebook.data.copy_(torch.where(dead[:, None], new, self.codebook.data))
+        new = z[pick]                                                                # (K, D)
+        self.codebook.data.copy_(torch.where(dead[:, None], self._to_raw(new), self.codebook.data.float())
+                                 .to(self.codebook.dtype))
         self._reset_usage(dead, new)
         return dead
 
@@ -642,8 +784,8 @@ class CodebookQuantizer(Quantizer):
 
     @torch.no_grad()
     def load_codes(self, codes: torch.Tensor, counts_per_step: torch.Tensor) -> None:
-        """Set the codebook (e.g. from k-means) with usage statistics consistent with it."""
-        self.codebook.data.copy_(codes.to(self.codebook.dtype))
+        """Set the codes (e.g. from k-means) with usage statistics consistent with them."""
+        self.codebook.data.copy_(self._to_raw(codes).to(self.codebook.dtype))
         self.usage.copy_(counts_per_step.to(self.usage.dtype))
 
 
@@ -675,6 +817,15 @@ class VQEMAQuantizer(CodebookQuantizer):
     """
 
     loss_names = ("commitment_loss",)
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        used = [n for n, on in (("cvq", cfg.cvq), ("affine_reparam", cfg.affine_reparam != "off"),
+                                ("sync_nu", cfg.sync_nu != 0), ("alternate_lr", cfg.alternate_lr > 0)) if on]
+        if used:
+            return [f"{', '.join(used)} act on a codebook learned by gradient (vq, ba_vq), not on vq_ema, whose "
+                    "codes are recomputed from their EMA sums every step"]
+        return []
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, init: str = "uniform", cosine: bool = False,
@@ -757,21 +908,55 @@ class VQQuantizer(CodebookQuantizer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  codebook_cost: float = 1.0, decay: float = 0.99, init: str = "uniform", cosine: bool = False,
-                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0):
+                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, cvq: bool = False, cvq_anchor: str = "closest",
+                 cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
+                 affine_momentum: float = 0.1, affine_lr: float = 1.0,
+                 sync_nu: float = 0.0, alternate_lr: float = 0.0, alternate_momentum: float = 0.9):
         super().__init__()
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
         self.codebook = nn.Parameter(codebook)                           # E, (K, D)
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
+        self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset)
+        self._setup_affine(affine_reparam, affine_momentum, affine_lr)
+        self.sync_nu, self.alternate_lr, self.alternate_momentum = sync_nu, alternate_lr, alternate_momentum
+        if alternate_lr > 0:                                             # SGD momentum buffers of the inner step
+            for name, p in self._alternated():
+                self.register_buffer(f"alternate_buf_{name}", torch.zeros_like(p))
+
+    def _alternated(self) -> list:
+        """(name, parameter) of what the alternating step optimises: the codebook, and the learned affine map."""
+        return [("codebook", self.codebook)] + ([("affine_s", self.affine_s), ("affine_b", self.affine_b)]
+                                                if self.affine == "learned" else [])
+
+    def _alternate_step(self, z_flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Alternating optimisation (Huh et al. 2023; vqtorch's in-place optimizer): before the step's
+        losses, one SGD step with momentum (buf <- momentum buf + g; p <- p - lr buf, PyTorch's SGD) on
+        the codebook (and learned affine map) for mse(sg[z], c) with this step's assignments; returns
+        the codes after it."""
+        params = self._alternated()
+        with torch.enable_grad():
+            loss = F.mse_loss(z_flat.detach(), F.embedding(indices, self._codes()))
+            grads = torch.autograd.grad(loss, [p for _, p in params])
+        with torch.no_grad():
+            for (name, p), g in zip(params, grads):
+                buf = getattr(self, f"alternate_buf_{name}")
+                buf.mul_(self.alternate_momentum).add_(g)
+                p.sub_(self.alternate_lr * buf)
+        return self._codes()
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
         with _autocast_off(z.device.type):
             z_flat = self._latents(z)                                     # (N, D)
+            if self.training:
+                self._affine_track(z_flat)
             E = self._codes()                                             # (K, D)
             with torch.no_grad():
                 indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
+            if self.training and self.alternate_lr > 0:
+                E = self._alternate_step(z_flat, indices)                 # the codebook first, same assignments
             # (N, D), hard code, differentiable in E. F.embedding, not E[indices]: its CPU backward is
             # deterministic (indexing's backward uses parallel atomic adds), so resumed runs are bit-identical.
             e = F.embedding(indices, E)
@@ -780,7 +965,12 @@ class VQQuantizer(CodebookQuantizer):
                 self._track(z_flat, stats["code_counts"])
             losses = {"codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e),
                       "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach())}
-            z_q = _unflatten_latents(self._estimate(z_flat, e.detach()), z.shape)   # (B, D, H, W)
+            z_q_flat = self._estimate(z_flat, e.detach())                 # (N, D)
+            if self.sync_nu:              # synchronized update: + nu (e - sg[e]), same forward value
+                z_q_flat = z_q_flat + self.sync_nu * (e - e.detach())
+            if self.training:
+                self._cvq_step(z_flat, stats["code_counts"])
+            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats}
         return z_q, losses, info
 
@@ -873,6 +1063,13 @@ class BAQuantizer(CodebookQuantizer):
     ``_FusedBA`` and run ``pytest tests/test_quantizers.py -k fused`` (fused == autograd in float64).
     """
     loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        used = [n for n, on in (("sync_nu", cfg.sync_nu != 0), ("alternate_lr", cfg.alternate_lr > 0)) if on]
+        if used:
+            return [f"{', '.join(used)} apply to vq's hard codes, not to ba_vq, whose decoder input is the soft P.E"]
+        return []
     eval_metrics = ("mutual_information_bits",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
@@ -880,7 +1077,9 @@ class BAQuantizer(CodebookQuantizer):
                  entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
                  init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
                  dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0,
-                 ba_prior: str = "batch", marginal_decay: float = 0.99):
+                 ba_prior: str = "batch", marginal_decay: float = 0.99, cvq: bool = False, cvq_anchor: str = "closest",
+                 cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
+                 affine_momentum: float = 0.1, affine_lr: float = 1.0):
         super().__init__()
         for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS)):
             if value not in options:
@@ -894,6 +1093,8 @@ class BAQuantizer(CodebookQuantizer):
         self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
         self.register_buffer("log_q_bar", torch.full((num_embeddings,), -math.log(num_embeddings)))  # log Q-bar (K,)
+        self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset)
+        self._setup_affine(affine_reparam, affine_momentum, affine_lr)
         self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
 
     def compile_kernels(self) -> None:
@@ -912,6 +1113,8 @@ class BAQuantizer(CodebookQuantizer):
         B, D, H, W = z.shape
         with _autocast_off(z.device.type):
             z_flat = self._latents(z)                                     # (N, D)
+            if self.training:
+                self._affine_track(z_flat)
             E = self._codes()                                             # (K, D)
             if self.training:
                 z_q_soft, z_q_cb, log_q, indices = self._ba(z_flat, E)
@@ -936,6 +1139,7 @@ class BAQuantizer(CodebookQuantizer):
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
                 self._track(z_flat, stats["code_counts"])
+                self._cvq_step(z_flat, stats["code_counts"])
             z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats,
@@ -1708,10 +1912,11 @@ def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, 
 
 
 @torch.no_grad()
-def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
-    """--init kmeans: cluster the encoder outputs of ``kmeans_batches`` training batches (a random
-    draw seeded by ``cfg.seed``, separate from the data order) with k-means++ and ``kmeans_iters``
-    Lloyd iterations, and load the centres as the codebook with usage = cluster size per batch
+def init_from_data(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
+    """--init kmeans | data, before quantized training: the encoder outputs of ``kmeans_batches``
+    training batches (a random draw seeded by ``cfg.seed``, separate from the data order); kmeans:
+    k-means++ and ``kmeans_iters`` Lloyd iterations; data: K of them drawn at random (the classifier
+    collapse report's init). Loads the centres as the codebook with usage = cluster size per batch
     (for VQ-EMA: EMA counts = that, EMA sums = count x code)."""
     g = torch.Generator().manual_seed(cfg.seed)
     n = min(images.shape[0], cfg.kmeans_batches * cfg.batch_size)
@@ -1726,7 +1931,9 @@ def kmeans_init(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     model.train(was_training)
     z = torch.cat(zs)                                                          # (n*H*W, D)
     q = model.quantizer
-    centers, sizes = kmeans_codebook(z, q.num_embeddings, cfg.kmeans_iters, generator=g, cosine=q.cosine)
+    kmeans = cfg.init == "kmeans"
+    centers, sizes = kmeans_codebook(z, q.num_embeddings, cfg.kmeans_iters if kmeans else 0, generator=g,
+                                     cosine=q.cosine, seeding="kmeans++" if kmeans else "random")
     q.load_codes(centers, sizes / (n / cfg.batch_size))
 
 
@@ -1755,7 +1962,9 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
 
     Per step: loss = recon_loss + w * sum(quantizer losses), w = min(1, step / warm-up steps);
     backward; optional gradient clipping; AdamW; every ``dead_code_every`` steps dead codes are
-    restarted (and their Adam moments reset). Metrics (see ``_EpochStats.metrics``) are accumulated
+    restarted (and their Adam moments reset). With ``pretrain_epochs`` E, the first E epochs' steps
+    bypass the quantizer (w = 0, no restarts) and the quantizer's step count, schedule and warm-up
+    start after them. Metrics (see ``_EpochStats.metrics``) are accumulated
     on the device and read once at the end; non-finite values are checked every ``progress_every``
     steps. ``stop()`` is polled before each batch (a Python flag, no device sync); when it is true,
     ``_StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it had
@@ -1767,6 +1976,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     q = model.quantizer
     n_steps = math.ceil(images.shape[0] / cfg.batch_size)
     warmup_steps = cfg.vq_loss_warmup_epochs * n_steps
+    q_start = cfg.pretrain_epochs * n_steps                               # the first quantized step
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     restarts_on = cfg.dead_code_threshold > 0 and q.has_codebook
     stats = _EpochStats(q.num_embeddings, device, generator, resume_from)
@@ -1779,14 +1989,16 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
             stats.check_finite(bar)                                       # never checkpoint a NaN state
             raise _StopRequested(stats.state(i), step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
-        q.set_schedule(step / max(total_steps - 1, 1), step)
+        qs = step - q_start                                               # quantized steps so far (< 0: stage 1)
+        model.bypass_quantizer = qs < 0
+        q.set_schedule(max(qs, 0) / max(total_steps - q_start - 1, 1), max(qs, 0))
         model.mark_step()
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
-        w = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0   # quantizer-loss warm-up
+        w = _loss_weight(qs, warmup_steps)                                # warm-up; 0 while bypassed
         loss = q.reconstruction_objective(recon_loss) + w * sum(loss_dict.values())
         grad_norm = _backward_and_step(loss, model, optimizer, rt, clip)  # norm before clipping
-        if restarts_on and (step + 1) % cfg.dead_code_every == 0:
+        if restarts_on and qs >= 0 and (qs + 1) % cfg.dead_code_every == 0:
             stats.restarts += _restart_dead_codes(q, optimizer)
         stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt)
         step += 1
@@ -1798,6 +2010,13 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     metrics = stats.metrics(n_steps)
     metrics.update(q.histogram_metrics(stats.counts, stats.acc.n))
     return {**metrics, "vq_loss_weight": w, **q.extra_metrics()}, step
+
+
+def _loss_weight(quantized_steps: int, warmup_steps: float) -> float:
+    """Weight of the quantizer losses: 0 before the quantized phase, then a linear warm-up to 1."""
+    if quantized_steps < 0:
+        return 0.0
+    return min(1.0, quantized_steps / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float) -> torch.Tensor:
@@ -2049,6 +2268,7 @@ def field_choices() -> dict:
     checking and the CLI (train.py) both read this."""
     return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
             "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS, "ba_prior": BA_PRIORS,
+            "cvq_anchor": CVQ_ANCHORS, "affine_reparam": AFFINE_MODES,
             "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
 
 
@@ -2058,7 +2278,8 @@ AT_LEAST = {"codebook_size": 2, "latent_dim": 1, "hidden_dim": 1, "epochs": 1, "
             "codebook_cost": 0, "ba_chunk_rows": 0, "kmeans_batches": 1, "kmeans_iters": 0, "dead_code_threshold": 0,
             "dead_code_every": 1, "vq_loss_warmup_epochs": 0, "grad_clip": 0, "num_workers": 0, "train_subset": 0,
             "val_subset": 0, "checkpoint_every": 0, "keep_checkpoints": 0, "progress_every": 1, "recon_images": 1,
-            "rvq_stages": 1, "lfq_entropy_cost": 0, "lfq_diversity_gamma": 0, "lfq_inv_temperature": 0}
+            "rvq_stages": 1, "pretrain_epochs": 0,
+            "cvq_gain": 0, "cvq_offset": 0, "affine_lr": 0, "sync_nu": 0, "alternate_lr": 0, "alternate_momentum": 0, "lfq_entropy_cost": 0, "lfq_diversity_gamma": 0, "lfq_inv_temperature": 0}
 
 
 def config_problems(cfg: Config) -> list:
@@ -2079,6 +2300,10 @@ def config_problems(cfg: Config) -> list:
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
     need(0 <= cfg.decay < 1, f"decay must be in [0, 1) (got {cfg.decay})")
     need(0 <= cfg.marginal_decay < 1, f"marginal_decay must be in [0, 1) (got {cfg.marginal_decay})")
+    need(0 <= cfg.cvq_decay < 1, f"cvq_decay must be in [0, 1) (got {cfg.cvq_decay})")
+    need(0 < cfg.affine_momentum <= 1, f"affine_momentum must be in (0, 1] (got {cfg.affine_momentum})")
+    need(not (cfg.cosine and cfg.affine_reparam != "off"), "affine_reparam and cosine do not combine (the affine "
+         "map acts on Euclidean codes and would be undone by the normalisation); choose one")
     need(cfg.epsilon > 0, f"epsilon must be > 0 (got {cfg.epsilon})")
     need(cfg.beta_start > 0, f"beta_start must be > 0 (got {cfg.beta_start})")
     need(cfg.beta_end >= cfg.beta_start,
@@ -2086,6 +2311,11 @@ def config_problems(cfg: Config) -> list:
     need(all(m in EVAL_METRICS for m in cfg.eval_metrics),
          f"eval_metrics {cfg.eval_metrics} has unknown names (choose from {', '.join(EVAL_METRICS)})")
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 (got {cfg.eval_every})")
+    need(not cfg.pretrain_epochs or cfg.init in DATA_INITS,
+         f"pretrain_epochs {cfg.pretrain_epochs} needs --init kmeans or --init data (after the pretraining the "
+         f"codebook is initialised from the trained encoder's outputs; got --init {cfg.init})")
+    need(cfg.pretrain_epochs < cfg.epochs, f"pretrain_epochs ({cfg.pretrain_epochs}) must be fewer than epochs "
+         f"({cfg.epochs}), or no epoch trains the quantizer")
     need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
          f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
     if cfg.quantizer in QUANTIZERS:
@@ -2108,7 +2338,9 @@ def _quantizer_problems(cfg: Config, qcls: type) -> list:
     problems = []
     if not qcls.has_codebook:
         used = [n for n, on in (("init", cfg.init != "uniform"), ("dead_code_threshold", cfg.dead_code_threshold > 0),
-                                ("cosine", cfg.cosine), ("gradient_estimator", cfg.gradient_estimator != "ste"))
+                                ("cosine", cfg.cosine), ("gradient_estimator", cfg.gradient_estimator != "ste"),
+                                ("cvq", cfg.cvq), ("affine_reparam", cfg.affine_reparam != "off"),
+                                ("sync_nu", cfg.sync_nu != 0), ("alternate_lr", cfg.alternate_lr > 0))
                 if on]
         if used:
             with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
@@ -3111,8 +3343,8 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime) -> dict:
         _restore(run, ck, ck_path)
     else:
         run.run_dir = prepare_run_dir(cfg)                    # first write of a new run
-        if cfg.init == "kmeans":
-            kmeans_init(model, train_u8, cfg)
+        if cfg.init in DATA_INITS and not cfg.pretrain_epochs:
+            init_from_data(model, train_u8, cfg)
     _start_files(run, device)
     run.wb = init_wandb(cfg, run.run_dir, run.wandb_id)
     run.wandb_id = getattr(run.wb, "id", None) or run.wandb_id
@@ -3215,6 +3447,8 @@ def _start_files(run: _Run, device: torch.device) -> None:
 def _run_epoch(run: _Run, epoch: int, stop) -> None:
     """Train one epoch (or finish an interrupted one), validate, log, checkpoint."""
     cfg, t0 = run.cfg, time.time()
+    if cfg.pretrain_epochs and epoch == cfg.pretrain_epochs + 1 and run.partial_epoch is None:
+        init_from_data(run.model, run.train_u8, cfg)      # two-stage training: codes from the trained encoder
     try:
         run.train_metrics, run.step = train_epoch(
             run.model, run.optimizer, run.train_u8, cfg, run.generator, run.step, cfg.epochs * run.steps_per_epoch,
@@ -3244,7 +3478,8 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
 
 def _history_record(run: _Run, epoch: int, seconds: float) -> dict:
     """One history.jsonl line (and W&B step): train/* and val/* metrics with stable loss keys."""
-    record = {"epoch": epoch, "step": run.step, "time_s": seconds}
+    record = {"epoch": epoch, "step": run.step, "time_s": seconds,
+              "phase": "pretrain" if epoch <= run.cfg.pretrain_epochs else "quantized"}
     record.update({f"train/{k}": v for k, v in _plain(run.train_metrics).items()})
     record.update({f"val/{k}": v for k, v in _plain(run.val_metrics).items()})
     for k in run.model.quantizer.loss_names:          # the original code logs 0 for absent terms

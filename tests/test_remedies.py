@@ -194,7 +194,7 @@ def test_kmeans_init_uses_more_codes_than_uniform_init(name, tmp_path):
         train_u8, val_u8 = vqvae.load_dataset(cfg)
         model = vqvae.build_model(cfg)
         if init == "kmeans":
-            vqvae.kmeans_init(model, train_u8, cfg)
+            vqvae.init_from_data(model, train_u8, cfg)
         usages[init] = vqvae.validate(model, val_u8, 64)["usage_rate"]
     if name == "ba_vq":   # at beta_start = 0.1 the BA assignment still leans on Q, so fewer codes win
         assert usages["kmeans"] > 3 * usages["uniform"], usages
@@ -206,7 +206,7 @@ def test_kmeans_init_sets_vq_ema_statistics_consistently():
     cfg = tiny_config(init="kmeans", codebook_size=16, kmeans_batches=2)
     train_u8, _ = vqvae.load_dataset(cfg)
     model = vqvae.build_model(cfg)
-    vqvae.kmeans_init(model, train_u8, cfg)
+    vqvae.init_from_data(model, train_u8, cfg)
     q = model.quantizer
     torch.testing.assert_close(q.ema_w, q.ema_cluster_size[:, None] * q.codebook)   # count x code
     # counts are per batch: they sum to the number of latent vectors in one batch
@@ -466,7 +466,7 @@ def test_kmeans_settings_change_the_initial_codebook(key, a, b):
         cfg = tiny_config(init="kmeans", codebook_size=16, **{key: v})
         train_u8, _ = vqvae.load_dataset(cfg)
         model = vqvae.build_model(cfg)
-        vqvae.kmeans_init(model, train_u8, cfg)
+        vqvae.init_from_data(model, train_u8, cfg)
         books.append(model.quantizer.codebook.clone())
     assert not torch.allclose(books[0], books[1])
 
