@@ -53,6 +53,10 @@ def test_data_init_codes_are_encoder_outputs_with_consistent_usage(quantizer):
     q = model.quantizer
     codes = q._codes().detach()
     assert (codes[:, None, :] == z[None]).all(-1).any(1).all()                        # every code is a latent, exactly
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.randperm(train_u8.shape[0], generator=g)                                     # the image draw, then:
+    pick = torch.randperm(z.shape[0], generator=g)[:cfg.codebook_size]                 # K latents at random
+    torch.testing.assert_close(codes, F.normalize(z[pick], dim=1) if q.cosine else z[pick], rtol=0, atol=0)
     assert len({tuple(c.tolist()) for c in codes}) == cfg.codebook_size                # K different ones
     usage = q.usage_per_step()
     assert (usage > 0).all() and float(usage.sum()) == pytest.approx(z.shape[0] / 2)  # latents per batch
@@ -74,17 +78,18 @@ def _cvq_by_hand(anchor="closest", **kw):
 
 def test_cvq_moves_each_code_to_its_closest_anchor_at_its_usage_rate():
     q, x = _cvq_by_hand(cvq_decay=0.99, cvq_gain=10.0, cvq_offset=1e-3)
+    q.cvq_usage[2] = 3e-4                                                # a rarely used code
     E0 = q.codebook.detach().clone()
     z = _grid(x)
     _, losses, info = q.train()(z)
     assert info["code_indices"].flatten().tolist() == [0, 1, 1, 0]
-    p = 0.99 * torch.tensor([0.5, 0.5, 0.0]) + 0.01 * torch.tensor([0.5, 0.5, 0.0])   # usage EMA
+    p = 0.99 * torch.tensor([0.5, 0.5, 3e-4]) + 0.01 * torch.tensor([0.5, 0.5, 0.0])  # usage EMA
     torch.testing.assert_close(q.cvq_usage, p)
     alpha = torch.exp(-p * 3 * 10 / (1 - 0.99) - 1e-3)                    # a_k, ~0 for used codes, ~1 for the unused
     # closest anchors: the latent nearest to each code: (0.1,0) for e0, (1.9,0.1) for e1, (0.2,0.1) for e2
     anchors = torch.tensor([[0.1, 0.0], [1.9, 0.1], [0.2, 0.1]])
     torch.testing.assert_close(q.codebook.detach(), E0 * (1 - alpha[:, None]) + anchors * alpha[:, None])
-    assert float(alpha[2]) == pytest.approx(math.exp(-1e-3))
+    assert float(alpha[2]) == pytest.approx(math.exp(-0.99 * 3e-4 * 3 * 10 / 0.01 - 1e-3))    # ~0.41
     # the step's gradient is the one of the codes the forward used (as without CVQ)
     losses["codebook_loss"].backward()
     ref = (2 / 8) * torch.stack([(E0[0] - x[[0, 3]]).sum(0), (E0[1] - x[[1, 2]]).sum(0), torch.zeros(2)])
