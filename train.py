@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "settings that change how it runs (device, epochs, logging, speed options) may be given with it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of config values (overridden by flags)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the I-th of N disjoint parts of a grid (1 <= I <= N), e.g. one per GPU or machine; "
+                        "default under a SLURM array: the task's own part (SLURM_ARRAY_TASK_ID, _MIN, _COUNT)")
+    p.add_argument("--summarize", action="store_true",
+                   help="print the table of the grid <out_dir>/<name>_* from its run directories (finished, running, "
+                        "stopped, failed, missing runs) and exit; runs nothing")
     defaults = vqvae.Config()
     choices = vqvae.field_choices()
     comments = {k: v.replace('%', '%%') for k, v in vqvae.config_comments().items()}
@@ -62,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(argv=None) -> tuple[list[vqvae.Config], bool]:
     """The run configs the command line asks for, and whether they form a sweep (grid)."""
     args = vars(build_parser().parse_args(argv))
+    for key in ("shard", "summarize"):
+        args.pop(key)
     config_path = args.pop("config")
     values = vqvae.load_yaml_config(config_path) if config_path else {}
     source = f"config file '{config_path}'" if config_path else "defaults"
@@ -90,9 +98,20 @@ def config_from_args(argv=None) -> vqvae.Config:
 
 def main(argv=None) -> int:
     try:
+        extra = build_parser().parse_args(argv)
+        values = vqvae.load_yaml_config(extra.config) if extra.config else {}
+        grid_name = getattr(extra, "name", values.get("name", ""))          # the grid's runs: <name>_<q>_k<K>_s<seed>
+        if extra.summarize:
+            out_dir = getattr(extra, "out_dir", values.get("out_dir", vqvae.Config.out_dir))
+            print(vqvae.grid_summary(out_dir, grid_name)[0])
+            return 0
         configs, sweep = configs_from_args(argv)
+        shard = vqvae.parse_shard(extra.shard, {} if not sweep and not extra.shard else None)
         if sweep:
-            return vqvae.run_sweep(configs)
+            return vqvae.run_sweep(configs, shard, grid_name)
+        if shard is not None and shard != (1, 1):
+            raise vqvae.BavqError(f"--shard {extra.shard} splits a grid, but this command runs one run. Give several "
+                                  f"values of {', '.join(vqvae.SWEEP_KEYS)} to run a grid.")
         vqvae.train(configs[0])
     except vqvae.TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)

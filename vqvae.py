@@ -149,6 +149,7 @@ class Config:
     # --- logging and outputs ----------------------------------------------------------------
     wandb: bool = True               # log to Weights & Biases (offline without API key/network)
     wandb_project: str = "vq-codebook"  # W&B project name
+    wandb_group: str = ""            # W&B group (a grid's runs: its name, set by the grid); "" = none
     checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
     keep_checkpoints: int = 0        # keep only the N latest checkpoint_epoch{N}.pt (0 = keep all)
     eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt)
@@ -2838,7 +2839,7 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
 
 
 # Settings that change how a run executes but not what it computes: they may differ on --resume.
-RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "num_workers", "data_dir",
+RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "wandb_group", "num_workers", "data_dir",
                      "epochs", "checkpoint_every", "keep_checkpoints", "recon_images", "amp", "compile", "compile_mode",
                      "channels_last", "data_path",
                      "ba_chunk_rows", "eval_metrics", "eval_every", "resume", "out_dir", "name", "overwrite")
@@ -3152,6 +3153,8 @@ def init_wandb(cfg: Config, run_dir: Path, run_id: str | None = None):
         mode = "offline"
     try:
         kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
+        if cfg.wandb_group:
+            kwargs["group"] = cfg.wandb_group
         return wandb.init(project=cfg.wandb_project, name=cfg.resolved_name(), config=asdict(cfg),
                           dir=str(run_dir), mode=mode, **kwargs)
     except Exception as e:
@@ -3688,15 +3691,21 @@ def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
         cfg = make_config({**values, **dict(zip(grid, combo))}, source="command-line flags")
         if sweep:
             prefix = f"{values['name']}_" if values.get("name") else ""
-            cfg = dataclasses.replace(cfg, name=f"{prefix}{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}")
+            cfg = dataclasses.replace(cfg, name=f"{prefix}{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}",
+                                      wandb_group=cfg.wandb_group or values.get("name") or "grid")
         configs.append(cfg.validate())
     return configs, sweep
 
 
-def run_sweep(configs: list) -> int:
-    """Run each config in turn: skip finished runs, resume interrupted ones, keep going after a
-    failed run. An existing run with other settings (epochs included) is reported FAILED and left
-    alone. Prints a summary table; returns the exit status (0 if every run finished)."""
+def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: str = "") -> int:
+    """Run each config of the grid (or of its ``shard``, see ``shard_configs``) in turn: skip finished
+    runs, resume interrupted ones, keep going after a failed run. An existing run with other settings
+    (epochs included) is reported FAILED and left alone. Writes the grid's manifest first (for
+    ``grid_summary``). Prints a summary table; returns the exit status (0 if every run finished)."""
+    write_grid_manifest(configs, grid_name)
+    configs = shard_configs(configs, shard)
+    if shard is not None:
+        print(f"[bavq] part {shard[0]} of {shard[1]} of the grid: {len(configs)} runs", flush=True)
     rows, status = [], 0
     for i, cfg in enumerate(configs, 1):
         print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
@@ -3708,15 +3717,26 @@ def run_sweep(configs: list) -> int:
             msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
             print(f"error: {msg}", file=sys.stderr)
             final, state, status = {}, "FAILED", 1
+            _mark_failed(Path(cfg.out_dir) / cfg.resolved_name(), msg)
         rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
     print("\n" + summary_table(rows))
     return status
+
+
+def _mark_failed(run_dir: Path, msg: str) -> None:
+    """A failed grid run leaves ``failure.txt`` (its error) for ``grid_summary``, if its directory exists."""
+    if run_dir.is_dir():
+        try:
+            atomic_write_text(run_dir / "failure.txt", msg + "\n")
+        except BavqError:
+            pass
 
 
 def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
     """Run (or skip, or resume) one run of a sweep: (its config, final metrics, what happened)."""
     import yaml
     run_dir = Path(cfg.out_dir) / cfg.resolved_name()
+    (run_dir / "failure.txt").unlink(missing_ok=True)      # an earlier attempt's failure
     stored = run_dir / "config.yaml"
     if stored.is_file() and not cfg.overwrite:
         old = yaml.safe_load(stored.read_text()) or {}
@@ -3741,6 +3761,91 @@ def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
     print(f"[bavq] {run_dir} holds an unfinished run without a checkpoint; starting it again.")
     cfg = dataclasses.replace(cfg, overwrite=True)
     return cfg, train(cfg), "restarted"
+
+
+def parse_shard(text: str | None, env=None) -> tuple[int, int] | None:
+    """``--shard I/N`` (1 <= I <= N) -> (I, N). Without it, a SLURM array task's own part: I = task id -
+    first task id + 1 of N = SLURM_ARRAY_TASK_COUNT (so --array=0-7 and --array=1-8 both work). None: all."""
+    env = os.environ if env is None else env
+    if not text:
+        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+            return None
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")) + 1
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        source = (f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']}, SLURM_ARRAY_TASK_MIN="
+                  f"{env.get('SLURM_ARRAY_TASK_MIN', '0')}, SLURM_ARRAY_TASK_COUNT={n}")
+    else:
+        source = f"--shard {text}"
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise BavqError(f"--shard takes I/N, the I-th of N parts of the grid (e.g. --shard 2/4); got '{text}'.") from None
+    if not 1 <= i <= n:
+        raise BavqError(f"{source} asks for part {i} of {n}; the part must be between 1 and {n}.")
+    return i, n
+
+
+def shard_configs(configs: list, shard: tuple[int, int] | None) -> list:
+    """The I-th of N disjoint parts of a grid: runs I, I+N, I+2N, ... (1-based) of its fixed order, so
+    that each part gets a mix of quantizers, sizes and seeds. None: the whole grid."""
+    if shard is None:
+        return list(configs)
+    i, n = shard
+    return [c for j, c in enumerate(configs) if j % n == i - 1]
+
+
+def grid_manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
+    return Path(out_dir) / f".grid_{name or 'grid'}.json"
+
+
+def write_grid_manifest(configs: list, name: str) -> Path:
+    """Record every run of a grid (all shards write the same file) so that ``grid_summary`` can tell
+    missing runs from finished ones."""
+    path = grid_manifest_path(configs[0].out_dir, name)
+    runs = [{"name": c.resolved_name(), "quantizer": c.quantizer, "codebook_size": c.codebook_size, "seed": c.seed}
+            for c in configs]
+    text = json.dumps({"name": name, "runs": runs}, indent=1) + "\n"
+    if path.is_file() and path.read_text() != text and not configs[0].overwrite:
+        raise BavqError(f"'{path}' describes another grid of the name '{name}' (other runs). Nothing was changed. "
+                        "Use another --name for this grid, or --overwrite to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path
+
+
+def _run_status(run_dir: Path) -> tuple[dict, str]:
+    """(final metrics or {}, state) of a grid's run directory, from its files alone."""
+    final = run_dir / "final_metrics.json"
+    if final.is_file():
+        return json.loads(final.read_text()), "finished"
+    if not run_dir.is_dir():
+        return {}, "missing"
+    claim = RunClaim(run_dir)
+    holder = claim._read()
+    if holder is not None and not claim._stale(holder):
+        return {}, f"running (pid {holder.get('pid')} on {holder.get('host')})"
+    failure = run_dir / "failure.txt"
+    if failure.is_file():
+        return {}, "FAILED: " + failure.read_text().strip().splitlines()[0][:120]
+    done = [e for e in (_checkpoint_epoch(p) for p in run_dir.glob("checkpoint_*.pt")) if e is not None]
+    return {}, f"stopped after epoch {max(done)} (resumable)" if done else "stopped before its first checkpoint"
+
+
+def grid_summary(out_dir: str | os.PathLike, name: str = "") -> tuple[str, int]:
+    """The table of a grid from its run directories, at any time: (text, number of runs not finished).
+    Needs the grid's manifest (written when any part of the grid starts)."""
+    path = grid_manifest_path(out_dir, name)
+    if not path.is_file():
+        known = sorted(p.name[len(".grid_"):-len(".json")] for p in Path(out_dir).glob(".grid_*.json"))
+        raise BavqError(f"No grid named '{name or 'grid'}' was started in '{out_dir}' (no {path.name}). "
+                        + (f"Grids there: {', '.join(known)}." if known else "Start it with several values of "
+                           f"{', '.join(SWEEP_KEYS)}, e.g. --quantizer vq_ema ba_vq --name grid."))
+    rows, open_runs = [], 0
+    for run in json.loads(path.read_text())["runs"]:
+        final, state = _run_status(Path(out_dir) / run["name"])
+        rows.append((run["name"], run["quantizer"], run["codebook_size"], run["seed"], final, state))
+        open_runs += state != "finished"
+    return summary_table(rows), open_runs
 
 
 def summary_table(rows) -> str:
