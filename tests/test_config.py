@@ -10,7 +10,7 @@ import train as cli
 from conftest import ROOT
 
 
-def test_defaults_are_the_seed_settings():
+def test_defaults_are_the_original_code_settings():
     c = vqvae.Config()
     assert (c.quantizer, c.codebook_size, c.latent_dim, c.hidden_dim) == ("vq_ema", 512, 256, 128)
     assert (c.commitment_cost, c.decay, c.epsilon) == (0.25, 0.99, 1e-5)
@@ -54,6 +54,7 @@ def test_published_protocols_say_what_the_papers_used(path, expect):
 def test_mac_config_is_quick():
     cfg = cli.config_from_args(["--config", str(ROOT / "config_mac.yaml")])
     assert (cfg.epochs, cfg.batch_size, cfg.codebook_size) == (3, 64, 256)
+    assert (cfg.train_subset, cfg.val_subset, cfg.hidden_dim, cfg.latent_dim) == (10000, 2000, 64, 64)
 
 
 def test_unknown_key_is_an_error_listing_valid_keys():

@@ -274,6 +274,31 @@ def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
         vqvae.train(tiny_config(device="cuda:0", out_dir=str(tmp_path)))
     _one_paragraph(str(e.value))
     assert "--device cuda:0 was asked for" in str(e.value)
+    # from a YAML file through the CLI, and cuda:N from the command line: the same paragraph, exit 2
+    (tmp_path / "c.yaml").write_text('device: "cuda:0"\ndataset: fake\nwandb: false\n')
+    for args in (["--config", str(tmp_path / "c.yaml")], ["--dataset", "fake", "--no_wandb", "--device", "cuda:1"]):
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "was asked for" in r.stderr, r.stderr
+
+
+def test_a_resume_while_the_run_still_trains_is_refused_naming_the_holder(tmp_path):
+    cfg = tiny_config(out_dir=str(tmp_path), name="r", epochs=2)
+    vqvae.train(cfg)
+    (tmp_path / "r" / "final_metrics.json").unlink()
+    with vqvae.RunClaim(tmp_path / "r"):                  # as if the first process were still training
+        with pytest.raises(vqvae.BavqError, match=f"pid {os.getpid()}"):
+            vqvae.train(vqvae.resume_config(tmp_path / "r", {"overwrite": True}))
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    cfg = tiny_config(out_dir=str(tmp_path), name="r", epochs=1)
+    vqvae.train(cfg)
+    ck = torch.load(tmp_path / "r" / "checkpoint_epoch1.pt", weights_only=False)
+    ck["format"] = vqvae.CHECKPOINT_FORMAT + 1
+    torch.save(ck, tmp_path / "r" / "checkpoint_epoch1.pt")
+    with pytest.raises(vqvae.BavqError, match="Update bavq"):
+        vqvae.load_checkpoint(tmp_path / "r" / "checkpoint_epoch1.pt")
 
 
 # --------------------------------------------------------------------------- daily friction
