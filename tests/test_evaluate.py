@@ -28,6 +28,7 @@ def test_decode_codes_of_encode_is_the_eval_reconstruction(quantizer):
     torch.testing.assert_close(model.decode_codes(idx), expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_load_run_rebuilds_a_non_default_run_and_evaluate_recomputes_its_metrics(tmp_path, capsys):
     cfg = tiny_config(quantizer="ba_vq", hidden_dim=12, latent_dim=10, codebook_size=24, epochs=2,
                       out_dir=str(tmp_path), name="run")
@@ -47,6 +48,7 @@ def test_load_run_rebuilds_a_non_default_run_and_evaluate_recomputes_its_metrics
     assert not torch.equal(m1.quantizer.codebook, model.quantizer.codebook)
 
 
+@pytest.mark.slow
 def test_evaluate_a_grid_folder_and_clear_errors(tmp_path, capsys):
     for q in ("vq_ema", "fsq"):
         vqvae.train(tiny_config(quantizer=q, out_dir=str(tmp_path), name=q))

@@ -162,6 +162,7 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path):
 # --------------------------------------------------------------------------- leftovers and resume
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_and_overwrite_removes_old_wandb_runs(tmp_path):
     cfg = tiny_config(out_dir=str(tmp_path), name="r", checkpoint_every=1)
     vqvae.train(cfg)
@@ -224,6 +225,7 @@ def test_an_unwritable_place_is_one_paragraph_and_touches_nothing(out_dir, name)
     assert "--out_dir" in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     import errno
     cfg = tiny_config(out_dir=str(tmp_path), name="r", epochs=3, checkpoint_every=1)
@@ -267,6 +269,7 @@ def test_values_a_run_cannot_use_are_config_errors(overrides, expect):
         tiny_config(**overrides)
 
 
+@pytest.mark.slow
 def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
     if vqvae.torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -282,6 +285,7 @@ def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr and "was asked for" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_a_resume_while_the_run_still_trains_is_refused_naming_the_holder(tmp_path):
     cfg = tiny_config(out_dir=str(tmp_path), name="r", epochs=2)
     vqvae.train(cfg)
@@ -304,6 +308,7 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
 # --------------------------------------------------------------------------- daily friction
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_latest_n_and_config_yaml_says_where_it_ran(tmp_path, capsys):
     cfg = tiny_config(out_dir=str(tmp_path), name="k", epochs=4, checkpoint_every=1, keep_checkpoints=2)
     vqvae.train(cfg)

@@ -92,6 +92,7 @@ def _usage_after_training(quantizer, **kw):
     return vqvae.validate(model, val_u8, 64)["usage_rate"]
 
 
+@pytest.mark.slow
 def test_simvq_uses_more_codes_than_plain_vq_in_a_collapse_prone_setting():
     """Fake images, K=64: plain VQ with codes drawn N(0, 1), far from the encoder's small ReLU outputs,
     collapses to one code (only chosen codes get a gradient); SimVQ, whose codes all move with W, uses
@@ -393,6 +394,7 @@ def test_rvq_stages_change_behaviour_and_more_stages_quantize_finer():
 # --------------------------------------------------------------------------- collapse regression
 
 
+@pytest.mark.slow
 def test_sq_vae_uses_more_codes_than_plain_vq_in_a_collapse_prone_setting():
     """The same collapse-prone toy setting as above: SQ-VAE's stochastic quantization keeps codes
     alive where plain VQ ends with one."""

@@ -306,6 +306,7 @@ def _unused_code_growth(smoothing, steps, K=512, D=16, used=85, seed=0):
     return float(q.codebook[K - 1].norm() / e0)
 
 
+@pytest.mark.slow
 def test_overwrite_lets_unused_codes_recover_much_faster_than_copy():
     """With the original start state an unused code first jumps to ~decay/eps times its size; with
     'overwrite' the smoothed count it divides by grows back each step, with 'copy' it does not."""
@@ -463,7 +464,7 @@ def test_ba_fair_binary_source_hamming_reaches_rate_distortion_function(beta):
     assert abs(R - (1 - _h2(D))) < 1e-3
 
 
-@pytest.mark.parametrize("beta", [1.5, 2.5, 4.0])
+@pytest.mark.parametrize("beta", [pytest.param(1.5, marks=pytest.mark.slow), 2.5, pytest.param(4.0, marks=pytest.mark.slow)])
 def test_ba_skewed_binary_source_converges_to_rate_distortion_function(beta):
     """Bernoulli(0.2) source (rows 0,0,0,0,1), Hamming distortion: R(D) = H2(0.2) - H2(D) for
     D < 0.2, with D = 1/(1+e^beta). Q starts uniform and must converge to the optimal output

@@ -185,6 +185,7 @@ def test_kmeans_gives_every_code_a_data_point_and_a_positive_count(distinct, K):
     assert torch.isfinite(q.codebook).all() and ((q.codebook.norm(dim=1) > 0) | (c.norm(dim=1) == 0)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CODEBOOK_QUANTIZERS)
 def test_kmeans_init_uses_more_codes_than_uniform_init(name, tmp_path):
     """Structured data (fake images); initial usage = validation usage before any training."""
@@ -254,6 +255,7 @@ def test_a_forced_dead_code_is_restarted_and_then_used(name):
     assert int(q(z)[2]["code_counts"][3]) > 0                         # and now it is used
 
 
+@pytest.mark.slow
 def test_dead_code_restarts_are_off_by_default_and_logged_when_on(tmp_path):
     off = tiny_config(out_dir=str(tmp_path), name="off", epochs=2)
     on = tiny_config(out_dir=str(tmp_path), name="on", epochs=2, dead_code_threshold=1.0, dead_code_every=2)
@@ -339,6 +341,7 @@ def test_vq_loss_warmup_starts_from_zero_weight():
     assert m["vq_loss_weight"] == 0.0
 
 
+@pytest.mark.slow
 def test_vq_loss_warmup_ramps_linearly_in_history(tmp_path):
     cfg = tiny_config(out_dir=str(tmp_path), epochs=3, vq_loss_warmup_epochs=2.0)   # 4 steps per epoch
     vqvae.train(cfg)

@@ -243,6 +243,7 @@ def audited_epoch(cfg, n_images):
     return sorted(audit.calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SYNC_CASES))
 def test_training_step_never_reads_the_device_from_the_host(case):
     cfg = tiny_config(**SYNC_CASES[case], grad_clip=1.0, progress_every=1000, train_subset=6 * 64)
@@ -280,6 +281,7 @@ def _fp16_runtime():
     return vqvae.Runtime(torch.device("cpu"), torch.float16, scaler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_steps", [set(), {1}, {0, 1, 2, 3}])
 def test_fp16_gradient_scaler_skips_overflowing_steps(bad_steps):
     """The --amp fp16 branch of train_epoch (scaled backward, unscale before clipping, skipped steps),
@@ -332,6 +334,7 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g+
                                     reason="torch.compile on the CPU needs a C++ compiler")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_compiled_model_marks_a_cuda_graph_step_per_training_step_and_eval_batch(monkeypatch, compiled):
     """With CUDA graphs (--compile_mode reduce-overhead) a graph's outputs live until the next marked

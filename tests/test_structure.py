@@ -48,6 +48,7 @@ def registered(monkeypatch):
     monkeypatch.setitem(vqvae.QUANTIZERS, "frozen_codes", FrozenCodesQuantizer)
 
 
+@pytest.mark.slow
 def test_a_quantizer_defined_outside_vqvae_trains_end_to_end(registered, tmp_path):
     cfg = tiny_config(quantizer="frozen_codes", epochs=2, commitment_cost=0.5, out_dir=str(tmp_path))
     final = vqvae.train(cfg)

@@ -63,6 +63,7 @@ def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
     model.load_state_dict(torch.load(run / "final_model.pt", weights_only=True))   # loads strictly
 
 
+@pytest.mark.slow
 def test_train_is_reproducible_and_seed_matters(tiny_cfg):
     a = vqvae.train(tiny_cfg(name="a", quantizer="ba_vq", epochs=2))
     b = vqvae.train(tiny_cfg(name="b", quantizer="ba_vq", epochs=2))
@@ -79,6 +80,7 @@ def test_training_lowers_the_loss(tiny_cfg):
     assert hist[-1]["val/psnr"] > hist[0]["val/psnr"]
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tiny_cfg):
     cfg = tiny_cfg(name="keep")
     first = vqvae.train(cfg)
