@@ -5,9 +5,10 @@ One module holds the method; read it top to bottom:
     config       the Config dataclass: every setting, one comment each
     data         CIFAR-10 / image folder / fake data as uint8 tensors
     model        ResidualBlock, Encoder, Decoder, VQVAE
-    quantizers   the Quantizer contract; VQ-EMA, VQ, BA-VQ (reference Blahut-Arimoto, then its fused
-                 fast path), FSQ; the QUANTIZERS registry
-    metrics      perplexity, usage rate, PSNR
+    quantizers   the Quantizer contract; the codebook remedies (init, restarts, CVQ, affine map); VQ-EMA,
+                 VQ, BA-VQ (reference Blahut-Arimoto, then its fused fast path), FSQ, SimVQ, SQ-VAE, LFQ,
+                 residual VQ; the QUANTIZERS registry
+    metrics      perplexity, usage rate, PSNR, SSIM, rate (code entropy), Frechet distance
     training     train_epoch (one step in ~25 lines), validate, model/optimizer set-up
 
 and then, behind one banner, the experiment management: config checking and YAML, run directories,
@@ -1476,6 +1477,13 @@ class SimVQQuantizer(Quantizer):
         return z_q, losses, info
 
 
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """i.i.d. Gumbel(0, 1) samples shaped like ``like``: -log(-log U), U ~ U(0, 1) from the global RNG
+    (the clamp only keeps an exact U = 0 finite)."""
+    u = torch.rand_like(like).clamp_min_(torch.finfo(like.dtype).tiny)
+    return -(-u.log()).log()
+
+
 class SQVAEQuantizer(Quantizer):
     """Gaussian SQ-VAE (Takida et al. 2022, "SQ-VAE: Variational Bayes on Discrete Representation with
     Self-annealed Stochastic Quantization", ICML, Sec. 3-4; as in the authors' sony/sqvae, vision/,
@@ -1559,9 +1567,7 @@ class SQVAEQuantizer(Quantizer):
             var = self.variance()
             log_p = (-squared_distances(z_flat, E) / (2.0 * var)).log_softmax(1)   # (N, K), log P(k|z)
             if self.training:
-                # Gumbel(0, 1) = -log Exp(1); the clamp only keeps an exact 0 of the exponential finite
-                g = -torch.empty_like(log_p).exponential_().clamp_min_(torch.finfo(log_p.dtype).tiny).log()
-                y = ((log_p + g) / self.temperature).softmax(1)                     # (N, K), relaxed one-hot
+                y = ((log_p + gumbel_noise(log_p)) / self.temperature).softmax(1)   # (N, K), relaxed one-hot
                 z_q_flat = y @ E                                                    # (N, D)
                 indices = y.argmax(1)                                               # the sampled code
             else:
