@@ -301,6 +301,7 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
         self.compiled = False                  # set by setup_model when encoder/decoder are torch.compile'd
         self.bypass_quantizer = False          # two-stage training, stage 1: the decoder gets z itself
+        self.data_parallel = None              # a DataParallel under torchrun (see there): None = one process
 
     def mark_step(self) -> None:
         """Before each training step or evaluation batch of a compiled model: tells CUDA graphs
@@ -341,12 +342,17 @@ class VQVAE(nn.Module):
         return z, loss_dict, info
 
     def forward(self, x):
-        z = self.encoder(x)                                   # (B, D, 8, 8)
+        dp = self.data_parallel                               # torchrun: this process encodes and decodes its rows,
+        z = self.encoder(x if dp is None else dp.mine(x))     # (B, D, 8, 8)   and quantizes the whole batch
+        if dp is not None:
+            z = dp.gather(z, x.shape[0])
         if self.bypass_quantizer:                             # the quantizer only reports what it would do
             z_q, loss_dict, info = self._bypassed(z)
         else:
             z_q, loss_dict, info = self.quantizer(z)          # (B, D, 8, 8)
-        x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
+        x_recon = self.decoder(z_q if dp is None else dp.mine(z_q))   # (B, 3, 32, 32)
+        if dp is not None:
+            x_recon = dp.gather(x_recon, x.shape[0])
         recon_loss = F.mse_loss(_at_least_f32(x_recon), _at_least_f32(x))
         return x_recon, recon_loss, loss_dict, info
 
@@ -2032,15 +2038,23 @@ def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float) -> torc
     optimizer.zero_grad(set_to_none=True)
     if rt.scaler is None:
         loss.backward()
+        _average_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         return grad_norm
     rt.scaler.scale(loss).backward()
+    _average_gradients(model)
     rt.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     rt.scaler.step(optimizer)                                             # skips steps with inf gradients
     rt.scaler.update()
     return grad_norm
+
+
+def _average_gradients(model: VQVAE) -> None:
+    """torchrun: every parameter's gradient averaged over the processes (see DataParallel)."""
+    if model.data_parallel is not None:
+        model.data_parallel.average_gradients(model.parameters())
 
 
 def _restart_dead_codes(q: Quantizer, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -2937,6 +2951,97 @@ def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history,
 
 
 
+# ---------------------------------------------------------------------------- data parallel (torchrun)
+
+
+class _GatherRows(torch.autograd.Function):
+    """The rows of every process concatenated in rank order, (b_r, ...) -> (sum_r b_r, ...) with b_r =
+    ``sizes[r]``. Backward: the gradient of this process's rows, summed over the processes."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank):
+        import torch.distributed as dist
+        m = max(sizes)
+        padded = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))]).contiguous()     # (m, ...)
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, rank
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+class DataParallel:
+    """One run over the processes of ``torchrun`` (WORLD_SIZE > 1). Every process holds all the data and
+    the same model and walks through the same global batches (the one seeded permutation per epoch);
+    a global batch of B images is split into contiguous blocks, one per process (``tensor_split``, so
+    sizes differ by at most one). ``VQVAE.forward`` encodes this process's block, gathers the latents of
+    the whole batch on every process, quantizes the whole batch there, decodes this process's block and
+    gathers the reconstructions. So every quantizer computes on the global batch exactly what one
+    process computes (EMA counts and sums, BA's marginals and entropy gradient, LFQ's batch entropy,
+    usage, dead-code decisions and their replacements, CVQ anchors, affine statistics, Gumbel noise),
+    identically on every process; every process computes the same losses and metrics (validation
+    included: each image counted once). Backward: each process's gradient is the world size W times
+    the single-process gradient restricted to its share, so the all-reduced average is exactly the
+    single-process gradient for every parameter (``average_gradients``). The encoder and decoder
+    work is split W ways; the quantizer's is done by every process."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def sizes(self, n: int) -> list:
+        return [len(c) for c in torch.arange(n).tensor_split(self.world)]
+
+    def mine(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's block of rows of a global batch."""
+        return x.tensor_split(self.world)[self.rank]
+
+    def gather(self, x_mine: torch.Tensor, n: int) -> torch.Tensor:
+        """Every process's block of an n-row global batch, in order, on every process (differentiable)."""
+        return _GatherRows.apply(x_mine, self.sizes(n), self.rank)
+
+    @torch.no_grad()
+    def average_gradients(self, params) -> None:
+        import torch.distributed as dist
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+
+    def agree(self, flag: bool, device: torch.device) -> bool:
+        """True on every process if it is true on any (a stop request)."""
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def data_parallel_from_env(cfg: Config) -> DataParallel | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo otherwise) and return
+    this process's DataParallel; None for a plain single-process run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+    if cfg.batch_size % world:
+        raise BavqError(f"--batch_size {cfg.batch_size} is the global batch of all {world} processes and must divide "
+                        f"by their number; use e.g. --batch_size {cfg.batch_size // world * world or world}.")
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DataParallel(dist.get_rank(), dist.get_world_size())
+
+
 # ---------------------------------------------------------------------------- one process per run directory
 
 CLAIM_FILE = ".bavq.lock"
@@ -3083,12 +3188,16 @@ class _StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop.
     A second Ctrl-C aborts at once."""
 
-    def __init__(self):
+    def __init__(self, dp: DataParallel | None = None, every: int = 1, device=None):
         self.requested = False
         self._old = {}
+        self.dp, self.every, self.device, self.calls = dp, every, device, 0
 
     def __call__(self) -> bool:
-        return self.requested
+        if self.dp is None:
+            return self.requested
+        self.calls += 1                              # torchrun: every process stops at the same step
+        return self.calls % self.every == 0 and self.dp.agree(self.requested, self.device)
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -3325,6 +3434,9 @@ def train(cfg: Config) -> dict:
     """
     # Every check comes before the first write: a refused start leaves the run directory untouched.
     cfg.validate()
+    dp = data_parallel_from_env(cfg)                          # torchrun: one run over all its processes
+    if dp is not None:
+        return _train_parallel(cfg, dp)
     device = pick_device(cfg.device)
     rt = make_runtime(cfg, device)
     run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
@@ -3337,28 +3449,65 @@ def train(cfg: Config) -> dict:
             raise BavqError(_out_of_memory_message(cfg, device, run_dir, e)) from None
 
 
-def _train_claimed(cfg: Config, device: torch.device, rt: Runtime) -> dict:
+def _train_parallel(cfg: Config, dp: DataParallel) -> dict:
+    """train(cfg) as one process of a torchrun job: process 0 claims and writes the run directory;
+    the others run the same computation (every collective in the same order) writing only to a
+    scratch directory that is deleted at the end, with W&B off and nothing printed. A refused start
+    on process 0 stops every process before training."""
+    import shutil
+    import tempfile
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    rt = make_runtime(cfg, device)
+    run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
+    with contextlib.ExitStack() as stack:
+        error = None
+        if dp.rank == 0:
+            try:
+                stack.enter_context(RunClaim(run_dir))
+                if cfg.resume:
+                    _checked_resume(cfg)
+                else:
+                    check_run_dir(cfg)
+            except BavqError as e:
+                error = e
+        if dp.agree(error is not None, device):
+            raise error or BavqError("Process 0 of this torchrun job refused to start the run (its message says "
+                                     "why); nothing was written.")
+        if dp.rank == 0:
+            return _train_claimed(cfg, device, rt, dp)
+        scratch = Path(tempfile.mkdtemp(prefix=f"bavq_rank{dp.rank}_"))
+        stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        return _train_claimed(dataclasses.replace(cfg, wandb=False, progress=False), device, rt, dp, scratch)
+
+
+def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParallel | None = None,
+                   scratch: Path | None = None) -> dict:
     ck_path, ck = _checked_resume(cfg) if cfg.resume else (None, None)
-    run_dir = ck_path.parent if ck is not None else Path(cfg.out_dir) / cfg.resolved_name()
-    if run_dir.is_dir() and (ck is not None or cfg.overwrite or not _run_files(run_dir)):
+    run_dir = scratch or (ck_path.parent if ck is not None else Path(cfg.out_dir) / cfg.resolved_name())
+    if scratch is None and run_dir.is_dir() and (ck is not None or cfg.overwrite or not _run_files(run_dir)):
         remove_stale_temporaries(run_dir)
-    if ck is None:
+    if ck is None and scratch is None:
         check_run_dir(cfg)                                    # before any download or decoding
     seed_everything(cfg.seed)
     cfg, train_u8, val_u8 = _data_on_device(cfg, device)
     model, optimizer = setup_model(cfg, device, rt)
+    model.data_parallel = dp
     run = _Run(cfg, rt, model, optimizer, torch.Generator().manual_seed(cfg.seed), train_u8, val_u8)
     if ck is not None:
-        _restore(run, ck, ck_path)
+        _restore(run, ck, ck_path, scratch)
     else:
-        run.run_dir = prepare_run_dir(cfg)                    # first write of a new run
+        run.run_dir = scratch or prepare_run_dir(cfg)         # first write of a new run
         if cfg.init in DATA_INITS and not cfg.pretrain_epochs:
             init_from_data(model, train_u8, cfg)
     _start_files(run, device)
     run.wb = init_wandb(cfg, run.run_dir, run.wandb_id)
     run.wandb_id = getattr(run.wb, "id", None) or run.wandb_id
     try:
-        with _StopFlag() as stop:
+        with _StopFlag(dp, cfg.progress_every, device) as stop:
             for epoch in range(run.start_epoch, cfg.epochs + 1):
                 _run_epoch(run, epoch, stop)
         return _finish(run)
@@ -3400,8 +3549,9 @@ def _data_on_device(cfg: Config, device: torch.device):
     return cfg, train_u8, val_u8.to(device)
 
 
-def _restore(run: _Run, ck: dict, ck_path: Path) -> None:
-    """Load a checkpoint (checked by check_resumable) into the run; later results are discarded."""
+def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) -> None:
+    """Load a checkpoint (checked by check_resumable) into the run, whose files go to ``run_dir``
+    (default: the checkpoint's directory); later results there are discarded."""
     cfg = run.cfg
     try:
         run.model.load_state_dict(ck["model_state_dict"])
@@ -3412,7 +3562,7 @@ def _restore(run: _Run, ck: dict, ck_path: Path) -> None:
     _set_rng_state(ck["rng"], run.generator)
     if run.rt.scaler is not None and ck.get("scaler"):
         run.rt.scaler.load_state_dict(ck["scaler"])
-    run.run_dir, run.start_epoch, run.step, run.history = ck_path.parent, ck["epoch"] + 1, ck["step"], list(ck["history"])
+    run.run_dir, run.start_epoch, run.step, run.history = run_dir or ck_path.parent, ck["epoch"] + 1, ck["step"], list(ck["history"])
     run.partial_epoch, run.wandb_id = ck.get("partial_epoch"), ck.get("wandb_id")
     run.train_metrics, run.val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
     where = (f"epoch {ck['epoch'] + 1}, batch {run.partial_epoch['batch']}" if run.partial_epoch
@@ -3421,7 +3571,8 @@ def _restore(run: _Run, ck: dict, ck_path: Path) -> None:
     if cfg.epochs != ck["config"]["epochs"]:
         print(f"[bavq] note: epochs {ck['config']['epochs']} -> {cfg.epochs}: the beta schedule and the loss "
               "warm-up continue over the new total, so this run matches no uninterrupted run.")
-    _discard_later_results(run.run_dir, ck_path, ck["epoch"])
+    if run.run_dir == ck_path.parent:
+        _discard_later_results(run.run_dir, ck_path, ck["epoch"])
 
 
 def _misfit_message(ck_path: Path, e: Exception) -> str:
