@@ -707,7 +707,8 @@ class CodebookQuantizer(Quantizer):
         if self.affine == "off":
             return codes
         scale, shift = self.affine_params()
-        return (codes - shift) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        tiny = torch.finfo(scale.dtype).tiny
+        return (codes - shift) / torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
 
     @torch.no_grad()
     def _cvq_step(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
@@ -722,8 +723,8 @@ class CodebookQuantizer(Quantizer):
             pick = sim.argmax(0)                                                    # (K,)
         elif self.cvq_anchor == "random":
             pick = torch.randint(0, z.shape[0], (K,), device=z.device)
-        else:                                                                       # probrandom
-            pick = torch.multinomial(sim.t().softmax(1), 1).squeeze(1)
+        else:                       # probrandom: a draw from softmax over the batch, by Gumbel-max (no host sync)
+            pick = (sim.t().log_softmax(1) + gumbel_noise(sim.t())).argmax(1)
         alpha = torch.exp(-self.cvq_usage * K * self.cvq_gain / (1.0 - self.cvq_decay) - self.cvq_offset)[:, None]
         raw = self.codebook.float()
         self.codebook.copy_((raw * (1.0 - alpha) + self._to_raw(z[pick]) * alpha).to(self.codebook.dtype))
@@ -933,6 +934,11 @@ class VQQuantizer(CodebookQuantizer):
             for name, p in self._alternated():
                 self.register_buffer(f"alternate_buf_{name}", torch.zeros_like(p))
 
+    def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
+        super()._reset_usage(dead, new)
+        if self.alternate_lr > 0:                    # a restarted code's SGD momentum belongs to the old code
+            self.alternate_buf_codebook.mul_((~dead)[:, None].to(self.alternate_buf_codebook.dtype))
+
     def _alternated(self) -> list:
         """(name, parameter) of what the alternating step optimises: the codebook, and the learned affine map."""
         return [("codebook", self.codebook)] + ([("affine_s", self.affine_s), ("affine_b", self.affine_b)]
@@ -942,7 +948,8 @@ class VQQuantizer(CodebookQuantizer):
         """Alternating optimisation (Huh et al. 2023; vqtorch's in-place optimizer): before the step's
         losses, one SGD step with momentum (buf <- momentum buf + g; p <- p - lr buf, PyTorch's SGD) on
         the codebook (and learned affine map) for mse(sg[z], c) with this step's assignments; returns
-        the codes after it."""
+        the codes after it. The step's codebook loss is then only logged (as vqtorch, whose in-place
+        optimizer trains the codes alone)."""
         params = self._alternated()
         with torch.enable_grad():
             loss = F.mse_loss(z_flat.detach(), F.embedding(indices, self._codes()))
@@ -971,7 +978,8 @@ class VQQuantizer(CodebookQuantizer):
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
                 self._track(z_flat, stats["code_counts"])
-            losses = {"codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e),
+            e_cb = e.detach() if self.alternate_lr > 0 else e             # alternating: its own step trains the codes
+            losses = {"codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e_cb),
                       "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach())}
             z_q_flat = self._estimate(z_flat, e.detach())                 # (N, D)
             if self.sync_nu:              # synchronized update: + nu (e - sg[e]), same forward value
@@ -1550,7 +1558,7 @@ class SQVAEQuantizer(Quantizer):
 
     def variance(self) -> torch.Tensor:
         """sigma^2 = 1 + exp(s), 0-dim."""
-        return 1.0 + self.log_var.float().exp()
+        return 1.0 + _at_least_f32(self.log_var).exp()
 
     def set_schedule(self, t: float, step: int = 0) -> None:
         """tau = max(tau_0 exp(-r n), tau_min) for the n-th step, n = step + 1 (sony/sqvae counts from 1)."""
