@@ -4,7 +4,7 @@
 #
 #   bash gpu_check.sh DATA                 # DATA: CIFAR-10 in ImageFolder layout (train/, test/),
 #                                          # or a .tar.gz of it (extracted to a temporary folder)
-#   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench compile profile runs
+#   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench compile profile runs multigpu
 #   EPOCHS=30 bash gpu_check.sh DATA       # epochs of the real-data runs (default 30)
 #   BENCH_K=512 bash gpu_check.sh DATA     # codebook sizes of the benchmark (default 512 2048 8192)
 #
@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 DATA="${1:-data/cifar10-jpg}"
 OUT="${OUT:-results/gpu_check}"
-PARTS="${PARTS:-tests bench compile profile runs}"
+PARTS="${PARTS:-tests bench compile profile runs multigpu}"
 EPOCHS="${EPOCHS:-30}"
 PY="${PYTHON:-python3}"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
@@ -72,6 +72,25 @@ for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
         print(d.name, {k: runs[d.name].get(k) for k in ("epoch", "psnr", "ssim", "perplexity", "usage_rate", "dead_codes",
                                                    "bits_per_image", "psnr_soft", "mutual_information_bits")})
 pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
+PYEOF
+fi
+# one run on 2 GPUs (torchrun, NCCL) against the same run on 1 GPU: epoch time (target: >= 1.8x images/s)
+NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
+if [[ " $PARTS " == *" multigpu "* && "$NGPU" -ge 2 ]]; then
+    MG="$(mktemp -d)"
+    part multigpu 300 "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$MG" --name one_gpu --quantizer vq_ema \
+        --epochs 3 --checkpoint_every 0 --no_wandb --no_progress
+    part multigpu 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 train.py --dataset folder \
+        --data_dir "$DATA" --out_dir "$MG" --name two_gpus --quantizer vq_ema --epochs 3 --checkpoint_every 0 --no_wandb --no_progress
+    "$PY" - "$MG" "$OUT/multigpu.json" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, sys, pathlib
+root, out = pathlib.Path(sys.argv[1]), {}
+for name in ("one_gpu", "two_gpus"):
+    hist = [json.loads(l) for l in (root / name / "history.jsonl").read_text().splitlines()]
+    out[name] = {"epoch_s": [h["time_s"] for h in hist], "val_psnr": hist[-1]["val/psnr"]}
+out["speedup_last_epoch"] = out["one_gpu"]["epoch_s"][-1] / out["two_gpus"]["epoch_s"][-1]
+print(out)
+pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 PYEOF
 fi
 echo "results in $OUT" | tee -a "$LOG"

@@ -3035,11 +3035,12 @@ class DataParallel:
 
 
 def data_parallel_from_env(cfg: Config) -> DataParallel | None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo otherwise) and return
-    this process's DataParallel; None for a plain single-process run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Under torchrun (RANK and WORLD_SIZE set; also with one process, which checks this path): join the
+    process group (NCCL on CUDA, gloo otherwise) and return this process's DataParallel; None for a
+    plain run."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
+    world = int(os.environ["WORLD_SIZE"])
     import torch.distributed as dist
     if cfg.batch_size % world:
         raise BavqError(f"--batch_size {cfg.batch_size} is the global batch of all {world} processes and must divide "

@@ -12,7 +12,8 @@ real-data run. What is checked here (one NVIDIA GPU):
 - --compile and --compile_mode reduce-overhead (CUDA graphs) against eager;
 - the device data path against the DataLoader path;
 - no per-step host synchronisation (torch.cuda.set_sync_debug_mode): an epoch of 6 steps makes
-  no more synchronisations than an epoch of 3.
+  no more synchronisations than an epoch of 3;
+- the distributed path with NCCL: a 1-GPU torchrun run equals the plain run.
 """
 import pytest
 import torch
@@ -176,3 +177,23 @@ def test_no_per_step_host_syncs(quantizer):
     v2 = count_syncs(lambda: vqvae.validate(model, tr[:2 * vb], vb, rt=rt))
     v4 = count_syncs(lambda: vqvae.validate(model, tr[:4 * vb], vb, rt=rt))
     assert v4 <= v2, (v2, v4)
+
+
+def test_a_one_gpu_nccl_torchrun_equals_the_plain_run(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    args = ["--dataset", "fake", "--train_subset", "256", "--val_subset", "64", "--hidden_dim", "16", "--latent_dim", "16",
+            "--codebook_size", "32", "--batch_size", "64", "--epochs", "2", "--device", "cuda", "--no_wandb",
+            "--no_progress", "--amp", "off", "--out_dir", str(tmp_path), "--quantizer", "ba_vq"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        str(ROOT / "train.py"), *args, "--name", "nccl"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--name", "plain"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "final_metrics.json").read_text()) for n in ("nccl", "plain"))
+    assert a["psnr"] == pytest.approx(b["psnr"], rel=1e-3) and a["perplexity"] == pytest.approx(b["perplexity"], rel=2e-2)
