@@ -3875,6 +3875,7 @@ def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: st
     rows, status = [], 0
     for i, cfg in enumerate(configs, 1):
         print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
+        grid_failure_path(cfg, grid_name).unlink(missing_ok=True)       # an earlier attempt's failure
         try:
             cfg, final, state = _sweep_member(cfg)
         except (TrainingInterrupted, KeyboardInterrupt):
@@ -3883,26 +3884,31 @@ def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: st
             msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
             print(f"error: {msg}", file=sys.stderr)
             final, state, status = {}, "FAILED", 1
-            _mark_failed(Path(cfg.out_dir) / cfg.resolved_name(), msg)
+            _mark_failed(cfg, grid_name, msg)
         rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
     print("\n" + summary_table(rows))
     return status
 
 
-def _mark_failed(run_dir: Path, msg: str) -> None:
-    """A failed grid run leaves ``failure.txt`` (its error) for ``grid_summary``, if its directory exists."""
-    if run_dir.is_dir():
-        try:
-            atomic_write_text(run_dir / "failure.txt", msg + "\n")
-        except BavqError:
-            pass
+def grid_failure_path(cfg: Config, grid_name: str) -> Path:
+    """Where a failed grid run's error is kept for ``grid_summary`` (next to the manifest, never in the
+    run directory, which a refused run must leave untouched)."""
+    return Path(cfg.out_dir) / f".grid_{grid_name or 'grid'}.failed" / f"{cfg.resolved_name()}.txt"
+
+
+def _mark_failed(cfg: Config, grid_name: str, msg: str) -> None:
+    path = grid_failure_path(cfg, grid_name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, msg + "\n")
+    except (OSError, BavqError):
+        pass
 
 
 def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
     """Run (or skip, or resume) one run of a sweep: (its config, final metrics, what happened)."""
     import yaml
     run_dir = Path(cfg.out_dir) / cfg.resolved_name()
-    (run_dir / "failure.txt").unlink(missing_ok=True)      # an earlier attempt's failure
     stored = run_dir / "config.yaml"
     if stored.is_file() and not cfg.overwrite:
         old = yaml.safe_load(stored.read_text()) or {}
@@ -3979,20 +3985,20 @@ def write_grid_manifest(configs: list, name: str) -> Path:
     return path
 
 
-def _run_status(run_dir: Path) -> tuple[dict, str]:
-    """(final metrics or {}, state) of a grid's run directory, from its files alone."""
+def _run_status(run_dir: Path, failure: Path | None = None) -> tuple[dict, str]:
+    """(final metrics or {}, state) of a grid's run directory, from its files alone (and the grid's
+    record of its failure, ``failure``)."""
     final = run_dir / "final_metrics.json"
     if final.is_file():
         return json.loads(final.read_text()), "finished"
-    if not run_dir.is_dir():
-        return {}, "missing"
     claim = RunClaim(run_dir)
-    holder = claim._read()
+    holder = claim._read() if run_dir.is_dir() else None
     if holder is not None and not claim._stale(holder):
         return {}, f"running (pid {holder.get('pid')} on {holder.get('host')})"
-    failure = run_dir / "failure.txt"
-    if failure.is_file():
-        return {}, "FAILED: " + failure.read_text().strip().splitlines()[0][:120]
+    if failure is not None and failure.is_file():
+        return {}, "FAILED: " + (failure.read_text().strip().splitlines() or [""])[0][:120]
+    if not run_dir.is_dir():
+        return {}, "missing"
     done = [e for e in (_checkpoint_epoch(p) for p in run_dir.glob("checkpoint_*.pt")) if e is not None]
     return {}, f"stopped after epoch {max(done)} (resumable)" if done else "stopped before its first checkpoint"
 
@@ -4007,8 +4013,9 @@ def grid_summary(out_dir: str | os.PathLike, name: str = "") -> tuple[str, int]:
                         + (f"Grids there: {', '.join(known)}." if known else "Start it with several values of "
                            f"{', '.join(SWEEP_KEYS)}, e.g. --quantizer vq_ema ba_vq --name grid."))
     rows, open_runs = [], 0
+    failed = Path(out_dir) / f".grid_{name or 'grid'}.failed"
     for run in json.loads(path.read_text())["runs"]:
-        final, state = _run_status(Path(out_dir) / run["name"])
+        final, state = _run_status(Path(out_dir) / run["name"], failed / f"{run['name']}.txt")
         rows.append((run["name"], run["quantizer"], run["codebook_size"], run["seed"], final, state))
         open_runs += state != "finished"
     return summary_table(rows), open_runs

@@ -1,7 +1,8 @@
 """Run by the distributed tests under torchrun: trains each config given as JSON on the command line
 (one train(cfg) per config, all in this process group) and saves what every process ends with, so
 the test can compare processes: <out_dir>/<name>.rank<R>.pt (model state) and .json (final metrics).
-With BAVQ_TEST_FAIL_RANK=R, process R raises in its third training step (a crash on one process)."""
+With BAVQ_TEST_FAIL_RANK=R, process R raises in its third training step (a crash on one process); with
+BAVQ_TEST_STOP_RANK=R, process R alone gets a stop request (as from a signal) before its fifth batch."""
 import json
 import os
 import sys
@@ -36,6 +37,18 @@ if fail_rank is not None and int(fail_rank) == rank:
             raise RuntimeError(f"simulated crash on process {rank}")
         return real_backward(*args, **kw)
     vqvae._backward_and_step = crash
+
+stop_rank = os.environ.get("BAVQ_TEST_STOP_RANK")
+if stop_rank is not None and int(stop_rank) == rank:
+    real_call = vqvae._StopFlag.__call__
+    polls = {"n": 0}
+
+    def request_once(self):
+        polls["n"] += 1
+        if polls["n"] == 5:
+            self.requested = True
+        return real_call(self)
+    vqvae._StopFlag.__call__ = request_once
 
 for overrides in map(json.loads, sys.argv[1:]):
     resume = overrides.pop("resume", None)

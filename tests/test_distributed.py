@@ -90,3 +90,18 @@ def test_a_crash_on_one_process_ends_the_job_and_a_bad_batch_size_is_refused(tmp
     r = torchrun([{**BASE, "quantizer": "vq_ema", "name": "y", "out_dir": str(tmp_path), "batch_size": 33}], tmp_path)
     assert r.returncode != 0 and "must divide" in r.stdout + r.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_a_stop_request_on_one_process_stops_all_at_the_same_step_and_saves_once(tmp_path):
+    """Process 1 alone is asked to stop before its 5th batch; the processes agree at every second poll
+    (progress_every 2), so both stop before the 6th batch (step 5: epoch 2, batch 1), process 0 saves
+    checkpoint_interrupted.pt, and the run resumed as one process ends as the uninterrupted run."""
+    cfg = {**BASE, "quantizer": "vq", "epochs": 3, "progress_every": 2, "out_dir": str(tmp_path), "name": "cut"}
+    r = torchrun([cfg], tmp_path, env_extra={"BAVQ_TEST_STOP_RANK": "1"})
+    assert r.returncode != 0 and "--resume" in r.stdout + r.stderr
+    ck = vqvae.load_checkpoint(tmp_path / "cut" / "checkpoint_interrupted.pt")
+    assert ck["step"] == 5 and ck["epoch"] == 1 and ck["partial_epoch"]["batch"] == 1   # 4 batches per epoch
+    resumed = vqvae.train(vqvae.resume_config(tmp_path / "cut"))
+    ref = vqvae.train(vqvae.make_config({**cfg, "name": "ref"}))
+    assert resumed["psnr"] == pytest.approx(ref["psnr"], rel=1e-3)
+    assert not list(Path("/tmp").glob("bavq_rank*"))

@@ -329,7 +329,7 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path):
     r = run_cli(args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     names = {f"g_{q}_k{k}_s0" for q in ("vq_ema", "ba_vq") for k in (8, 16)}
-    assert {p.name for p in tmp_path.iterdir()} == names
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".grid_")} == names
     for n in names:
         cfg = vqvae.make_config(__import__("yaml").safe_load((tmp_path / n / "config.yaml").read_text()))
         assert n == f"g_{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}"
@@ -446,8 +446,8 @@ def test_grid_parts_in_separate_processes_and_the_summary(tmp_path):
     done = {p.name for p in out.iterdir() if (p / "final_metrics.json").is_file()}
     # grid order vq_ema s0, vq_ema s1, vq s0, vq s1, ba_vq s0, ba_vq s1: part 1 = runs 1, 4; part 3 = runs 3, 6
     assert done == {"g_vq_ema_k16_s0", "g_vq_k16_s1", "g_vq_k16_s0", "g_ba_vq_k16_s1"}
-    (out / "g_ba_vq_k16_s0").mkdir()                                      # as a run that failed before its checkpoint
-    (out / "g_ba_vq_k16_s0" / "failure.txt").write_text("out of memory\n")
+    (out / ".grid_g.failed").mkdir()                                      # as a run that failed before it started
+    (out / ".grid_g.failed" / "g_ba_vq_k16_s0.txt").write_text("out of memory\n")
     s = subprocess.run([sys.executable, str(ROOT / "train.py"), "--summarize", "--out_dir", str(out), "--name", "g"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert s.returncode == 0, s.stderr
@@ -473,7 +473,7 @@ def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
     assert vqvae._run_status(run)[1] == "stopped after epoch 2 (resumable)"
     with vqvae.RunClaim(run):                                            # a live process holds it
         assert vqvae._run_status(run)[1].startswith(f"running (pid {os.getpid()}")
-    (run / "failure.txt").write_text("NonFiniteError: loss is NaN\n")
-    assert vqvae._run_status(run)[1] == "FAILED: NonFiniteError: loss is NaN"
+    (tmp_path / "failed.txt").write_text("NonFiniteError: loss is NaN\n")
+    assert vqvae._run_status(run, tmp_path / "failed.txt")[1] == "FAILED: NonFiniteError: loss is NaN"
     (run / "final_metrics.json").write_text('{"psnr": 20.0}')
     assert vqvae._run_status(run) == ({"psnr": 20.0}, "finished")
