@@ -450,13 +450,25 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
 
 
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
+
+# The codebook remedies, and when a config turns each on (config checks name the ones a quantizer cannot honour).
+REMEDY_ON = {"init": lambda c: c.init != "uniform", "dead_code_threshold": lambda c: c.dead_code_threshold > 0,
+             "cosine": lambda c: c.cosine, "gradient_estimator": lambda c: c.gradient_estimator != "ste",
+             "cvq": lambda c: c.cvq, "affine_reparam": lambda c: c.affine_reparam != "off",
+             "sync_nu": lambda c: c.sync_nu != 0, "alternate_lr": lambda c: c.alternate_lr > 0}
+GRADIENT_CODEBOOK_REMEDIES = ("cvq", "affine_reparam", "sync_nu", "alternate_lr")   # need a codebook trained by gradient
+
+
+def remedies_in_use(cfg: "Config", names=tuple(REMEDY_ON)) -> list:
+    """The remedies among ``names`` that ``cfg`` turns on."""
+    return [n for n in names if REMEDY_ON[n](cfg)]
 BA_IMPLS = ("fused", "autograd")
 EMA_SMOOTHINGS = ("overwrite", "copy")
 BA_PRIORS = ("batch", "ema")
 CODEBOOK_INITS = ("uniform", "normal", "unit_sphere", "kmeans", "data")
-DATA_INITS = ("kmeans", "data")
+DATA_INITS = ("kmeans", "data")          # computed from encoder outputs by init_from_data before quantized training
 CVQ_ANCHORS = ("closest", "random", "probrandom")
-AFFINE_MODES = ("off", "ema", "learned")          # computed from encoder outputs by init_from_data before quantized training
+AFFINE_MODES = ("off", "ema", "learned")
 
 
 
@@ -829,8 +841,7 @@ class VQEMAQuantizer(CodebookQuantizer):
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
-        used = [n for n, on in (("cvq", cfg.cvq), ("affine_reparam", cfg.affine_reparam != "off"),
-                                ("sync_nu", cfg.sync_nu != 0), ("alternate_lr", cfg.alternate_lr > 0)) if on]
+        used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES)
         if used:
             return [f"{', '.join(used)} act on a codebook learned by gradient (vq, ba_vq), not on vq_ema, whose "
                     "codes are recomputed from their EMA sums every step"]
@@ -1079,14 +1090,14 @@ class BAQuantizer(CodebookQuantizer):
     ``_FusedBA`` and run ``pytest tests/test_quantizers.py -k fused`` (fused == autograd in float64).
     """
     loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
+    eval_metrics = ("mutual_information_bits",)
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
-        used = [n for n, on in (("sync_nu", cfg.sync_nu != 0), ("alternate_lr", cfg.alternate_lr > 0)) if on]
+        used = remedies_in_use(cfg, ("sync_nu", "alternate_lr"))
         if used:
             return [f"{', '.join(used)} apply to vq's hard codes, not to ba_vq, whose decoder input is the soft P.E"]
         return []
-    eval_metrics = ("mutual_information_bits",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
@@ -2366,11 +2377,7 @@ def _quantizer_problems(cfg: Config, qcls: type) -> list:
     """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
     problems = []
     if not qcls.has_codebook:
-        used = [n for n, on in (("init", cfg.init != "uniform"), ("dead_code_threshold", cfg.dead_code_threshold > 0),
-                                ("cosine", cfg.cosine), ("gradient_estimator", cfg.gradient_estimator != "ste"),
-                                ("cvq", cfg.cvq), ("affine_reparam", cfg.affine_reparam != "off"),
-                                ("sync_nu", cfg.sync_nu != 0), ("alternate_lr", cfg.alternate_lr > 0))
-                if on]
+        used = remedies_in_use(cfg)
         if used:
             with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
             problems.append(f"{', '.join(used)} apply to codebook quantizers ({with_codebook}), not to "
@@ -2986,7 +2993,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 class DataParallel:
-    """One run over the processes of ``torchrun`` (WORLD_SIZE > 1). Every process holds all the data and
+    """One run over the processes of ``torchrun`` (one or more). Every process holds all the data and
     the same model and walks through the same global batches (the one seeded permutation per epoch);
     a global batch of B images is split into contiguous blocks, one per process (``tensor_split``, so
     sizes differ by at most one). ``VQVAE.forward`` encodes this process's block, gathers the latents of
@@ -3444,33 +3451,30 @@ def train(cfg: Config) -> dict:
     # Every check comes before the first write: a refused start leaves the run directory untouched.
     cfg.validate()
     dp = data_parallel_from_env(cfg)                          # torchrun: one run over all its processes
-    if dp is not None:
-        return _train_parallel(cfg, dp)
     device = pick_device(cfg.device)
+    if dp is not None and device.type == "cuda":             # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     rt = make_runtime(cfg, device)
     run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
-    with RunClaim(run_dir):                                   # one process per run directory, from here on
-        try:
+    try:
+        if dp is not None:
+            return _train_parallel(cfg, dp, device, rt, run_dir)
+        with RunClaim(run_dir):                               # one process per run directory, from here on
             return _train_claimed(cfg, device, rt)
-        except (RuntimeError, MemoryError) as e:              # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not _is_out_of_memory(e):
-                raise
-            raise BavqError(_out_of_memory_message(cfg, device, run_dir, e)) from None
+    except (RuntimeError, MemoryError) as e:                  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not _is_out_of_memory(e):
+            raise
+        raise BavqError(_out_of_memory_message(cfg, device, run_dir, e)) from None
 
 
-def _train_parallel(cfg: Config, dp: DataParallel) -> dict:
+def _train_parallel(cfg: Config, dp: DataParallel, device: torch.device, rt: Runtime, run_dir: Path) -> dict:
     """train(cfg) as one process of a torchrun job: process 0 claims and writes the run directory;
     the others run the same computation (every collective in the same order) writing only to a
     scratch directory that is deleted at the end, with W&B off and nothing printed. A refused start
     on process 0 stops every process before training."""
     import shutil
     import tempfile
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    rt = make_runtime(cfg, device)
-    run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
     with contextlib.ExitStack() as stack:
         error = None
         if dp.rank == 0:
@@ -3875,7 +3879,7 @@ def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: st
     rows, status = [], 0
     for i, cfg in enumerate(configs, 1):
         print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
-        grid_failure_path(cfg, grid_name).unlink(missing_ok=True)       # an earlier attempt's failure
+        grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name()).unlink(missing_ok=True)   # an earlier failure
         try:
             cfg, final, state = _sweep_member(cfg)
         except (TrainingInterrupted, KeyboardInterrupt):
@@ -3890,14 +3894,23 @@ def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: st
     return status
 
 
-def grid_failure_path(cfg: Config, grid_name: str) -> Path:
+def _grid_file(out_dir: str | os.PathLike, name: str, suffix: str) -> Path:
+    """<out_dir>/.grid_<name><suffix>: a grid's own files, beside its runs' directories."""
+    return Path(out_dir) / f".grid_{name or 'grid'}{suffix}"
+
+
+def grid_manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
+    return _grid_file(out_dir, name, ".json")
+
+
+def grid_failure_path(out_dir: str | os.PathLike, grid_name: str, run_name: str) -> Path:
     """Where a failed grid run's error is kept for ``grid_summary`` (next to the manifest, never in the
     run directory, which a refused run must leave untouched)."""
-    return Path(cfg.out_dir) / f".grid_{grid_name or 'grid'}.failed" / f"{cfg.resolved_name()}.txt"
+    return _grid_file(out_dir, grid_name, ".failed") / f"{run_name}.txt"
 
 
 def _mark_failed(cfg: Config, grid_name: str, msg: str) -> None:
-    path = grid_failure_path(cfg, grid_name)
+    path = grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, msg + "\n")
@@ -3966,10 +3979,6 @@ def shard_configs(configs: list, shard: tuple[int, int] | None) -> list:
     return [c for j, c in enumerate(configs) if j % n == i - 1]
 
 
-def grid_manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
-    return Path(out_dir) / f".grid_{name or 'grid'}.json"
-
-
 def write_grid_manifest(configs: list, name: str) -> Path:
     """Record every run of a grid (all shards write the same file) so that ``grid_summary`` can tell
     missing runs from finished ones."""
@@ -4013,9 +4022,8 @@ def grid_summary(out_dir: str | os.PathLike, name: str = "") -> tuple[str, int]:
                         + (f"Grids there: {', '.join(known)}." if known else "Start it with several values of "
                            f"{', '.join(SWEEP_KEYS)}, e.g. --quantizer vq_ema ba_vq --name grid."))
     rows, open_runs = [], 0
-    failed = Path(out_dir) / f".grid_{name or 'grid'}.failed"
     for run in json.loads(path.read_text())["runs"]:
-        final, state = _run_status(Path(out_dir) / run["name"], failed / f"{run['name']}.txt")
+        final, state = _run_status(Path(out_dir) / run["name"], grid_failure_path(out_dir, name, run["name"]))
         rows.append((run["name"], run["quantizer"], run["codebook_size"], run["seed"], final, state))
         open_runs += state != "finished"
     return summary_table(rows), open_runs
