@@ -110,7 +110,10 @@ class Config:
     entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
     codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq, simvq: hard code; ba_vq: P.E, where 1.0 is a fix, 0 = the original code)
     ba_prior: str = "batch"          # BA iterations start from: batch (uniform Q, original code) | ema (the running marginal Q-bar)
-    marginal_decay: float = 0.99     # BA-VQ: EMA decay of the running marginal Q-bar (evaluation codes; --ba_prior ema), in [0, 1)
+    marginal_decay: float = 0.99     # BA-VQ: EMA decay of the running marginal Q-bar (evaluation codes; --ba_prior ema) and of the running mean distance, in [0, 1)
+    ba_temperature: str = "absolute"  # beta multiplies: absolute d(x,k) (original code) | relative d / d-bar, d-bar the batch's mean distance (scale-free)
+    ba_decoder_input: str = "soft"   # training decoder input: soft P.E (original code) | hard (argmax-P code) | anneal ((1-lam) P.E + lam hard, lam 0 -> 1 like beta)
+    ba_codebook_loss: str = "mixture"  # codebook term: mixture mse(sg[z], P.E) | expected sum_k P(k|x) |sg[z] - e_k|^2 / D (BA's centroid step)
     ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
     ba_chunk_rows: int = 0           # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
@@ -465,6 +468,9 @@ def remedies_in_use(cfg: "Config", names=tuple(REMEDY_ON)) -> list:
 BA_IMPLS = ("fused", "autograd")
 EMA_SMOOTHINGS = ("overwrite", "copy")
 BA_PRIORS = ("batch", "ema")
+BA_TEMPERATURES = ("absolute", "relative")
+BA_DECODER_INPUTS = ("soft", "hard", "anneal")
+BA_CODEBOOK_LOSSES = ("mixture", "expected")
 CODEBOOK_INITS = ("uniform", "normal", "unit_sphere", "kmeans", "data")
 DATA_INITS = ("kmeans", "data")          # computed from encoder outputs by init_from_data before quantized training
 CVQ_ANCHORS = ("closest", "random", "probrandom")
@@ -504,6 +510,8 @@ class Quantizer(nn.Module):
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
                                          # gradient_estimator); see CodebookQuantizer for what they call
     eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
+    train_metrics: tuple = ()            # 0-dim tensors in info that training epochs report (sample-weighted
+                                         # mean over the epoch's steps), e.g. BA-VQ's regime diagnostics
     remedies_note: str = "which has no codebook"   # why the codebook remedies do not apply (has_codebook False)
 
     image_values_per_position: int = 48  # image values (channels x pixels) one latent position stands for;
@@ -1090,7 +1098,9 @@ class BAQuantizer(CodebookQuantizer):
     ``_FusedBA`` and run ``pytest tests/test_quantizers.py -k fused`` (fused == autograd in float64).
     """
     loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
-    eval_metrics = ("mutual_information_bits",)
+    train_metrics = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
+                     "marginal_entropy_bits", "beta_effective")
+    eval_metrics = ("mutual_information_bits",) + train_metrics
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
@@ -1104,14 +1114,20 @@ class BAQuantizer(CodebookQuantizer):
                  entropy_cost: float = 0.01, codebook_cost: float = 1.0, decay: float = 0.99,
                  init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
                  dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0,
-                 ba_prior: str = "batch", marginal_decay: float = 0.99, cvq: bool = False, cvq_anchor: str = "closest",
+                 ba_prior: str = "batch", marginal_decay: float = 0.99, ba_temperature: str = "absolute",
+                 ba_decoder_input: str = "soft", ba_codebook_loss: str = "mixture", cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
                  affine_momentum: float = 0.1, affine_lr: float = 1.0):
         super().__init__()
-        for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS)):
+        for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS),
+                                     ("ba_temperature", ba_temperature, BA_TEMPERATURES),
+                                     ("ba_decoder_input", ba_decoder_input, BA_DECODER_INPUTS),
+                                     ("ba_codebook_loss", ba_codebook_loss, BA_CODEBOOK_LOSSES)):
             if value not in options:
                 raise BavqError(f"{name} '{value}' is unknown (choose from {', '.join(options)}).")
         self.ba_impl, self.ba_chunk_rows, self.ba_prior, self.marginal_decay = ba_impl, ba_chunk_rows, ba_prior, marginal_decay
+        self.ba_temperature, self.ba_decoder_input, self.ba_codebook_loss = ba_temperature, ba_decoder_input, ba_codebook_loss
+        self.hard_weight = 0.0                                           # lam of --ba_decoder_input anneal
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
@@ -1120,6 +1136,8 @@ class BAQuantizer(CodebookQuantizer):
         self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
         self.register_buffer("log_q_bar", torch.full((num_embeddings,), -math.log(num_embeddings)))  # log Q-bar (K,)
+        if ba_temperature == "relative":                                 # running mean distance d-bar (NaN: none yet)
+            self.register_buffer("mean_distance", torch.tensor(math.nan))
         self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset)
         self._setup_affine(affine_reparam, affine_momentum, affine_lr)
         self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
@@ -1130,11 +1148,13 @@ class BAQuantizer(CodebookQuantizer):
             self._ba_kernels = compiled_ba_kernels()
 
     def set_schedule(self, t: float, step: int = 0) -> None:
-        """Cosine schedule: beta = beta_start at t = 0, beta_end at t = 1."""
+        """Cosine schedule: beta = beta_start at t = 0, beta_end at t = 1; the same shape takes the
+        anneal weight lam of the hard code from 0 to 1."""
         self.beta.fill_(cosine_schedule(self.beta_start, self.beta_end, t))
+        self.hard_weight = cosine_schedule(0.0, 1.0, t)
 
     def extra_metrics(self) -> dict:
-        return {"beta": float(self.beta)}
+        return {"beta": float(self.beta), **({"hard_weight": self.hard_weight} if self.ba_decoder_input == "anneal" else {})}
 
     def forward(self, z: torch.Tensor):
         B, D, H, W = z.shape
@@ -1143,74 +1163,163 @@ class BAQuantizer(CodebookQuantizer):
             if self.training:
                 self._affine_track(z_flat)
             E = self._codes()                                             # (K, D)
+            beta = self._effective_beta(z_flat, E)                        # beta, or beta / d-bar (relative)
             if self.training:
-                z_q_soft, z_q_cb, log_q, indices = self._ba(z_flat, E)
-                entropy = -(log_q.exp() * log_q).sum()                    # H(Q), nats
+                a = self._ba(z_flat, E, beta)
                 with torch.no_grad():                                     # Q-bar <- decay Q-bar + (1 - decay) Q_T
                     w = self.marginal_decay
                     self.log_q_bar.copy_(torch.logaddexp(self.log_q_bar + math.log(w) if w > 0 else
                                                          torch.full_like(self.log_q_bar, -math.inf),
-                                                         log_q.detach().float() + math.log(1.0 - w)))
+                                                         a["log_q"].detach().float() + math.log(1.0 - w)))
             else:
-                z_q_soft, indices, cond_entropy = self._assign_each(z_flat, E)
-                z_q_cb, log_q = z_q_soft, self.log_q_bar.to(z_flat.dtype)
-                entropy = -(log_q.exp() * log_q).sum()                    # H(Q-bar), nats
+                a = self._assign_each(z_flat, E, beta)
+            log_q, indices = a["log_q"], a["indices"]
+            entropy = -(log_q.exp() * log_q).sum()                        # H(Q) (eval: H(Q-bar)), nats
             losses = {
-                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, z_q_soft.detach()),
+                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, a["z_q_soft"].detach()),
                 "entropy_loss": -self.entropy_cost * entropy,
             }
-            if self.codebook_cost > 0:
-                losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), z_q_cb)
+            if self.codebook_cost > 0 and self.ba_codebook_loss == "expected":
+                losses["codebook_loss"] = self.codebook_cost * expected_distortion(z_flat.detach(), E, a["counts"],
+                                                                                   a["sums"])
+            elif self.codebook_cost > 0:
+                losses["codebook_loss"] = self.codebook_cost * F.mse_loss(z_flat.detach(), a["z_q_cb"])
             else:
                 losses["codebook_loss"] = torch.zeros((), device=z.device)
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
                 self._track(z_flat, stats["code_counts"])
                 self._cvq_step(z_flat, stats["code_counts"])
-            z_q_flat = z_q_soft if self.training else E[indices]          # soft in training, hard in eval
+            z_q_flat = self._decoder_input(a["z_q_soft"], E[indices])     # (N, D)
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats,
-                "beta": self.beta.detach().clone(), "entropy": entropy.detach()}
+                "beta": self.beta.detach().clone(), "entropy": entropy.detach(),
+                **self._diagnostics(a["diag"], z_flat.shape[0], E.shape[0], beta, entropy)}
         if not self.training:
-            info["z_q_soft"] = _unflatten_latents(z_q_soft, z.shape)
+            info["z_q_soft"] = _unflatten_latents(a["z_q_soft"], z.shape)
             h_q_bar = -(self.log_q_bar.double().exp() * self.log_q_bar.double()).sum()
-            info["mutual_information_bits"] = ((h_q_bar - cond_entropy) / math.log(2.0)).float()
+            info["mutual_information_bits"] = ((h_q_bar - a["cond_entropy"]) / math.log(2.0)).float()
         return z_q, losses, info
 
-    def _ba(self, z_flat: torch.Tensor, E: torch.Tensor):
-        """Training: the BA iterations on the batch. Returns (P.E, P'.E for the codebook term (P' from
-        sg[z]), log Q_T (K,), argmax_k P (N,))."""
-        beta = self.beta
+    def _decoder_input(self, z_q_soft: torch.Tensor, z_hard: torch.Tensor) -> torch.Tensor:
+        """What the decoder sees: in eval always the hard code; in training P.E (soft), the hard code
+        (hard), or (1 - lam) P.E + lam x hard code (anneal, lam = ``hard_weight``)."""
+        if not self.training or self.ba_decoder_input == "hard":
+            return z_hard
+        if self.ba_decoder_input == "anneal":
+            return z_q_soft + self.hard_weight * (z_hard - z_q_soft)
+        return z_q_soft
+
+    def _effective_beta(self, z_flat: torch.Tensor, E: torch.Tensor):
+        """The inverse temperature that multiplies d(x, k): beta (absolute), or beta / d-bar (relative),
+        d-bar the mean of d over every (latent, code) pair of the batch (training; sg[.], no gradient)
+        or its running mean (evaluation; the batch's own before any training step). Multiplying z and
+        the codes by c multiplies d and d-bar by c^2, so relative assignments do not change."""
+        if self.ba_temperature == "absolute":
+            return self.beta
+        with torch.no_grad():
+            d_bar = mean_pair_distance(z_flat, E)
+            if self.training:
+                w = self.marginal_decay
+                self.mean_distance.copy_(torch.where(torch.isnan(self.mean_distance), d_bar,
+                                                     w * self.mean_distance + (1.0 - w) * d_bar))
+            else:
+                d_bar = torch.where(torch.isnan(self.mean_distance), d_bar, self.mean_distance)
+        return self.beta / d_bar.clamp_min(torch.finfo(d_bar.dtype).tiny)
+
+    def _diagnostics(self, diag: torch.Tensor, N: int, K: int, beta, marginal_entropy: torch.Tensor) -> dict:
+        """The regime of the BA assignments (``train_metrics`` / ``eval_metrics``; the sums ``diag``
+        come from ``distance_sums`` and ``assignment_sums``): mean d over all (latent, code) pairs;
+        mean nearest distance min_k d; logit gap = beta_eff x mean (d_(2) - d_(1)), the nearest and
+        second-nearest codes' difference in -beta d (>> 1: P sharp, << 1: P almost uniform, apart
+        from Q); mean row entropy H(P(.|x)) and mean max_k P(k|x); H(Q) (eval: H(Q-bar)) in bits;
+        beta_eff (relative temperature: beta / d-bar)."""
+        diag = diag.detach().float()
+        beta_eff = beta.detach().float() if torch.is_tensor(beta) else diag.new_tensor(float(beta))
+        return {"mean_distance": diag[0] / (N * K), "nearest_distance": diag[1] / N,
+                "logit_gap": beta_eff * diag[2] / N, "assignment_entropy_bits": diag[3] / (N * math.log(2.0)),
+                "assignment_max": diag[4] / N, "marginal_entropy_bits": marginal_entropy.detach().float() / math.log(2.0),
+                "beta_effective": beta_eff}
+
+    def _ba(self, z_flat: torch.Tensor, E: torch.Tensor, beta):
+        """Training: the BA iterations on the batch. Returns {z_q_soft: P.E, z_q_cb: P'.E for the mixture
+        codebook term (P' from sg[z]), log_q: log Q_T (K,), indices: argmax_k P (N,), counts: sum_x P (K,)
+        and sums: P^T sg[z] (K, D) for the expected codebook term (sg[P]), diag: the diagnostics' sums (5,)}."""
         log_q0 = self.log_q_bar.to(z_flat.dtype) if self.ba_prior == "ema" else None
+        expected = self.codebook_cost > 0 and self.ba_codebook_loss == "expected"
+        N = z_flat.shape[0]
         if self.ba_impl == "fused":
             # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
-            z_q_soft, log_q, indices = ba_soft_quantize(z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows,
-                                                        self._ba_kernels, log_q0)
-            return z_q_soft, z_q_soft, log_q, indices
+            z_q_soft, log_q, indices, diag, sums = ba_soft_quantize(
+                z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows, self._ba_kernels, log_q0,
+                full=True, centroid_sums=expected)
+            counts = (log_q.detach() + math.log(N)).exp()                 # sum_x P_T(k|x) = N Q_T(k)
+            return {"z_q_soft": z_q_soft, "z_q_cb": z_q_soft, "log_q": log_q, "indices": indices,
+                    "counts": counts, "sums": sums, "diag": diag}
         d = squared_distances(z_flat, E)                                  # reference: autograd throughout
         log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations, log_q0)  # (N, K), (K,)
         z_q_soft = log_p.exp() @ E                                        # (N, D)
         z_q_cb = z_q_soft
-        if self.codebook_cost > 0 and torch.is_grad_enabled() and z_flat.requires_grad:
+        if (self.codebook_cost > 0 and not expected and torch.is_grad_enabled() and z_flat.requires_grad):
             # P' from sg[z]: same values as P, but no path back into the encoder.
             log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations, log_q0)
             z_q_cb = log_p_sg.exp() @ E                                   # (N, D)
-        return z_q_soft, z_q_cb, log_q, log_p.argmax(dim=1)
+        with torch.no_grad():
+            p = log_p.exp()
+            diag = torch.cat([distance_sums(d), assignment_sums(log_p)])
+            counts, sums = p.sum(0), p.t() @ z_flat                       # (K,), (K, D)
+        return {"z_q_soft": z_q_soft, "z_q_cb": z_q_cb, "log_q": log_q, "indices": log_p.argmax(dim=1),
+                "counts": counts, "sums": sums, "diag": diag}
 
-    def _assign_each(self, z_flat: torch.Tensor, E: torch.Tensor):
+    def _assign_each(self, z_flat: torch.Tensor, E: torch.Tensor, beta):
         """Evaluation: each latent on its own, P(k|x) = softmax_k(log Q-bar(k) - beta d(x,k)), in row
-        chunks. Returns (P.E (N, D), argmax_k P (N,), mean_x H(P(.|x)) in nats (0-dim))."""
+        chunks. Returns {z_q_soft: P.E (N, D), z_q_cb: the same, log_q: log Q-bar, indices: argmax_k P (N,),
+        cond_entropy: mean_x H(P(.|x)) in nats (0-dim, float64), counts, sums, diag (as ``_ba``)}."""
         N = z_flat.shape[0]
         C = _ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows)
         log_q_bar = self.log_q_bar.to(z_flat.dtype)
         parts = []
         for s in range(0, N, C):
-            log_p = torch.log_softmax(log_q_bar - self.beta * squared_distances(z_flat[s:s + C], E), dim=1)  # (C, K)
+            d = squared_distances(z_flat[s:s + C], E)                                     # (C, K)
+            log_p = torch.log_softmax(log_q_bar - beta * d, dim=1)                        # (C, K)
             p = log_p.exp()
-            parts.append((p @ E, log_p.argmax(dim=1), -(p * log_p).sum(1).double().sum()))   # float64: I(X;K) is a small
-                                                                                                # difference of entropies
-        z_q_soft = torch.cat([p[0] for p in parts])                      # (N, D)
-        return z_q_soft, torch.cat([p[1] for p in parts]), sum(p[2] for p in parts) / N
+            parts.append((p @ E, log_p.argmax(dim=1), -(p * log_p).sum(1).double().sum(),  # float64: I(X;K) is a
+                          torch.cat([distance_sums(d), assignment_sums(log_p)]),          # small difference of
+                          p.sum(0), p.t() @ z_flat[s:s + C]))                             # entropies
+        return {"z_q_soft": torch.cat([p[0] for p in parts]), "indices": torch.cat([p[1] for p in parts]),
+                "cond_entropy": sum(p[2] for p in parts) / N, "diag": sum(p[3] for p in parts),
+                "counts": sum(p[4] for p in parts), "sums": sum(p[5] for p in parts),
+                "log_q": log_q_bar, "z_q_cb": torch.cat([p[0] for p in parts])}
+
+
+def mean_pair_distance(z_flat: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """mean over all N x K pairs of |z_x - e_k|^2 = var(z) + var(e) + |mean z - mean e|^2 (var: the mean
+    squared distance to the mean), without forming the (N, K) matrix."""
+    z_bar, e_bar = z_flat.mean(0), E.mean(0)
+    return ((z_flat - z_bar).pow(2).sum(1).mean() + (E - e_bar).pow(2).sum(1).mean()
+            + (z_bar - e_bar).pow(2).sum())
+
+
+def distance_sums(d: torch.Tensor) -> torch.Tensor:
+    """(3,): over the rows of d (c, K), the sums of sum_k d, min_k d and the gap d_(2) - d_(1) between
+    the nearest and second-nearest code (BA-VQ's diagnostics)."""
+    two = d.topk(2, dim=1, largest=False).values                                    # (c, 2)
+    return torch.stack([d.sum(), two[:, 0].sum(), (two[:, 1] - two[:, 0]).sum()])
+
+
+def assignment_sums(log_p: torch.Tensor) -> torch.Tensor:
+    """(2,): over the rows of log P (c, K), the sums of H(P(.|x)) (nats) and of max_k P(k|x)."""
+    p = log_p.exp()
+    return torch.stack([-(p * log_p).sum(), log_p.max(dim=1).values.exp().sum()])
+
+
+def expected_distortion(z: torch.Tensor, E: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """(1 / (N D)) sum_x sum_k P(k|x) |z_x - e_k|^2 with P held fixed, from counts n_k = sum_x P(k|x)
+    (K,) and sums m_k = sum_x P(k|x) z_x (K, D):  (sum_x |z_x|^2 + sum_k n_k |e_k|^2 - 2 sum_k e_k.m_k) / (N D)
+    (rows of P sum to 1). Its gradient 2 (n_k e_k - m_k) / (N D) moves each code toward the centroid of
+    the latents softly assigned to it: the codebook step of Blahut-Arimoto / deterministic annealing
+    (Rose 1998, the centroid condition), and by the envelope theorem the gradient of the BA objective at fixed P."""
+    return (z.pow(2).sum() + (counts * E.pow(2).sum(1)).sum() - 2.0 * (E * sums).sum()) / z.numel()
 
 
 # ----------------------------------------------------------------------------- BA-VQ's fast path
@@ -1225,14 +1334,18 @@ def _ba_chunk_rows(N: int, K: int, chunk_rows: int) -> int:
     return max(1, chunk_rows if chunk_rows > 0 else (1 << 24) // max(K, 1))
 
 
-def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool):
+def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool,
+                      z_c: torch.Tensor | None = None):
     """One BA iteration on a row chunk: L = log P_t = log_softmax(A + log Q_{t-1}) (c, K) and its
-    column logsumexp (K,); at the last iteration also z_q = P_T E (c, D) and argmax_k P_T (c,)."""
+    column logsumexp (K,); at the last iteration also z_q = P_T E (c, D), argmax_k P_T (c,), the
+    chunk's ``assignment_sums`` (2,) and, when ``z_c`` is given, P_T^T z_c (K, D)."""
     L = torch.log_softmax(A_c + log_q, dim=1)                                        # (c, K)
     col = torch.logsumexp(L, dim=0)                                                  # (K,)
     if last:
-        return col, L.exp() @ E, L.argmax(dim=1)
-    return col, None, None
+        P = L.exp()
+        sums = torch.stack([-(P * L).sum(), L.max(dim=1).values.exp().sum()])      # = assignment_sums(L)
+        return col, P @ E, L.argmax(dim=1), sums, (P.t() @ z_c if z_c is not None else None)
+    return col, None, None, None, None
 
 
 def _ba_backward_chunk(A_c, log_q_prev, col_t, zc, E, gq, gbE, gzq, beta, need_gz: bool):
@@ -1285,27 +1398,36 @@ class _FusedBA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None, log_q0=None):
+    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None, log_q0=None, centroid_sums=False):
         fwd_chunk, _ = kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = z.shape[0], E.shape[0]
         C = _ba_chunk_rows(N, K, chunk_rows)
         log_n = math.log(N)
         A = torch.empty(N, K, dtype=z.dtype, device=z.device)
+        diag = torch.zeros(5, dtype=z.dtype, device=z.device)    # distance_sums, then assignment_sums
         for s in range(0, N, C):
-            A[s:s + C] = squared_distances(z[s:s + C], E).mul_(-beta)              # -beta d, (C, K)
+            d_c = squared_distances(z[s:s + C], E)                                   # (C, K)
+            diag[:3] += distance_sums(d_c)
+            A[s:s + C] = d_c.mul_(-beta)                                             # -beta d, (C, K)
         log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device) if log_q0 is None
                   else log_q0.detach().to(z.dtype)]                  # Q_0: uniform, or Q-bar (no gradient)
         cols = [log_qs[0]]                                   # unshifted logsumexp_x L_t (= log Q_t + log N)
         z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
+        sums = torch.zeros(E.shape if centroid_sums else (0,), dtype=z.dtype, device=z.device)   # P_T^T z
         for t in range(1, iterations + 1):
             col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)
             for s in range(0, N, C):
-                col_c, zq_c, idx_c = fwd_chunk(A[s:s + C], log_qs[-1], E, t == iterations)
+                last = t == iterations
+                col_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
+                                                         z[s:s + C] if last and centroid_sums else None)
                 col = torch.logaddexp(col, col_c)
-                if t == iterations:
+                if last:
                     z_q[s:s + C] = zq_c                                             # P_T E
                     indices[s:s + C] = idx_c
+                    diag[3:] += a_c
+                    if centroid_sums:
+                        sums += m_c
             log_qs.append(col - log_n)
             cols.append(col)
         log_qs = torch.stack(log_qs)                                                 # (T+1, K)
@@ -1313,19 +1435,19 @@ class _FusedBA(torch.autograd.Function):
         ctx.save_for_backward(z, E, A, log_qs, log_cols,
                               beta.to(z.dtype) if torch.is_tensor(beta) else torch.tensor(beta, dtype=z.dtype))
         ctx.iterations, ctx.C, ctx.kernels = iterations, C, kernels
-        ctx.mark_non_differentiable(indices)
+        ctx.mark_non_differentiable(indices, diag, sums)
         ctx.set_materialize_grads(False)                     # codebook_cost 0: no z_q_soft gradient to chase
-        return z_q, log_qs[-1].clone(), indices
+        return z_q, log_qs[-1].clone(), indices, diag, sums
 
     @staticmethod
-    def backward(ctx, g_zq, g_lq, _g_idx):
+    def backward(ctx, g_zq, g_lq, _g_idx, _g_diag, _g_sums):
         z, E, A, log_qs, log_cols, beta = ctx.saved_tensors
         T, C = ctx.iterations, ctx.C
         _, bwd_chunk = ctx.kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = A.shape
         use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
         if not (use_a or use_b):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         g_z, g_E = torch.zeros_like(z), torch.zeros_like(E)
         # dlogQ_t of both paths as the columns of one (K, 2) matrix: [codebook path a, entropy path b]
         gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
@@ -1358,15 +1480,19 @@ class _FusedBA(torch.autograd.Function):
             # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dS:  dE = -2 beta (E colsum(dS) - dS^T z)
             g_E -= (2.0 * beta) * (E * next_gq.sum(1, keepdim=True) - dSz)
             gq = next_gq
-        return (g_z if use_b else None), g_E, None, None, None, None, None
+        return (g_z if use_b else None), g_E, None, None, None, None, None, None
 
 
 def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0,
-                     kernels=None, log_q0: torch.Tensor | None = None):
+                     kernels=None, log_q0: torch.Tensor | None = None, full: bool = False,
+                     centroid_sums: bool = False):
     """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract).
     ``kernels``: (forward chunk, backward chunk) functions, e.g. from ``compiled_ba_kernels``;
-    ``log_q0``: the starting log Q (uniform when None), treated as a constant."""
-    return _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels, log_q0)
+    ``log_q0``: the starting log Q (uniform when None), treated as a constant. ``full``: also the
+    diagnostics' sums (5,) (``distance_sums`` of d, ``assignment_sums`` of P_T) and P_T^T z (K, D)
+    (``centroid_sums``; else an empty tensor), both without gradient."""
+    out = _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels, log_q0, centroid_sums)
+    return out if full else out[:3]
 
 
 def compiled_ba_kernels() -> tuple:
@@ -2032,7 +2158,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         grad_norm = _backward_and_step(loss, model, optimizer, rt, clip)  # norm before clipping
         if restarts_on and qs >= 0 and (qs + 1) % cfg.dead_code_every == 0:
             stats.restarts += _restart_dead_codes(q, optimizer)
-        stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt)
+        stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt,
+                       {k: info[k] for k in q.train_metrics})
         step += 1
         if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
             stats.check_finite(bar)                                       # one host sync
@@ -2161,7 +2288,8 @@ class _EpochStats:
     def restarts(self, value: torch.Tensor) -> None:
         self.extra["restarts"] = value
 
-    def add_step(self, step, n, loss, recon_loss, loss_dict, grad_norm, code_counts, rt: Runtime) -> None:
+    def add_step(self, step, n, loss, recon_loss, loss_dict, grad_norm, code_counts, rt: Runtime,
+                 diagnostics: dict | None = None) -> None:
         # non-finite terms: remember the first bad step and which terms (with fp16 the scaler handles
         # inf gradients itself, so only the loss terms are checked)
         check_grad = rt.scaler is None
@@ -2174,7 +2302,7 @@ class _EpochStats:
         newly = bad.any() & (self.bad_step < 0)
         self.bad_step = torch.where(newly, torch.full_like(self.bad_step, step), self.bad_step)
         self.bad_terms = torch.where(newly, bad, self.bad_terms)
-        self.acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict}, n)
+        self.acc.add({"loss": loss, "recon_loss": recon_loss, **loss_dict, **(diagnostics or {})}, n)
         gn = grad_norm.detach().float()
         gn_ok = torch.where(torch.isfinite(gn), gn, torch.zeros_like(gn))   # fp16: the scaler skipped this step
         self.extra["grad_norm_sum"] += gn_ok
@@ -2308,6 +2436,7 @@ def field_choices() -> dict:
     checking and the CLI (train.py) both read this."""
     return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
             "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS, "ba_prior": BA_PRIORS,
+            "ba_temperature": BA_TEMPERATURES, "ba_decoder_input": BA_DECODER_INPUTS, "ba_codebook_loss": BA_CODEBOOK_LOSSES,
             "cvq_anchor": CVQ_ANCHORS, "affine_reparam": AFFINE_MODES,
             "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
 

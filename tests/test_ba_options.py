@@ -1,0 +1,299 @@
+"""BA-VQ's regime diagnostics and its options beyond the original method (issue 15): the relative
+(scale-free) temperature, the hard / annealed decoder input, the expected-distortion codebook term.
+Every option is off by default, changes behaviour when on, and the fused path equals the reference."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import vqvae
+from vqvae import BAQuantizer
+from conftest import ROOT
+
+OPTIONS = {"ba_temperature": "relative", "ba_decoder_input": "hard", "ba_codebook_loss": "expected"}
+DIAGNOSTICS = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
+               "marginal_entropy_bits", "beta_effective")
+
+
+def latents(B=2, D=6, H=3, W=4, scale=0.5, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, D, H, W, generator=g) * scale).to(dtype)
+
+
+def quantizer(K=10, D=6, seed=0, **kw):
+    torch.manual_seed(seed)
+    q = BAQuantizer(K, D, **kw)
+    with torch.no_grad():                     # codes at the latents' scale, so assignments are not uniform
+        q.codebook.copy_(torch.randn(K, D, generator=torch.Generator().manual_seed(seed + 7)) * 0.5)
+    return q
+
+
+# ----------------------------------------------------------------------------- diagnostics by hand
+
+def _hand_example(**kw):
+    """N = 2 latents z = 0, 1 and K = 2 codes e = 0, 3 in one dimension; one BA iteration from the
+    uniform Q, beta = ln 2 / 3: d = [[0, 9], [1, 4]], P = softmax(-beta d) = [[8/9, 1/9], [2/3, 1/3]]."""
+    q = BAQuantizer(2, 1, ba_iterations=1, **kw)
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[0.0], [3.0]]))
+    q.beta.fill_(math.log(2.0) / 3.0)
+    z = torch.tensor([0.0, 1.0]).reshape(1, 1, 1, 2)                # (B, D, H, W) -> rows z = 0, 1
+    return q, z
+
+
+def _h_bits(*p):
+    return -sum(x * math.log2(x) for x in p)
+
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+@pytest.mark.parametrize("training", [True, False])
+def test_diagnostics_equal_hand_computed_values(impl, training):
+    q, z = _hand_example(ba_impl=impl)
+    q.train(training)
+    _, losses, info = q(z)
+    beta = math.log(2.0) / 3.0
+    expect = {"mean_distance": (0 + 9 + 1 + 4) / 4, "nearest_distance": (0 + 1) / 2,
+              "logit_gap": beta * ((9 - 0) + (4 - 1)) / 2,                 # = 2 ln 2
+              "assignment_entropy_bits": (_h_bits(8 / 9, 1 / 9) + _h_bits(2 / 3, 1 / 3)) / 2,
+              "assignment_max": (8 / 9 + 2 / 3) / 2,
+              # training: H(Q) of the batch, Q = mean of P = (7/9, 2/9); eval: H(Q-bar), Q-bar still uniform
+              "marginal_entropy_bits": _h_bits(7 / 9, 2 / 9) if training else 1.0,
+              "beta_effective": beta}
+    for k, v in expect.items():
+        assert float(info[k]) == pytest.approx(v, rel=1e-5), k
+    # the hard code of each row: code 0 for both (P = 8/9 and 2/3)
+    assert info["code_indices"].flatten().tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+def test_relative_temperature_divides_beta_by_the_mean_distance(impl):
+    q, z = _hand_example(ba_impl=impl, ba_temperature="relative")
+    _, _, info = q.train()(z)
+    beta = math.log(2.0) / 3.0
+    assert float(info["beta_effective"]) == pytest.approx(beta / 3.5)
+    assert float(info["logit_gap"]) == pytest.approx(beta / 3.5 * 6.0)
+    assert float(q.mean_distance) == pytest.approx(3.5)               # the first batch is copied
+
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+@pytest.mark.parametrize("training", [True, False])
+def test_expected_codebook_term_equals_hand_computed_value(impl, training):
+    """sum_x sum_k P(k|x) d(x,k) / (N D) = ((1/9) 9 + (2/3) 1 + (1/3) 4) / 2 = 1.5 (codebook_cost 1)."""
+    q, z = _hand_example(ba_impl=impl, ba_codebook_loss="expected")
+    _, losses, _ = q.train(training)(z)
+    assert float(losses["codebook_loss"].detach()) == pytest.approx(1.5, rel=1e-5)
+    q2, _ = _hand_example(ba_impl=impl)                               # the mixture term: mse(z, P.E)
+    _, mix, _ = q2.train(training)(z)
+    pe = [1 / 9 * 3, 1 / 3 * 3]                                        # P.E per row
+    assert float(mix["codebook_loss"].detach()) == pytest.approx(((0 - pe[0]) ** 2 + (1 - pe[1]) ** 2) / 2, rel=1e-5)
+
+
+def test_expected_distortion_and_its_gradient_are_the_centroid_step():
+    """From counts and sums the loss equals the direct double sum, and its gradient is
+    2 (n_k e_k - m_k) / (N D): zero exactly at the soft centroids m_k / n_k."""
+    g = torch.Generator().manual_seed(0)
+    z, E = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    P = torch.softmax(torch.randn(9, 5, generator=g, dtype=torch.float64), 1)
+    n, m = P.sum(0), P.t() @ z
+    E.requires_grad_(True)
+    loss = vqvae.expected_distortion(z, E, n, m)
+    direct = (P * vqvae.squared_distances(z, E)).sum() / z.numel()
+    torch.testing.assert_close(loss, direct)
+    loss.backward()
+    torch.testing.assert_close(E.grad, 2.0 * (n[:, None] * E - m) / z.numel())
+    centroids = (m / n[:, None]).requires_grad_(True)
+    vqvae.expected_distortion(z, centroids, n, m).backward()
+    torch.testing.assert_close(centroids.grad, torch.zeros_like(centroids))
+
+
+# ----------------------------------------------------------------------------- the scale-free temperature
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+@pytest.mark.parametrize("c", [8.0, 3.7])
+def test_relative_temperature_assignments_are_invariant_to_the_latent_scale(impl, c):
+    """Multiplying z and the codebook by c leaves P (hence the codes, Q and H(P)) unchanged with the
+    relative temperature, in training and (after a step sets the running mean distance) in eval;
+    with the absolute temperature they change."""
+    def run(temperature, scale):
+        q = quantizer(ba_impl=impl, ba_temperature=temperature, ba_iterations=3)
+        with torch.no_grad():
+            q.codebook.mul_(scale)
+        q.set_schedule(0.5)
+        z = latents() * scale
+        _, _, tr = q.train()(z)
+        _, _, ev = q.eval()(latents(seed=2) * scale)
+        return tr, ev
+    for temperature in ("relative", "absolute"):
+        (tr1, ev1), (trc, evc) = run(temperature, 1.0), run(temperature, c)
+        same = [torch.equal(a["code_indices"], b["code_indices"]) and
+                math.isclose(float(a["assignment_entropy_bits"]), float(b["assignment_entropy_bits"]), rel_tol=1e-4)
+                for a, b in ((tr1, trc), (ev1, evc))]
+        if temperature == "relative":
+            assert all(same)
+            for a, b in ((tr1, trc), (ev1, evc)):
+                assert float(b["mean_distance"]) == pytest.approx(c * c * float(a["mean_distance"]), rel=1e-4)
+                for k in ("logit_gap", "marginal_entropy_bits", "assignment_max"):
+                    assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-4, abs=1e-6), k
+        else:
+            assert not any(same)
+
+
+def test_running_mean_distance_follows_its_ema_and_eval_uses_it():
+    q = quantizer(ba_temperature="relative", marginal_decay=0.9).train()
+    assert math.isnan(float(q.mean_distance))
+    z1, z2 = latents(seed=1), latents(seed=2, scale=2.0)
+    d1 = float(vqvae.mean_pair_distance(vqvae._flatten_latents(z1), q.codebook.detach()))
+    q(z1)
+    assert float(q.mean_distance) == pytest.approx(d1)
+    d2 = float(vqvae.mean_pair_distance(vqvae._flatten_latents(z2), q.codebook.detach()))
+    q(z2)
+    assert float(q.mean_distance) == pytest.approx(0.9 * d1 + 0.1 * d2)
+    _, _, info = q.eval()(latents(seed=3, scale=5.0))                 # eval: the running value, not the batch's
+    assert float(info["beta_effective"]) == pytest.approx(float(q.beta) / (0.9 * d1 + 0.1 * d2))
+
+
+def test_mean_pair_distance_equals_the_mean_of_the_distance_matrix():
+    g = torch.Generator().manual_seed(0)
+    z, E = torch.randn(13, 5, generator=g, dtype=torch.float64) + 3.0, torch.randn(7, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(vqvae.mean_pair_distance(z, E), vqvae.squared_distances(z, E).mean())
+
+
+# ----------------------------------------------------------------------------- the decoder input
+
+@pytest.mark.parametrize("t,lam", [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)])
+def test_decoder_input_soft_hard_and_annealed(t, lam):
+    """Training decoder input: soft = P.E (the default), hard = the argmax-P code, anneal =
+    (1 - lam) P.E + lam x hard code with lam on beta's cosine schedule; eval: always the hard code."""
+    z = latents()
+    out = {}
+    for mode in ("soft", "hard", "anneal"):
+        q = quantizer(ba_decoder_input=mode).train()
+        q.set_schedule(t)
+        z_q, _, info = q(z)
+        out[mode] = (z_q.detach(), info)
+        if mode == "anneal":
+            assert q.extra_metrics()["hard_weight"] == pytest.approx(lam)
+    E = quantizer().codebook.detach()
+    hard = E[out["hard"][1]["code_indices"]].permute(0, 3, 1, 2)      # (B, D, H, W)
+    q = quantizer().train()
+    q.set_schedule(t)
+    soft = q(z)[0].detach()                                            # the default is soft
+    torch.testing.assert_close(out["soft"][0], soft)
+    torch.testing.assert_close(out["hard"][0], hard)
+    torch.testing.assert_close(out["anneal"][0], (1 - lam) * soft + lam * hard)
+    assert not torch.allclose(soft, hard, atol=1e-3)
+    for mode in ("soft", "hard", "anneal"):                            # eval is the hard code whatever the mode
+        q = quantizer(ba_decoder_input=mode).eval()
+        z_q, _, info = q(z)
+        torch.testing.assert_close(z_q, E[info["code_indices"]].permute(0, 3, 1, 2))
+
+
+def test_hard_decoder_input_passes_the_decoder_gradient_straight_through():
+    q = quantizer(ba_decoder_input="hard").train()
+    z = latents().requires_grad_(True)
+    z_q, _, _ = q(z)
+    w = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))
+    (w * z_q).sum().backward()
+    torch.testing.assert_close(z.grad, w)
+
+
+# ----------------------------------------------------------------------------- options: off by default, change behaviour
+
+def test_options_are_off_by_default():
+    cfg = vqvae.Config()
+    assert (cfg.ba_temperature, cfg.ba_decoder_input, cfg.ba_codebook_loss, cfg.ba_prior) == \
+        ("absolute", "soft", "mixture", "batch")
+    q = vqvae.build_model(vqvae.make_config({"quantizer": "ba_vq", "codebook_size": 8, "latent_dim": 4,
+                                             "hidden_dim": 4})).quantizer
+    assert (q.ba_temperature, q.ba_decoder_input, q.ba_codebook_loss) == ("absolute", "soft", "mixture")
+    assert "mean_distance" not in dict(q.named_buffers())
+
+
+@pytest.mark.parametrize("option", list(OPTIONS) + ["anneal"])
+def test_each_option_changes_behaviour(option):
+    """One training step from the same state: the decoder input, a loss or the codebook's gradient differ."""
+    kw = {"ba_decoder_input": "anneal"} if option == "anneal" else {option: OPTIONS[option]}
+
+    def step(**kw):
+        q = quantizer(**kw).train()
+        q.set_schedule(0.3)
+        z = latents().requires_grad_(True)
+        z_q, losses, _ = q(z)
+        sum(losses.values()).backward()
+        return z_q.detach(), torch.stack([v.detach() for v in losses.values()]), q.codebook.grad.clone()
+    base, new = step(), step(**kw)
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(base, new))
+
+
+@pytest.mark.parametrize("option", ["ba_temperature", "ba_decoder_input", "ba_codebook_loss"])
+def test_unknown_option_values_are_refused(option):
+    with pytest.raises(vqvae.BavqError, match=option):
+        vqvae.make_config({"quantizer": "ba_vq", option: "bogus"}).validate()
+
+
+# ----------------------------------------------------------------------------- fused == reference
+
+@pytest.mark.parametrize("temperature", ["absolute", "relative"])
+@pytest.mark.parametrize("cb_loss", ["mixture", "expected"])
+@pytest.mark.parametrize("decoder_input", ["soft", "anneal"])
+@pytest.mark.parametrize("chunk_rows", [0, 7])
+def test_fused_equals_autograd_with_the_options(temperature, cb_loss, decoder_input, chunk_rows):
+    """Float64: outputs, codes, losses, diagnostics and the gradients of z and the codebook agree."""
+    out = {}
+    for impl in ("autograd", "fused"):
+        q = quantizer(K=12, D=5, ba_impl=impl, ba_iterations=4, ba_chunk_rows=chunk_rows, ba_temperature=temperature,
+                      ba_codebook_loss=cb_loss, ba_decoder_input=decoder_input, entropy_cost=0.3).double().train()
+        q.set_schedule(0.4)
+        z = latents(D=5, H=3, W=5, dtype=torch.float64).requires_grad_(True)
+        z_q, losses, info = q(z)
+        w = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        ((w * z_q).sum() + sum(losses.values())).backward()
+        out[impl] = (z_q.detach(), losses, info, z.grad.clone(), q.codebook.grad.clone())
+    (zq_a, L_a, i_a, gz_a, ge_a), (zq_f, L_f, i_f, gz_f, ge_f) = out["autograd"], out["fused"]
+    torch.testing.assert_close(zq_f, zq_a)
+    assert torch.equal(i_f["code_indices"], i_a["code_indices"])
+    for k in L_a:
+        torch.testing.assert_close(L_f[k].detach(), L_a[k].detach())
+    for k in DIAGNOSTICS:
+        torch.testing.assert_close(i_f[k].double(), i_a[k].double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gz_f, gz_a)
+    torch.testing.assert_close(ge_f, ge_a)
+
+
+# ----------------------------------------------------------------------------- diagnostics reach the history
+
+def test_training_epochs_and_validation_report_the_diagnostics(tmp_path):
+    from conftest import tiny_config
+    import json
+    cfg = tiny_config(quantizer="ba_vq", out_dir=str(tmp_path), epochs=2, checkpoint_every=0)
+    vqvae.train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / cfg.resolved_name() / "history.jsonl").read_text().splitlines()]
+    for row in rows:
+        for k in DIAGNOSTICS:
+            assert math.isfinite(row[f"train/{k}"]) and math.isfinite(row[f"val/{k}"]), k
+        assert row["train/assignment_max"] <= 1.0 and row["train/logit_gap"] >= 0
+    # the epoch's mean beta_effective lies between the schedule's ends
+    assert cfg.beta_start < rows[0]["train/beta_effective"] < rows[1]["train/beta_effective"] < cfg.beta_end
+
+
+# ----------------------------------------------------------------------------- the reduced protocol's configs
+
+REDUCED = sorted((ROOT / "configs").glob("reduced*.yaml"))
+
+
+def test_the_reduced_configs_exist():
+    assert {p.name for p in REDUCED} >= {"reduced.yaml", "reduced_vq_ema_best.yaml", "reduced_ba_vq_best.yaml"}
+
+
+@pytest.mark.parametrize("path", REDUCED, ids=lambda p: p.name)
+def test_reduced_config_loads_validates_and_runs_one_step(path, tmp_path):
+    """The protocol's model, codebook and optimiser settings exactly; generated images stand in for
+    CIFAR-10, one training step and a small validation."""
+    given = vqvae.load_yaml_config(path)
+    cfg = vqvae.make_config({**given, "dataset": "fake", "train_subset": given.get("batch_size", 128),
+                             "val_subset": 64, "epochs": given.get("pretrain_epochs", 0) + 1,
+                             "out_dir": str(tmp_path), "wandb": False, "progress": False, "device": "cpu"}).validate()
+    assert (cfg.codebook_size, cfg.latent_dim, cfg.hidden_dim, cfg.batch_size, cfg.lr) == (512, 64, 64, 128, 1e-3)
+    m = vqvae.train(cfg)
+    assert math.isfinite(m["psnr"]) and m["psnr"] > 0
