@@ -86,7 +86,7 @@ class Config:
     # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
     commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq, simvq, lfq, rvq)
     decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
-    epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0)
+    epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ba_vq --ba_codebook_update ema)
     ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
     ema_smoothing: str = "overwrite"  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
@@ -114,6 +114,7 @@ class Config:
     ba_temperature: str = "absolute"  # beta multiplies: absolute d(x,k) (original code) | relative d / d-bar, d-bar the batch's mean distance (scale-free)
     ba_decoder_input: str = "soft"   # training decoder input: soft P.E (original code) | hard (argmax-P code) | anneal ((1-lam) P.E + lam hard, lam 0 -> 1 like beta)
     ba_codebook_loss: str = "mixture"  # codebook term: mixture mse(sg[z], P.E) | expected sum_k P(k|x) |sg[z] - e_k|^2 / D (BA's centroid step)
+    ba_codebook_update: str = "gradient"  # codebook learned by: gradient (original code) | ema (soft VQ-EMA: EMA of soft counts and sums, decay, epsilon)
     ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
     ba_chunk_rows: int = 0           # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
@@ -471,6 +472,7 @@ BA_PRIORS = ("batch", "ema")
 BA_TEMPERATURES = ("absolute", "relative")
 BA_DECODER_INPUTS = ("soft", "hard", "anneal")
 BA_CODEBOOK_LOSSES = ("mixture", "expected")
+BA_CODEBOOK_UPDATES = ("gradient", "ema")
 CODEBOOK_INITS = ("uniform", "normal", "unit_sphere", "kmeans", "data")
 DATA_INITS = ("kmeans", "data")          # computed from encoder outputs by init_from_data before quantized training
 CVQ_ANCHORS = ("closest", "random", "probrandom")
@@ -681,6 +683,7 @@ class CodebookQuantizer(Quantizer):
     has_codebook = True
     cvq = False
     affine = "off"
+    ema_codes = False                     # the forward rewrites the codebook after using it (BA-VQ's soft EMA)
 
     def _setup_cvq(self, cvq: bool, anchor: str, decay: float, gain: float, offset: float) -> None:
         if anchor not in CVQ_ANCHORS:
@@ -771,8 +774,8 @@ class CodebookQuantizer(Quantizer):
         """The codes in use (K, D): the codebook, reparameterised (affine) and normalised (cosine) when
         asked; a copy with CVQ, whose update after the forward must not change what the backward sees."""
         E = _at_least_f32(self.codebook)                              # (K, D)
-        if self.cvq:
-            E = E.clone()                 # CVQ rewrites the codebook in place after the forward
+        if self.cvq or self.ema_codes:
+            E = E.clone()                 # CVQ / the soft EMA rewrite the codebook in place after the forward
         if self.affine != "off":
             scale, shift = self.affine_params()
             E = E * scale + shift                                     # c_k = scale * e_k + shift
@@ -1089,7 +1092,21 @@ class BAQuantizer(CodebookQuantizer):
 
     Departures from the original code: the original clamps Q at 1e-10 before taking its log; in log
     space no floor is needed, so codes with Q < 1e-10 keep their exact (tiny) mass.
-    Options (off by default): see ``CodebookQuantizer`` (usage for dead codes = hard argmax counts).
+    Options (off by default): see ``CodebookQuantizer`` (usage for dead codes = hard argmax counts), and
+    these, whose reasoning and measured effect are in the README ("A fair BA-VQ"):
+      ``ba_temperature relative``: beta multiplies d / d-bar, d-bar the mean distance over the batch's
+          (latent, code) pairs (sg[.]; evaluation: its running mean, decay ``marginal_decay``), so the
+          assignments do not depend on the scale of the latents (``_effective_beta``).
+      ``ba_decoder_input hard | anneal``: the training decoder input is the hard code E[argmax_k P]
+          (as in evaluation) or (1 - lam) P.E + lam E[argmax_k P], lam following beta's cosine shape
+          from 0 to 1; straight-through either way. Removes the train (soft) / eval (hard) mismatch.
+      ``ba_codebook_loss expected``: the codebook term is the expected distortion
+          sum_x sum_k P(k|x) |sg[z_x] - e_k|^2 / (N D) at fixed P (``expected_distortion``): each code
+          moves toward the latents softly assigned to it, instead of every code along the same
+          direction (the mixture term's gradient P(k|x) (P.E - z_x) is shared by all codes).
+      ``ba_codebook_update ema``: no codebook gradient; after each training step the codes become
+          EMA soft centroids (``_soft_ema_update``), VQ-EMA's update with P in place of hard counts.
+    Diagnostics (``train_metrics``, also in evaluation; ``_diagnostics``): the regime of P per epoch.
 
     Two implementations of the same maths (``ba_impl``): ``autograd`` runs ``blahut_arimoto`` above
     and lets autograd differentiate it (the reference); ``fused`` (the default) runs ``_FusedBA``
@@ -1104,10 +1121,15 @@ class BAQuantizer(CodebookQuantizer):
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
+        problems = []
         used = remedies_in_use(cfg, ("sync_nu", "alternate_lr"))
         if used:
-            return [f"{', '.join(used)} apply to vq's hard codes, not to ba_vq, whose decoder input is the soft P.E"]
-        return []
+            problems.append(f"{', '.join(used)} apply to vq's hard codes, not to ba_vq, whose decoder input is the soft P.E")
+        used = remedies_in_use(cfg, ("cvq", "affine_reparam"))
+        if cfg.ba_codebook_update == "ema" and used:
+            problems.append(f"{', '.join(used)} act on a codebook learned by gradient, but --ba_codebook_update ema "
+                            "recomputes the codes from their EMA sums every step (use --ba_codebook_update gradient)")
+        return problems
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  beta_start: float = 0.1, beta_end: float = 5.0, ba_iterations: int = 5,
@@ -1115,24 +1137,33 @@ class BAQuantizer(CodebookQuantizer):
                  init: str = "uniform", cosine: bool = False, gradient_estimator: str = "ste",
                  dead_code_threshold: float = 0.0, ba_impl: str = "fused", ba_chunk_rows: int = 0,
                  ba_prior: str = "batch", marginal_decay: float = 0.99, ba_temperature: str = "absolute",
-                 ba_decoder_input: str = "soft", ba_codebook_loss: str = "mixture", cvq: bool = False, cvq_anchor: str = "closest",
+                 ba_decoder_input: str = "soft", ba_codebook_loss: str = "mixture", ba_codebook_update: str = "gradient",
+                 epsilon: float = 1e-5, cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
                  affine_momentum: float = 0.1, affine_lr: float = 1.0):
         super().__init__()
         for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS),
                                      ("ba_temperature", ba_temperature, BA_TEMPERATURES),
                                      ("ba_decoder_input", ba_decoder_input, BA_DECODER_INPUTS),
-                                     ("ba_codebook_loss", ba_codebook_loss, BA_CODEBOOK_LOSSES)):
+                                     ("ba_codebook_loss", ba_codebook_loss, BA_CODEBOOK_LOSSES),
+                                     ("ba_codebook_update", ba_codebook_update, BA_CODEBOOK_UPDATES)):
             if value not in options:
                 raise BavqError(f"{name} '{value}' is unknown (choose from {', '.join(options)}).")
         self.ba_impl, self.ba_chunk_rows, self.ba_prior, self.marginal_decay = ba_impl, ba_chunk_rows, ba_prior, marginal_decay
         self.ba_temperature, self.ba_decoder_input, self.ba_codebook_loss = ba_temperature, ba_decoder_input, ba_codebook_loss
+        self.ba_codebook_update, self.epsilon = ba_codebook_update, epsilon
+        self.ema_codes = ba_codebook_update == "ema"
         self.hard_weight = 0.0                                           # lam of --ba_decoder_input anneal
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
         self.beta_start, self.beta_end, self.ba_iterations = beta_start, beta_end, ba_iterations
-        self.codebook = nn.Parameter(codebook)                           # E, (K, D)
+        if ba_codebook_update == "ema":                                  # E, (K, D), from its EMA sums
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))  # N, soft counts (K,): 1 each
+            self.register_buffer("ema_w", codebook.clone())                       # m = N x code, (K, D)
+        else:
+            self.codebook = nn.Parameter(codebook)                       # E, (K, D), learned by gradient
         self.register_buffer("beta", torch.tensor(float(beta_start)))    # current inverse temperature
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
         self.register_buffer("log_q_bar", torch.full((num_embeddings,), -math.log(num_embeddings)))  # log Q-bar (K,)
@@ -1179,7 +1210,9 @@ class BAQuantizer(CodebookQuantizer):
                 "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, a["z_q_soft"].detach()),
                 "entropy_loss": -self.entropy_cost * entropy,
             }
-            if self.codebook_cost > 0 and self.ba_codebook_loss == "expected":
+            if self.ema_codes:                                            # the codebook is not learned by gradient
+                losses["codebook_loss"] = torch.zeros((), device=z.device)
+            elif self.codebook_cost > 0 and self.ba_codebook_loss == "expected":
                 losses["codebook_loss"] = self.codebook_cost * expected_distortion(z_flat.detach(), E, a["counts"],
                                                                                    a["sums"])
             elif self.codebook_cost > 0:
@@ -1190,6 +1223,8 @@ class BAQuantizer(CodebookQuantizer):
             if self.training:
                 self._track(z_flat, stats["code_counts"])
                 self._cvq_step(z_flat, stats["code_counts"])
+                if self.ema_codes:
+                    self._soft_ema_update(a["counts"], a["sums"])
             z_q_flat = self._decoder_input(a["z_q_soft"], E[indices])     # (N, D)
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats,
@@ -1200,6 +1235,35 @@ class BAQuantizer(CodebookQuantizer):
             h_q_bar = -(self.log_q_bar.double().exp() * self.log_q_bar.double()).sum()
             info["mutual_information_bits"] = ((h_q_bar - a["cond_entropy"]) / math.log(2.0)).float()
         return z_q, losses, info
+
+    @torch.no_grad()
+    def _soft_ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """--ba_codebook_update ema: VQ-EMA's update (van den Oord et al. 2017, App. A.1) with the soft
+        counts n_k = sum_x P(k|x) and sums m_k = sum_x P(k|x) z_x of this step's final P:
+        N <- decay N + (1 - decay) n,  m <- decay m + (1 - decay) m_step,  e = m / N~ with N~ Sonnet's
+        Laplace-smoothed copy of N. It is the codebook step of BA / deterministic annealing (each code
+        at the centroid of its soft assignments) as a running average; hard P gives VQ-EMA's update."""
+        K, w = self.num_embeddings, self.decay
+        self.ema_cluster_size.mul_(w).add_(counts.float(), alpha=1.0 - w)
+        self.ema_w.mul_(w).add_(sums.float(), alpha=1.0 - w)
+        n = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~
+        codebook = self.ema_w / smoothed[:, None]
+        self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
+
+    def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
+        super()._reset_usage(dead, new)
+        if self.ema_codes:                          # restarted codes: EMA count T, sum T x code (as VQ-EMA)
+            T = self.dead_code_threshold
+            self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, T), self.ema_cluster_size))
+            self.ema_w.copy_(torch.where(dead[:, None], new * T, self.ema_w))
+
+    @torch.no_grad()
+    def load_codes(self, codes: torch.Tensor, counts_per_step: torch.Tensor) -> None:
+        super().load_codes(codes, counts_per_step)
+        if self.ema_codes:
+            self.ema_cluster_size.copy_(counts_per_step)
+            self.ema_w.copy_(codes * counts_per_step[:, None])            # count x code
 
     def _decoder_input(self, z_q_soft: torch.Tensor, z_hard: torch.Tensor) -> torch.Tensor:
         """What the decoder sees: in eval always the hard code; in training P.E (soft), the hard code
@@ -1246,13 +1310,13 @@ class BAQuantizer(CodebookQuantizer):
         codebook term (P' from sg[z]), log_q: log Q_T (K,), indices: argmax_k P (N,), counts: sum_x P (K,)
         and sums: P^T sg[z] (K, D) for the expected codebook term (sg[P]), diag: the diagnostics' sums (5,)}."""
         log_q0 = self.log_q_bar.to(z_flat.dtype) if self.ba_prior == "ema" else None
-        expected = self.codebook_cost > 0 and self.ba_codebook_loss == "expected"
+        expected = self.codebook_cost > 0 and self.ba_codebook_loss == "expected" and not self.ema_codes
         N = z_flat.shape[0]
         if self.ba_impl == "fused":
             # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
             z_q_soft, log_q, indices, diag, sums = ba_soft_quantize(
                 z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows, self._ba_kernels, log_q0,
-                full=True, centroid_sums=expected)
+                full=True, centroid_sums=expected or self.ema_codes)
             counts = (log_q.detach() + math.log(N)).exp()                 # sum_x P_T(k|x) = N Q_T(k)
             return {"z_q_soft": z_q_soft, "z_q_cb": z_q_soft, "log_q": log_q, "indices": indices,
                     "counts": counts, "sums": sums, "diag": diag}
@@ -1260,7 +1324,8 @@ class BAQuantizer(CodebookQuantizer):
         log_p, log_q = blahut_arimoto(d, beta, self.ba_iterations, log_q0)  # (N, K), (K,)
         z_q_soft = log_p.exp() @ E                                        # (N, D)
         z_q_cb = z_q_soft
-        if (self.codebook_cost > 0 and not expected and torch.is_grad_enabled() and z_flat.requires_grad):
+        if (self.codebook_cost > 0 and not expected and not self.ema_codes and torch.is_grad_enabled()
+                and z_flat.requires_grad):
             # P' from sg[z]: same values as P, but no path back into the encoder.
             log_p_sg, _ = blahut_arimoto(squared_distances(z_flat.detach(), E), beta, self.ba_iterations, log_q0)
             z_q_cb = log_p_sg.exp() @ E                                   # (N, D)
@@ -2437,6 +2502,7 @@ def field_choices() -> dict:
     return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
             "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS, "ba_prior": BA_PRIORS,
             "ba_temperature": BA_TEMPERATURES, "ba_decoder_input": BA_DECODER_INPUTS, "ba_codebook_loss": BA_CODEBOOK_LOSSES,
+            "ba_codebook_update": BA_CODEBOOK_UPDATES,
             "cvq_anchor": CVQ_ANCHORS, "affine_reparam": AFFINE_MODES,
             "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
 

@@ -11,7 +11,8 @@ import vqvae
 from vqvae import BAQuantizer
 from conftest import ROOT
 
-OPTIONS = {"ba_temperature": "relative", "ba_decoder_input": "hard", "ba_codebook_loss": "expected"}
+OPTIONS = {"ba_temperature": "relative", "ba_decoder_input": "hard", "ba_codebook_loss": "expected",
+           "ba_codebook_update": "ema"}
 DIAGNOSTICS = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
                "marginal_entropy_bits", "beta_effective")
 
@@ -26,6 +27,8 @@ def quantizer(K=10, D=6, seed=0, **kw):
     q = BAQuantizer(K, D, **kw)
     with torch.no_grad():                     # codes at the latents' scale, so assignments are not uniform
         q.codebook.copy_(torch.randn(K, D, generator=torch.Generator().manual_seed(seed + 7)) * 0.5)
+        if q.ema_codes:
+            q.ema_w.copy_(q.codebook)                  # EMA count 1, sum = the code
     return q
 
 
@@ -202,12 +205,12 @@ def test_hard_decoder_input_passes_the_decoder_gradient_straight_through():
 
 def test_options_are_off_by_default():
     cfg = vqvae.Config()
-    assert (cfg.ba_temperature, cfg.ba_decoder_input, cfg.ba_codebook_loss, cfg.ba_prior) == \
-        ("absolute", "soft", "mixture", "batch")
+    assert (cfg.ba_temperature, cfg.ba_decoder_input, cfg.ba_codebook_loss, cfg.ba_codebook_update, cfg.ba_prior) == \
+        ("absolute", "soft", "mixture", "gradient", "batch")
     q = vqvae.build_model(vqvae.make_config({"quantizer": "ba_vq", "codebook_size": 8, "latent_dim": 4,
                                              "hidden_dim": 4})).quantizer
     assert (q.ba_temperature, q.ba_decoder_input, q.ba_codebook_loss) == ("absolute", "soft", "mixture")
-    assert "mean_distance" not in dict(q.named_buffers())
+    assert "mean_distance" not in dict(q.named_buffers()) and isinstance(q.codebook, torch.nn.Parameter)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS) + ["anneal"])
@@ -221,12 +224,13 @@ def test_each_option_changes_behaviour(option):
         z = latents().requires_grad_(True)
         z_q, losses, _ = q(z)
         sum(losses.values()).backward()
-        return z_q.detach(), torch.stack([v.detach() for v in losses.values()]), q.codebook.grad.clone()
+        cb = q.codebook.grad.clone() if q.codebook.grad is not None else q.codebook.detach().clone()
+        return z_q.detach(), torch.stack([v.detach() for v in losses.values()]), cb
     base, new = step(), step(**kw)
     assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(base, new))
 
 
-@pytest.mark.parametrize("option", ["ba_temperature", "ba_decoder_input", "ba_codebook_loss"])
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_unknown_option_values_are_refused(option):
     with pytest.raises(vqvae.BavqError, match=option):
         vqvae.make_config({"quantizer": "ba_vq", option: "bogus"}).validate()
@@ -297,3 +301,65 @@ def test_reduced_config_loads_validates_and_runs_one_step(path, tmp_path):
     assert (cfg.codebook_size, cfg.latent_dim, cfg.hidden_dim, cfg.batch_size, cfg.lr) == (512, 64, 64, 128, 1e-3)
     m = vqvae.train(cfg)
     assert math.isfinite(m["psnr"]) and m["psnr"] > 0
+
+
+# ----------------------------------------------------------------------------- the soft EMA codebook
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+def test_soft_ema_update_equals_its_definition(impl):
+    """One training step: the output uses the codes before the step; then N = decay N0 + (1 - decay) n,
+    m = decay m0 + (1 - decay) P^T z, e = m / N~ (Laplace-smoothed copy), with P the reference BA's
+    final assignments (N0 = 1, m0 = the initial codes). The codebook is a buffer, not a parameter."""
+    q = quantizer(ba_codebook_update="ema", ba_impl=impl, decay=0.8, epsilon=0.1, ba_iterations=3).train()
+    assert "codebook" not in dict(q.named_parameters())
+    q.set_schedule(0.7)
+    E0 = q.codebook.clone()
+    z = latents()
+    z_flat = vqvae._flatten_latents(z)
+    log_p, _ = vqvae.blahut_arimoto(vqvae.squared_distances(z_flat, E0), float(q.beta), 3)
+    P = log_p.exp()
+    z_q, losses, _ = q(z)
+    torch.testing.assert_close(z_q, (P @ E0).reshape(2, 3, 4, 6).permute(0, 3, 1, 2))   # soft, old codes
+    N = 0.8 * torch.ones(10) + 0.2 * P.sum(0)
+    m = 0.8 * E0 + 0.2 * P.t() @ z_flat
+    smoothed = (N + 0.1) / (N.sum() + 10 * 0.1) * N.sum()
+    torch.testing.assert_close(q.codebook, m / smoothed[:, None])
+    torch.testing.assert_close(q.ema_cluster_size, N)
+    assert float(losses["codebook_loss"]) == 0.0                       # no codebook term: nothing to learn by gradient
+
+
+def test_soft_ema_with_sharp_assignments_is_vq_ema():
+    """beta -> infinity makes P one-hot at the nearest code: three steps of the soft EMA equal VQ-EMA
+    with the same start state (EMA counts 1, sums = the codes) and Sonnet's smoothing."""
+    ba = quantizer(ba_codebook_update="ema", ba_iterations=2).train()
+    ema = vqvae.VQEMAQuantizer(10, 6, ema_init_count=1.0, ema_smoothing="copy").train()
+    with torch.no_grad():
+        ema.codebook.copy_(ba.codebook)
+        ema.ema_w.copy_(ba.codebook)
+    for step in range(3):
+        ba.beta.fill_(1e6)
+        z = latents(seed=10 + step)
+        _, _, i_ba = ba(z)
+        _, _, i_ema = ema(z)
+        assert torch.equal(i_ba["code_indices"], i_ema["code_indices"])
+        torch.testing.assert_close(ba.codebook, ema.codebook)
+
+
+def test_soft_ema_restart_and_data_init_set_count_and_sum():
+    q = quantizer(ba_codebook_update="ema", dead_code_threshold=0.5).train()
+    codes = torch.randn(10, 6, generator=torch.Generator().manual_seed(2))
+    counts = torch.arange(10.0)
+    q.load_codes(codes, counts)
+    torch.testing.assert_close(q.ema_w, codes * counts[:, None])
+    torch.testing.assert_close(q.ema_cluster_size, counts)
+    q(latents())
+    dead = q.restart_dead_codes()
+    assert dead.any()
+    torch.testing.assert_close(q.ema_cluster_size[dead], torch.full((int(dead.sum()),), 0.5))
+    torch.testing.assert_close(q.ema_w[dead], 0.5 * q.codebook[dead])
+
+
+@pytest.mark.parametrize("remedy", [{"cvq": True}, {"affine_reparam": "ema"}])
+def test_soft_ema_refuses_gradient_codebook_remedies(remedy):
+    with pytest.raises(vqvae.BavqError, match="ba_codebook_update"):
+        vqvae.make_config({"quantizer": "ba_vq", "ba_codebook_update": "ema", **remedy}).validate()
