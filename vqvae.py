@@ -1099,7 +1099,8 @@ class BAQuantizer(CodebookQuantizer):
           assignments do not depend on the scale of the latents (``_effective_beta``).
       ``ba_decoder_input hard | anneal``: the training decoder input is the hard code E[argmax_k P]
           (as in evaluation) or (1 - lam) P.E + lam E[argmax_k P], lam following beta's cosine shape
-          from 0 to 1; straight-through either way. Removes the train (soft) / eval (hard) mismatch.
+          from 0 to 1; straight-through either way, and the commitment term pulls z toward that input
+          (VQ-VAE's commitment to z_q). Removes the train (soft) / eval (hard) mismatch.
       ``ba_codebook_loss expected``: the codebook term is the expected distortion
           sum_x sum_k P(k|x) |sg[z_x] - e_k|^2 / (N D) at fixed P (``expected_distortion``): each code
           moves toward the latents softly assigned to it, instead of every code along the same
@@ -1206,8 +1207,9 @@ class BAQuantizer(CodebookQuantizer):
                 a = self._assign_each(z_flat, E, beta)
             log_q, indices = a["log_q"], a["indices"]
             entropy = -(log_q.exp() * log_q).sum()                        # H(Q) (eval: H(Q-bar)), nats
+            z_q_flat = self._decoder_input(a["z_q_soft"], E[indices])     # (N, D), what the decoder sees
             losses = {
-                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, a["z_q_soft"].detach()),
+                "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, self._commitment_target(a, z_q_flat)),
                 "entropy_loss": -self.entropy_cost * entropy,
             }
             if self.ema_codes:                                            # the codebook is not learned by gradient
@@ -1225,7 +1227,6 @@ class BAQuantizer(CodebookQuantizer):
                 self._cvq_step(z_flat, stats["code_counts"])
                 if self.ema_codes:
                     self._soft_ema_update(a["counts"], a["sums"])
-            z_q_flat = self._decoder_input(a["z_q_soft"], E[indices])     # (N, D)
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats,
                 "beta": self.beta.detach().clone(), "entropy": entropy.detach(),
@@ -1264,6 +1265,11 @@ class BAQuantizer(CodebookQuantizer):
         if self.ema_codes:
             self.ema_cluster_size.copy_(counts_per_step)
             self.ema_w.copy_(codes * counts_per_step[:, None])            # count x code
+
+    def _commitment_target(self, a: dict, z_q_flat: torch.Tensor) -> torch.Tensor:
+        """sg[what the decoder sees in training] (VQ-VAE's commitment to z_q): P.E with the soft input
+        (the original code; in eval too, where the losses use the eval P), else the training decoder input."""
+        return (a["z_q_soft"] if (self.ba_decoder_input == "soft" or not self.training) else z_q_flat).detach()
 
     def _decoder_input(self, z_q_soft: torch.Tensor, z_hard: torch.Tensor) -> torch.Tensor:
         """What the decoder sees: in eval always the hard code; in training P.E (soft), the hard code

@@ -186,6 +186,11 @@ def test_decoder_input_soft_hard_and_annealed(t, lam):
     torch.testing.assert_close(out["hard"][0], hard)
     torch.testing.assert_close(out["anneal"][0], (1 - lam) * soft + lam * hard)
     assert not torch.allclose(soft, hard, atol=1e-3)
+    for mode in ("hard", "anneal"):                                    # the commitment is to what the decoder sees
+        q = quantizer(ba_decoder_input=mode, commitment_cost=0.3).train()
+        q.set_schedule(t)
+        z_q, losses, _ = q(z)
+        torch.testing.assert_close(losses["commitment_loss"], 0.3 * ((z - out[mode][0]) ** 2).mean())
     for mode in ("soft", "hard", "anneal"):                            # eval is the hard code whatever the mode
         q = quantizer(ba_decoder_input=mode).eval()
         z_q, _, info = q(z)
