@@ -47,8 +47,9 @@ def test_shipped_config_files_are_valid(path):
 def test_published_protocols_say_what_the_papers_used(path, expect):
     cfg = cli.config_from_args(["--config", str(ROOT / path)])
     assert {k: getattr(cfg, k) for k in expect} == expect
-    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == ["cvq_vae.yaml", "original_code.yaml",
-                                                                         "vqwae_sqvae.yaml"]
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == [   # the protocols, and the reduced one's
+        "cvq_vae.yaml", "original_code.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml", "reduced_vq_ema_best.yaml",
+        "vqwae_sqvae.yaml"]
 
 
 def test_mac_config_is_quick():
