@@ -820,6 +820,33 @@ class CodebookQuantizer(Quantizer):
         self.codebook.data.copy_(self._to_raw(codes).to(self.codebook.dtype))
         self.usage.copy_(counts_per_step.to(self.usage.dtype))
 
+    # EMA codebooks (VQ-EMA; BA-VQ --ba_codebook_update ema): buffers ema_cluster_size N (K,) and ema_w m (K, D)
+    @torch.no_grad()
+    def _ema_codebook_step(self, counts: torch.Tensor, sums: torch.Tensor, overwrite: bool) -> None:
+        """N <- decay N + (1 - decay) counts, m <- decay m + (1 - decay) sums, e = m / N~ with
+        N~ = (N + eps) / (sum N + K eps) * sum N (Laplace smoothing); ``overwrite`` stores N~ back as N
+        (the original code), else N stays raw (Sonnet); cosine: codes renormalised."""
+        K = self.num_embeddings
+        self.ema_cluster_size.mul_(self.decay).add_(counts.to(self.ema_cluster_size.dtype), alpha=1.0 - self.decay)
+        self.ema_w.mul_(self.decay).add_(sums.to(self.ema_w.dtype), alpha=1.0 - self.decay)
+        n = self.ema_cluster_size.sum()
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~
+        if overwrite:
+            self.ema_cluster_size.copy_(smoothed)
+        codebook = self.ema_w / smoothed[:, None]
+        self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
+
+    def _reset_ema(self, dead: torch.Tensor, new: torch.Tensor) -> None:
+        """Restarted codes: EMA count T, EMA sum T x code, so the next update starts from the code."""
+        T = self.dead_code_threshold
+        self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, T), self.ema_cluster_size))
+        self.ema_w.copy_(torch.where(dead[:, None], new * T, self.ema_w))
+
+    def _load_ema(self, codes: torch.Tensor, counts_per_step: torch.Tensor) -> None:
+        """Data-initialised codes: EMA count = cluster size per step, EMA sum = count x code."""
+        self.ema_cluster_size.copy_(counts_per_step)
+        self.ema_w.copy_(codes * counts_per_step[:, None])
+
 
 class VQEMAQuantizer(CodebookQuantizer):
     """Hard nearest-neighbour VQ with an exponential-moving-average codebook.
@@ -881,28 +908,17 @@ class VQEMAQuantizer(CodebookQuantizer):
         return self.ema_cluster_size
 
     def _reset_usage(self, dead, new):
-        T = self.dead_code_threshold
-        self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, T), self.ema_cluster_size))
-        self.ema_w.copy_(torch.where(dead[:, None], new * T, self.ema_w))
+        self._reset_ema(dead, new)
 
     @torch.no_grad()
     def load_codes(self, codes, counts_per_step):
         self.codebook.copy_(codes)
-        self.ema_cluster_size.copy_(counts_per_step)
-        self.ema_w.copy_(codes * counts_per_step[:, None])               # count x code
+        self._load_ema(codes, counts_per_step)
 
     @torch.no_grad()
     def _ema_update(self, z_flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        K = self.num_embeddings
         sums = torch.zeros_like(self.ema_w).index_add_(0, indices, z_flat)               # sum z_x, (K, D)
-        self.ema_cluster_size.mul_(self.decay).add_(counts.to(z_flat.dtype), alpha=1.0 - self.decay)
-        self.ema_w.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-        n = self.ema_cluster_size.sum()
-        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~
-        if self.ema_smoothing == "overwrite":                                            # the original code
-            self.ema_cluster_size.copy_(smoothed)
-        codebook = self.ema_w / smoothed[:, None]
-        self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
+        self._ema_codebook_step(counts, sums, overwrite=self.ema_smoothing == "overwrite")
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -1214,7 +1230,7 @@ class BAQuantizer(CodebookQuantizer):
             }
             if self.ema_codes:                                            # the codebook is not learned by gradient
                 losses["codebook_loss"] = torch.zeros((), device=z.device)
-            elif self.codebook_cost > 0 and self.ba_codebook_loss == "expected":
+            elif self._expected_term:
                 losses["codebook_loss"] = self.codebook_cost * expected_distortion(z_flat.detach(), E, a["counts"],
                                                                                    a["sums"])
             elif self.codebook_cost > 0:
@@ -1237,6 +1253,11 @@ class BAQuantizer(CodebookQuantizer):
             info["mutual_information_bits"] = ((h_q_bar - a["cond_entropy"]) / math.log(2.0)).float()
         return z_q, losses, info
 
+    @property
+    def _expected_term(self) -> bool:
+        """The codebook term is the expected distortion (needs sum_x P(k|x) z_x from the assignments)."""
+        return self.codebook_cost > 0 and self.ba_codebook_loss == "expected" and not self.ema_codes
+
     @torch.no_grad()
     def _soft_ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """--ba_codebook_update ema: VQ-EMA's update (van den Oord et al. 2017, App. A.1) with the soft
@@ -1244,27 +1265,18 @@ class BAQuantizer(CodebookQuantizer):
         N <- decay N + (1 - decay) n,  m <- decay m + (1 - decay) m_step,  e = m / N~ with N~ Sonnet's
         Laplace-smoothed copy of N. It is the codebook step of BA / deterministic annealing (each code
         at the centroid of its soft assignments) as a running average; hard P gives VQ-EMA's update."""
-        K, w = self.num_embeddings, self.decay
-        self.ema_cluster_size.mul_(w).add_(counts.float(), alpha=1.0 - w)
-        self.ema_w.mul_(w).add_(sums.float(), alpha=1.0 - w)
-        n = self.ema_cluster_size.sum()
-        smoothed = (self.ema_cluster_size + self.epsilon) / (n + K * self.epsilon) * n   # N~
-        codebook = self.ema_w / smoothed[:, None]
-        self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
+        self._ema_codebook_step(counts, sums, overwrite=False)
 
     def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
         super()._reset_usage(dead, new)
         if self.ema_codes:                          # restarted codes: EMA count T, sum T x code (as VQ-EMA)
-            T = self.dead_code_threshold
-            self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, T), self.ema_cluster_size))
-            self.ema_w.copy_(torch.where(dead[:, None], new * T, self.ema_w))
+            self._reset_ema(dead, new)
 
     @torch.no_grad()
     def load_codes(self, codes: torch.Tensor, counts_per_step: torch.Tensor) -> None:
         super().load_codes(codes, counts_per_step)
         if self.ema_codes:
-            self.ema_cluster_size.copy_(counts_per_step)
-            self.ema_w.copy_(codes * counts_per_step[:, None])            # count x code
+            self._load_ema(codes, counts_per_step)
 
     def _commitment_target(self, a: dict, z_q_flat: torch.Tensor) -> torch.Tensor:
         """sg[what the decoder sees in training] (VQ-VAE's commitment to z_q): P.E with the soft input
@@ -1314,9 +1326,10 @@ class BAQuantizer(CodebookQuantizer):
     def _ba(self, z_flat: torch.Tensor, E: torch.Tensor, beta):
         """Training: the BA iterations on the batch. Returns {z_q_soft: P.E, z_q_cb: P'.E for the mixture
         codebook term (P' from sg[z]), log_q: log Q_T (K,), indices: argmax_k P (N,), counts: sum_x P (K,)
-        and sums: P^T sg[z] (K, D) for the expected codebook term (sg[P]), diag: the diagnostics' sums (5,)}."""
+        and sums: P^T sg[z] (K, D) for the expected codebook term or the soft EMA (sg[P]; otherwise not
+        computed: None, or an empty tensor from the fused pass), diag: the diagnostics' sums (5,)}."""
         log_q0 = self.log_q_bar.to(z_flat.dtype) if self.ba_prior == "ema" else None
-        expected = self.codebook_cost > 0 and self.ba_codebook_loss == "expected" and not self.ema_codes
+        expected = self._expected_term
         N = z_flat.shape[0]
         if self.ba_impl == "fused":
             # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
@@ -1337,30 +1350,34 @@ class BAQuantizer(CodebookQuantizer):
             z_q_cb = log_p_sg.exp() @ E                                   # (N, D)
         with torch.no_grad():
             p = log_p.exp()
-            diag = torch.cat([distance_sums(d), assignment_sums(log_p)])
-            counts, sums = p.sum(0), p.t() @ z_flat                       # (K,), (K, D)
+            diag = torch.cat([distance_sums(d), assignment_sums(log_p, p)])
+            counts = p.sum(0)                                             # (K,)
+            sums = p.t() @ z_flat if expected or self.ema_codes else None  # (K, D)
         return {"z_q_soft": z_q_soft, "z_q_cb": z_q_cb, "log_q": log_q, "indices": log_p.argmax(dim=1),
                 "counts": counts, "sums": sums, "diag": diag}
 
     def _assign_each(self, z_flat: torch.Tensor, E: torch.Tensor, beta):
         """Evaluation: each latent on its own, P(k|x) = softmax_k(log Q-bar(k) - beta d(x,k)), in row
         chunks. Returns {z_q_soft: P.E (N, D), z_q_cb: the same, log_q: log Q-bar, indices: argmax_k P (N,),
-        cond_entropy: mean_x H(P(.|x)) in nats (0-dim, float64), counts, sums, diag (as ``_ba``)}."""
+        cond_entropy: mean_x H(P(.|x)) in nats (0-dim, float64), counts, sums (only for the expected
+        codebook term, else None), diag (as ``_ba``)}."""
         N = z_flat.shape[0]
         C = _ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows)
         log_q_bar = self.log_q_bar.to(z_flat.dtype)
+        expected = self._expected_term
         parts = []
         for s in range(0, N, C):
             d = squared_distances(z_flat[s:s + C], E)                                     # (C, K)
             log_p = torch.log_softmax(log_q_bar - beta * d, dim=1)                        # (C, K)
             p = exp_normal(log_p)
             parts.append((p @ E, log_p.argmax(dim=1), -(p * log_p).sum(1).double().sum(),  # float64: I(X;K) is a
-                          torch.cat([distance_sums(d), assignment_sums(log_p)]),          # small difference of
-                          p.sum(0), p.t() @ z_flat[s:s + C]))                             # entropies
-        return {"z_q_soft": torch.cat([p[0] for p in parts]), "indices": torch.cat([p[1] for p in parts]),
+                          torch.cat([distance_sums(d), assignment_sums(log_p, p)]),       # small difference of
+                          p.sum(0), p.t() @ z_flat[s:s + C] if expected else None))       # entropies
+        z_q_soft = torch.cat([p[0] for p in parts])                                       # (N, D)
+        return {"z_q_soft": z_q_soft, "z_q_cb": z_q_soft, "indices": torch.cat([p[1] for p in parts]),
                 "cond_entropy": sum(p[2] for p in parts) / N, "diag": sum(p[3] for p in parts),
-                "counts": sum(p[4] for p in parts), "sums": sum(p[5] for p in parts),
-                "log_q": log_q_bar, "z_q_cb": torch.cat([p[0] for p in parts])}
+                "counts": sum(p[4] for p in parts), "sums": sum(p[5] for p in parts) if expected else None,
+                "log_q": log_q_bar}
 
 
 def mean_pair_distance(z_flat: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
@@ -1378,9 +1395,10 @@ def distance_sums(d: torch.Tensor) -> torch.Tensor:
     return torch.stack([d.sum(), two[:, 0].sum(), (two[:, 1] - two[:, 0]).sum()])
 
 
-def assignment_sums(log_p: torch.Tensor) -> torch.Tensor:
-    """(2,): over the rows of log P (c, K), the sums of H(P(.|x)) (nats) and of max_k P(k|x)."""
-    p = exp_normal(log_p)
+def assignment_sums(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """(2,): over the rows of log P (c, K), the sums of H(P(.|x)) (nats) and of max_k P(k|x);
+    ``p``: P itself when the caller has it (else exp(log P))."""
+    p = exp_normal(log_p) if p is None else p
     return torch.stack([-(p * log_p).sum(), log_p.max(dim=1).values.exp().sum()])
 
 
@@ -1431,8 +1449,7 @@ def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, l
     col = logsumexp_rows(L)                                                          # (K,)
     if last:
         P = exp_normal(L)
-        sums = torch.stack([-(P * L).sum(), L.max(dim=1).values.exp().sum()])      # = assignment_sums(L)
-        return col, P @ E, L.argmax(dim=1), sums, (P.t() @ z_c if z_c is not None else None)
+        return col, P @ E, L.argmax(dim=1), assignment_sums(L, P), (P.t() @ z_c if z_c is not None else None)
     return col, None, None, None, None
 
 
