@@ -1,32 +1,43 @@
 #!/usr/bin/env bash
-# One command for whoever has a CUDA GPU: the CUDA test tier, the benchmark (with host-sync counts),
-# and short real-data runs; every result is written under $OUT (default results/gpu_check).
+# The GPU check, for whoever is lent a CUDA GPU: the CUDA test tier, the benchmark of every quantizer
+# (with host-sync counts), BA-VQ and VQ-EMA at large K, the torch.compile and CUDA-graph paths, and the
+# 30-epoch real-data comparison of every quantizer (several runs at once on the one GPU). Everything is
+# written under $OUT (default results/gpu_check: at most 8 files); the docs' GPU tables are read from it.
 #
 #   bash gpu_check.sh DATA                 # DATA: CIFAR-10 in ImageFolder layout (train/, test/),
 #                                          # or a .tar.gz of it (extracted to a temporary folder)
-#   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench compile profile runs multigpu
-#   EPOCHS=30 bash gpu_check.sh DATA       # epochs of the real-data runs (default 30)
-#   BENCH_K=512 bash gpu_check.sh DATA     # codebook sizes of the benchmark (default 512 2048 8192)
+#   PARTS="tests bench" bash gpu_check.sh DATA   # only some parts: tests bench bigk compile runs multigpu
+#   BUDGET=540 bash gpu_check.sh DATA      # seconds for the whole check (default 560: one 10-minute command)
+#   EPOCHS=30 JOBS=8 bash gpu_check.sh DATA  # epochs of the real-data runs, and how many run at once
 #
-# Each part has its own time limit, so one failing or slow part does not stop the others; the log says
-# which part failed. Nothing here needs network or W&B.
+# Parts run in order of importance, each with its own time limit and never past the BUDGET deadline, so one
+# failing or slow part does not stop the others; the log says which part failed and how long each took.
+# A run cut short keeps its history.jsonl (one line per epoch).
+# Nothing here needs network or W&B.
 set -uo pipefail
 cd "$(dirname "$0")"
 DATA="${1:-data/cifar10-jpg}"
 OUT="${OUT:-results/gpu_check}"
-PARTS="${PARTS:-tests bench compile profile runs multigpu}"
+PARTS="${PARTS:-tests bench bigk compile runs multigpu}"
 EPOCHS="${EPOCHS:-30}"
+JOBS="${JOBS:-8}"
+BUDGET="${BUDGET:-560}"
 PY="${PYTHON:-python3}"
+QUANTIZERS="${QUANTIZERS:-vq_ema vq ba_vq fsq simvq sq_vae lfq rvq}"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
+DEADLINE=$((SECONDS + BUDGET))
 if [[ "$DATA" == *.tar.gz ]]; then
     dir="$(mktemp -d)"; tar -xzf "$DATA" -C "$dir"; DATA="$dir"
 fi
 
-part() {   # part NAME SECONDS COMMAND...
+part() {   # part NAME SECONDS COMMAND...   (the limit is cut to the time left before the deadline)
     local name="$1" limit="$2"; shift 2
     [[ " $PARTS " == *" $name "* ]] || return 0
+    local left=$((DEADLINE - SECONDS))
+    (( limit > left )) && limit=$left
+    if (( limit < 10 )); then echo "=== $name: skipped, budget spent" | tee -a "$LOG"; return 0; fi
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -39,41 +50,46 @@ part() {   # part NAME SECONDS COMMAND...
 
 # decode the image folder once (cached as .pt next to the data)
 "$PY" -c "import vqvae; vqvae.load_dataset(vqvae.make_config({'dataset': 'folder', 'data_dir': '$DATA', 'num_workers': 16}))" 2>&1 | tee -a "$LOG"
+echo "=== data decoded after $SECONDS s" | tee -a "$LOG"
 
-part tests 200 "$PY" -m pytest -q -rs -m cuda tests
-part bench 240 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --count_syncs --codebook_sizes ${BENCH_K:-512 2048 8192} \
-    --out "$OUT/benchmark_gpu.json"
-part compile 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
-    --out "$OUT/benchmark_gpu_compile.json"
-part compile 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
-    --set compile_mode=reduce-overhead --out "$OUT/benchmark_gpu_cudagraphs.json"
-part profile 90 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --profile 40 \
-    --out "$OUT/benchmark_gpu_profiled.json"
+part tests 150 "$PY" -m pytest -q -rs -m cuda tests
+# every quantizer at K=512, then BA-VQ and VQ-EMA at the large codebooks (K=16384 reports its peak memory)
+part bench 150 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --count_syncs --codebook_sizes 512 \
+    --quantizers $QUANTIZERS --out "$OUT/benchmark_gpu.json"
+part bigk 130 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes ${BIG_K:-8192 16384} \
+    --quantizers vq_ema ba_vq --out "$OUT/benchmark_gpu_bigk.json"
+# the 30-epoch comparison of every quantizer, JOBS runs at once on the one GPU
 RUNS="$(mktemp -d)"
-part runs 300 "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$RUNS" --name short \
-    --quantizer vq_ema ba_vq --epochs "$EPOCHS" --checkpoint_every 0 --no_wandb --no_progress
-part runs 200 "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$RUNS" --name remedies \
-    --quantizer vq_ema --init kmeans --dead_code_threshold 1 --dead_code_every 100 --epochs "$EPOCHS" \
-    --checkpoint_every 0 --no_wandb --no_progress
-part runs 120 "$PY" evaluate.py "$RUNS"
+run_one() { "$PY" train.py --dataset folder --data_dir "$DATA" --out_dir "$RUNS" --name "$1" --quantizer "$1" \
+    --epochs "$EPOCHS" --checkpoint_every 0 --no_wandb --no_progress > "$RUNS/$1.log" 2>&1; }
+export -f run_one; export PY DATA RUNS EPOCHS
+part runs 300 bash -c "printf '%s\n' $QUANTIZERS | xargs -P $JOBS -I{} bash -c 'run_one {}'"
 if [[ " $PARTS " == *" runs "* ]]; then
     "$PY" - "$RUNS" "$OUT/runs.json" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, sys, pathlib
 runs = {}
-for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
+for d in sorted(p for p in pathlib.Path(sys.argv[1]).iterdir() if p.is_dir()):
+    hist = d / "history.jsonl"
+    if not hist.exists():
+        continue
+    h = [{k: v for k, v in json.loads(l).items() if "code_counts" not in k}
+         for l in hist.read_text().splitlines() if l.strip()]
     f = d / "final_metrics.json"
-    if f.exists():
-        m = json.loads(f.read_text())
-        runs[d.name] = {k: v for k, v in m.items() if not k.endswith("code_counts")}
-        hist = d / "history.jsonl"
-        if hist.exists():
-            runs[d.name]["history"] = [{k: v for k, v in json.loads(l).items() if "code_counts" not in k}
-                                      for l in hist.read_text().splitlines() if l.strip()]
-        print(d.name, {k: runs[d.name].get(k) for k in ("epoch", "psnr", "ssim", "perplexity", "usage_rate", "dead_codes",
-                                                   "bits_per_image", "psnr_soft", "mutual_information_bits")})
+    final = {k: v for k, v in json.loads(f.read_text()).items() if not k.endswith("code_counts")} if f.exists() else None
+    runs[d.name] = {"final": final, "history": h}
+    last = h[-1] if h else {}
+    print(f"{d.name:8s} epochs {len(h):3d} {'finished' if final else 'cut short'}  "
+          f"PSNR {last.get('val/psnr', float('nan')):.2f}  perplexity {last.get('val/perplexity', float('nan')):.1f}  "
+          f"usage {last.get('val/usage_rate', float('nan')):.3f}  s/epoch {last.get('time_s', float('nan')):.2f}")
 pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
 PYEOF
+    tar -czf "$OUT/runs.tar.gz" -C "$RUNS" --exclude="*.pt" . 2>&1 | tee -a "$LOG"   # logs, histories, configs, pictures
 fi
+part compile 75 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
+    --out "$OUT/benchmark_gpu_compile.json"
+part compile 75 "$PY" benchmark.py --dataset folder --data_dir "$DATA" --codebook_sizes 512 --set compile=true \
+    --set compile_mode=reduce-overhead --out "$OUT/benchmark_gpu_cudagraphs.json"
+
 # one run on 2 GPUs (torchrun, NCCL) against the same run on 1 GPU: epoch time (target: >= 1.8x images/s)
 NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
 if [[ " $PARTS " == *" multigpu "* && "$NGPU" -ge 2 ]]; then
@@ -93,4 +109,4 @@ print(out)
 pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 PYEOF
 fi
-echo "results in $OUT" | tee -a "$LOG"
+echo "results in $OUT after $SECONDS s" | tee -a "$LOG"

@@ -67,7 +67,8 @@ def test_training_steps_on_the_cuda_runtime_are_finite(quantizer):
 def test_quantizer_codes_do_not_change_under_bf16_autocast(quantizer):
     """Same float32 latents in, with and without bf16 autocast: the quantizer's distances, BA and
     rounding run in float32, so the codes are identical."""
-    cfg = cuda_config(quantizer=quantizer, init="normal" if quantizer != "fsq" else "uniform")
+    extra = {"init": "normal"} if vqvae.QUANTIZERS[quantizer].has_codebook else {}   # the remedies' init
+    cfg = cuda_config(quantizer=quantizer, **extra)
     model = vqvae.build_model(cfg, DEV).eval()
     z = torch.randn(64, cfg.latent_dim, 8, 8, device=DEV, generator=torch.Generator(DEV).manual_seed(0))
     with torch.no_grad():
@@ -159,7 +160,9 @@ def test_device_data_path_matches_the_loader_path_on_cuda(quantizer):
 def test_no_per_step_host_syncs(quantizer):
     """torch.cuda.set_sync_debug_mode counts every host synchronisation: an epoch of 6 steps makes
     no more than an epoch of 3 (they are per epoch, not per step), remedies on."""
-    extra = {} if quantizer == "fsq" else dict(dead_code_threshold=0.5, dead_code_every=2, grad_clip=1.0)
+    extra = dict(grad_clip=1.0)
+    if vqvae.QUANTIZERS[quantizer].has_codebook:                          # dead-code restarts, where they apply
+        extra.update(dead_code_threshold=0.5, dead_code_every=2)
     cfg = cuda_config(quantizer=quantizer, progress_every=1000, **extra)
     train_u8, _ = vqvae.load_dataset(cfg)
     rt = vqvae.make_runtime(cfg, DEV)
