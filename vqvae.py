@@ -1,9 +1,10 @@
 """bavq: VQ-VAE on CIFAR-10 for studying codebook collapse.
 
-One module holds the method; read it top to bottom:
+This module is the method; read it top to bottom:
 
-    config       the Config dataclass: every setting, one comment each
-    data         CIFAR-10 / image folder / fake data as uint8 tensors
+    config       the Config dataclass (every setting, its allowed values and one comment each), its
+                 checking, YAML files
+    data         CIFAR-10 / image folder / generated images as uint8 tensors
     model        ResidualBlock, Encoder, Decoder, VQVAE
     quantizers   the Quantizer contract; the codebook remedies (init, restarts, CVQ, affine map); VQ-EMA,
                  VQ, BA-VQ (reference Blahut-Arimoto, then its fused fast path), FSQ, SimVQ, SQ-VAE, LFQ,
@@ -11,8 +12,9 @@ One module holds the method; read it top to bottom:
     metrics      perplexity, usage rate, PSNR, SSIM, rate (code entropy), Frechet distance
     training     train_epoch (one step in ~25 lines), validate, model/optimizer set-up
 
-and then, behind one banner, the experiment management: config checking and YAML, run directories,
-checkpoints and resume, interruption, W&B, pictures, ``train(cfg)``, sweeps.
+Running experiments is beside it: vqvae_experiment.py (run directories, checkpoints and resume, the
+run lock, stop signals, torchrun, W&B, pictures, ``train(cfg)``, ``load_run``, ``evaluate_run``) and
+vqvae_grid.py (grids of runs, shards, summaries). Their public names are reachable as ``vqvae.NAME``.
 
 Conventions
 -----------
@@ -25,19 +27,13 @@ Conventions
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import inspect
-import io
-import itertools
-import json
 import math
 import os
 import random
-import signal
 import socket
 import sys
-import time
 import typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -58,6 +54,15 @@ class BavqError(Exception):
 # =============================================================================
 
 
+def setting(default, *, choices=None, at_least=None, above=None, below=None, at_most=None):
+    """A Config field with its allowed values next to it: ``choices`` (a tuple, or a function giving one
+    for a registry defined further down), and numeric bounds at_least <= v, above < v, v < below,
+    v <= at_most. ``config_problems`` checks them all."""
+    rules = {k: v for k, v in dict(choices=choices, at_least=at_least, above=above, below=below,
+                                     at_most=at_most).items() if v is not None}
+    return field(default=default, metadata=rules)
+
+
 @dataclass
 class Config:
     """Every setting of a run. Defaults < YAML file (--config) < command-line flags; unknown keys and
@@ -65,103 +70,103 @@ class Config:
     coefficients are passed to the quantizer's constructor by name (``VQVAE.from_config``)."""
 
     # --- experiment -------------------------------------------------------------------------
-    name: str = ""                   # run name; "" -> "<quantizer>_k<K>_s<seed>"
-    out_dir: str = "experiments"     # runs are written to <out_dir>/<name>/
-    overwrite: bool = False          # replace an existing run of the same name (its files are deleted)
-    resume: str = ""                 # run dir or checkpoint to continue (see resume_config); "" = new run
-    seed: int = 0                    # seeds model init, codebook init and data order
-    device: str = "auto"             # auto (MPS > CUDA > CPU) | cpu | cuda | cuda:N | mps
+    name: str = ""                            # run name; "" -> "<quantizer>_k<K>_s<seed>"
+    out_dir: str = "experiments"              # runs are written to <out_dir>/<name>/
+    overwrite: bool = False                   # replace an existing run of the same name (its files are deleted)
+    resume: str = ""                          # run dir or checkpoint to continue (see resume_config); "" = new run
+    seed: int = setting(0, at_least=0, below=2**63)  # seeds model init, codebook init and data order
+    device: str = "auto"                      # auto (MPS > CUDA > CPU) | cpu | cuda | cuda:N | mps
     # --- data -------------------------------------------------------------------------------
-    dataset: str = "cifar10"         # cifar10 (torchvision download) | folder (ImageFolder) | fake
-    data_dir: str = "./data"         # cifar10: download/cache dir; folder: DIR with train/ and test/ (or val/)
-    num_workers: int = 4             # processes that decode an image folder (once; then cached as .pt)
-    train_subset: int = 0            # use N evenly spaced training images (0 = all; fake: its size, 0 -> 2048)
-    val_subset: int = 0              # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
-    skip_bad_images: bool = False    # folder: leave out image files that cannot be read (default: stop, naming them)
+    dataset: str = setting("cifar10", choices=("cifar10", "folder", "fake"))  # cifar10 (torchvision download) | folder (ImageFolder) | fake
+    data_dir: str = "./data"                  # cifar10: download/cache dir; folder: DIR with train/ and test/ (or val/)
+    num_workers: int = setting(4, at_least=0) # processes that decode an image folder (once; then cached as .pt)
+    train_subset: int = setting(0, at_least=0)  # use N evenly spaced training images (0 = all; fake: its size, 0 -> 2048)
+    val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
+    skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = "vq_ema"        # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq
-    codebook_size: int = 512         # K, number of codes
-    latent_dim: int = 256            # D, channels of the 8x8 latent grid (= code dimension)
-    hidden_dim: int = 128            # channels after the first stride-2 conv (original code: 128)
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq
+    codebook_size: int = setting(512, at_least=2)  # K, number of codes
+    latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
+    hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
     # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
-    commitment_cost: float = 0.25    # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq, simvq, lfq, rvq)
-    decay: float = 0.99              # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
-    epsilon: float = 1e-5            # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ba_vq --ba_codebook_update ema)
-    ema_init_count: float = 0.0      # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
-    ema_smoothing: str = "overwrite"  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
+    commitment_cost: float = setting(0.25, at_least=0)  # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq, simvq, lfq, rvq)
+    decay: float = setting(0.99, at_least=0, below=1)  # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
+    epsilon: float = setting(1e-5, above=0)   # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ba_vq --ba_codebook_update ema)
+    ema_init_count: float = setting(0.0, at_least=0)  # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
+    ema_smoothing: str = setting("overwrite", choices=("overwrite", "copy"))  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
     # --- SQ-VAE (Takida et al. 2022; sony/sqvae) --------------------------------------------
-    sq_log_var_init: float = math.log(20.0)  # s at the start; variance sigma^2 = 1 + exp(s) (sony/sqvae: log 20)
-    sq_temperature_init: float = 1.0  # Gumbel-softmax temperature tau_0; tau = max(tau_0 exp(-r n), tau_min) at step n
-    sq_temperature_decay: float = 1e-5  # r, per training step (sony/sqvae)
-    sq_temperature_min: float = 0.0  # tau_min (sony/sqvae)
-    sq_arelbo: bool = True           # ar-ELBO reconstruction term 0.5 log(mse) (sony/sqvae on CIFAR-10); off: mse
+    sq_log_var_init: float = math.log(20.0)   # s at the start; variance sigma^2 = 1 + exp(s) (sony/sqvae: log 20)
+    sq_temperature_init: float = 1.0          # Gumbel-softmax temperature tau_0; tau = max(tau_0 exp(-r n), tau_min) at step n
+    sq_temperature_decay: float = 1e-5        # r, per training step (sony/sqvae)
+    sq_temperature_min: float = 0.0           # tau_min (sony/sqvae)
+    sq_arelbo: bool = True                    # ar-ELBO reconstruction term 0.5 log(mse) (sony/sqvae on CIFAR-10); off: mse
     # --- LFQ (Yu et al. 2023, MAGVIT-v2) ----------------------------------------------------
-    lfq_entropy_cost: float = 0.1    # weight of the entropy loss E_x[H(p)] - gamma H(E_x[p]) (nats)
-    lfq_diversity_gamma: float = 1.0  # gamma: weight of the codebook (batch) entropy inside it
-    lfq_inv_temperature: float = 100.0  # beta in p(k|x) = softmax_k(2 beta <h, c_k>)
+    lfq_entropy_cost: float = setting(0.1, at_least=0)  # weight of the entropy loss E_x[H(p)] - gamma H(E_x[p]) (nats)
+    lfq_diversity_gamma: float = setting(1.0, at_least=0)  # gamma: weight of the codebook (batch) entropy inside it
+    lfq_inv_temperature: float = setting(100.0, at_least=0)  # beta in p(k|x) = softmax_k(2 beta <h, c_k>)
     # --- residual VQ (Zeghidour et al. 2021, SoundStream) -----------------------------------
-    rvq_stages: int = 8              # S codebooks of K codes (VQ-EMA stages) quantize the successive residuals
+    rvq_stages: int = setting(8, at_least=1)  # S codebooks of K codes (VQ-EMA stages) quantize the successive residuals
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
-    beta_start: float = 0.1          # inverse temperature at the first training step
-    beta_end: float = 5.0            # inverse temperature at the last step (cosine schedule, per step)
-    ba_iterations: int = 5           # Blahut-Arimoto alternations per forward pass (>= 1)
-    entropy_cost: float = 0.01       # weight of -H(Q), Q = marginal code distribution (nats)
-    codebook_cost: float = 1.0       # weight of mse(sg[z], code) (vq, simvq: hard code; ba_vq: P.E, where 1.0 is a fix, 0 = the original code)
-    ba_prior: str = "batch"          # BA iterations start from: batch (uniform Q, original code) | ema (the running marginal Q-bar)
-    marginal_decay: float = 0.99     # BA-VQ: EMA decay of the running marginal Q-bar (evaluation codes; --ba_prior ema) and of the running mean distance, in [0, 1)
-    ba_temperature: str = "absolute"  # beta multiplies: absolute d(x,k) (original code) | relative d / d-bar, d-bar the batch's mean distance (scale-free)
-    ba_decoder_input: str = "soft"   # training decoder input: soft P.E (original code) | hard (argmax-P code) | anneal ((1-lam) P.E + lam hard, lam 0 -> 1 like beta)
-    ba_codebook_loss: str = "mixture"  # codebook term: mixture mse(sg[z], P.E) | expected sum_k P(k|x) |sg[z] - e_k|^2 / D (BA's centroid step)
-    ba_codebook_update: str = "gradient"  # codebook learned by: gradient (original code) | ema (soft VQ-EMA: EMA of soft counts and sums, decay, epsilon)
-    ba_impl: str = "fused"           # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
-    ba_chunk_rows: int = 0           # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
+    beta_start: float = setting(0.1, above=0) # inverse temperature at the first training step
+    beta_end: float = 5.0                     # inverse temperature at the last step (cosine schedule, per step)
+    ba_iterations: int = setting(5, at_least=1)  # Blahut-Arimoto alternations per forward pass (>= 1)
+    entropy_cost: float = setting(0.01, at_least=0)  # weight of -H(Q), Q = marginal code distribution (nats)
+    codebook_cost: float = setting(1.0, at_least=0)  # weight of mse(sg[z], code) (vq, simvq: hard code; ba_vq: P.E, where 1.0 is a fix, 0 = the original code)
+    ba_prior: str = setting("batch", choices=("batch", "ema"))  # BA iterations start from: batch (uniform Q, original code) | ema (the running marginal Q-bar)
+    marginal_decay: float = setting(0.99, at_least=0, below=1)  # BA-VQ: EMA decay of the running marginal Q-bar (evaluation codes; --ba_prior ema) and of the running mean distance, in [0, 1)
+    ba_temperature: str = setting("absolute", choices=("absolute", "relative"))  # beta multiplies: absolute d(x,k) (original code) | relative d / d-bar, d-bar the batch's mean distance (scale-free)
+    ba_decoder_input: str = setting("soft", choices=("soft", "hard", "anneal"))  # training decoder input: soft P.E (original code) | hard (argmax-P code) | anneal ((1-lam) P.E + lam hard, lam 0 -> 1 like beta)
+    ba_codebook_loss: str = setting("mixture", choices=("mixture", "expected"))  # codebook term: mixture mse(sg[z], P.E) | expected sum_k P(k|x) |sg[z] - e_k|^2 / D (BA's centroid step)
+    ba_codebook_update: str = setting("gradient", choices=("gradient", "ema"))  # codebook learned by: gradient (original code) | ema (soft VQ-EMA: EMA of soft counts and sums, decay, epsilon)
+    ba_impl: str = setting("fused", choices=("fused", "autograd"))  # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
+    ba_chunk_rows: int = setting(0, at_least=0)  # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
-    init: str = "uniform"            # codebook init: uniform U[-1/K,1/K] (original code) | normal N(0,1) | kmeans
-    kmeans_batches: int = 4          # --init kmeans: training batches of encoder outputs to cluster
-    kmeans_iters: int = 10           # --init kmeans: Lloyd iterations after k-means++ seeding
-    dead_code_threshold: float = 0.0  # restart codes whose EMA usage (assignments/step) < this; 0 = off
-    dead_code_every: int = 100       # steps between dead-code checks
-    cosine: bool = False             # L2-normalise latents and codes (cosine distance)
-    gradient_estimator: str = "ste"  # ste (straight-through) | rotation (Fifty et al. 2024)
-    vq_loss_warmup_epochs: float = 0.0  # quantizer-loss weight ramps linearly 0 -> 1 over this many epochs
-    pretrain_epochs: int = 0         # two-stage training: E epochs with the quantizer bypassed, then --init kmeans|data
-    cvq: bool = False                # CVQ-VAE online clustered codebook (vq, ba_vq): every step, under-used codes move to batch anchors
-    cvq_anchor: str = "closest"      # CVQ anchor per code: closest (most similar latent) | random | probrandom (softmax-sampled)
-    cvq_decay: float = 0.99          # CVQ: EMA decay of each code's share of the assignments, in [0, 1)
-    cvq_gain: float = 10.0           # CVQ: a_k = exp(-p_k K gain / (1 - cvq_decay) - cvq_offset) (CVQ-VAE: 10)
-    cvq_offset: float = 1e-3         # CVQ: the offset in a_k (CVQ-VAE: 1e-3; keeps a_k < 1)
-    affine_reparam: str = "off"      # codes = scale * code + shift (Huh et al. 2023; vq, ba_vq): off | ema (latent statistics) | learned
-    affine_momentum: float = 0.1     # --affine_reparam ema: momentum of the running statistics, in (0, 1]
-    affine_lr: float = 1.0           # --affine_reparam learned: scale = 1 + lr s, shift = lr b (vqtorch's affine_lr)
-    sync_nu: float = 0.0             # synchronized update (vq; Huh et al. 2023): the code also gets nu x the decoder's gradient (0 = off)
-    alternate_lr: float = 0.0        # alternating optimisation (vq): SGD step of this lr on the codebook loss before each step (0 = off)
-    alternate_momentum: float = 0.9  # --alternate_lr: SGD momentum of that inner step
-    grad_clip: float = 0.0           # clip the global gradient norm to this (0 = off)
+    init: str = setting("uniform", choices=("uniform", "normal", "unit_sphere", "kmeans", "data"))  # codebook init: uniform U[-1/K,1/K] (original code) | normal N(0,1) | kmeans
+    kmeans_batches: int = setting(4, at_least=1)  # --init kmeans: training batches of encoder outputs to cluster
+    kmeans_iters: int = setting(10, at_least=0)  # --init kmeans: Lloyd iterations after k-means++ seeding
+    dead_code_threshold: float = setting(0.0, at_least=0)  # restart codes whose EMA usage (assignments/step) < this; 0 = off
+    dead_code_every: int = setting(100, at_least=1)  # steps between dead-code checks
+    cosine: bool = False                      # L2-normalise latents and codes (cosine distance)
+    gradient_estimator: str = setting("ste", choices=lambda: tuple(GRADIENT_ESTIMATORS))  # ste (straight-through) | rotation (Fifty et al. 2024)
+    vq_loss_warmup_epochs: float = setting(0.0, at_least=0)  # quantizer-loss weight ramps linearly 0 -> 1 over this many epochs
+    pretrain_epochs: int = setting(0, at_least=0)  # two-stage training: E epochs with the quantizer bypassed, then --init kmeans|data
+    cvq: bool = False                         # CVQ-VAE online clustered codebook (vq, ba_vq): every step, under-used codes move to batch anchors
+    cvq_anchor: str = setting("closest", choices=("closest", "random", "probrandom"))  # CVQ anchor per code: closest (most similar latent) | random | probrandom (softmax-sampled)
+    cvq_decay: float = setting(0.99, at_least=0, below=1)  # CVQ: EMA decay of each code's share of the assignments, in [0, 1)
+    cvq_gain: float = setting(10.0, at_least=0)  # CVQ: a_k = exp(-p_k K gain / (1 - cvq_decay) - cvq_offset) (CVQ-VAE: 10)
+    cvq_offset: float = setting(1e-3, at_least=0)  # CVQ: the offset in a_k (CVQ-VAE: 1e-3; keeps a_k < 1)
+    affine_reparam: str = setting("off", choices=("off", "ema", "learned"))  # codes = scale * code + shift (Huh et al. 2023; vq, ba_vq): off | ema (latent statistics) | learned
+    affine_momentum: float = setting(0.1, above=0, at_most=1)  # --affine_reparam ema: momentum of the running statistics, in (0, 1]
+    affine_lr: float = setting(1.0, at_least=0)  # --affine_reparam learned: scale = 1 + lr s, shift = lr b (vqtorch's affine_lr)
+    sync_nu: float = setting(0.0, at_least=0) # synchronized update (vq; Huh et al. 2023): the code also gets nu x the decoder's gradient (0 = off)
+    alternate_lr: float = setting(0.0, at_least=0)  # alternating optimisation (vq): SGD step of this lr on the codebook loss before each step (0 = off)
+    alternate_momentum: float = setting(0.9, at_least=0)  # --alternate_lr: SGD momentum of that inner step
+    grad_clip: float = setting(0.0, at_least=0)  # clip the global gradient norm to this (0 = off)
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = 100                # passes over the training set
-    batch_size: int = 256            # training batch size (images)
-    val_batch_size: int = 0          # validation batch size; 0 = auto: batch_size if codes depend on the batch (ba_vq), else 1024
-    lr: float = 3e-4                 # AdamW learning rate
-    weight_decay: float = 0.01       # AdamW weight decay (PyTorch's default)
+    epochs: int = setting(100, at_least=1)    # passes over the training set
+    batch_size: int = setting(256, at_least=1)  # training batch size (images)
+    val_batch_size: int = setting(0, at_least=0)  # validation batch size; 0 = auto: batch_size if codes depend on the batch (ba_vq), else 1024
+    lr: float = setting(3e-4, above=0)        # AdamW learning rate
+    weight_decay: float = setting(0.01, at_least=0)  # AdamW weight decay (PyTorch's default)
     # --- speed (how the loop runs, not what it computes) ------------------------------------
-    amp: str = "auto"                # mixed precision: auto (bf16 on CUDA, off elsewhere) | bf16 | fp16 (CUDA) | off
-    channels_last: bool = True       # NHWC memory format for the convolutions (CUDA only)
-    compile: bool = False            # torch.compile the encoder and decoder (opt-in; the first epoch compiles)
-    compile_mode: str = "default"    # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    data_path: str = "device"        # device: uint8 tensors on the device, batched by index | loader: DataLoader (plain)
+    amp: str = setting("auto", choices=("auto", "bf16", "fp16", "off"))  # mixed precision: auto (bf16 on CUDA, off elsewhere) | bf16 | fp16 (CUDA) | off
+    channels_last: bool = True                # NHWC memory format for the convolutions (CUDA only)
+    compile: bool = False                     # torch.compile the encoder and decoder (opt-in; the first epoch compiles)
+    compile_mode: str = setting("default", choices=("default", "reduce-overhead", "max-autotune"))  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    data_path: str = setting("device", choices=("device", "loader"))  # device: uint8 tensors on the device, batched by index | loader: DataLoader (plain)
     # --- logging and outputs ----------------------------------------------------------------
-    wandb: bool = True               # log to Weights & Biases (offline without API key/network)
-    wandb_project: str = "vq-codebook"  # W&B project name
-    wandb_group: str = ""            # W&B group (a grid's runs: its name, set by the grid); "" = none
-    checkpoint_every: int = 10       # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
-    keep_checkpoints: int = 0        # keep only the N latest checkpoint_epoch{N}.pt (0 = keep all)
+    wandb: bool = True                        # log to Weights & Biases (offline without API key/network)
+    wandb_project: str = "vq-codebook"        # W&B project name
+    wandb_group: str = ""                     # W&B group (a grid's runs: its name, set by the grid); "" = none
+    checkpoint_every: int = setting(10, at_least=0)  # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
+    keep_checkpoints: int = setting(0, at_least=0)  # keep only the N latest checkpoint_epoch{N}.pt (0 = keep all)
     eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt)
-    eval_every: int = 0              # also compute lpips/fid every N epochs (0 = only at the end of the run)
-    recon_images: int = 8            # validation images shown in recon.png
-    progress: bool = True            # show tqdm progress bars
-    progress_every: int = 25         # steps between progress-bar refreshes (each one syncs the device)
+    eval_every: int = setting(0, at_least=0)  # also compute lpips/fid every N epochs (0 = only at the end of the run)
+    recon_images: int = setting(8, at_least=1)  # validation images shown in recon.png
+    progress: bool = True                     # show tqdm progress bars
+    progress_every: int = setting(25, at_least=1)  # steps between progress-bar refreshes (each one syncs the device)
 
 
     def resolved_name(self) -> str:
@@ -177,11 +182,215 @@ class Config:
         return self
 
 
+
+# ----------------------------------------------------------------------------- config checking
+
+DEVICES = ("auto", "cpu", "cuda", "mps")            # and cuda:N
+
+
+def declared_choices(name: str) -> tuple:
+    """The ``choices`` a Config field declares (a fixed tuple; registries go through ``field_choices``)."""
+    return Config.__dataclass_fields__[name].metadata["choices"]
+
+
+def field_choices() -> dict:
+    """{Config field: its allowed values} for every field declared with ``choices``; config checking
+    and the CLI (train.py) both read this."""
+    out = {}
+    for f in fields(Config):
+        options = f.metadata.get("choices")
+        if options is not None:
+            out[f.name] = tuple(options() if callable(options) else options)
+    return out
+
+
+def field_bounds() -> dict:
+    """{Config field: its numeric bounds} ({'at_least': 0, 'below': 1}, ...) as declared with ``setting``."""
+    return {f.name: {k: v for k, v in f.metadata.items() if k != "choices"} for f in fields(Config)
+            if set(f.metadata) - {"choices"}}
+
+
+def _bound_problem(key: str, value, b: dict) -> str | None:
+    """The sentence for a value outside its declared bounds, or None."""
+    low = ("at_least", b["at_least"]) if "at_least" in b else ("above", b["above"]) if "above" in b else None
+    high = ("below", b["below"]) if "below" in b else ("at_most", b["at_most"]) if "at_most" in b else None
+    ok = ((low is None or (value >= low[1] if low[0] == "at_least" else value > low[1]))
+          and (high is None or (value < high[1] if high[0] == "below" else value <= high[1])))
+    if ok:
+        return None
+    if high is None:
+        return f"{key} must be {'>=' if low[0] == 'at_least' else '>'} {low[1]} (got {value})"
+    lo = "[" if low and low[0] == "at_least" else "("
+    hi = ")" if high[0] == "below" else "]"
+    return f"{key} must be in {lo}{low[1] if low else '-inf'}, {high[1] if high[1] != 2**63 else '2**63'}{hi} (got {value})"
+
+
+def config_problems(cfg: Config) -> list:
+    """Every problem of ``cfg``'s values, one sentence each (``Config.validate`` raises them)."""
+    problems = []
+
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+
+    for key, options in field_choices().items():
+        value = getattr(cfg, key)
+        need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
+    need(cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+         f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
+    for key, bounds in field_bounds().items():
+        value = getattr(cfg, key)
+        problems += [p for p in [_bound_problem(key, value, bounds)] if p]
+    need(not (cfg.cosine and cfg.affine_reparam != "off"), "affine_reparam and cosine do not combine (the affine "
+         "map acts on Euclidean codes and would be undone by the normalisation); choose one")
+    need(cfg.beta_end >= cfg.beta_start,
+         f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
+    need(all(m in EVAL_METRICS for m in cfg.eval_metrics),
+         f"eval_metrics {cfg.eval_metrics} has unknown names (choose from {', '.join(EVAL_METRICS)})")
+    need(not cfg.pretrain_epochs or cfg.init in DATA_INITS,
+         f"pretrain_epochs {cfg.pretrain_epochs} needs --init kmeans or --init data (after the pretraining the "
+         f"codebook is initialised from the trained encoder's outputs; got --init {cfg.init})")
+    need(cfg.pretrain_epochs < cfg.epochs, f"pretrain_epochs ({cfg.pretrain_epochs}) must be fewer than epochs "
+         f"({cfg.epochs}), or no epoch trains the quantizer")
+    need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
+         f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
+    if cfg.quantizer in QUANTIZERS:
+        problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
+    need("/" not in cfg.resolved_name() and cfg.resolved_name() not in (".", ".."),
+         f"name '{cfg.name}' must be a plain directory name (no '/')")
+    need(cfg.name == cfg.name.strip() and (cfg.name == "" or cfg.name.strip() != ""),
+         f"name {cfg.name!r} must not be blank or start or end with spaces")
+    need(len(cfg.resolved_name().encode()) <= 200, f"name is {len(cfg.resolved_name().encode())} bytes long; "
+         "use at most 200 (file systems allow 255 per folder name)")
+    for f_name, f_type in config_fields().items():
+        if f_type is float and not math.isfinite(getattr(cfg, f_name)):
+            problems.append(f"{f_name} must be a finite number (got {getattr(cfg, f_name)})")
+    return problems
+
+
+def _quantizer_problems(cfg: Config, qcls: type) -> list:
+    """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
+    problems = []
+    if not qcls.has_codebook:
+        used = remedies_in_use(cfg)
+        if used:
+            with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
+            problems.append(f"{', '.join(used)} apply to codebook quantizers ({with_codebook}), not to "
+                            f"{cfg.quantizer}, {qcls.remedies_note}")
+    if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
+        problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
+    return problems + qcls.config_problems(cfg)
+
+
+def config_comments() -> dict:
+    """{field name: its comment in the Config dataclass} (the CLI's --help text)."""
+    import re
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m and m.group(1) in {f.name for f in fields(Config)}:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def config_fields() -> dict:
+    """{field name: python type} for every Config field."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def _coerce(key: str, value, typ, source: str):
+    """Check one config value against its declared type. Raises BavqError."""
+    def bad():
+        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
+                         f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
+                         f"{key}: {getattr(Config(), key)!r}.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typing.get_origin(typ) is list:   # list[int] (fsq_levels), list[str] (eval_metrics)
+        elem = typing.get_args(typ)[0]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise bad()
+    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
+
+
+def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
+    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
+    overrides = dict(overrides or {})
+    known = config_fields()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
+                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
+                        "as the command-line flags do).")
+    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
+    qcls = QUANTIZERS.get(values.get("quantizer", Config.quantizer))
+    if qcls is not None:                              # settings a quantizer derives from the others given
+        values = qcls.complete_config(values)
+    return Config(**values)
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    """Read a YAML config file into a dict of overrides (validated by make_config)."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
+                        "config.yaml or config_mac.yaml with --config.")
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if dup:
+            raise BavqError(f"Config file '{path}' gives {', '.join(map(repr, dup))} more than once (line "
+                            f"{node.start_mark.line + 1} on). Keep one line per key; nothing was run.")
+        return loader.construct_mapping(node, deep=deep)
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        data = yaml.load(path.read_text(), Loader=UniqueKeys)
+    except yaml.YAMLError as e:
+        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
+                        "Fix the syntax: one 'key: value' per line.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
+                        f"{type(data).__name__}.")
+    return data
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
 # =============================================================================
 # data
 # =============================================================================
 
-DATASETS = ("cifar10", "folder", "fake")
+DATASETS = declared_choices("dataset")
 IMAGE_SIZE = 32                     # the architecture is drawn for 32x32 inputs
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -231,6 +440,135 @@ def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
         return (_load_folder_split(root, "train", cfg.train_subset, cfg.num_workers, cfg.skip_bad_images),
                 _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers, cfg.skip_bad_images))
     raise BavqError(f"dataset '{cfg.dataset}' is unknown (choose from {', '.join(DATASETS)}).")
+
+
+def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import shutil
+    import torchvision
+    created = not data_dir.exists()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
+    try:
+        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
+    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
+        if created:                                   # leave nothing behind when nothing could be downloaded
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise BavqError(
+            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to have no "
+            "network access to the CIFAR-10 server. Either run where there is network, or copy the CIFAR-10 python "
+            "archive (cifar-10-python.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar.html) into that folder, or "
+            "use images already on disk with '--dataset folder --data_dir DIR', where DIR holds "
+            "train/<class>/<images> and test/<class>/<images> (any format PIL reads).") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return to_t(tr.data), to_t(te.data)
+
+
+def _list_images(split_dir: Path) -> list[Path]:
+    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return files
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        """(image (3, 32, 32) uint8, whether it could be read); an unreadable file gives zeros, False."""
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = _to_rgb8(im)
+                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except Exception:                                  # truncated, corrupt, not an image
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
+        return torch.from_numpy(arr).permute(2, 0, 1), True   # (3, 32, 32)
+
+
+DECODE_VERSION = "rgb8-v2"       # changes whenever _to_rgb8 or the resizing changes (part of the cache key)
+
+
+def _to_rgb8(im):
+    """Any mode PIL opens -> 8-bit RGB. 16-bit and 32-bit integer grayscale (I;16*, I) are scaled from
+    0..65535 to 0..255 (PIL's own convert clips them to 255, i.e. nearly white); float grayscale (F)
+    is taken as 0..1 if its maximum is <= 1, else as 0..255; palette, CMYK, RGBA, LA, L and 1 use PIL's
+    conversion (alpha is dropped, as torchvision's ImageFolder does)."""
+    from PIL import Image
+    if im.mode.startswith("I"):
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
+
+
+def _decode_files(paths: list[Path], num_workers: int, skip_bad: bool = False) -> torch.Tensor:
+    """Decode ``paths`` to (N, 3, 32, 32) uint8 in ``num_workers`` processes (capped at the CPU count).
+    A file PIL cannot read is an error naming it, or, with ``skip_bad``, left out with a count."""
+    if not paths:
+        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
+                                         num_workers=min(num_workers, os.cpu_count() or 1))
+    images, ok = map(torch.cat, zip(*loader))
+    bad = [paths[i] for i in (~ok).nonzero().flatten().tolist()]
+    if bad and not skip_bad:
+        raise BavqError(f"{len(bad)} image file(s) cannot be read, e.g. '{bad[0]}'"
+                        f"{' and ' + repr(str(bad[1])) if len(bad) > 1 else ''}. Replace or delete them, or pass "
+                        "--skip_bad_images to train without them (the count is printed).")
+    if bad:
+        print(f"[bavq] skipped {len(bad)} unreadable image file(s) (e.g. '{bad[0]}').", file=sys.stderr)
+    return images[ok]
+
+
+def _load_folder_split(root: Path, split: str, subset: int, num_workers: int, skip_bad: bool = False) -> torch.Tensor:
+    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
+    A full split is decoded once and cached next to the data as a .pt file keyed by the decode settings
+    and every file's path, size and modification time (ns)."""
+    split_dir = root / split
+    paths = _list_images(split_dir)
+    if not paths:
+        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
+                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
+                        f"check --data_dir (now '{root}').")
+    if subset and subset < len(paths):
+        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
+        return _decode_files(chosen, num_workers, skip_bad)
+    key = hashlib.sha1(f"{DECODE_VERSION} {IMAGE_SIZE} bicubic".encode())    # the decode settings
+    for p in paths:                                 # and what changes when a file's content changes
+        st = p.stat()
+        key.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}".encode())
+    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
+    if cache.is_file():
+        try:
+            images = torch.load(cache, map_location="cpu", weights_only=True)
+            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
+                return images
+        except Exception:
+            pass  # a corrupt cache is rebuilt below
+    images = _decode_files(paths, num_workers, skip_bad)
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")     # write, then rename: never a truncated cache
+    try:
+        torch.save(images, tmp)
+        os.replace(tmp, cache)
+    except OSError as e:                                          # read-only data folder, disk full, ...
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror or type(e).__name__}); they "
+              "will be decoded again next run.", file=sys.stderr)
+    return images
+
 
 # =============================================================================
 # model
@@ -305,7 +643,6 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
         self.compiled = False                  # set by setup_model when encoder/decoder are torch.compile'd
         self.bypass_quantizer = False          # two-stage training, stage 1: the decoder gets z itself
-        self.data_parallel = None              # a DataParallel under torchrun (see there): None = one process
 
     def mark_step(self) -> None:
         """Before each training step or evaluation batch of a compiled model: tells CUDA graphs
@@ -346,17 +683,12 @@ class VQVAE(nn.Module):
         return z, loss_dict, info
 
     def forward(self, x):
-        dp = self.data_parallel                               # torchrun: this process encodes and decodes its rows,
-        z = self.encoder(x if dp is None else dp.mine(x))     # (B, D, 8, 8)   and quantizes the whole batch
-        if dp is not None:
-            z = dp.gather(z, x.shape[0])
+        z = self.encoder(x)                                   # (B, D, 8, 8)
         if self.bypass_quantizer:                             # the quantizer only reports what it would do
             z_q, loss_dict, info = self._bypassed(z)
         else:
             z_q, loss_dict, info = self.quantizer(z)          # (B, D, 8, 8)
-        x_recon = self.decoder(z_q if dp is None else dp.mine(z_q))   # (B, 3, 32, 32)
-        if dp is not None:
-            x_recon = dp.gather(x_recon, x.shape[0])
+        x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
         recon_loss = F.mse_loss(_at_least_f32(x_recon), _at_least_f32(x))
         return x_recon, recon_loss, loss_dict, info
 
@@ -455,29 +787,32 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
 
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 
-# The codebook remedies, and when a config turns each on (config checks name the ones a quantizer cannot honour).
+# The codebook remedies, and when a config turns each on (config checks name the ones a quantizer cannot
+# honour). Every remedy reaches a quantizer by one of two paths, both named in the Quantizer contract:
+#   * inside its forward, from its constructor coefficients (cosine, gradient_estimator, cvq, affine_reparam,
+#     sync_nu, alternate_lr: CodebookQuantizer and its subclasses);
+#   * from train_epoch, the only caller of the two codebook hooks: ``load_codes`` via init_from_data just
+#     before the first quantized step (--init kmeans|data) and ``restart_dead_codes`` every dead_code_every
+#     steps (--dead_code_threshold). The codebook init itself (--init uniform|normal|unit_sphere) is
+#     init_codebook, in the constructor.
 REMEDY_ON = {"init": lambda c: c.init != "uniform", "dead_code_threshold": lambda c: c.dead_code_threshold > 0,
              "cosine": lambda c: c.cosine, "gradient_estimator": lambda c: c.gradient_estimator != "ste",
              "cvq": lambda c: c.cvq, "affine_reparam": lambda c: c.affine_reparam != "off",
              "sync_nu": lambda c: c.sync_nu != 0, "alternate_lr": lambda c: c.alternate_lr > 0}
 GRADIENT_CODEBOOK_REMEDIES = ("cvq", "affine_reparam", "sync_nu", "alternate_lr")   # need a codebook trained by gradient
+DATA_INITS = ("kmeans", "data")          # computed from encoder outputs by init_from_data before quantized training
 
 
 def remedies_in_use(cfg: "Config", names=tuple(REMEDY_ON)) -> list:
     """The remedies among ``names`` that ``cfg`` turns on."""
     return [n for n in names if REMEDY_ON[n](cfg)]
-BA_IMPLS = ("fused", "autograd")
-EMA_SMOOTHINGS = ("overwrite", "copy")
-BA_PRIORS = ("batch", "ema")
-BA_TEMPERATURES = ("absolute", "relative")
-BA_DECODER_INPUTS = ("soft", "hard", "anneal")
-BA_CODEBOOK_LOSSES = ("mixture", "expected")
-BA_CODEBOOK_UPDATES = ("gradient", "ema")
-CODEBOOK_INITS = ("uniform", "normal", "unit_sphere", "kmeans", "data")
-DATA_INITS = ("kmeans", "data")          # computed from encoder outputs by init_from_data before quantized training
-CVQ_ANCHORS = ("closest", "random", "probrandom")
-AFFINE_MODES = ("off", "ema", "learned")
 
+
+# the choices of the quantizers' Config fields (declared next to the fields), by the names the code uses
+BA_IMPLS, EMA_SMOOTHINGS, BA_PRIORS = map(declared_choices, ("ba_impl", "ema_smoothing", "ba_prior"))
+BA_TEMPERATURES, BA_DECODER_INPUTS = map(declared_choices, ("ba_temperature", "ba_decoder_input"))
+BA_CODEBOOK_LOSSES, BA_CODEBOOK_UPDATES = map(declared_choices, ("ba_codebook_loss", "ba_codebook_update"))
+CODEBOOK_INITS, CVQ_ANCHORS, AFFINE_MODES = map(declared_choices, ("init", "cvq_anchor", "affine_reparam"))
 
 
 def cosine_schedule(start: float, end: float, t: float) -> float:
@@ -510,7 +845,9 @@ class Quantizer(nn.Module):
     batch_dependent_codes: bool = False  # a latent's code depends on the rest of its batch: validate at
                                          # the training batch size
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
-                                         # gradient_estimator); see CodebookQuantizer for what they call
+                                         # gradient_estimator); train_epoch then calls the codebook hooks
+                                         # load_codes (--init kmeans|data) and restart_dead_codes (see
+                                         # CodebookQuantizer and the note above REMEDY_ON)
     eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
     train_metrics: tuple = ()            # 0-dim tensors in info that training epochs report (sample-weighted
                                          # mean over the epoch's steps), e.g. BA-VQ's regime diagnostics
@@ -2095,9 +2432,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # training
 # =============================================================================
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")     # torch.compile modes (--compile_mode)
-DATA_PATHS = ("device", "loader")
+AMP_MODES = declared_choices("amp")
+COMPILE_MODES = declared_choices("compile_mode")     # torch.compile modes (--compile_mode)
+DATA_PATHS = declared_choices("data_path")
 
 
 @dataclass
@@ -2219,19 +2556,25 @@ def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: 
 
 def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
                 generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
-                resume_from: dict | None = None, stop=None, rt: Runtime | None = None) -> tuple[dict, int]:
+                resume_from: dict | None = None, should_stop=None, rt: Runtime | None = None,
+                after_backward=None) -> tuple[dict, int]:
     """One pass over ``images`` (uint8, on the model's device, or on the CPU with data_path loader)
     in the order of one ``randperm`` drawn from ``generator``. Returns (metrics, new global step).
 
     Per step: loss = recon_loss + w * sum(quantizer losses), w = min(1, step / warm-up steps);
     backward; optional gradient clipping; AdamW; every ``dead_code_every`` steps dead codes are
-    restarted (and their Adam moments reset). With ``pretrain_epochs`` E, the first E epochs' steps
-    bypass the quantizer (w = 0, no restarts) and the quantizer's step count, schedule and warm-up
-    start after them. Metrics (see ``_EpochStats.metrics``) are accumulated
-    on the device and read once at the end; non-finite values are checked every ``progress_every``
-    steps. ``stop()`` is polled before each batch (a Python flag, no device sync); when it is true,
-    ``_StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it had
-    not stopped.
+    restarted (and their Adam moments reset); with ``--init kmeans|data`` the codebook is computed from
+    encoder outputs (``init_from_data``) just before the first quantized step. With ``pretrain_epochs``
+    E, the first E epochs' steps bypass the quantizer (w = 0, no restarts) and the quantizer's step
+    count, schedule, data init and warm-up start after them. Metrics (see ``_EpochStats.metrics``) are
+    accumulated on the device and read once at the end; non-finite values are checked every
+    ``progress_every`` steps.
+
+    Hooks for whoever runs the loop (the experiment module uses them; both default to nothing):
+    ``should_stop()`` is polled before each batch (it should be a Python flag, no device sync); when it
+    is true, ``_StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it
+    had not stopped. ``after_backward(model)`` runs between backward and gradient clipping (e.g. an
+    all-reduce of the gradients over processes).
     """
     model.train()
     device = next(model.parameters()).device
@@ -2242,25 +2585,28 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     q_start = cfg.pretrain_epochs * n_steps                               # the first quantized step
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     restarts_on = cfg.dead_code_threshold > 0 and q.has_codebook
+    data_init = cfg.init in DATA_INITS and q.has_codebook
     stats = _EpochStats(q.num_embeddings, device, generator, resume_from)
     perm = torch.randperm(images.shape[0], generator=generator).to(device)
     bar = _ProgressBar(n_steps, desc, cfg.progress, initial=stats.start)
     batches = _batches(images, perm, stats.start, cfg.batch_size, cfg, device)
     w = 1.0
     for i in range(stats.start, n_steps):
-        if stop is not None and stop():
+        if should_stop is not None and should_stop():
             stats.check_finite(bar)                                       # never checkpoint a NaN state
             raise _StopRequested(stats.state(i), step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
         qs = step - q_start                                               # quantized steps so far (< 0: stage 1)
         model.bypass_quantizer = qs < 0
+        if qs == 0 and data_init:                                         # --init kmeans|data, from the encoder
+            init_from_data(model, images, cfg)                            # as trained so far (none: at step 0)
         q.set_schedule(max(qs, 0) / max(total_steps - q_start - 1, 1), max(qs, 0))
         model.mark_step()
         with rt.autocast():
             x_recon, recon_loss, loss_dict, info = model(x)
         w = _loss_weight(qs, warmup_steps)                                # warm-up; 0 while bypassed
         loss = q.reconstruction_objective(recon_loss) + w * sum(loss_dict.values())
-        grad_norm = _backward_and_step(loss, model, optimizer, rt, clip)  # norm before clipping
+        grad_norm = _backward_and_step(loss, model, optimizer, rt, clip, after_backward)  # norm before clipping
         if restarts_on and qs >= 0 and (qs + 1) % cfg.dead_code_every == 0:
             stats.restarts += _restart_dead_codes(q, optimizer)
         stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt,
@@ -2283,29 +2629,26 @@ def _loss_weight(quantized_steps: int, warmup_steps: float) -> float:
     return min(1.0, quantized_steps / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float) -> torch.Tensor:
-    """Backward, gradient clipping (returns the norm before clipping) and the optimizer step; with
-    fp16 the scaled backward, unscaling before clipping, and the scaler skipping inf steps."""
+def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float, after_backward=None) -> torch.Tensor:
+    """Backward, ``after_backward(model)`` if given, gradient clipping (returns the norm before clipping)
+    and the optimizer step; with fp16 the scaled backward, unscaling before clipping, and the scaler
+    skipping inf steps."""
     optimizer.zero_grad(set_to_none=True)
     if rt.scaler is None:
         loss.backward()
-        _average_gradients(model)
+        if after_backward is not None:
+            after_backward(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         return grad_norm
     rt.scaler.scale(loss).backward()
-    _average_gradients(model)
+    if after_backward is not None:
+        after_backward(model)
     rt.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     rt.scaler.step(optimizer)                                             # skips steps with inf gradients
     rt.scaler.update()
     return grad_norm
-
-
-def _average_gradients(model: VQVAE) -> None:
-    """torchrun: every parameter's gradient averaged over the processes (see DataParallel)."""
-    if model.data_parallel is not None:
-        model.data_parallel.average_gradients(model.parameters())
 
 
 def _restart_dead_codes(q: Quantizer, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -2520,215 +2863,6 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
     return metrics
 
 
-
-# #############################################################################
-#
-#   experiment management
-#
-#   Everything below is plumbing around the method above: config checking and YAML, small
-#   helpers (seeding, device choice, atomic writes), run directories, checkpoints and resume,
-#   interruption, W&B, pictures, train(cfg), and sweeps. Nothing here computes a model quantity.
-#
-# #############################################################################
-
-# ---------------------------------------------------------------------------- config checking
-
-DEVICES = ("auto", "cpu", "cuda", "mps")            # and cuda:N
-
-
-def field_choices() -> dict:
-    """{Config field: its allowed values} for every field with a fixed set of values; Config
-    checking and the CLI (train.py) both read this."""
-    return {"quantizer": tuple(QUANTIZERS), "dataset": DATASETS, "amp": AMP_MODES, "compile_mode": COMPILE_MODES,
-            "data_path": DATA_PATHS, "ba_impl": BA_IMPLS, "init": CODEBOOK_INITS, "ema_smoothing": EMA_SMOOTHINGS, "ba_prior": BA_PRIORS,
-            "ba_temperature": BA_TEMPERATURES, "ba_decoder_input": BA_DECODER_INPUTS, "ba_codebook_loss": BA_CODEBOOK_LOSSES,
-            "ba_codebook_update": BA_CODEBOOK_UPDATES,
-            "cvq_anchor": CVQ_ANCHORS, "affine_reparam": AFFINE_MODES,
-            "gradient_estimator": tuple(GRADIENT_ESTIMATORS)}
-
-
-# lower bounds of the numeric fields (the other checks are below)
-AT_LEAST = {"codebook_size": 2, "latent_dim": 1, "hidden_dim": 1, "epochs": 1, "batch_size": 1, "val_batch_size": 0,
-            "weight_decay": 0, "ema_init_count": 0, "commitment_cost": 0, "ba_iterations": 1, "entropy_cost": 0,
-            "codebook_cost": 0, "ba_chunk_rows": 0, "kmeans_batches": 1, "kmeans_iters": 0, "dead_code_threshold": 0,
-            "dead_code_every": 1, "vq_loss_warmup_epochs": 0, "grad_clip": 0, "num_workers": 0, "train_subset": 0,
-            "val_subset": 0, "checkpoint_every": 0, "keep_checkpoints": 0, "progress_every": 1, "recon_images": 1,
-            "rvq_stages": 1, "pretrain_epochs": 0,
-            "cvq_gain": 0, "cvq_offset": 0, "affine_lr": 0, "sync_nu": 0, "alternate_lr": 0, "alternate_momentum": 0, "lfq_entropy_cost": 0, "lfq_diversity_gamma": 0, "lfq_inv_temperature": 0}
-
-
-def config_problems(cfg: Config) -> list:
-    """Every problem of ``cfg``'s values, one sentence each (``Config.validate`` raises them)."""
-    problems = []
-
-    def need(ok, msg):
-        if not ok:
-            problems.append(msg)
-
-    for key, options in field_choices().items():
-        value = getattr(cfg, key)
-        need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
-    need(cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
-         f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
-    for key, low in AT_LEAST.items():
-        need(getattr(cfg, key) >= low, f"{key} must be >= {low} (got {getattr(cfg, key)})")
-    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number (got {cfg.lr})")
-    need(0 <= cfg.decay < 1, f"decay must be in [0, 1) (got {cfg.decay})")
-    need(0 <= cfg.marginal_decay < 1, f"marginal_decay must be in [0, 1) (got {cfg.marginal_decay})")
-    need(0 <= cfg.cvq_decay < 1, f"cvq_decay must be in [0, 1) (got {cfg.cvq_decay})")
-    need(0 < cfg.affine_momentum <= 1, f"affine_momentum must be in (0, 1] (got {cfg.affine_momentum})")
-    need(not (cfg.cosine and cfg.affine_reparam != "off"), "affine_reparam and cosine do not combine (the affine "
-         "map acts on Euclidean codes and would be undone by the normalisation); choose one")
-    need(cfg.epsilon > 0, f"epsilon must be > 0 (got {cfg.epsilon})")
-    need(cfg.beta_start > 0, f"beta_start must be > 0 (got {cfg.beta_start})")
-    need(cfg.beta_end >= cfg.beta_start,
-         f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
-    need(all(m in EVAL_METRICS for m in cfg.eval_metrics),
-         f"eval_metrics {cfg.eval_metrics} has unknown names (choose from {', '.join(EVAL_METRICS)})")
-    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (got {cfg.eval_every})")
-    need(not cfg.pretrain_epochs or cfg.init in DATA_INITS,
-         f"pretrain_epochs {cfg.pretrain_epochs} needs --init kmeans or --init data (after the pretraining the "
-         f"codebook is initialised from the trained encoder's outputs; got --init {cfg.init})")
-    need(cfg.pretrain_epochs < cfg.epochs, f"pretrain_epochs ({cfg.pretrain_epochs}) must be fewer than epochs "
-         f"({cfg.epochs}), or no epoch trains the quantizer")
-    need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
-         f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
-    if cfg.quantizer in QUANTIZERS:
-        problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
-    need("/" not in cfg.resolved_name() and cfg.resolved_name() not in (".", ".."),
-         f"name '{cfg.name}' must be a plain directory name (no '/')")
-    need(cfg.name == cfg.name.strip() and (cfg.name == "" or cfg.name.strip() != ""),
-         f"name {cfg.name!r} must not be blank or start or end with spaces")
-    need(len(cfg.resolved_name().encode()) <= 200, f"name is {len(cfg.resolved_name().encode())} bytes long; "
-         "use at most 200 (file systems allow 255 per folder name)")
-    need(0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63) (got {cfg.seed})")
-    for f_name, f_type in config_fields().items():
-        if f_type is float and not math.isfinite(getattr(cfg, f_name)):
-            problems.append(f"{f_name} must be a finite number (got {getattr(cfg, f_name)})")
-    return problems
-
-
-def _quantizer_problems(cfg: Config, qcls: type) -> list:
-    """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
-    problems = []
-    if not qcls.has_codebook:
-        used = remedies_in_use(cfg)
-        if used:
-            with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
-            problems.append(f"{', '.join(used)} apply to codebook quantizers ({with_codebook}), not to "
-                            f"{cfg.quantizer}, {qcls.remedies_note}")
-    if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
-        problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
-    return problems + qcls.config_problems(cfg)
-
-
-def config_comments() -> dict:
-    """{field name: its comment in the Config dataclass} (the CLI's --help text)."""
-    import re
-    out = {}
-    for line in inspect.getsource(Config).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
-        if m and m.group(1) in {f.name for f in fields(Config)}:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def config_fields() -> dict:
-    """{field name: python type} for every Config field."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
-
-
-def _coerce(key: str, value, typ, source: str):
-    """Check one config value against its declared type. Raises BavqError."""
-    def bad():
-        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
-                         f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
-                         f"{key}: {getattr(Config(), key)!r}.")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad()
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if typing.get_origin(typ) is list:   # list[int] (fsq_levels), list[str] (eval_metrics)
-        elem = typing.get_args(typ)[0]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value):
-            return list(value)
-        raise bad()
-    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
-
-
-def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
-    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
-    overrides = dict(overrides or {})
-    known = config_fields()
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
-                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
-                        "as the command-line flags do).")
-    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
-    qcls = QUANTIZERS.get(values.get("quantizer", Config.quantizer))
-    if qcls is not None:                              # settings a quantizer derives from the others given
-        values = qcls.complete_config(values)
-    return Config(**values)
-
-
-def load_yaml_config(path: str | os.PathLike) -> dict:
-    """Read a YAML config file into a dict of overrides (validated by make_config)."""
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
-                        "config.yaml or config_mac.yaml with --config.")
-    class UniqueKeys(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node, deep=False):
-        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
-        if dup:
-            raise BavqError(f"Config file '{path}' gives {', '.join(map(repr, dup))} more than once (line "
-                            f"{node.start_mark.line + 1} on). Keep one line per key; nothing was run.")
-        return loader.construct_mapping(node, deep=deep)
-    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        data = yaml.load(path.read_text(), Loader=UniqueKeys)
-    except yaml.YAMLError as e:
-        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
-                        "Fix the syntax: one 'key: value' per line.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
-                        f"{type(data).__name__}.")
-    return data
-
-
-def config_to_yaml(cfg: Config) -> str:
-    import yaml
-    return yaml.safe_dump(asdict(cfg), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices)."""
     random.seed(seed)
@@ -2755,1524 +2889,26 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated file under ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:                                   # disk full, read-only, no permission, ...
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise WriteError(path, e) from None
-
-
-class WriteError(BavqError):
-    """A file could not be written (disk full, read-only, no permission); the previous version of the
-    file, if any, is intact and the partial file was removed."""
-
-    def __init__(self, path: Path, e: OSError):
-        super().__init__(f"Could not write '{path}' ({e.strerror or type(e).__name__}). The file it was to "
-                         f"replace, if any, is intact and the partial file was removed. Free disk space or fix the "
-                         f"permissions of '{path.parent}', then continue the run with: python train.py --resume "
-                         f"{path.parent} (if it has a checkpoint; otherwise start it again with --overwrite).")
-        self.path, self.os_error = path, e
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-
-# ---------------------------------------------------------------------------- data files (used by load_dataset)
-
-
-def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    import shutil
-    import torchvision
-    created = not data_dir.exists()
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
-    try:
-        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
-        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
-    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
-        if created:                                   # leave nothing behind when nothing could be downloaded
-            shutil.rmtree(data_dir, ignore_errors=True)
-        raise BavqError(
-            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to have no "
-            "network access to the CIFAR-10 server. Either run where there is network, or copy the CIFAR-10 python "
-            "archive (cifar-10-python.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar.html) into that folder, or "
-            "use images already on disk with '--dataset folder --data_dir DIR', where DIR holds "
-            "train/<class>/<images> and test/<class>/<images> (any format PIL reads).") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
-    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
-    return to_t(tr.data), to_t(te.data)
-
-
-def _list_images(split_dir: Path) -> list[Path]:
-    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return files
-
-
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        """(image (3, 32, 32) uint8, whether it could be read); an unreadable file gives zeros, False."""
-        from PIL import Image
-        try:
-            with Image.open(self.paths[i]) as im:
-                im = _to_rgb8(im)
-                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8).copy()
-        except Exception:                                  # truncated, corrupt, not an image
-            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
-        return torch.from_numpy(arr).permute(2, 0, 1), True   # (3, 32, 32)
-
-
-DECODE_VERSION = "rgb8-v2"       # changes whenever _to_rgb8 or the resizing changes (part of the cache key)
-
-
-def _to_rgb8(im):
-    """Any mode PIL opens -> 8-bit RGB. 16-bit and 32-bit integer grayscale (I;16*, I) are scaled from
-    0..65535 to 0..255 (PIL's own convert clips them to 255, i.e. nearly white); float grayscale (F)
-    is taken as 0..1 if its maximum is <= 1, else as 0..255; palette, CMYK, RGBA, LA, L and 1 use PIL's
-    conversion (alpha is dropped, as torchvision's ImageFolder does)."""
-    from PIL import Image
-    if im.mode.startswith("I"):
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
-    elif im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        a = a * 255.0 if np.nanmax(a) <= 1.0 else a
-        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
-    return im.convert("RGB")
-
-
-def _decode_files(paths: list[Path], num_workers: int, skip_bad: bool = False) -> torch.Tensor:
-    """Decode ``paths`` to (N, 3, 32, 32) uint8 in ``num_workers`` processes (capped at the CPU count).
-    A file PIL cannot read is an error naming it, or, with ``skip_bad``, left out with a count."""
-    if not paths:
-        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
-                                         num_workers=min(num_workers, os.cpu_count() or 1))
-    images, ok = map(torch.cat, zip(*loader))
-    bad = [paths[i] for i in (~ok).nonzero().flatten().tolist()]
-    if bad and not skip_bad:
-        raise BavqError(f"{len(bad)} image file(s) cannot be read, e.g. '{bad[0]}'"
-                        f"{' and ' + repr(str(bad[1])) if len(bad) > 1 else ''}. Replace or delete them, or pass "
-                        "--skip_bad_images to train without them (the count is printed).")
-    if bad:
-        print(f"[bavq] skipped {len(bad)} unreadable image file(s) (e.g. '{bad[0]}').", file=sys.stderr)
-    return images[ok]
-
-
-def _load_folder_split(root: Path, split: str, subset: int, num_workers: int, skip_bad: bool = False) -> torch.Tensor:
-    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
-    A full split is decoded once and cached next to the data as a .pt file keyed by the decode settings
-    and every file's path, size and modification time (ns)."""
-    split_dir = root / split
-    paths = _list_images(split_dir)
-    if not paths:
-        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
-                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
-                        f"check --data_dir (now '{root}').")
-    if subset and subset < len(paths):
-        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
-        return _decode_files(chosen, num_workers, skip_bad)
-    key = hashlib.sha1(f"{DECODE_VERSION} {IMAGE_SIZE} bicubic".encode())    # the decode settings
-    for p in paths:                                 # and what changes when a file's content changes
-        st = p.stat()
-        key.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}".encode())
-    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
-    if cache.is_file():
-        try:
-            images = torch.load(cache, map_location="cpu", weights_only=True)
-            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
-                return images
-        except Exception:
-            pass  # a corrupt cache is rebuilt below
-    images = _decode_files(paths, num_workers, skip_bad)
-    try:
-        atomic_torch_save(images, cache)
-    except WriteError as e:
-        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.os_error.strerror}); they will be "
-              "decoded again next run.", file=sys.stderr)
-    return images
-
-
-# ---------------------------------------------------------------------------- errors a run can end with
-
-
-class TrainingInterrupted(BavqError):
-    """Ctrl-C / SIGTERM: a checkpoint was saved; the message says how to resume."""
-
-
-class NonFiniteError(BavqError):
-    """A loss term or the gradient became NaN/Inf; training stopped, nothing after it was saved."""
-
-
-def _nonfinite_message(e: _NonFinite, run_dir: Path, steps_per_epoch: int) -> str:
-    good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
-    last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
-            f"'python train.py --resume {good[-1]}' after lowering --lr or setting --grad_clip."
-            if good else "No checkpoint had been written yet; lower --lr or set --grad_clip and "
-            "start again with --overwrite.")
-    return (f"Training stopped: {', '.join(e.terms)} became non-finite (NaN or Inf) in epoch "
-            f"{e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of the "
-            f"epoch). Nothing from after that step was saved. {last}")
-
-
-def _interrupted_message(epoch: int, s: _StopRequested, path: Path, run_dir: Path) -> str:
-    return (f"Training stopped in epoch {epoch} after {s.partial_epoch['batch']} batches (step {s.step}); "
-            f"a checkpoint was saved to '{path}'. Resume with: python train.py --resume {run_dir}")
-
-
-# ---------------------------------------------------------------------------- run directory, checkpoints
-
-SHAPE_KEYS = ("quantizer", "codebook_size", "latent_dim", "hidden_dim")   # must match to resume
-CHECKPOINT_FORMAT = 2          # written with every checkpoint; load_checkpoint refuses newer formats
-# format 1 (before ema_smoothing existed) smoothed the VQ-EMA counts the way that is now "copy"
-
-_RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.yaml", "recon.png", "usage.png",
-              "checkpoint_interrupted.pt")
-
-
-def _checkpoint_epoch(p: Path) -> int | None:
-    """N for a file named checkpoint_epoch{N}.pt, else None."""
-    n = p.stem[len("checkpoint_epoch"):]
-    return int(n) if p.suffix == ".pt" and p.stem.startswith("checkpoint_epoch") and n.isdigit() else None
-
-
-def _run_files(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.iterdir() if p.name in _RUN_FILES or _checkpoint_epoch(p) is not None]
-
-
-def check_run_dir(cfg: Config) -> Path:
-    """<out_dir>/<name>/ for a new run; an existing run there is refused (BavqError, nothing touched)
-    unless ``overwrite``."""
-    run_dir = Path(cfg.out_dir) / cfg.resolved_name()
-    if run_dir.exists():
-        existing = _run_files(run_dir)
-        if existing and not cfg.overwrite:
-            finished = "finished" if (run_dir / "final_metrics.json").exists() else "unfinished"
-            hint = "" if finished == "finished" else f", or continue it with --resume {run_dir}"
-            raise BavqError(f"Run directory '{run_dir}' already holds an {finished} run "
-                            f"({', '.join(sorted(p.name for p in existing))}). Nothing was changed. Choose another "
-                            f"--name, pass --overwrite to replace that run{hint}.")
-    return run_dir
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create <out_dir>/<name>/ after ``check_run_dir``; with ``overwrite`` the old run's files are
-    deleted first so no stale checkpoint survives."""
-    run_dir = check_run_dir(cfg)
-    if run_dir.exists():
-        for p in _run_files(run_dir):
-            p.unlink()
-        if cfg.overwrite and (run_dir / "wandb").is_dir():      # an old offline W&B run would be synced later
-            import shutil
-            shutil.rmtree(run_dir / "wandb")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def remove_stale_temporaries(run_dir: Path) -> list:
-    """Remove the '.<file>.tmp<pid>' files an atomic write leaves when it is killed or the disk is full
-    (call only while holding the run's claim: no other process writes there). Returns their names."""
-    import re
-    stale = [p for p in Path(run_dir).glob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", p.name)]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return [p.name for p in stale]
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "data": generator.get_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a training checkpoint; a corrupt, truncated or foreign file is a BavqError."""
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BavqError(f"Checkpoint '{path}' does not exist. Pass a run directory or one of its "
-                        "checkpoint_epoch{N}.pt files to --resume.") from None
-    except Exception as e:
-        others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt") if p != path)
-        raise BavqError(f"Checkpoint '{path}' is corrupt or truncated and cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}). It was left as it is. Resume from "
-                        f"another checkpoint of the run instead ({', '.join(others) or 'none found'}), e.g. "
-                        "--resume <run_dir>/checkpoint_epoch<N>.pt.") from None
-    needed = {"model_state_dict", "optimizer_state_dict", "epoch", "config"}
-    if not isinstance(ck, dict) or not needed <= set(ck):
-        raise BavqError(f"'{path}' is not a bavq training checkpoint (it lacks "
-                        f"{', '.join(sorted(needed - set(ck))) if isinstance(ck, dict) else 'a checkpoint dict'}). "
-                        "final_model.pt holds weights only and cannot be resumed; pass a checkpoint_epoch{N}.pt "
-                        "file or the run directory.")
-    if "epoch_progress" in ck:                     # the name of partial_epoch in format 1
-        ck["partial_epoch"] = ck.pop("epoch_progress")
-    if ck.get("format", 1) == 1 and isinstance(ck.get("config"), dict):
-        ck["config"].setdefault("ema_smoothing", "copy")
-    if ck.get("format", 1) > CHECKPOINT_FORMAT:
-        raise BavqError(f"Checkpoint '{path}' was written by a newer version of bavq (checkpoint format "
-                        f"{ck['format']}, this version reads up to {CHECKPOINT_FORMAT}). Update bavq (git pull) to "
-                        "resume it.")
-    return ck
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint furthest into training: checkpoint_epoch{N}.pt with the largest N, or
-    checkpoint_interrupted.pt when it was written inside a later epoch."""
-    run_dir = Path(run_dir)
-    epochs = sorted((_checkpoint_epoch(p), p) for p in run_dir.glob("checkpoint_epoch*.pt")
-                    if _checkpoint_epoch(p) is not None)
-    best = epochs[-1] if epochs else None
-    interrupted = run_dir / "checkpoint_interrupted.pt"
-    if interrupted.is_file():
-        ck = load_checkpoint(interrupted)
-        if best is None or ck["epoch"] >= best[0]:
-            return interrupted
-    if best is None:
-        raise BavqError(f"No checkpoint found in '{run_dir}' (looked for checkpoint_epoch<N>.pt and "
-                        "checkpoint_interrupted.pt). A run can be resumed only after its first checkpoint; "
-                        "start it again with --overwrite, or lower --checkpoint_every.")
-    return best[1]
-
-
-def resolve_resume_path(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return latest_checkpoint(p)
-    if p.is_file():
-        return p
-    raise BavqError(f"--resume '{path}' is neither a run directory nor a checkpoint file. Pass e.g. "
-                    "experiments/<name> or experiments/<name>/checkpoint_epoch10.pt.")
-
-
-def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
-    """The config to continue the run at ``path`` (run dir or checkpoint): the checkpoint's own
-    config, with ``overrides`` (e.g. the flags given on the command line) on top. Changing the
-    model shape is caught by ``train``. The run continues in the checkpoint's directory."""
-    ck_path = resolve_resume_path(path)
-    ck = load_checkpoint(ck_path)
-    here = ck_path.parent.resolve()
-    asked = (Path((overrides or {}).get("out_dir", ck_path.parent.parent)) / (overrides or {}).get("name", ck_path.parent.name))
-    if asked.resolve() != here:
-        raise BavqError(f"--resume continues the run where its checkpoint is ('{ck_path.parent}'), but --out_dir/--name "
-                        f"point to '{asked}'. Nothing was changed. Drop --out_dir and --name when resuming (to continue "
-                        "elsewhere, copy the whole run directory there and resume the copy).")
-    values = {**ck["config"], **(overrides or {})}
-    values.update(resume=str(ck_path), out_dir=str(ck_path.parent.parent), name=ck_path.parent.name,
-                  overwrite=bool((overrides or {}).get("overwrite", False)))   # never inherited
-    return make_config(values, source=f"checkpoint '{ck_path}' and command-line flags")
-
-
-# Settings that change how a run executes but not what it computes: they may differ on --resume.
-RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "wandb_group", "num_workers", "data_dir",
-                     "epochs", "checkpoint_every", "keep_checkpoints", "recon_images", "amp", "compile", "compile_mode",
-                     "channels_last", "data_path",
-                     "ba_chunk_rows", "eval_metrics", "eval_every", "resume", "out_dir", "name", "overwrite")
-
-
-def config_differences(stored: dict, cfg: Config) -> list[str]:
-    """'key: old -> new' for every setting that changes what a run computes (not RESUME_MAY_CHANGE)."""
-    old = {**asdict(Config()), **stored}
-    return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in config_fields()
-            if k not in RESUME_MAY_CHANGE and old.get(k) != getattr(cfg, k)]
-
-
-def _stored(cfg: Config) -> Config:
-    """The config as written with a run: one-off instructions (resume, overwrite) are not settings."""
-    return dataclasses.replace(cfg, resume="", overwrite=False)
-
-
-def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
-    """Refuse (BavqError, nothing written) to resume with a different model shape, with changed
-    settings that would silently not apply or change the experiment, with fewer epochs than done,
-    or a finished run without --overwrite."""
-    old = {**asdict(Config()), **ck["config"]}
-    stored = ck_path.parent / "config.yaml"
-    if stored.is_file():                       # a checkpoint copied in from another run does not belong here
-        import yaml
-        run_cfg = yaml.safe_load(stored.read_text()) or {}
-        theirs = [f"{k}: {run_cfg[k]!r} (run) vs {old[k]!r} (checkpoint)" for k in config_fields()
-                  if k in run_cfg and k not in RESUME_MAY_CHANGE and run_cfg[k] != old.get(k)]
-        if theirs:
-            raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{ck_path.parent}': its settings "
-                            f"differ from the run's config.yaml ({'; '.join(theirs)}). Nothing was changed. Resume "
-                            "it from the directory it was written in, or start a new run.")
-    shape = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in (*SHAPE_KEYS, "fsq_levels")
-             if old.get(k) != getattr(cfg, k)]
-    if shape:
-        raise BavqError(f"Cannot resume '{ck_path}' with a different model shape ({'; '.join(shape)}). "
-                        "Nothing was changed. Drop those flags to continue the run as it was, or start a new "
-                        "run under another --name.")
-    changed = config_differences(ck["config"], cfg)
-    if changed:
-        raise BavqError(f"Cannot resume '{ck_path}' with changed settings ({'; '.join(changed)}). Nothing was "
-                        "changed. A resumed run continues with the settings it was trained with (only "
-                        f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'out_dir', 'name', 'overwrite'))} "
-                        "may differ); to change the others start a new run under another --name.")
-    done = ck["epoch"] + (1 if ck.get("partial_epoch") else 0)       # a mid-epoch checkpoint is inside epoch+1
-    if cfg.epochs < done:
-        raise BavqError(f"Cannot resume '{ck_path}' with --epochs {cfg.epochs}: the checkpoint is already "
-                        f"{'inside' if ck.get('partial_epoch') else 'at the end of'} epoch {done}. Nothing was changed.")
-    later = _later_results(ck_path.parent, ck_path, ck["epoch"])
-    if later and not cfg.overwrite:
-        what = "has finished" if any(p.name == "final_metrics.json" for p in later) else "has results from later on"
-        raise BavqError(f"The run in '{ck_path.parent}' {what} ({', '.join(sorted(p.name for p in later))}). Resuming "
-                        f"it from '{ck_path.name}' would replace them. Nothing was changed. Pass --overwrite with "
-                        "--resume to do that, resume from the latest checkpoint (--resume <run_dir>), or start a "
-                        "new run under another --name.")
-
-
-def _later_results(run_dir: Path, ck_path: Path, epoch: int) -> list[Path]:
-    """Files of the run that come from after ``ck_path``: final results, later epoch checkpoints, and
-    an interrupted checkpoint other than ``ck_path`` itself."""
-    out = []
-    finished = (run_dir / "final_metrics.json").exists()
-    for p in _run_files(run_dir):
-        n = _checkpoint_epoch(p)
-        later = n is not None and n > epoch
-        # a final_model.pt without final_metrics.json is a finish that was cut off: not a result
-        final = p.name == "final_metrics.json" or (p.name == "final_model.pt" and finished)
-        if p != ck_path and (later or final or p.name == "checkpoint_interrupted.pt"):
-            out.append(p)
-    return out
-
-
-def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
-    """Before continuing from ``ck_path`` (check_resumable has made sure --overwrite allows it): the
-    results from later in the run are about to be recomputed; remove them so none is picked up stale."""
-    for p in _later_results(run_dir, ck_path, epoch) + [run_dir / "final_model.pt"]:
-        p.unlink(missing_ok=True)
-
-
-def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
-                     generator, partial_epoch=None, wandb_id=None, scaler=None) -> None:
-    atomic_torch_save({
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
-        "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-        "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(_stored(cfg)),
-        "history": history, "rng": _rng_state(generator), "partial_epoch": partial_epoch, "wandb_id": wandb_id,
-    }, path)
-
-
-
-# ---------------------------------------------------------------------------- data parallel (torchrun)
-
-
-class _GatherRows(torch.autograd.Function):
-    """The rows of every process concatenated in rank order, (b_r, ...) -> (sum_r b_r, ...) with b_r =
-    ``sizes[r]``. Backward: the gradient of this process's rows, summed over the processes."""
-
-    @staticmethod
-    def forward(ctx, x, sizes, rank):
-        import torch.distributed as dist
-        m = max(sizes)
-        padded = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))]).contiguous()     # (m, ...)
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        ctx.sizes, ctx.rank = sizes, rank
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
-
-
-class DataParallel:
-    """One run over the processes of ``torchrun`` (one or more). Every process holds all the data and
-    the same model and walks through the same global batches (the one seeded permutation per epoch);
-    a global batch of B images is split into contiguous blocks, one per process (``tensor_split``, so
-    sizes differ by at most one). ``VQVAE.forward`` encodes this process's block, gathers the latents of
-    the whole batch on every process, quantizes the whole batch there, decodes this process's block and
-    gathers the reconstructions. So every quantizer computes on the global batch exactly what one
-    process computes (EMA counts and sums, BA's marginals and entropy gradient, LFQ's batch entropy,
-    usage, dead-code decisions and their replacements, CVQ anchors, affine statistics, Gumbel noise),
-    identically on every process; every process computes the same losses and metrics (validation
-    included: each image counted once). Backward: each process's gradient is the world size W times
-    the single-process gradient restricted to its share, so the all-reduced average is exactly the
-    single-process gradient for every parameter (``average_gradients``). The encoder and decoder
-    work is split W ways; the quantizer's is done by every process."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-
-    def sizes(self, n: int) -> list:
-        return [len(c) for c in torch.arange(n).tensor_split(self.world)]
-
-    def mine(self, x: torch.Tensor) -> torch.Tensor:
-        """This process's block of rows of a global batch."""
-        return x.tensor_split(self.world)[self.rank]
-
-    def gather(self, x_mine: torch.Tensor, n: int) -> torch.Tensor:
-        """Every process's block of an n-row global batch, in order, on every process (differentiable)."""
-        return _GatherRows.apply(x_mine, self.sizes(n), self.rank)
-
-    @torch.no_grad()
-    def average_gradients(self, params) -> None:
-        import torch.distributed as dist
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
-
-    def agree(self, flag: bool, device: torch.device) -> bool:
-        """True on every process if it is true on any (a stop request)."""
-        import torch.distributed as dist
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
-def data_parallel_from_env(cfg: Config) -> DataParallel | None:
-    """Under torchrun (RANK and WORLD_SIZE set; also with one process, which checks this path): join the
-    process group (NCCL on CUDA, gloo otherwise) and return this process's DataParallel; None for a
-    plain run."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    world = int(os.environ["WORLD_SIZE"])
-    import torch.distributed as dist
-    if cfg.batch_size % world:
-        raise BavqError(f"--batch_size {cfg.batch_size} is the global batch of all {world} processes and must divide "
-                        f"by their number; use e.g. --batch_size {cfg.batch_size // world * world or world}.")
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return DataParallel(dist.get_rank(), dist.get_world_size())
-
-
-# ---------------------------------------------------------------------------- one process per run directory
-
-CLAIM_FILE = ".bavq.lock"
-CLAIM_HEARTBEAT_S = 20.0       # the holder refreshes the claim's mtime this often
-CLAIM_STALE_S = 120.0          # a claim from another host not refreshed for this long is a dead process's
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:          # alive, owned by another user
-        return True
-    return True
-
-
-class RunClaim:
-    """An exclusive claim on a run directory for the life of a run (train, resume, sweep member):
-    ``<run_dir>/.bavq.lock``, created atomically (O_EXCL), holding host, pid, boot id, start time and
-    a random token; a background thread refreshes its mtime every CLAIM_HEARTBEAT_S. A second process
-    gets a BavqError naming the holder. A claim left by a dead process is taken over: on the same host
-    when its pid is gone or the machine has rebooted since (boot id), from another host (a shared file
-    system) when it has not been refreshed for CLAIM_STALE_S. Taking over renames the stale file away
-    first (atomic: of two processes only one succeeds) and checks that the file it moved is the one it
-    judged stale. The claim is released (the file removed, and the directory too if this run created
-    it and left it empty) on exit."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.path = Path(run_dir), Path(run_dir) / CLAIM_FILE
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": os.urandom(8).hex()}
-        self._stop, self._thread, self._created = None, None, []
-
-    def __enter__(self):
-        import threading
-        try:
-            self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]   # innermost first
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BavqError(f"Cannot create the run directory '{self.run_dir}' ({e.strerror}). Choose an --out_dir "
-                            "you can write to.") from None
-        for _ in range(5):
-            if self._try_create():
-                break
-            holder = self._read()
-            if holder is not None and not self._stale(holder):
-                self._release_dir()
-                raise BavqError(_claimed_message(self.run_dir, holder))
-            self._take_over(holder)
-        else:
-            self._release_dir()
-            raise BavqError(f"Could not claim the run directory '{self.run_dir}': other processes keep claiming it. "
-                            "Nothing was changed.")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        holder = self._read()
-        if holder is not None and holder.get("token") == self.info["token"]:
-            self.path.unlink(missing_ok=True)
-        self._release_dir()
-        return False
-
-    def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:                               # read-only, no permission, ...
-            self._release_dir()
-            raise BavqError(f"Cannot write in the run directory '{self.run_dir}' ({e.strerror}). Nothing was "
-                            "changed. Choose an --out_dir you can write to (or fix its permissions).") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.info))
-        return True
-
-    def _read(self, path: Path | None = None) -> dict | None:
-        try:
-            info = json.loads((path or self.path).read_text())
-            info["age_s"] = time.time() - (path or self.path).stat().st_mtime
-            return info
-        except (OSError, ValueError):
-            return None             # gone, or still being written: look again
-
-    def _stale(self, holder: dict) -> bool:
-        if holder.get("host") == self.info["host"]:
-            return holder.get("boot_id") != self.info["boot_id"] or not _pid_alive(int(holder.get("pid", -1)))
-        return holder["age_s"] > CLAIM_STALE_S
-
-    def _take_over(self, holder: dict | None) -> None:
-        if holder is None:
-            time.sleep(0.05)        # a claim being written, or just released
-            return
-        moved = self.path.with_name(f"{CLAIM_FILE}.stale-{self.info['token']}")
-        try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return                  # another process took it over first
-        if (self._read(moved) or {}).get("token") != holder.get("token"):
-            try:                    # a fresh claim was moved by mistake: put it back unless a new one exists
-                os.link(moved, self.path)
-            except FileExistsError:
-                pass
-        moved.unlink(missing_ok=True)
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(CLAIM_HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
-
-    def _release_dir(self) -> None:
-        for p in self._created:       # the folders this claim created, if they are still empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
-
-
-def _claimed_message(run_dir: Path, holder: dict) -> str:
-    return (f"Run directory '{run_dir}' is in use by another bavq process (host {holder.get('host')}, pid "
-            f"{holder.get('pid')}, started {holder.get('started')}). Nothing was changed. Wait for it to finish, or "
-            f"use another --name. If that process is gone (e.g. its machine was switched off and it ran on another "
-            f"host), its claim is taken over automatically {CLAIM_STALE_S:.0f} s after its last sign of life, or "
-            f"delete '{run_dir / CLAIM_FILE}'.")
-
-
-# ---------------------------------------------------------------------------- interruption
-
-
-class _StopFlag:
-    """First Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop.
-    A second Ctrl-C aborts at once."""
-
-    def __init__(self, dp: DataParallel | None = None, every: int = 1, device=None):
-        self.requested = False
-        self._old = {}
-        self.dp, self.every, self.device, self.calls = dp, every, device, 0
-
-    def __call__(self) -> bool:
-        if self.dp is None:
-            return self.requested
-        self.calls += 1                              # torchrun: every process stops at the same step
-        return self.calls % self.every == 0 and self.dp.agree(self.requested, self.device)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n[bavq] stop requested: saving a checkpoint after this step (Ctrl-C again to abort "
-              "without saving).", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-
-# ---------------------------------------------------------------------------- W&B
-
-
-def _wandb_has_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except Exception:
-        return False
-
-
-def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def init_wandb(cfg: Config, run_dir: Path, run_id: str | None = None):
-    """A W&B run, or None. Never crashes or hangs: without an API key or network it logs offline
-    (to <run_dir>/wandb, upload later with `wandb sync`), and if W&B fails to start it is turned off.
-    Each fallback prints one line. ``run_id`` continues an earlier W&B run (resume)."""
-    if not cfg.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("[bavq] W&B is not installed; continuing without it (pip install wandb, or pass --no_wandb).")
-        return None
-    mode = os.environ.get("WANDB_MODE", "online")
-    if mode in ("disabled", "off"):
-        return None
-    if mode not in ("offline", "dryrun"):
-        if not _wandb_has_key():
-            print("[bavq] no W&B API key found: logging W&B offline into the run directory "
-                  "(run `wandb login` to log online, or pass --no_wandb).")
-            mode = "offline"
-        elif not _host_reachable("api.wandb.ai"):
-            print("[bavq] W&B server unreachable: logging W&B offline into the run directory "
-                  "(upload later with `wandb sync`).")
-            mode = "offline"
-    else:
-        mode = "offline"
-    try:
-        kwargs = {"id": run_id, "resume": "allow"} if run_id else {}
-        if cfg.wandb_group:
-            kwargs["group"] = cfg.wandb_group
-        return wandb.init(project=cfg.wandb_project, name=cfg.resolved_name(), config=asdict(cfg),
-                          dir=str(run_dir), mode=mode, **kwargs)
-    except Exception as e:
-        print(f"[bavq] W&B failed to start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              "continuing without it.")
-        return None
-
-
-def _wandb_images(wb, paths: dict) -> None:
-    if wb is None:
-        return
-    try:
-        import wandb
-        wb.log({f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}, commit=False)
-    except Exception as e:  # pictures are a convenience; never stop a run for them
-        print(f"[bavq] could not log pictures to W&B ({type(e).__name__}).")
-
-
-# ---------------------------------------------------------------------------- pictures
-
-
-@torch.no_grad()
-@torch.no_grad()
-def recon_rows(model: VQVAE, images_u8: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``n`` evenly spaced images, their eval-mode reconstructions), both on the [-1, 1] scale."""
-    was_training = model.training
-    model.eval()
-    x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
-    model.mark_step()
-    x_recon = model(x)[0].float()
-    model.train(was_training)
-    return x, x_recon
-
-
-@torch.no_grad()
-def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int, title: str = "") -> Path:
-    """recon.png: ``n`` evenly spaced validation images (row "original") above their eval-mode
-    (hard-code) reconstructions (row "reconstruction", clipped to [0, 1] for display), each image
-    shown 3x enlarged, with ``title`` (run, epoch, PSNR) on top."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    x, x_recon = recon_rows(model, images_u8, n)
-    rows = {"original": x, "reconstruction": x_recon}
-    fig, axes = plt.subplots(2, x.shape[0], figsize=(1.1 * x.shape[0] + 1.2, 3.0), dpi=100, squeeze=False)
-    for r, (label, imgs) in enumerate(rows.items()):
-        for c in range(x.shape[0]):
-            ax = axes[r][c]
-            ax.imshow(imgs[c].add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.12, right=0.99, bottom=0.02, top=0.86, wspace=0.05, hspace=0.08)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor, path: Path, title: str) -> Path:
-    """usage.png: code-usage histograms (fraction of assignments per code, codes sorted by frequency),
-    training epoch and validation pass."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    for counts, label, style in ((train_counts, "train (last epoch)", "--"), (val_counts, "validation", "-")):
-        if counts is None:
-            continue
-        c = counts.double()
-        frac = (c / c.sum().clamp_min(1)).sort(descending=True).values.numpy()
-        ax.step(np.arange(1, len(frac) + 1), frac, where="mid", linestyle=style,
-                label=f"{label}: perplexity {float(perplexity_from_counts(counts)):.1f}, "
-                      f"usage {float(usage_from_counts(counts)) * 100:.1f}%")
-    ax.set_xlabel("code rank (sorted by frequency)")
-    ax.set_ylabel("fraction of assignments")
-    ax.set_xlim(0.5, len(val_counts) + 0.5)
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-# ---------------------------------------------------------------------------- the experiment: train(cfg)
-
-
-def _summary_line(epoch: int, epochs: int, tr: dict, va: dict, seconds: float) -> str:
-    restarts = f", {tr['dead_code_restarts']} restarted" if tr.get("dead_code_restarts") else ""
-    return (f"Epoch {epoch}/{epochs} ({seconds:.1f} s) | Train Loss: {tr['loss']:.4f} | Val Loss: {va['loss']:.4f} | "
-            f"PSNR: {va['psnr']:.2f} | Perplexity: {va['perplexity']:.1f} (train {tr['perplexity']:.1f}) | "
-            f"Usage: {va['usage_rate'] * 100:.1f}% (train {tr['usage_rate'] * 100:.1f}%) | "
-            f"Dead: {va['dead_codes']}{restarts} | Grad: {tr['grad_norm']:.3g}")
-
-
-def _fits_on_device(train_u8: torch.Tensor, val_u8: torch.Tensor, device: torch.device) -> bool:
-    """uint8 datasets stay on the GPU when they take under half of its free memory."""
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return (train_u8.numel() + val_u8.numel()) < free // 2
-
-
-def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
-    """After loading optimizer state: give each state tensor its parameter's memory layout (a
-    checkpoint from another device or memory format would otherwise trip the fused CUDA kernel)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p, {})
-            for k, v in list(st.items()):
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-
-
-def _plain(metrics: dict) -> dict:
-    """Metrics without the code histogram (for history lines and JSON)."""
-    return {k: v for k, v in metrics.items() if k != "code_counts"}
-
-
-
-@dataclass
-class _Run:
-    """One experiment in progress: what train() set up, and the state a checkpoint saves."""
-    cfg: Config
-    rt: Runtime
-    model: VQVAE
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator                     # the data order
-    train_u8: torch.Tensor
-    val_u8: torch.Tensor
-    run_dir: Path | None = None
-    wb: object = None                              # the W&B run, or None
-    start_epoch: int = 1
-    step: int = 0
-    history: list = field(default_factory=list)    # one record per finished epoch (history.jsonl)
-    partial_epoch: dict | None = None              # an interrupted epoch to finish first (train_epoch's resume_from)
-    train_metrics: dict = field(default_factory=dict)
-    val_metrics: dict = field(default_factory=dict)
-    wandb_id: str | None = None
-    pictures_step: int = -1                        # the step at which recon.png/usage.png were last drawn
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.train_u8.shape[0] / self.cfg.batch_size)
-
-
-def train(cfg: Config) -> dict:
-    """Run the experiment described by ``cfg``; returns the final validation metrics.
-
-    Writes to <out_dir>/<name>/: config.yaml, history.jsonl (one line per epoch, W&B keys),
-    checkpoint_epoch{N}.pt every ``checkpoint_every`` epochs, recon.png and usage.png at each
-    checkpoint and at the end, final_model.pt (state_dict) and final_metrics.json.
-    With ``cfg.resume`` (see ``resume_config``) it continues from a checkpoint and ends with
-    exactly the metrics of an uninterrupted run (bit-identical on CPU). Ctrl-C saves
-    checkpoint_interrupted.pt and raises TrainingInterrupted with the command that resumes.
-    """
-    # Every check comes before the first write: a refused start leaves the run directory untouched.
-    cfg.validate()
-    dp = data_parallel_from_env(cfg)                          # torchrun: one run over all its processes
-    device = pick_device(cfg.device)
-    if dp is not None and device.type == "cuda":             # one GPU per process
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    rt = make_runtime(cfg, device)
-    run_dir = resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
-    try:
-        if dp is not None:
-            return _train_parallel(cfg, dp, device, rt, run_dir)
-        with RunClaim(run_dir):                               # one process per run directory, from here on
-            return _train_claimed(cfg, device, rt)
-    except (RuntimeError, MemoryError) as e:                  # torch.cuda.OutOfMemoryError is a RuntimeError
-        if not _is_out_of_memory(e):
-            raise
-        raise BavqError(_out_of_memory_message(cfg, device, run_dir, e)) from None
-
-
-def _train_parallel(cfg: Config, dp: DataParallel, device: torch.device, rt: Runtime, run_dir: Path) -> dict:
-    """train(cfg) as one process of a torchrun job: process 0 claims and writes the run directory;
-    the others run the same computation (every collective in the same order) writing only to a
-    scratch directory that is deleted at the end, with W&B off and nothing printed. A refused start
-    on process 0 stops every process before training."""
-    import shutil
-    import tempfile
-    with contextlib.ExitStack() as stack:
-        error = None
-        if dp.rank == 0:
-            try:
-                stack.enter_context(RunClaim(run_dir))
-                if cfg.resume:
-                    _checked_resume(cfg)
-                else:
-                    check_run_dir(cfg)
-            except BavqError as e:
-                error = e
-        if dp.agree(error is not None, device):
-            raise error or BavqError("Process 0 of this torchrun job refused to start the run (its message says "
-                                     "why); nothing was written.")
-        if dp.rank == 0:
-            return _train_claimed(cfg, device, rt, dp)
-        scratch = Path(tempfile.mkdtemp(prefix=f"bavq_rank{dp.rank}_"))
-        stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        return _train_claimed(dataclasses.replace(cfg, wandb=False, progress=False), device, rt, dp, scratch)
-
-
-def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParallel | None = None,
-                   scratch: Path | None = None) -> dict:
-    ck_path, ck = _checked_resume(cfg) if cfg.resume else (None, None)
-    run_dir = scratch or (ck_path.parent if ck is not None else Path(cfg.out_dir) / cfg.resolved_name())
-    if scratch is None and run_dir.is_dir() and (ck is not None or cfg.overwrite or not _run_files(run_dir)):
-        remove_stale_temporaries(run_dir)
-    if ck is None and scratch is None:
-        check_run_dir(cfg)                                    # before any download or decoding
-    seed_everything(cfg.seed)
-    cfg, train_u8, val_u8 = _data_on_device(cfg, device)
-    model, optimizer = setup_model(cfg, device, rt)
-    model.data_parallel = dp
-    run = _Run(cfg, rt, model, optimizer, torch.Generator().manual_seed(cfg.seed), train_u8, val_u8)
-    if ck is not None:
-        _restore(run, ck, ck_path, scratch)
-    else:
-        run.run_dir = scratch or prepare_run_dir(cfg)         # first write of a new run
-        if cfg.init in DATA_INITS and not cfg.pretrain_epochs:
-            init_from_data(model, train_u8, cfg)
-    _start_files(run, device)
-    run.wb = init_wandb(cfg, run.run_dir, run.wandb_id)
-    run.wandb_id = getattr(run.wb, "id", None) or run.wandb_id
-    try:
-        with _StopFlag(dp, cfg.progress_every, device) as stop:
-            for epoch in range(run.start_epoch, cfg.epochs + 1):
-                _run_epoch(run, epoch, stop)
-        return _finish(run)
-    finally:
-        if run.wb is not None:
-            run.wb.finish()
-
-
-def _is_out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def _out_of_memory_message(cfg: Config, device, run_dir: Path, e: BaseException) -> str:
-    ck = sorted(run_dir.glob("checkpoint_*.pt")) if run_dir.is_dir() else []
-    then = (f"then continue from the last checkpoint with: python train.py --resume {run_dir}" if ck
-            else "then start the run again (with --overwrite if its folder already holds files)")
-    return (f"Ran out of memory on {device} ({str(e).splitlines()[0][:160]}). Files already written are intact. "
-            f"The run needs less memory with a smaller --codebook_size (now {cfg.codebook_size}), --latent_dim (now "
-            f"{cfg.latent_dim}), --batch_size (now {cfg.batch_size}), --val_batch_size, --ba_chunk_rows (BA-VQ), or "
-            f"--train_subset / --val_subset (the size of fake data); {then}.")
-
-
-def _checked_resume(cfg: Config) -> tuple[Path, dict]:
-    ck_path = resolve_resume_path(cfg.resume)
-    ck = load_checkpoint(ck_path)
-    check_resumable(cfg, ck, ck_path)
-    return ck_path, ck
-
-
-def _data_on_device(cfg: Config, device: torch.device):
-    """(cfg, train, val): the dataset, on the device where it fits (else data_path 'loader')."""
-    train_u8, val_u8 = load_dataset(cfg)
-    if cfg.data_path == "device" and not _fits_on_device(train_u8, val_u8, device):
-        print(f"[bavq] the dataset does not fit in {device} memory; using --data_path loader.")
-        cfg = dataclasses.replace(cfg, data_path="loader")
-    if cfg.data_path == "device":
-        train_u8 = train_u8.to(device)
-    return cfg, train_u8, val_u8.to(device)
-
-
-def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) -> None:
-    """Load a checkpoint (checked by check_resumable) into the run, whose files go to ``run_dir``
-    (default: the checkpoint's directory); later results there are discarded."""
-    cfg = run.cfg
-    try:
-        run.model.load_state_dict(ck["model_state_dict"])
-        run.optimizer.load_state_dict(ck["optimizer_state_dict"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise BavqError(_misfit_message(ck_path, e)) from None
-    _match_state_layout(run.optimizer)
-    _set_rng_state(ck["rng"], run.generator)
-    if run.rt.scaler is not None and ck.get("scaler"):
-        run.rt.scaler.load_state_dict(ck["scaler"])
-    run.run_dir, run.start_epoch, run.step, run.history = run_dir or ck_path.parent, ck["epoch"] + 1, ck["step"], list(ck["history"])
-    run.partial_epoch, run.wandb_id = ck.get("partial_epoch"), ck.get("wandb_id")
-    run.train_metrics, run.val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
-    where = (f"epoch {ck['epoch'] + 1}, batch {run.partial_epoch['batch']}" if run.partial_epoch
-             else f"the end of epoch {ck['epoch']}")
-    print(f"[bavq] resuming '{run.run_dir}' from {ck_path.name} ({where}, step {run.step}).")
-    if cfg.epochs != ck["config"]["epochs"]:
-        print(f"[bavq] note: epochs {ck['config']['epochs']} -> {cfg.epochs}: the beta schedule and the loss "
-              "warm-up continue over the new total, so this run matches no uninterrupted run.")
-    if run.run_dir == ck_path.parent:
-        _discard_later_results(run.run_dir, ck_path, ck["epoch"])
-
-
-def _misfit_message(ck_path: Path, e: Exception) -> str:
-    return (f"Checkpoint '{ck_path}' does not fit this model ({str(e).splitlines()[0][:200]}). It was written by a "
-            "different model or library version; resume it with the settings it was trained with, or start a new run.")
-
-
-def _provenance(device: torch.device) -> str:
-    """YAML comment lines: when, where (the device actually used) and which code wrote the run."""
-    import subprocess
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown (not a git checkout)"
-    return (f"# written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {socket.gethostname()}\n"
-            f"# device used: {device} ({name}); torch {torch.__version__}; bavq code: git {commit}\n")
-
-
-def _start_files(run: _Run, device: torch.device) -> None:
-    """config.yaml and history.jsonl (so far), and the one-line run announcement."""
-    cfg = run.cfg
-    atomic_write_text(run.run_dir / "config.yaml", _provenance(device) + config_to_yaml(_stored(cfg)))
-    atomic_write_text(run.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
-    print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
-          f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
-          f"{run.train_u8.shape[0]} train / {run.val_u8.shape[0]} val images, device {device}, -> {run.run_dir}")
-
-
-def _run_epoch(run: _Run, epoch: int, stop) -> None:
-    """Train one epoch (or finish an interrupted one), validate, log, checkpoint."""
-    cfg, t0 = run.cfg, time.time()
-    if cfg.pretrain_epochs and epoch == cfg.pretrain_epochs + 1 and run.partial_epoch is None:
-        init_from_data(run.model, run.train_u8, cfg)      # two-stage training: codes from the trained encoder
-    try:
-        run.train_metrics, run.step = train_epoch(
-            run.model, run.optimizer, run.train_u8, cfg, run.generator, run.step, cfg.epochs * run.steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}", resume_from=run.partial_epoch, stop=stop, rt=run.rt)
-    except _NonFinite as e:
-        raise NonFiniteError(_nonfinite_message(e, run.run_dir, run.steps_per_epoch)) from None
-    except _StopRequested as s:
-        path = run.run_dir / "checkpoint_interrupted.pt"
-        _save_run(run, path, epoch - 1, s.step, partial_epoch=s.partial_epoch)
-        raise TrainingInterrupted(_interrupted_message(epoch, s, path, run.run_dir)) from None
-    run.partial_epoch = None
-    run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt)
-    if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:     # the last epoch: in _finish
-        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
-    record = _history_record(run, epoch, time.time() - t0)
-    run.history.append(record)
-    with open(run.run_dir / "history.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if run.wb is not None:
-        run.wb.log(record, step=epoch)
-    print(_summary_line(epoch, cfg.epochs, run.train_metrics, run.val_metrics, record["time_s"]), flush=True)
-    if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-        _save_run(run, run.run_dir / f"checkpoint_epoch{epoch}.pt", epoch, run.step)
-        _prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
-        _write_pictures(run, epoch)
-
-
-def _history_record(run: _Run, epoch: int, seconds: float) -> dict:
-    """One history.jsonl line (and W&B step): train/* and val/* metrics with stable loss keys."""
-    record = {"epoch": epoch, "step": run.step, "time_s": seconds,
-              "phase": "pretrain" if epoch <= run.cfg.pretrain_epochs else "quantized"}
-    record.update({f"train/{k}": v for k, v in _plain(run.train_metrics).items()})
-    record.update({f"val/{k}": v for k, v in _plain(run.val_metrics).items()})
-    for k in run.model.quantizer.loss_names:          # the original code logs 0 for absent terms
-        record.setdefault(f"train/{k}", 0.0)
-        record.setdefault(f"val/{k}", 0.0)
-    return record
-
-
-def _save_run(run: _Run, path: Path, epoch: int, step: int, partial_epoch: dict | None = None) -> None:
-    _save_checkpoint(path, model=run.model, optimizer=run.optimizer, cfg=run.cfg, epoch=epoch, step=step,
-                     history=run.history, val_metrics=run.val_metrics, train_metrics=run.train_metrics,
-                     generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler)
-
-
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """--keep_checkpoints N: delete all but the N latest checkpoint_epoch{N}.pt (0 = keep all)."""
-    if keep <= 0:
-        return
-    epochs = sorted((n, p) for p in run_dir.glob("checkpoint_epoch*.pt") if (n := _checkpoint_epoch(p)) is not None)
-    for _, p in epochs[:-keep]:
-        p.unlink(missing_ok=True)
-
-
-def _write_pictures(run: _Run, epoch: int) -> None:
-    cfg = run.cfg
-    title = f"{cfg.resolved_name()}: {cfg.quantizer}, K={cfg.codebook_size}"
-    recon_title = f"{title}, epoch {epoch}, val PSNR {run.val_metrics['psnr']:.2f} dB"
-    paths = {"recon": save_recon_grid(run.model, run.val_u8, run.run_dir / "recon.png", cfg.recon_images,
-                                      recon_title),
-             "usage": save_usage_plot(run.train_metrics.get("code_counts"), run.val_metrics["code_counts"],
-                                      run.run_dir / "usage.png", title)}
-    _wandb_images(run.wb, paths)
-    run.pictures_step = run.step
-
-
-def _finish(run: _Run) -> dict:
-    """final_model.pt, the final pictures and final_metrics.json; returns the final metrics."""
-    cfg, tr = run.cfg, run.train_metrics
-    if not run.val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
-        run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress,
-                                   rt=run.rt)
-    atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
-    run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
-    final = {"epoch": cfg.epochs, **_plain(run.val_metrics),
-             "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
-             "val_code_counts": run.val_metrics["code_counts"].tolist(),
-             "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
-    if run.pictures_step != run.step:                    # not already drawn at the last checkpoint
-        _write_pictures(run, cfg.epochs)
-    atomic_write_text(run.run_dir / "final_metrics.json", json.dumps(final, indent=2))
-    (run.run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
-    if run.wb is not None:
-        run.wb.summary.update({f"final/{k}": v for k, v in final.items() if not k.endswith("code_counts")})
-    return final
-
-
-
-# ---------------------------------------------------------------------------- LPIPS and rFID (optional packages)
-
-
-def inception_features():
-    """The standard FID feature network (Inception-v3 pool features, 2048-d, weights of the TF FID
-    release via torch-fidelity, bilinear resize to 299x299 inside), from torchmetrics; uint8 images
-    (N, 3, H, W) in, (N, 2048) out. Needs requirements-eval.txt and, once, network for the weights."""
-    from torchmetrics.image.fid import NoTrainInceptionV3
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).eval()
-
-
-@torch.no_grad()
-def reconstruction_fid(model: VQVAE, images_u8: torch.Tensor, feature_net, batch_size: int = 256,
-                       rt: Runtime | None = None) -> float:
-    """rFID: Frechet distance between the features of ``images_u8`` (the whole test set) and of their
-    eval-mode reconstructions, both as uint8 images (reconstructions clipped and rounded)."""
-    was_training = model.training
-    model.eval()
-    rt = rt or Runtime(images_u8.device)
-    real, fake = [], []
-    for s in range(0, images_u8.shape[0], batch_size):
-        x_u8 = images_u8[s:s + batch_size]
-        model.mark_step()
-        with rt.autocast():
-            x_recon = model(rt.prepare(to_float(x_u8)))[0]
-        real.append(feature_net(x_u8).double().cpu())
-        fake.append(feature_net(to_uint8(x_recon)).double().cpu())
-    model.train(was_training)
-    return frechet_distance(torch.cat(real), torch.cat(fake))
-
-
-@torch.no_grad()
-def reconstruction_lpips(model: VQVAE, images_u8: torch.Tensor, batch_size: int = 256, rt: Runtime | None = None,
-                         net_type: str = "alex") -> float:
-    """Mean LPIPS (Zhang et al. 2018, torchmetrics, AlexNet features with the published linear
-    weights) between the test images and their eval-mode reconstructions, both on the [-1, 1] scale
-    (reconstructions clipped to it)."""
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-    metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, reduction="sum").to(images_u8.device)
-    was_training = model.training
-    model.eval()
-    rt = rt or Runtime(images_u8.device)
-    total = 0.0
-    for s in range(0, images_u8.shape[0], batch_size):
-        x = to_float(images_u8[s:s + batch_size])
-        model.mark_step()
-        with rt.autocast():
-            x_recon = model(rt.prepare(x))[0]
-        total += float(metric(x_recon.float().clamp(-1, 1), x))
-        metric.reset()
-    model.train(was_training)
-    return total / images_u8.shape[0]
-
-
-def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None) -> dict:
-    """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for. A metric
-    whose package or weights are missing is skipped with one printed line saying why."""
-    out = {}
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)              # a weight download behind a firewall fails instead of hanging
-    try:
-        for name in [n for n in ("lpips", "fid") if n in names]:
-            try:
-                if name == "lpips":
-                    out["lpips"] = reconstruction_lpips(model, images_u8, rt=rt)
-                else:
-                    out["rfid"] = reconstruction_fid(model, images_u8, inception_features().to(images_u8.device), rt=rt)
-            except Exception as e:   # ImportError, no network for the weights, ...: the run still finishes
-                print(f"[bavq] {name} skipped ({_one_line(e)}); pip install -r requirements-eval.txt, and allow one "
-                      "download of its weights.", flush=True)
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    return out
-
-
-def _one_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-
-
-# ---------------------------------------------------------------------------- finished runs: reload, evaluate
-
-
-def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-             device: str = "cpu") -> tuple[VQVAE, Config]:
-    """(model in eval mode, its Config) of a run directory: the run's own architecture from its
-    config.yaml, the weights of final_model.pt, or of ``checkpoint`` (a checkpoint_*.pt of the run)."""
-    import yaml
-    run_dir = Path(run_dir).expanduser()
-    stored = run_dir / "config.yaml"
-    if not stored.is_file():
-        raise BavqError(f"'{run_dir}' is not a run directory (it has no config.yaml). Pass the folder that "
-                        "train.py wrote, e.g. experiments/<name>.")
-    values = {k: v for k, v in (yaml.safe_load(stored.read_text()) or {}).items() if k in config_fields()}
-    if checkpoint is not None:
-        ck = load_checkpoint(Path(checkpoint))
-        cfg, state = make_config(ck["config"], source=f"checkpoint '{checkpoint}'"), ck["model_state_dict"]
-    else:
-        weights = run_dir / "final_model.pt"
-        if not weights.is_file():
-            raise BavqError(f"'{run_dir}' has no final_model.pt (the run has not finished). Pass one of its "
-                            f"checkpoints: {', '.join(sorted(p.name for p in run_dir.glob('checkpoint_*.pt'))) or 'none'}.")
-        cfg, state = make_config(values, source=f"'{stored}'"), torch.load(weights, map_location="cpu", weights_only=True)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise BavqError(_misfit_message(run_dir, e)) from None
-    return model.to(pick_device(device)).eval(), cfg
-
-
-def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 data_dir: str | None = None, out_name: str = "eval_metrics.json", eval_metrics=None) -> dict:
-    """Every validation metric of a finished run (or of one of its checkpoints) on its whole test
-    set, written to <run_dir>/eval_metrics.json (and eval_recon.png, eval_usage.png); returns them."""
-    model, cfg = load_run(run_dir, checkpoint, device)
-    if data_dir is not None:
-        cfg = dataclasses.replace(cfg, data_dir=data_dir)
-    dev = next(model.parameters()).device
-    _, val_u8 = load_dataset(cfg)
-    val_u8 = val_u8.to(dev)
-    rt = make_runtime(dataclasses.replace(cfg, device=str(dev)), dev)
-    metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt)
-    metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt))
-    run_dir = Path(run_dir)
-    out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
-           "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}
-    atomic_write_text(run_dir / out_name, json.dumps(out, indent=2))
-    save_recon_grid(model, val_u8, run_dir / "eval_recon.png", cfg.recon_images,
-                    f"{cfg.resolved_name()} (evaluation), val PSNR {metrics['psnr']:.2f} dB")
-    save_usage_plot(None, metrics["code_counts"], run_dir / "eval_usage.png", f"{cfg.resolved_name()} (evaluation)")
-    return out
-
-
-# ---------------------------------------------------------------------------- sweeps
-
-SWEEP_KEYS = ("quantizer", "codebook_size", "seed")       # the keys that may take several values
-
-
-def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
-    """The configs of a grid: ``values`` (the settings given; defaults fill the rest) with every combination of ``grid``
-    ({sweep key: list of values}). Returns (configs, whether it is a sweep, i.e. more than one run);
-    a sweep's runs are named <name>_<quantizer>_k<K>_s<seed>."""
-    for k, v in grid.items():
-        if not v:
-            raise BavqError(f"'{k}' was given an empty list of values; give at least one.")
-    sweep = any(len(v) > 1 for v in grid.values())
-    configs = []
-    for combo in itertools.product(*grid.values()):
-        cfg = make_config({**values, **dict(zip(grid, combo))}, source="command-line flags")
-        if sweep:
-            prefix = f"{values['name']}_" if values.get("name") else ""
-            cfg = dataclasses.replace(cfg, name=f"{prefix}{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}",
-                                      wandb_group=cfg.wandb_group or values.get("name") or "grid")
-        configs.append(cfg.validate())
-    return configs, sweep
-
-
-def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: str = "") -> int:
-    """Run each config of the grid (or of its ``shard``, see ``shard_configs``) in turn: skip finished
-    runs, resume interrupted ones, keep going after a failed run. An existing run with other settings
-    (epochs included) is reported FAILED and left alone. Writes the grid's manifest first (for
-    ``grid_summary``). Prints a summary table; returns the exit status (0 if every run finished)."""
-    write_grid_manifest(configs, grid_name)
-    configs = shard_configs(configs, shard)
-    if shard is not None:
-        print(f"[bavq] part {shard[0]} of {shard[1]} of the grid: {len(configs)} runs", flush=True)
-    rows, status = [], 0
-    for i, cfg in enumerate(configs, 1):
-        print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
-        grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name()).unlink(missing_ok=True)   # an earlier failure
-        try:
-            cfg, final, state = _sweep_member(cfg)
-        except (TrainingInterrupted, KeyboardInterrupt):
-            raise
-        except Exception as e:   # BavqError, CUDA out of memory, ...: report it and go on with the grid
-            msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
-            print(f"error: {msg}", file=sys.stderr)
-            final, state, status = {}, "FAILED", 1
-            _mark_failed(cfg, grid_name, msg)
-        rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
-    print("\n" + summary_table(rows))
-    return status
-
-
-def _grid_file(out_dir: str | os.PathLike, name: str, suffix: str) -> Path:
-    """<out_dir>/.grid_<name><suffix>: a grid's own files, beside its runs' directories."""
-    return Path(out_dir) / f".grid_{name or 'grid'}{suffix}"
-
-
-def grid_manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
-    return _grid_file(out_dir, name, ".json")
-
-
-def grid_failure_path(out_dir: str | os.PathLike, grid_name: str, run_name: str) -> Path:
-    """Where a failed grid run's error is kept for ``grid_summary`` (next to the manifest, never in the
-    run directory, which a refused run must leave untouched)."""
-    return _grid_file(out_dir, grid_name, ".failed") / f"{run_name}.txt"
-
-
-def _mark_failed(cfg: Config, grid_name: str, msg: str) -> None:
-    path = grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, msg + "\n")
-    except (OSError, BavqError):
-        pass
-
-
-def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
-    """Run (or skip, or resume) one run of a sweep: (its config, final metrics, what happened)."""
-    import yaml
-    run_dir = Path(cfg.out_dir) / cfg.resolved_name()
-    stored = run_dir / "config.yaml"
-    if stored.is_file() and not cfg.overwrite:
-        old = yaml.safe_load(stored.read_text()) or {}
-        diff = config_differences(old, cfg)
-        if old.get("epochs", cfg.epochs) != cfg.epochs:
-            diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
-        if diff:
-            raise BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
-                            "Nothing was changed. Use another --name for this sweep, or --overwrite "
-                            "to replace those runs.")
-    final_path = run_dir / "final_metrics.json"
-    if final_path.is_file() and not cfg.overwrite:
-        print(f"[bavq] {run_dir} already finished; skipped.")
-        return cfg, json.loads(final_path.read_text()), "skipped (finished)"
-    if not (run_dir.is_dir() and not cfg.overwrite and _run_files(run_dir)):
-        return cfg, train(cfg), "done"
-    if any(run_dir.glob("checkpoint_*.pt")):
-        # resume from the latest checkpoint; a corrupt one is an error, never a restart
-        keep = {k: getattr(cfg, k) for k in ("device", "progress", "wandb", "num_workers", "data_dir")}
-        cfg = resume_config(run_dir, keep)
-        return cfg, train(cfg), "resumed"
-    print(f"[bavq] {run_dir} holds an unfinished run without a checkpoint; starting it again.")
-    cfg = dataclasses.replace(cfg, overwrite=True)
-    return cfg, train(cfg), "restarted"
-
-
-def parse_shard(text: str | None, env=None) -> tuple[int, int] | None:
-    """``--shard I/N`` (1 <= I <= N) -> (I, N). Without it, a SLURM array task's own part: I = task id -
-    first task id + 1 of N = SLURM_ARRAY_TASK_COUNT (so --array=0-7 and --array=1-8 both work). None: all."""
-    env = os.environ if env is None else env
-    if not text:
-        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
-            return None
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")) + 1
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
-        source = (f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']}, SLURM_ARRAY_TASK_MIN="
-                  f"{env.get('SLURM_ARRAY_TASK_MIN', '0')}, SLURM_ARRAY_TASK_COUNT={n}")
-    else:
-        source = f"--shard {text}"
-        try:
-            i, n = (int(v) for v in text.split("/"))
-        except ValueError:
-            raise BavqError(f"--shard takes I/N, the I-th of N parts of the grid (e.g. --shard 2/4); got '{text}'.") from None
-    if not 1 <= i <= n:
-        raise BavqError(f"{source} asks for part {i} of {n}; the part must be between 1 and {n}.")
-    return i, n
-
-
-def shard_configs(configs: list, shard: tuple[int, int] | None) -> list:
-    """The I-th of N disjoint parts of a grid: runs I, I+N, I+2N, ... (1-based) of its fixed order, so
-    that each part gets a mix of quantizers, sizes and seeds. None: the whole grid."""
-    if shard is None:
-        return list(configs)
-    i, n = shard
-    return [c for j, c in enumerate(configs) if j % n == i - 1]
-
-
-def write_grid_manifest(configs: list, name: str) -> Path:
-    """Record every run of a grid (all shards write the same file) so that ``grid_summary`` can tell
-    missing runs from finished ones."""
-    path = grid_manifest_path(configs[0].out_dir, name)
-    runs = [{"name": c.resolved_name(), "quantizer": c.quantizer, "codebook_size": c.codebook_size, "seed": c.seed}
-            for c in configs]
-    text = json.dumps({"name": name, "runs": runs}, indent=1) + "\n"
-    if path.is_file() and path.read_text() != text and not configs[0].overwrite:
-        raise BavqError(f"'{path}' describes another grid of the name '{name}' (other runs). Nothing was changed. "
-                        "Use another --name for this grid, or --overwrite to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-    return path
-
-
-def _run_status(run_dir: Path, failure: Path | None = None) -> tuple[dict, str]:
-    """(final metrics or {}, state) of a grid's run directory, from its files alone (and the grid's
-    record of its failure, ``failure``)."""
-    final = run_dir / "final_metrics.json"
-    if final.is_file():
-        return json.loads(final.read_text()), "finished"
-    claim = RunClaim(run_dir)
-    holder = claim._read() if run_dir.is_dir() else None
-    if holder is not None and not claim._stale(holder):
-        return {}, f"running (pid {holder.get('pid')} on {holder.get('host')})"
-    if failure is not None and failure.is_file():
-        return {}, "FAILED: " + (failure.read_text().strip().splitlines() or [""])[0][:120]
-    if not run_dir.is_dir():
-        return {}, "missing"
-    done = [e for e in (_checkpoint_epoch(p) for p in run_dir.glob("checkpoint_*.pt")) if e is not None]
-    return {}, f"stopped after epoch {max(done)} (resumable)" if done else "stopped before its first checkpoint"
-
-
-def grid_summary(out_dir: str | os.PathLike, name: str = "") -> tuple[str, int]:
-    """The table of a grid from its run directories, at any time: (text, number of runs not finished).
-    Needs the grid's manifest (written when any part of the grid starts)."""
-    path = grid_manifest_path(out_dir, name)
-    if not path.is_file():
-        known = sorted(p.name[len(".grid_"):-len(".json")] for p in Path(out_dir).glob(".grid_*.json"))
-        raise BavqError(f"No grid named '{name or 'grid'}' was started in '{out_dir}' (no {path.name}). "
-                        + (f"Grids there: {', '.join(known)}." if known else "Start it with several values of "
-                           f"{', '.join(SWEEP_KEYS)}, e.g. --quantizer vq_ema ba_vq --name grid."))
-    rows, open_runs = [], 0
-    for run in json.loads(path.read_text())["runs"]:
-        final, state = _run_status(Path(out_dir) / run["name"], grid_failure_path(out_dir, name, run["name"]))
-        rows.append((run["name"], run["quantizer"], run["codebook_size"], run["seed"], final, state))
-        open_runs += state != "finished"
-    return summary_table(rows), open_runs
-
-
-def summary_table(rows) -> str:
-    """The sweep's table: one row (name, quantizer, K, seed, final metrics, status) per run."""
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
-    head = (f"{'run':<32} {'quantizer':<9} {'K':>6} {'seed':>4} {'epochs':>6} {'PSNR':>7} {'perplexity':>10} "
-            f"{'usage %':>8}  status")
-    lines = [head, "-" * len(head)]
-    for name, q, K, seed, final, state in rows:
-        usage = final.get("usage_rate")
-        lines.append(f"{name:<32} {q:<9} {K:>6} {seed:>4} {f(final.get('epoch'), 'd'):>6} {f(final.get('psnr'), '.2f'):>7} "
-                     f"{f(final.get('perplexity'), '.1f'):>10} {f(usage * 100 if usage is not None else None, '.1f'):>8}  {state}")
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------- running experiments
+# Run directories, checkpoints, resume, the run lock, stop signals, torchrun, W&B, pictures and
+# ``train(cfg)`` live in vqvae_experiment.py; grids of runs in vqvae_grid.py. Their public names are
+# reachable from here too (``vqvae.train``, ``vqvae.load_run``, ``vqvae.evaluate_run``, ``vqvae.run_sweep``).
+
+_RUNNING_MODULES = ("vqvae_experiment", "vqvae_grid")
+
+
+def __getattr__(name: str):
+    """``vqvae.NAME`` for the public names of the experiment and grid modules (imported on first use)."""
+    if not name.startswith("_"):
+        import importlib
+        for module in _RUNNING_MODULES:
+            m = importlib.import_module(module)
+            if name in vars(m):
+                return vars(m)[name]
+    raise AttributeError(f"module 'vqvae' has no attribute '{name}'")
+
+
+def __dir__():
+    import importlib
+    public = {n for module in _RUNNING_MODULES for n in vars(importlib.import_module(module)) if not n.startswith("_")}
+    return sorted(set(globals()) | public)

@@ -12,21 +12,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import vqvae  # noqa: E402
+import vqvae_experiment  # noqa: E402
 
 rank = int(os.environ.get("RANK", "0"))
 fail_rank = os.environ.get("BAVQ_TEST_FAIL_RANK")
-real_finish = vqvae._finish
+real_finish = vqvae_experiment._finish
 
 
 def finish_and_keep(run):
     final = real_finish(run)
     out = Path(run.cfg.out_dir) / f"{run.cfg.resolved_name()}.rank{rank}"
     torch.save(run.model.state_dict(), f"{out}.pt")
-    Path(f"{out}.json").write_text(json.dumps(vqvae._plain(final)))
+    Path(f"{out}.json").write_text(json.dumps(vqvae_experiment._plain(final)))
     return final
 
 
-vqvae._finish = finish_and_keep
+vqvae_experiment._finish = finish_and_keep
 if fail_rank is not None and int(fail_rank) == rank:
     real_backward = vqvae._backward_and_step
     calls = {"n": 0}
@@ -40,7 +41,7 @@ if fail_rank is not None and int(fail_rank) == rank:
 
 stop_rank = os.environ.get("BAVQ_TEST_STOP_RANK")
 if stop_rank is not None and int(stop_rank) == rank:
-    real_call = vqvae._StopFlag.__call__
+    real_call = vqvae_experiment._StopFlag.__call__
     polls = {"n": 0}
 
     def request_once(self):
@@ -48,7 +49,7 @@ if stop_rank is not None and int(stop_rank) == rank:
         if polls["n"] == 5:
             self.requested = True
         return real_call(self)
-    vqvae._StopFlag.__call__ = request_once
+    vqvae_experiment._StopFlag.__call__ = request_once
 
 for overrides in map(json.loads, sys.argv[1:]):
     resume = overrides.pop("resume", None)

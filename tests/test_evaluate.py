@@ -7,6 +7,7 @@ import torch
 
 import evaluate
 import vqvae
+import vqvae_experiment
 from conftest import fsq_levels_for, tiny_config
 
 
@@ -102,8 +103,8 @@ def test_reconstruction_fid_end_to_end_with_a_small_random_feature_network():
 def test_a_missing_metric_package_skips_with_one_line_and_the_run_finishes(tmp_path, monkeypatch, capsys):
     def missing(*a, **k):
         raise ImportError("No module named 'torchmetrics'")
-    monkeypatch.setattr(vqvae, "reconstruction_lpips", missing)
-    monkeypatch.setattr(vqvae, "inception_features", missing)
+    monkeypatch.setattr(vqvae_experiment, "reconstruction_lpips", missing)
+    monkeypatch.setattr(vqvae_experiment, "inception_features", missing)
     final = vqvae.train(tiny_config(out_dir=str(tmp_path), eval_metrics=["psnr", "ssim", "lpips", "fid"]))
     out = capsys.readouterr().out
     assert "lpips skipped (ImportError" in out and "fid skipped (ImportError" in out

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vqvae
+import vqvae_experiment
 from conftest import ROOT, tiny_config
 
 
@@ -31,7 +32,7 @@ def test_a_second_claim_is_refused_naming_the_holder(tmp_path):
 
 def _write_claim(path, **info):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": "h", "pid": 1, "boot_id": vqvae._boot_id(), "started": "then",
+    path.write_text(json.dumps({"host": "h", "pid": 1, "boot_id": vqvae_experiment._boot_id(), "started": "then",
                                 "token": "old", **info}))
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vqvae
+import vqvae_experiment
 from conftest import tiny_config
 from vqvae import FSQQuantizer, VQQuantizer, kmeans_codebook, rotation_trick, squared_distances
 
@@ -455,7 +456,7 @@ def test_a_stop_request_after_a_non_finite_step_saves_no_checkpoint(tmp_path, mo
                 losses["commitment_loss"] = losses["commitment_loss"] * float("nan")
         return z_q, losses, info
     monkeypatch.setattr(vqvae.VQEMAQuantizer, "forward", poisoned)
-    monkeypatch.setattr(vqvae._StopFlag, "__call__", lambda self: calls["n"] >= 6)   # Ctrl-C right after it
+    monkeypatch.setattr(vqvae_experiment._StopFlag, "__call__", lambda self: calls["n"] >= 6)   # Ctrl-C right after it
     with pytest.raises(vqvae.NonFiniteError, match="step 5"):
         vqvae.train(cfg)
     run = Path(cfg.out_dir) / cfg.resolved_name()

@@ -347,8 +347,7 @@ def test_compiled_model_marks_a_cuda_graph_step_per_training_step_and_eval_batch
     model = vqvae.build_model(cfg)
     model.compiled = compiled
     opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
-    vqvae.init_from_data(model, train_u8, cfg)
-    vqvae.train_epoch(model, opt, train_u8[:4 * 64], cfg, torch.Generator().manual_seed(0), 0, 4)
+    vqvae.train_epoch(model, opt, train_u8[:4 * 64], cfg, torch.Generator().manual_seed(0), 0, 4)  # k-means first
     vqvae.validate(model, val_u8[:48], 16)
     assert len(marks) == (2 + 4 + 3 if compiled else 0)
 

@@ -2,6 +2,7 @@
 a quantizer defined here, outside vqvae.py, trains end to end through train(cfg) once it is
 registered, and nothing in vqvae.py outside the quantizers tests a quantizer's name or class."""
 import ast
+import re
 import json
 from pathlib import Path
 
@@ -75,16 +76,20 @@ def test_the_cli_offers_a_registered_quantizer(registered):
     assert cli.config_from_args(["--quantizer", "frozen_codes", "--dataset", "fake"]).quantizer == "frozen_codes"
 
 
+MODULES = ("vqvae.py", "vqvae_experiment.py", "vqvae_grid.py")
+
+
 def _outside_quantizers(tree):
-    """Top-level functions and classes of vqvae.py that are not quantizers (nor the Config fields)."""
+    """Top-level functions and classes of a module that are not quantizers (nor the Config fields)."""
     quantizer_classes = {n for n, c in vars(vqvae).items() if isinstance(c, type) and issubclass(c, vqvae.Quantizer)}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in quantizer_classes | {"Config"}:
             yield node, quantizer_classes
 
 
-def test_nothing_outside_a_quantizer_tests_its_name_or_class():
-    tree = ast.parse((ROOT / "vqvae.py").read_text())
+@pytest.mark.parametrize("module", MODULES)
+def test_nothing_outside_a_quantizer_tests_its_name_or_class(module):
+    tree = ast.parse((ROOT / module).read_text())
     names = set(vqvae.QUANTIZERS)
     offences = []
     for node, qclasses in _outside_quantizers(tree):
@@ -111,13 +116,71 @@ def test_the_name_check_sees_a_name_test():
     assert found and calls and calls[0].args[1].id == "BAQuantizer"
 
 
-def test_the_method_comes_before_the_experiment_management():
-    """vqvae.py reads config -> data -> model -> quantizers -> metrics -> training, then one banner."""
+def test_vqvae_reads_as_the_method_top_to_bottom():
+    """vqvae.py: config -> its checking -> data -> model -> quantizers -> metrics -> training."""
     text = (ROOT / "vqvae.py").read_text()
-    order = ["\nclass Config", "\ndef load_dataset", "\nclass VQVAE", "\nclass Quantizer", "\nQUANTIZERS = {",
-             "\ndef compute_psnr", "\ndef train_epoch", "\ndef validate", "#   experiment management",
-             "\ndef load_checkpoint", "\ndef init_wandb", "\ndef train(cfg", "\ndef run_sweep"]
+    order = ["\nclass Config", "\ndef config_problems", "\ndef load_dataset", "\nclass VQVAE", "\nclass Quantizer",
+             "\nQUANTIZERS = {", "\ndef compute_psnr", "\ndef train_epoch", "\ndef validate"]
     pos = [text.index(s) for s in order]
     assert pos == sorted(pos)
-    assert text[:text.index("class VQVAE")].count("\n") < 300
-    assert text.count("#   experiment management") == 1
+
+
+PLUMBING = {"wandb", "checkpoint", "checkpoints", "distributed", "torchrun", "signal", "sweep", "grid", "claim",
+            "lock", "shard", "manifest", "rundir"}
+
+
+def _words(identifier: str) -> set:
+    """run_dir -> {run, dir, rundir}; RunClaim -> {run, claim, runclaim}; ResidualBlock -> {residual, block, ...}."""
+    parts = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", identifier)]
+    return set(parts) | {a + b for a, b in zip(parts, parts[1:])}
+
+
+def _plumbing_identifiers(tree) -> list:
+    """Identifiers (names, attributes, imports, definitions) outside the Config class that name plumbing."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Config":
+            continue                            # the one config: its fields may name W&B or checkpoints
+        for sub in ast.walk(node):
+            ids = []
+            if isinstance(sub, ast.Name):
+                ids = [sub.id]
+            elif isinstance(sub, ast.Attribute):
+                ids = [sub.attr]
+            elif isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
+                ids = [sub.name]
+            elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                ids = [a.name for a in sub.names] + [getattr(sub, "module", None) or ""]
+            found += [i for i in ids if _words(i) & PLUMBING]
+    return found
+
+
+def test_vqvae_knows_nothing_of_running_experiments():
+    """No code for run directories, checkpoints, locks, signals, torchrun, W&B or sweeps in the method
+    module; it reaches them only through the lazy re-export of the experiment and grid modules' names."""
+    assert _plumbing_identifiers(ast.parse((ROOT / "vqvae.py").read_text())) == []
+    assert "data_parallel" not in vars(vqvae.VQVAE(codebook_size=4, latent_dim=2, hidden_dim=2))
+
+
+def test_the_plumbing_check_sees_plumbing():
+    tree = ast.parse("import signal\ndef f(cfg):\n    return save_checkpoint(cfg.run_dir)\n")
+    assert set(_plumbing_identifiers(tree)) == {"signal", "save_checkpoint", "run_dir"}
+
+
+PUBLIC_API = ("VQVAE", "Config", "QUANTIZERS", "Quantizer", "make_config", "load_yaml_config", "load_dataset",
+              "build_model", "setup_model", "train_epoch", "validate", "compute_perplexity", "compute_usage_rate",
+              "compute_psnr", "ssim_per_image", "train", "resume_config", "load_run", "evaluate_run", "run_sweep",
+              "grid_summary", "load_checkpoint", "BavqError", "TrainingInterrupted", "NonFiniteError", "SWEEP_KEYS")
+
+
+@pytest.mark.parametrize("name", PUBLIC_API)
+def test_the_public_api_is_reachable_as_vqvae_dot_name(name):
+    assert getattr(vqvae, name) is not None
+    assert name in dir(vqvae)
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        vqvae.not_a_name
+    with pytest.raises(AttributeError):
+        vqvae._StopFlag                          # private names of the experiment module are not re-exported

@@ -14,6 +14,8 @@ from PIL import Image
 
 import train as cli
 import vqvae
+import vqvae_experiment
+import vqvae_grid
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect with -m "not slow")
@@ -61,7 +63,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(tiny_cfg, monkeypatch):
     def stop_after_6(self):
         calls["n"] += 1
         return calls["n"] > 6                                   # 4 batches per epoch: stops in epoch 2
-    monkeypatch.setattr(vqvae._StopFlag, "__call__", stop_after_6)
+    monkeypatch.setattr(vqvae_experiment._StopFlag, "__call__", stop_after_6)
     cfg = tiny_cfg(name="cut", quantizer="ba_vq", epochs=3)
     with pytest.raises(vqvae.TrainingInterrupted, match="--resume"):
         vqvae.train(cfg)
@@ -299,7 +301,7 @@ def test_a_mid_epoch_checkpoint_cannot_be_cut_short(tiny_cfg, monkeypatch):
     def stop_after_6(self):
         calls["n"] += 1
         return calls["n"] > 6
-    monkeypatch.setattr(vqvae._StopFlag, "__call__", stop_after_6)
+    monkeypatch.setattr(vqvae_experiment._StopFlag, "__call__", stop_after_6)
     cfg = tiny_cfg(name="m", epochs=3)
     with pytest.raises(vqvae.TrainingInterrupted):
         vqvae.train(cfg)
@@ -314,7 +316,7 @@ def test_optimizer_state_takes_the_parameters_layout():
     opt = torch.optim.AdamW([p])
     opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn(2, 3, 4, 4), "exp_avg_sq": torch.rand(2, 3, 4, 4)}
     ref = {k: v.clone() for k, v in opt.state[p].items()}
-    vqvae._match_state_layout(opt)
+    vqvae_experiment._match_state_layout(opt)
     for k in ("exp_avg", "exp_avg_sq"):
         assert opt.state[p][k].stride() == p.stride()
         assert torch.equal(opt.state[p][k], ref[k])
@@ -466,14 +468,14 @@ def test_grid_parts_in_separate_processes_and_the_summary(tmp_path):
 
 def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
     run = tmp_path / "r"
-    assert vqvae._run_status(run)[1] == "missing"
+    assert vqvae_grid._run_status(run)[1] == "missing"
     run.mkdir()
-    assert vqvae._run_status(run)[1] == "stopped before its first checkpoint"
+    assert vqvae_grid._run_status(run)[1] == "stopped before its first checkpoint"
     (run / "checkpoint_epoch2.pt").write_bytes(b"")
-    assert vqvae._run_status(run)[1] == "stopped after epoch 2 (resumable)"
+    assert vqvae_grid._run_status(run)[1] == "stopped after epoch 2 (resumable)"
     with vqvae.RunClaim(run):                                            # a live process holds it
-        assert vqvae._run_status(run)[1].startswith(f"running (pid {os.getpid()}")
+        assert vqvae_grid._run_status(run)[1].startswith(f"running (pid {os.getpid()}")
     (tmp_path / "failed.txt").write_text("NonFiniteError: loss is NaN\n")
-    assert vqvae._run_status(run, tmp_path / "failed.txt")[1] == "FAILED: NonFiniteError: loss is NaN"
+    assert vqvae_grid._run_status(run, tmp_path / "failed.txt")[1] == "FAILED: NonFiniteError: loss is NaN"
     (run / "final_metrics.json").write_text('{"psnr": 20.0}')
-    assert vqvae._run_status(run) == ({"psnr": 20.0}, "finished")
+    assert vqvae_grid._run_status(run) == ({"psnr": 20.0}, "finished")

@@ -1,0 +1,220 @@
+"""Grids of runs: a sweep over quantizers, codebook sizes and seeds (``run_sweep``), split into disjoint
+shards for several GPUs or machines (``--shard I/N``, SLURM arrays), with a manifest and a summary table
+of every run's state (``grid_summary``, ``train.py --summarize``). Each run is an ordinary
+``vqvae_experiment.train`` run in its own directory; finished runs are skipped and interrupted ones resumed.
+
+``vqvae`` re-exports every public name of this module (``vqvae.run_sweep``, ``vqvae.grid_summary``, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from vqvae import BavqError, Config, make_config
+from vqvae_experiment import (RunClaim, TrainingInterrupted, _checkpoint_epoch, _run_files, atomic_write_text,
+                              config_differences, resume_config, run_dir_of, train)
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+SWEEP_KEYS = ("quantizer", "codebook_size", "seed")       # the keys that may take several values
+
+
+def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
+    """The configs of a grid: ``values`` (the settings given; defaults fill the rest) with every combination of ``grid``
+    ({sweep key: list of values}). Returns (configs, whether it is a sweep, i.e. more than one run);
+    a sweep's runs are named <name>_<quantizer>_k<K>_s<seed>."""
+    for k, v in grid.items():
+        if not v:
+            raise BavqError(f"'{k}' was given an empty list of values; give at least one.")
+    sweep = any(len(v) > 1 for v in grid.values())
+    configs = []
+    for combo in itertools.product(*grid.values()):
+        cfg = make_config({**values, **dict(zip(grid, combo))}, source="command-line flags")
+        if sweep:
+            prefix = f"{values['name']}_" if values.get("name") else ""
+            cfg = dataclasses.replace(cfg, name=f"{prefix}{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}",
+                                      wandb_group=cfg.wandb_group or values.get("name") or "grid")
+        configs.append(cfg.validate())
+    return configs, sweep
+
+
+def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: str = "") -> int:
+    """Run each config of the grid (or of its ``shard``, see ``shard_configs``) in turn: skip finished
+    runs, resume interrupted ones, keep going after a failed run. An existing run with other settings
+    (epochs included) is reported FAILED and left alone. Writes the grid's manifest first (for
+    ``grid_summary``). Prints a summary table; returns the exit status (0 if every run finished)."""
+    write_grid_manifest(configs, grid_name)
+    configs = shard_configs(configs, shard)
+    if shard is not None:
+        print(f"[bavq] part {shard[0]} of {shard[1]} of the grid: {len(configs)} runs", flush=True)
+    rows, status = [], 0
+    for i, cfg in enumerate(configs, 1):
+        print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
+        grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name()).unlink(missing_ok=True)   # an earlier failure
+        try:
+            cfg, final, state = _sweep_member(cfg)
+        except (TrainingInterrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:   # BavqError, CUDA out of memory, ...: report it and go on with the grid
+            msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
+            print(f"error: {msg}", file=sys.stderr)
+            final, state, status = {}, "FAILED", 1
+            _mark_failed(cfg, grid_name, msg)
+        rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
+    print("\n" + summary_table(rows))
+    return status
+
+
+def _grid_file(out_dir: str | os.PathLike, name: str, suffix: str) -> Path:
+    """<out_dir>/.grid_<name><suffix>: a grid's own files, beside its runs' directories."""
+    return Path(out_dir) / f".grid_{name or 'grid'}{suffix}"
+
+
+def grid_manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
+    return _grid_file(out_dir, name, ".json")
+
+
+def grid_failure_path(out_dir: str | os.PathLike, grid_name: str, run_name: str) -> Path:
+    """Where a failed grid run's error is kept for ``grid_summary`` (next to the manifest, never in the
+    run directory, which a refused run must leave untouched)."""
+    return _grid_file(out_dir, grid_name, ".failed") / f"{run_name}.txt"
+
+
+def _mark_failed(cfg: Config, grid_name: str, msg: str) -> None:
+    path = grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, msg + "\n")
+    except (OSError, BavqError):
+        pass
+
+
+def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
+    """Run (or skip, or resume) one run of a sweep: (its config, final metrics, what happened)."""
+    import yaml
+    run_dir = run_dir_of(cfg)
+    stored = run_dir / "config.yaml"
+    if stored.is_file() and not cfg.overwrite:
+        old = yaml.safe_load(stored.read_text()) or {}
+        diff = config_differences(old, cfg)
+        if old.get("epochs", cfg.epochs) != cfg.epochs:
+            diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
+        if diff:
+            raise BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
+                            "Nothing was changed. Use another --name for this sweep, or --overwrite "
+                            "to replace those runs.")
+    final_path = run_dir / "final_metrics.json"
+    if final_path.is_file() and not cfg.overwrite:
+        print(f"[bavq] {run_dir} already finished; skipped.")
+        return cfg, json.loads(final_path.read_text()), "skipped (finished)"
+    if not (run_dir.is_dir() and not cfg.overwrite and _run_files(run_dir)):
+        return cfg, train(cfg), "done"
+    if any(run_dir.glob("checkpoint_*.pt")):
+        # resume from the latest checkpoint; a corrupt one is an error, never a restart
+        keep = {k: getattr(cfg, k) for k in ("device", "progress", "wandb", "num_workers", "data_dir")}
+        cfg = resume_config(run_dir, keep)
+        return cfg, train(cfg), "resumed"
+    print(f"[bavq] {run_dir} holds an unfinished run without a checkpoint; starting it again.")
+    cfg = dataclasses.replace(cfg, overwrite=True)
+    return cfg, train(cfg), "restarted"
+
+
+def parse_shard(text: str | None, env=None) -> tuple[int, int] | None:
+    """``--shard I/N`` (1 <= I <= N) -> (I, N). Without it, a SLURM array task's own part: I = task id -
+    first task id + 1 of N = SLURM_ARRAY_TASK_COUNT (so --array=0-7 and --array=1-8 both work). None: all."""
+    env = os.environ if env is None else env
+    if not text:
+        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+            return None
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")) + 1
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        source = (f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']}, SLURM_ARRAY_TASK_MIN="
+                  f"{env.get('SLURM_ARRAY_TASK_MIN', '0')}, SLURM_ARRAY_TASK_COUNT={n}")
+    else:
+        source = f"--shard {text}"
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise BavqError(f"--shard takes I/N, the I-th of N parts of the grid (e.g. --shard 2/4); got '{text}'.") from None
+    if not 1 <= i <= n:
+        raise BavqError(f"{source} asks for part {i} of {n}; the part must be between 1 and {n}.")
+    return i, n
+
+
+def shard_configs(configs: list, shard: tuple[int, int] | None) -> list:
+    """The I-th of N disjoint parts of a grid: runs I, I+N, I+2N, ... (1-based) of its fixed order, so
+    that each part gets a mix of quantizers, sizes and seeds. None: the whole grid."""
+    if shard is None:
+        return list(configs)
+    i, n = shard
+    return [c for j, c in enumerate(configs) if j % n == i - 1]
+
+
+def write_grid_manifest(configs: list, name: str) -> Path:
+    """Record every run of a grid (all shards write the same file) so that ``grid_summary`` can tell
+    missing runs from finished ones."""
+    path = grid_manifest_path(configs[0].out_dir, name)
+    runs = [{"name": c.resolved_name(), "quantizer": c.quantizer, "codebook_size": c.codebook_size, "seed": c.seed}
+            for c in configs]
+    text = json.dumps({"name": name, "runs": runs}, indent=1) + "\n"
+    if path.is_file() and path.read_text() != text and not configs[0].overwrite:
+        raise BavqError(f"'{path}' describes another grid of the name '{name}' (other runs). Nothing was changed. "
+                        "Use another --name for this grid, or --overwrite to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path
+
+
+def _run_status(run_dir: Path, failure: Path | None = None) -> tuple[dict, str]:
+    """(final metrics or {}, state) of a grid's run directory, from its files alone (and the grid's
+    record of its failure, ``failure``)."""
+    final = run_dir / "final_metrics.json"
+    if final.is_file():
+        return json.loads(final.read_text()), "finished"
+    claim = RunClaim(run_dir)
+    holder = claim._read() if run_dir.is_dir() else None
+    if holder is not None and not claim._stale(holder):
+        return {}, f"running (pid {holder.get('pid')} on {holder.get('host')})"
+    if failure is not None and failure.is_file():
+        return {}, "FAILED: " + (failure.read_text().strip().splitlines() or [""])[0][:120]
+    if not run_dir.is_dir():
+        return {}, "missing"
+    done = [e for e in (_checkpoint_epoch(p) for p in run_dir.glob("checkpoint_*.pt")) if e is not None]
+    return {}, f"stopped after epoch {max(done)} (resumable)" if done else "stopped before its first checkpoint"
+
+
+def grid_summary(out_dir: str | os.PathLike, name: str = "") -> tuple[str, int]:
+    """The table of a grid from its run directories, at any time: (text, number of runs not finished).
+    Needs the grid's manifest (written when any part of the grid starts)."""
+    path = grid_manifest_path(out_dir, name)
+    if not path.is_file():
+        known = sorted(p.name[len(".grid_"):-len(".json")] for p in Path(out_dir).glob(".grid_*.json"))
+        raise BavqError(f"No grid named '{name or 'grid'}' was started in '{out_dir}' (no {path.name}). "
+                        + (f"Grids there: {', '.join(known)}." if known else "Start it with several values of "
+                           f"{', '.join(SWEEP_KEYS)}, e.g. --quantizer vq_ema ba_vq --name grid."))
+    rows, open_runs = [], 0
+    for run in json.loads(path.read_text())["runs"]:
+        final, state = _run_status(Path(out_dir) / run["name"], grid_failure_path(out_dir, name, run["name"]))
+        rows.append((run["name"], run["quantizer"], run["codebook_size"], run["seed"], final, state))
+        open_runs += state != "finished"
+    return summary_table(rows), open_runs
+
+
+def summary_table(rows) -> str:
+    """The sweep's table: one row (name, quantizer, K, seed, final metrics, status) per run."""
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+    head = (f"{'run':<32} {'quantizer':<9} {'K':>6} {'seed':>4} {'epochs':>6} {'PSNR':>7} {'perplexity':>10} "
+            f"{'usage %':>8}  status")
+    lines = [head, "-" * len(head)]
+    for name, q, K, seed, final, state in rows:
+        usage = final.get("usage_rate")
+        lines.append(f"{name:<32} {q:<9} {K:>6} {seed:>4} {f(final.get('epoch'), 'd'):>6} {f(final.get('psnr'), '.2f'):>7} "
+                     f"{f(final.get('perplexity'), '.1f'):>10} {f(usage * 100 if usage is not None else None, '.1f'):>8}  {state}")
+    return "\n".join(lines)
