@@ -367,6 +367,6 @@ def test_cli_flags_are_not_abbreviated_and_an_unknown_flag_is_one_line(tmp_path)
 def test_pyproject_makes_vqvae_an_installable_module():
     tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads TOML")
     p = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert p["tool"]["setuptools"]["py-modules"] == ["vqvae"]
+    assert p["tool"]["setuptools"]["py-modules"] == ["vqvae", "vqvae_experiment", "vqvae_grid"]
     req = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
     assert sorted(p["project"]["dependencies"]) == sorted(r for r in req if r)

@@ -166,8 +166,8 @@ def snapshot(run):
 @pytest.mark.parametrize("args,expect", [
     (["--quantizer", "vqq"], "invalid choice"),
     (["--dataset", "imagenet"], "invalid choice"),
-    (["--lr", "-1"], "lr must be a positive"),
-    (["--lr", "0"], "lr must be a positive"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "0"], "lr must be > 0"),
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--batch_size", "-4"], "batch_size must be >= 1"),
     (["--codebook_size", "1"], "codebook_size must be >= 2"),
@@ -229,17 +229,16 @@ def test_resuming_a_finished_run_needs_overwrite_and_discards_its_later_results(
     assert snapshot(run) == before                               # refused: nothing touched
     # with --overwrite, the results after epoch 1 are discarded and recomputed (identically)
     seen = {}
-    orig = vqvae.train_epoch
+    orig = vqvae_experiment.train_epoch                         # patched where the run calls it
 
     def spy(*a, **k):
         seen.setdefault("files", sorted(p.name for p in run.iterdir()))
         return orig(*a, **k)
-    vqvae_train_epoch = vqvae.train_epoch
-    vqvae.train_epoch = spy
+    vqvae_experiment.train_epoch = spy
     try:
         again = vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt", {"overwrite": True}))
     finally:
-        vqvae.train_epoch = vqvae_train_epoch
+        vqvae_experiment.train_epoch = orig
     assert "checkpoint_epoch3.pt" not in seen["files"] and "final_metrics.json" not in seen["files"]
     assert again == first
 
