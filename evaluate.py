@@ -1,9 +1,10 @@
 """Evaluate finished runs: rebuild each model from its run directory, load final_model.pt (or a
 checkpoint), compute every validation metric on the whole test set, and write eval_metrics.json,
-eval_recon.png and eval_usage.png into the run directory.
+eval_recon.png and eval_usage.png into the run directory (for a checkpoint: eval_metrics_<checkpoint>.json, ...;
+a checkpoint of another run is refused).
 
     python evaluate.py experiments/ba_vq_k512_s0
-    python evaluate.py experiments/ba_vq_k512_s0 --checkpoint experiments/ba_vq_k512_s0/checkpoint_epoch50.pt
+    python evaluate.py experiments/ba_vq_k512_s0 --checkpoint checkpoint_epoch50.pt
     python evaluate.py experiments/                 # every run directory below it (a grid), with a table
     python evaluate.py experiments/ba_vq_k512_s0 --eval_metrics psnr ssim lpips fid
 """
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("path", help="a run directory, or a folder of run directories (a grid)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint_*.pt of the run instead of final_model.pt")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint of the run (its file name in the run directory, or a "
+                                                        "path) instead of final_model.pt")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(vqvae.DEVICES)}, or cuda:N")
     p.add_argument("--data_dir", default=None, help="where the dataset is now, if not where the run found it")
     p.add_argument("--eval_metrics", nargs="+", default=None, choices=list(vqvae.EVAL_METRICS),
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
             m = vqvae.evaluate_run(d, args.checkpoint, args.device, args.data_dir, eval_metrics=args.eval_metrics)
             cfg = vqvae.load_run(d, args.checkpoint)[1]
             print(f"[bavq] {d}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, perplexity {m['perplexity']:.1f}, "
-                  f"usage {m['usage_rate'] * 100:.1f}% -> {d / 'eval_metrics.json'}", flush=True)
+                  f"usage {m['usage_rate'] * 100:.1f}% -> {m['written_to']}", flush=True)
             rows.append((d.name, cfg.quantizer, cfg.codebook_size, cfg.seed, m, "evaluated"))
         if len(rows) > 1:
             print("\n" + vqvae.summary_table(rows))

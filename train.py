@@ -13,6 +13,7 @@ flag of the same name; a boolean field `x` has `--x` and `--no_x`. Giving severa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
         print(f"\n{e}", file=sys.stderr)
         return 130
     except vqvae.BavqError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":     # under torchrun every process stops with the same message:
+            print(f"error: {e}", file=sys.stderr)  # process 0 says it once
         return 2
     except KeyboardInterrupt:
         print("\naborted without saving a checkpoint.", file=sys.stderr)

@@ -92,7 +92,7 @@ class Config:
     commitment_cost: float = setting(0.25, at_least=0)  # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq, simvq, lfq, rvq)
     decay: float = setting(0.99, at_least=0, below=1)  # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = setting(1e-5, above=0)   # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ba_vq --ba_codebook_update ema)
-    ema_init_count: float = setting(0.0, at_least=0)  # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see README)
+    ema_init_count: float = setting(0.0, at_least=0)  # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see docs/method.md)
     ema_smoothing: str = setting("overwrite", choices=("overwrite", "copy"))  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
@@ -268,6 +268,16 @@ def config_problems(cfg: Config) -> list:
     return problems
 
 
+def _they(names: list, one: str, many: str) -> str:
+    """'init applies' / 'init, cosine apply': the names and the verb that agrees with them."""
+    return f"{', '.join(names)} {one if len(names) == 1 else many}"
+
+
+def _a(word: str) -> str:
+    """'an int', 'a float'."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def _quantizer_problems(cfg: Config, qcls: type) -> list:
     """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
     problems = []
@@ -275,7 +285,7 @@ def _quantizer_problems(cfg: Config, qcls: type) -> list:
         used = remedies_in_use(cfg)
         if used:
             with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
-            problems.append(f"{', '.join(used)} apply to codebook quantizers ({with_codebook}), not to "
+            problems.append(f"{_they(used, 'applies', 'apply')} to codebook quantizers ({with_codebook}), not to "
                             f"{cfg.quantizer}, {qcls.remedies_note}")
     if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
         problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
@@ -303,7 +313,7 @@ def _coerce(key: str, value, typ, source: str):
     """Check one config value against its declared type. Raises BavqError."""
     def bad():
         return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
-                         f"{value!r} ({type(value).__name__}). Change it to a {typ.__name__} value, e.g. "
+                         f"{value!r} ({type(value).__name__}). Change it to {_a(typ.__name__)} value, e.g. "
                          f"{key}: {getattr(Config(), key)!r}.")
     if typ is bool:
         if isinstance(value, bool):
@@ -374,7 +384,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
         raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
                         "Fix the syntax: one 'key: value' per line.") from None
     if data is None:
-        return {}
+        raise BavqError(f"Config file '{path}' is empty (or only comments), so it sets nothing. Put 'key: value' "
+                        "lines in it (e.g. quantizer: ba_vq), or drop --config to use the defaults.")
     if not isinstance(data, dict):
         raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
                         f"{type(data).__name__}.")
@@ -1197,7 +1208,7 @@ class VQEMAQuantizer(CodebookQuantizer):
     ``ema_smoothing``: ``overwrite`` (the default, the original code) stores the smoothed counts N~ back
     as N, so the next step's EMA starts from them; ``copy`` (DeepMind Sonnet's VectorQuantizerEMA)
     smooths a copy and keeps the raw EMA counts. With the original start state the two differ a lot
-    in how fast unused codes recover (README, "VQ-EMA").
+    in how fast unused codes recover (docs/method.md, "VQ-EMA").
     The EMA buffers start as in the original code: counts N = ``ema_init_count`` (0), sums m = the
     initial codes (or count x code when ``ema_init_count`` > 0).
     The step's output uses the codebook as it was *before* the step's update, and buffers only
@@ -1218,7 +1229,7 @@ class VQEMAQuantizer(CodebookQuantizer):
     def config_problems(cls, cfg: Config) -> list:
         used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES)
         if used:
-            return [f"{', '.join(used)} act on a codebook learned by gradient (vq, ba_vq), not on vq_ema, whose "
+            return [f"{_they(used, 'acts', 'act')} on a codebook learned by gradient (vq, ba_vq), not on vq_ema, whose "
                     "codes are recomputed from their EMA sums every step"]
         return []
 
@@ -1446,7 +1457,7 @@ class BAQuantizer(CodebookQuantizer):
     Departures from the original code: the original clamps Q at 1e-10 before taking its log; in log
     space no floor is needed, so codes with Q < 1e-10 keep their exact (tiny) mass.
     Options (off by default): see ``CodebookQuantizer`` (usage for dead codes = hard argmax counts), and
-    these, whose reasoning and measured effect are in the README ("A fair BA-VQ"):
+    these, whose reasoning and measured effect are in docs/method.md ("Options beyond the original method"):
       ``ba_temperature relative``: beta multiplies d / d-bar, d-bar the mean distance over the batch's
           (latent, code) pairs (sg[.]; evaluation: its running mean, decay ``marginal_decay``), so the
           assignments do not depend on the scale of the latents (``_effective_beta``).
@@ -1466,7 +1477,7 @@ class BAQuantizer(CodebookQuantizer):
     and lets autograd differentiate it (the reference); ``fused`` (the default) runs ``_FusedBA``
     below, one pass with a hand-written backward. To change the maths: edit ``blahut_arimoto`` (and
     this forward's autograd branch), train with ``--ba_impl autograd``, then port the change to
-    ``_FusedBA`` and run ``pytest tests/test_quantizers.py -k fused`` (fused == autograd in float64).
+    ``_FusedBA`` and run ``pytest tests/test_ba_vq.py tests/test_ba_vq_options.py -k fused`` (fused == autograd in float64).
     """
     loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
     train_metrics = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
@@ -1478,10 +1489,11 @@ class BAQuantizer(CodebookQuantizer):
         problems = []
         used = remedies_in_use(cfg, ("sync_nu", "alternate_lr"))
         if used:
-            problems.append(f"{', '.join(used)} apply to vq's hard codes, not to ba_vq, whose decoder input is the soft P.E")
+            problems.append(f"{_they(used, 'applies', 'apply')} to vq's hard codes, not to ba_vq, whose decoder input is "
+                            "the soft P.E")
         used = remedies_in_use(cfg, ("cvq", "affine_reparam"))
         if cfg.ba_codebook_update == "ema" and used:
-            problems.append(f"{', '.join(used)} act on a codebook learned by gradient, but --ba_codebook_update ema "
+            problems.append(f"{_they(used, 'acts', 'act')} on a codebook learned by gradient, but --ba_codebook_update ema "
                             "recomputes the codes from their EMA sums every step (use --ba_codebook_update gradient)")
         return problems
 
@@ -1753,7 +1765,7 @@ def expected_distortion(z: torch.Tensor, E: torch.Tensor, counts: torch.Tensor, 
 # (``--ba_impl fused``, the default). The reference above is what to edit: change
 # ``blahut_arimoto`` (and BAQuantizer's autograd branch), check training with --ba_impl autograd,
 # port the change here (forward chunk, backward chunk, and the maths in _FusedBA's docstring), then
-# run ``pytest tests/test_quantizers.py -k fused``: fused == autograd in float64, gradients included.
+# run ``pytest tests/test_ba_vq.py tests/test_ba_vq_options.py -k fused``: fused == autograd in float64, gradients included.
 
 def _ba_chunk_rows(N: int, K: int, chunk_rows: int) -> int:
     """Rows per chunk: ``chunk_rows`` if > 0, else about 2**24 matrix elements (64 MB in float32)."""
@@ -2880,9 +2892,14 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BavqError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU on this machine "
-                        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Use --device auto "
-                        "or --device cpu, or install a CUDA build of PyTorch (requirements-cuda.txt).")
+        if torch.version.cuda is None:                     # a CPU-only build of PyTorch
+            raise BavqError(f"--device {name} was asked for, but this PyTorch ({torch.__version__}) is a CPU-only "
+                            "build. Install a CUDA build of PyTorch (pip install -r requirements-cuda.txt on a machine "
+                            "with an NVIDIA GPU), or use --device auto or --device cpu.")
+        raise BavqError(f"--device {name} was asked for, but PyTorch (torch {torch.__version__}, a CUDA {torch.version.cuda} "
+                        "build) finds no usable GPU on this machine: no NVIDIA driver, no GPU visible to this process "
+                        "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or a driver older than that CUDA version. Fix "
+                        "that, or use --device auto or --device cpu.")
     if name == "mps" and not mps_ok:
         raise BavqError("--device mps was asked for, but the Apple MPS backend is not available here. "
                         "Use --device auto or --device cpu.")

@@ -205,7 +205,7 @@ def load_checkpoint(path: Path) -> dict:
         others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt") if p != path)
         raise BavqError(f"Checkpoint '{path}' is corrupt or truncated and cannot be read ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}). It was left as it is. Resume from "
-                        f"another checkpoint of the run instead ({', '.join(others) or 'none found'}), e.g. "
+                        f"another checkpoint of the run instead ({', '.join(others) or 'none'}), e.g. "
                         "--resume <run_dir>/checkpoint_epoch<N>.pt.") from None
     needed = {"model_state_dict", "optimizer_state_dict", "epoch", "config"}
     if not isinstance(ck, dict) or not needed <= set(ck):
@@ -440,13 +440,13 @@ class DataParallel:
         """Every parameter's gradient averaged over the processes (``train_epoch``'s after_backward)."""
         import torch.distributed as dist
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
+        for dtype in dict.fromkeys(g.dtype for g in grads):  # one all-reduce per dtype (in parameter order, the
+            group = [g for g in grads if g.dtype == dtype]   # same on every process), in that dtype: float64 stays float64
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, new in zip(group, flat.split([g.numel() for g in group])):
+                g.copy_(new.view_as(g))
 
     def agree(self, flag: bool, device: torch.device) -> bool:
         """True on every process if it is true on any (a stop request)."""
@@ -866,6 +866,7 @@ def train(cfg: Config) -> dict:
     """
     # Every check comes before the first write: a refused start leaves the run directory untouched.
     cfg.validate()
+    check_metric_packages(cfg.eval_metrics)
     dp = data_parallel_from_env(cfg)                          # torchrun: one run over all its processes
     device = pick_device(cfg.device)
     if dp is not None and device.type == "cuda":             # one GPU per process
@@ -1181,6 +1182,22 @@ def reconstruction_lpips(model: VQVAE, images_u8: torch.Tensor, batch_size: int 
     return total / images_u8.shape[0]
 
 
+METRIC_PACKAGES = {"lpips": ("torchmetrics",), "fid": ("torchmetrics", "torch_fidelity")}   # import names
+
+
+def check_metric_packages(names) -> None:
+    """Before a run or an evaluation starts: the optional packages that the metrics ``names`` need are
+    installed (a BavqError otherwise, before anything is written). Their weights are fetched on first use."""
+    import importlib.util
+    wanted = [n for n in ("lpips", "fid") if n in names]
+    missing = sorted({pkg for n in wanted for pkg in METRIC_PACKAGES[n] if importlib.util.find_spec(pkg) is None})
+    if missing:
+        raise BavqError(f"eval_metrics asks for {' and '.join(wanted)}, which need{'s' if len(wanted) == 1 else ''} "
+                        f"{', '.join(p.replace('_', '-') for p in missing)} (not installed). Install them with "
+                        "pip install -r requirements-eval.txt (the metric weights are downloaded once, on first use), "
+                        "or leave lpips/fid out of --eval_metrics. Nothing was run or written.")
+
+
 def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None) -> dict:
     """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for. A metric
     whose package or weights are missing is skipped with one printed line saying why."""
@@ -1212,7 +1229,9 @@ def _one_line(e: Exception) -> str:
 def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
              device: str = "cpu") -> tuple[VQVAE, Config]:
     """(model in eval mode, its Config) of a run directory: the run's own architecture from its
-    config.yaml, the weights of final_model.pt, or of ``checkpoint`` (a checkpoint_*.pt of the run)."""
+    config.yaml, the weights of final_model.pt, or of ``checkpoint``: a checkpoint of this run, given as
+    a path or as a file name in the run directory (e.g. "checkpoint_epoch10.pt"). A checkpoint whose
+    settings differ from the run's config.yaml belongs to another run and is refused."""
     import yaml
     run_dir = Path(run_dir).expanduser()
     stored = run_dir / "config.yaml"
@@ -1220,14 +1239,21 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         raise BavqError(f"'{run_dir}' is not a run directory (it has no config.yaml). Pass the folder that "
                         "train.py wrote, e.g. experiments/<name>.")
     values = {k: v for k, v in (yaml.safe_load(stored.read_text()) or {}).items() if k in config_fields()}
+    checkpoints = ", ".join(sorted(p.name for p in run_dir.glob("checkpoint_*.pt"))) or "none"
     if checkpoint is not None:
-        ck = load_checkpoint(Path(checkpoint))
-        cfg, state = make_config(ck["config"], source=f"checkpoint '{checkpoint}'"), ck["model_state_dict"]
+        ck_path = _checkpoint_of_run(run_dir, checkpoint, checkpoints)
+        ck = load_checkpoint(ck_path)
+        cfg, state = make_config(ck["config"], source=f"checkpoint '{ck_path}'"), ck["model_state_dict"]
+        theirs = config_differences(values, cfg)
+        if theirs:
+            raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{run_dir}': its settings differ "
+                            f"from the run's config.yaml ({'; '.join(theirs)}). Nothing was read or written. Pass "
+                            "the run directory the checkpoint was written in.")
     else:
         weights = run_dir / "final_model.pt"
         if not weights.is_file():
             raise BavqError(f"'{run_dir}' has no final_model.pt (the run has not finished). Pass one of its "
-                            f"checkpoints: {', '.join(sorted(p.name for p in run_dir.glob('checkpoint_*.pt'))) or 'none'}.")
+                            f"checkpoints as checkpoint= (or --checkpoint): {checkpoints}.")
         cfg, state = make_config(values, source=f"'{stored}'"), torch.load(weights, map_location="cpu", weights_only=True)
     model = build_model(cfg)
     try:
@@ -1237,11 +1263,24 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     return model.to(pick_device(device)).eval(), cfg
 
 
+def _checkpoint_of_run(run_dir: Path, checkpoint: str | os.PathLike, checkpoints: str) -> Path:
+    """A checkpoint given as a path, or as a name inside ``run_dir``; a missing one is a BavqError."""
+    given = Path(checkpoint).expanduser()
+    for candidate in ((run_dir / given, given) if not given.is_absolute() else (given,)):
+        if candidate.is_file():
+            return candidate
+    raise BavqError(f"Checkpoint '{checkpoint}' was found neither in the run directory '{run_dir}' nor as a path. "
+                    f"The run's checkpoints are: {checkpoints}; pass one of these names, or a path to the file.")
+
+
 def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 data_dir: str | None = None, out_name: str = "eval_metrics.json", eval_metrics=None) -> dict:
+                 data_dir: str | None = None, out_name: str | None = None, eval_metrics=None) -> dict:
     """Every validation metric of a finished run (or of one of its checkpoints) on its whole test
-    set, written to <run_dir>/eval_metrics.json (and eval_recon.png, eval_usage.png); returns them."""
-    model, cfg = load_run(run_dir, checkpoint, device)
+    set, written into the run directory: eval_metrics.json, eval_recon.png and eval_usage.png for the
+    final model; eval_metrics_<checkpoint>.json, eval_recon_<checkpoint>.png, eval_usage_<checkpoint>.png
+    for a checkpoint (so no evaluation overwrites another). Returns the metrics."""
+    model, cfg = load_run(run_dir, checkpoint, device)        # refuses a checkpoint of another run
+    check_metric_packages(cfg.eval_metrics if eval_metrics is None else eval_metrics)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     dev = next(model.parameters()).device
@@ -1253,8 +1292,11 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     run_dir = Path(run_dir)
     out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
            "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}
-    atomic_write_text(run_dir / out_name, json.dumps(out, indent=2))
-    save_recon_grid(model, val_u8, run_dir / "eval_recon.png", cfg.recon_images,
-                    f"{cfg.resolved_name()} (evaluation), val PSNR {metrics['psnr']:.2f} dB")
-    save_usage_plot(None, metrics["code_counts"], run_dir / "eval_usage.png", f"{cfg.resolved_name()} (evaluation)")
+    tag = f"_{Path(checkpoint).stem}" if checkpoint else ""
+    out["written_to"] = str(run_dir / (out_name or f"eval_metrics{tag}.json"))
+    atomic_write_text(Path(out["written_to"]), json.dumps(out, indent=2))
+    save_recon_grid(model, val_u8, run_dir / f"eval_recon{tag}.png", cfg.recon_images,
+                    f"{cfg.resolved_name()} (evaluation{tag.replace('_', ', ', 1)}), val PSNR {metrics['psnr']:.2f} dB")
+    save_usage_plot(None, metrics["code_counts"], run_dir / f"eval_usage{tag}.png",
+                    f"{cfg.resolved_name()} (evaluation{tag.replace('_', ', ', 1)})")
     return out

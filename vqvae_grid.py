@@ -114,7 +114,7 @@ def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
         print(f"[bavq] {run_dir} already finished; skipped.")
         return cfg, json.loads(final_path.read_text()), "skipped (finished)"
     if not (run_dir.is_dir() and not cfg.overwrite and _run_files(run_dir)):
-        return cfg, train(cfg), "done"
+        return cfg, train(cfg), "finished"
     if any(run_dir.glob("checkpoint_*.pt")):
         # resume from the latest checkpoint; a corrupt one is an error, never a restart
         keep = {k: getattr(cfg, k) for k in ("device", "progress", "wandb", "num_workers", "data_dir")}

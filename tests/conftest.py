@@ -1,12 +1,21 @@
-"""Shared fixtures. Tests never need a W&B account or network."""
+"""Shared fixtures and helpers. Tests never need a W&B account or network."""
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("WANDB_SILENT", "true")
+# Tests are isolated from the user's W&B settings: whatever the shell says (WANDB_MODE=online, an API key,
+# an entity or a base URL), W&B is off and reads no user settings file; tests of the W&B fallback set
+# what they need themselves.
+for _key in [k for k in os.environ if k.startswith("WANDB_")]:
+    del os.environ[_key]
+_WANDB_HOME = Path(__import__("tempfile").mkdtemp(prefix="bavq_tests_wandb_"))
+os.environ.update(WANDB_MODE="disabled", WANDB_SILENT="true", WANDB_DIR=str(_WANDB_HOME),
+                  WANDB_CONFIG_DIR=str(_WANDB_HOME), WANDB_CACHE_DIR=str(_WANDB_HOME))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -61,3 +70,82 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (the GPU tier; skipped without one)")
     config.addinivalue_line("markers", "slow: subprocesses, whole runs, torch.compile, the notebook "
                                        "(deselect with -m 'not slow' for the quick maths specification)")
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+FSQ_LEVELS = {16: [4, 4], 32: [4, 8], 512: [8, 8, 8]}
+
+
+def make_quantizer(name, K=16, D=8, **kw):
+    """A QUANTIZERS[name] with K codes of dimension D, seeded (FSQ: levels giving K)."""
+    torch.manual_seed(0)
+    if name == "fsq":
+        kw.setdefault("fsq_levels", FSQ_LEVELS[K])
+    return vqvae.QUANTIZERS[name](K, D, **kw)
+
+
+def make_model(name, K=16, D=8, hidden=8):
+    """A small VQVAE around QUANTIZERS[name] (FSQ: levels giving K)."""
+    kw = {"fsq_levels": FSQ_LEVELS[K]} if name == "fsq" else {}
+    return vqvae.VQVAE(name, codebook_size=K, latent_dim=D, hidden_dim=hidden, **kw)
+
+
+def latents(B=2, D=8, H=4, W=4, scale=0.1, seed=1):
+    """Seeded Gaussian latents (B, D, H, W) times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, H, W, generator=g) * scale
+
+
+def latent_grid(x):
+    """Rows of x (N, D) as a latent grid (B=1, D, H=1, W=N)."""
+    return x.t().reshape(1, x.shape[1], 1, x.shape[0])                 # (N, D) -> (B=1, D, H=1, W=N)
+
+
+def usage_after_training(quantizer, epochs=3, **kw):
+    """Validation usage rate after ``epochs`` epochs in a collapse-prone toy setting (fake images, K=64)."""
+    cfg = tiny_config(quantizer=quantizer, codebook_size=64, batch_size=32, lr=2e-3, **kw)
+    train_u8, val_u8 = vqvae.load_dataset(cfg)
+    model = vqvae.build_model(cfg)
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    g, step = torch.Generator().manual_seed(0), 0
+    for _ in range(epochs):
+        _, step = vqvae.train_epoch(model, opt, train_u8, cfg, g, step, 8 * epochs)
+    return vqvae.validate(model, val_u8, 64)["usage_rate"]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def history(cfg):
+    """The history.jsonl rows of the run that ``cfg`` names."""
+    return [json.loads(l) for l in (Path(cfg.out_dir) / cfg.resolved_name() / "history.jsonl").read_text().splitlines()]
+
+
+def final_of(run_dir):
+    """final_metrics.json of a run directory."""
+    return json.loads((Path(run_dir) / "final_metrics.json").read_text())
+
+
+def snapshot(run):
+    """Every file of a run directory, name -> bytes (to show that nothing was touched)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def one_paragraph(msg):
+    """A failure message is one paragraph: no traceback, one line, and says something."""
+    assert "Traceback" not in msg and "\n" not in msg.strip() and len(msg) > 40
+
+
+def run_cli(args, cwd):
+    """train.py with ``args`` in a subprocess (W&B disabled)."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+# train.py flags for a run of a few seconds on generated images
+TINY = ["--dataset", "fake", "--train_subset", "64", "--val_subset", "32", "--hidden_dim", "8", "--latent_dim", "8",
+        "--codebook_size", "16", "--batch_size", "32", "--epochs", "1", "--checkpoint_every", "1",
+        "--no_wandb", "--no_progress", "--device", "cpu"]

@@ -1,4 +1,6 @@
-"""Specification of configuration: precedence, strict keys and types, value checks."""
+"""Configuration: defaults, precedence of defaults, YAML and flags, strict keys, types and values, and the
+shipped config files."""
+import math
 import subprocess
 import sys
 
@@ -7,7 +9,7 @@ import yaml
 
 import vqvae
 import train as cli
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 
 def test_defaults_are_the_original_code_settings():
@@ -58,6 +60,26 @@ def test_mac_config_is_quick():
     assert (cfg.train_subset, cfg.val_subset, cfg.hidden_dim, cfg.latent_dim) == (10000, 2000, 64, 64)
 
 
+REDUCED = sorted((ROOT / "configs").glob("reduced*.yaml"))
+
+
+def test_the_reduced_configs_exist():
+    assert {p.name for p in REDUCED} >= {"reduced.yaml", "reduced_vq_ema_best.yaml", "reduced_ba_vq_best.yaml"}
+
+
+@pytest.mark.parametrize("path", REDUCED, ids=lambda p: p.name)
+def test_reduced_config_loads_validates_and_runs_one_step(path, tmp_path):
+    """The protocol's model, codebook and optimiser settings exactly; generated images stand in for
+    CIFAR-10, one training step and a small validation."""
+    given = vqvae.load_yaml_config(path)
+    cfg = vqvae.make_config({**given, "dataset": "fake", "train_subset": given.get("batch_size", 128),
+                             "val_subset": 64, "epochs": given.get("pretrain_epochs", 0) + 1,
+                             "out_dir": str(tmp_path), "wandb": False, "progress": False, "device": "cpu"}).validate()
+    assert (cfg.codebook_size, cfg.latent_dim, cfg.hidden_dim, cfg.batch_size, cfg.lr) == (512, 64, 64, 128, 1e-3)
+    m = vqvae.train(cfg)
+    assert math.isfinite(m["psnr"]) and m["psnr"] > 0
+
+
 def test_unknown_key_is_an_error_listing_valid_keys():
     with pytest.raises(vqvae.BavqError) as e:
         vqvae.make_config({"learning_rate": 1e-3}, source="x.yaml")
@@ -81,11 +103,56 @@ def test_bad_values_are_errors(key, value):
         vqvae.make_config({key: value}).validate()
 
 
+@pytest.mark.parametrize("key", ["beta_end", "lr", "vq_loss_warmup_epochs", "grad_clip"])
+def test_non_finite_config_values_are_errors(key):
+    with pytest.raises(vqvae.BavqError, match=f"{key} must be a finite number"):
+        vqvae.make_config({key: float("inf")}).validate()
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (dict(seed=2**64), "seed must be in"),
+    (dict(name=" "), "must not be blank"),
+    (dict(name="x" * 300), "bytes long"),
+])
+def test_values_a_run_cannot_use_are_config_errors(overrides, expect):
+    with pytest.raises(vqvae.BavqError, match=expect):
+        tiny_config(**overrides)
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("- a\n- b\n")
     with pytest.raises(vqvae.BavqError, match="mapping"):
         cli.config_from_args(["--config", str(f)])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_yaml_file_is_an_error(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(vqvae.BavqError, match=r"is empty \(or only comments\), so it sets nothing"):
+        vqvae.load_yaml_config(f)
+
+
+def test_messages_agree_in_number_and_article():
+    """One remedy 'applies', two 'apply'; 'an int value', 'a float value'."""
+    with pytest.raises(vqvae.BavqError, match="init applies to codebook quantizers"):
+        tiny_config(quantizer="fsq", init="normal")
+    with pytest.raises(vqvae.BavqError, match="init, cosine apply to codebook quantizers"):
+        tiny_config(quantizer="fsq", init="normal", cosine=True)
+    with pytest.raises(vqvae.BavqError, match="cvq acts on a codebook learned by gradient"):
+        tiny_config(quantizer="vq_ema", cvq=True)
+    with pytest.raises(vqvae.BavqError, match="Change it to an int value"):
+        vqvae.make_config({"epochs": "3"})
+    with pytest.raises(vqvae.BavqError, match="Change it to a float value"):
+        vqvae.make_config({"lr": "fast"})
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1.0e-3\nepochs: 3\nlr: 2.0e-3\n")
+    with pytest.raises(vqvae.BavqError, match="'lr' more than once"):
+        vqvae.load_yaml_config(f)
 
 
 def run_cli(*args, cwd):

@@ -1,5 +1,7 @@
 """The CUDA tier: the GPU-only paths, run where a CUDA GPU is present and skipped (with the reason
-shown) everywhere else. `bash gpu_check.sh` runs these together with the benchmark and a short
+shown) everywhere else.
+
+`bash gpu_check.sh` runs these together with the benchmark and a short
 real-data run. What is checked here (one NVIDIA GPU):
 
 - one training step of every quantizer under the CUDA runtime (bf16 autocast, channels_last, fused

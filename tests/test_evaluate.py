@@ -100,9 +100,29 @@ def test_reconstruction_fid_end_to_end_with_a_small_random_feature_network():
     assert ours == pytest.approx(ref, rel=1e-6) and ours > 0
 
 
-def test_a_missing_metric_package_skips_with_one_line_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+def test_a_missing_metric_package_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+    """LPIPS / rFID asked for without their packages: one paragraph at the start, nothing written."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torchmetrics", "torch_fidelity") else real(name, *a))
+    cfg = tiny_config(out_dir=str(tmp_path), eval_metrics=["psnr", "ssim", "lpips", "fid"])
+    with pytest.raises(vqvae.BavqError, match=r"asks for lpips and fid, which need torch-fidelity, torchmetrics "
+                                              r"\(not installed\)\. Install them with pip install -r requirements-eval"):
+        vqvae.train(cfg)
+    assert not (tmp_path / cfg.resolved_name()).exists()                 # nothing written
+    with pytest.raises(vqvae.BavqError, match="asks for lpips, which needs torchmetrics"):
+        vqvae.train(tiny_config(out_dir=str(tmp_path), eval_metrics=["psnr", "lpips"]))
+    # a run that does not ask for them starts, and so does one whose packages are there
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    vqvae_experiment.check_metric_packages(["psnr", "ssim"])
+
+
+def test_metric_weights_that_cannot_load_skip_with_one_line_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+    """Packages present but the weights cannot be had (no network): the run still finishes, saying why."""
     def missing(*a, **k):
         raise ImportError("No module named 'torchmetrics'")
+    monkeypatch.setattr(vqvae_experiment, "check_metric_packages", lambda names: None)   # as if installed
     monkeypatch.setattr(vqvae_experiment, "reconstruction_lpips", missing)
     monkeypatch.setattr(vqvae_experiment, "inception_features", missing)
     final = vqvae.train(tiny_config(out_dir=str(tmp_path), eval_metrics=["psnr", "ssim", "lpips", "fid"]))
@@ -126,3 +146,32 @@ def test_lpips_and_inception_weights_load_where_available():
         pytest.skip(f"LPIPS/Inception weights unavailable ({type(e).__name__}: {str(e)[:100]})")
     assert lp > 0
     assert net(images).shape == (4, 2048)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_found_by_name_and_one_of_another_run_is_refused(tmp_path, capsys):
+    """evaluate.py / load_run never write one run's evaluation into another run's directory, and a
+    checkpoint's evaluation does not overwrite the final model's."""
+    a = tiny_config(epochs=2, out_dir=str(tmp_path), name="a")
+    b = tiny_config(epochs=2, out_dir=str(tmp_path), name="b", lr=1e-3)          # another run: other settings
+    vqvae.train(a)
+    vqvae.train(b)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    before = {p.name: p.read_bytes() for p in run_a.iterdir() if p.is_file()}
+    assert evaluate.main([str(run_a), "--checkpoint", str(run_b / "checkpoint_epoch1.pt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "does not belong to the run in" in err and "lr: 0.0003 -> 0.001" in err and "--resume" not in err
+    assert {p.name: p.read_bytes() for p in run_a.iterdir() if p.is_file()} == before   # nothing written
+    # by name, in the run directory (not the current folder); written next to its own name
+    assert evaluate.main([str(run_a), "--checkpoint", "checkpoint_epoch1.pt", "--device", "cpu"]) == 0
+    assert (run_a / "eval_metrics_checkpoint_epoch1.json").is_file() and not (run_a / "eval_metrics.json").exists()
+    assert (run_a / "eval_recon_checkpoint_epoch1.png").is_file()
+    ev1 = json.loads((run_a / "eval_metrics_checkpoint_epoch1.json").read_text())
+    assert ev1["checkpoint"] == "checkpoint_epoch1.pt"
+    assert evaluate.main([str(run_a), "--device", "cpu"]) == 0                  # the final model: its own file
+    assert json.loads((run_a / "eval_metrics.json").read_text())["psnr"] != ev1["psnr"]
+    assert json.loads((run_a / "eval_metrics_checkpoint_epoch1.json").read_text()) == ev1
+    # a missing name: the run's checkpoints are listed, and no command-line flag is suggested to Python
+    with pytest.raises(vqvae.BavqError, match="found neither in the run directory") as e:
+        vqvae.load_run(run_a, checkpoint="checkpoint_epoch7.pt")
+    assert "checkpoint_epoch1.pt, checkpoint_epoch2.pt" in str(e.value) and "--resume" not in str(e.value)

@@ -1,4 +1,4 @@
-"""Specification of the metrics: perplexity, usage, PSNR, and whole-set validation."""
+"""The metrics: perplexity, usage, PSNR, SSIM and rate, and validation over the whole set with hard codes."""
 import math
 
 import pytest

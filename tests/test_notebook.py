@@ -49,12 +49,18 @@ def experiments(tmp_path_factory):
     return out
 
 
-def execute(experiments_dir: Path, workdir: Path, monkeypatch):
-    """Run analyze.ipynb headless with EXPERIMENTS_DIR replaced; returns (notebook, stdout text, n images)."""
+def execute(experiments_dir: Path, workdir: Path, monkeypatch, via_env: bool = False):
+    """Run analyze.ipynb headless on ``experiments_dir``, chosen by replacing the parameters cell, or with
+    ``via_env`` by the environment variable BAVQ_EXPERIMENTS_DIR (the committed cell unchanged);
+    returns (notebook, stdout text, n images)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    params[0].source = f"EXPERIMENTS_DIR = {str(experiments_dir)!r}"
+    if via_env:
+        monkeypatch.setenv("BAVQ_EXPERIMENTS_DIR", str(experiments_dir))
+    else:
+        monkeypatch.delenv("BAVQ_EXPERIMENTS_DIR", raising=False)
+        params[0].source = f"EXPERIMENTS_DIR = {str(experiments_dir)!r}"
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
     # A "python3" kernelspec that is this interpreter, ahead of any user-level one (JUPYTER_PATH comes first).
     spec = workdir / "jupyter" / "kernels" / "python3"
@@ -75,21 +81,31 @@ def execute(experiments_dir: Path, workdir: Path, monkeypatch):
     return nb, text, images
 
 
+def _markdown_table(text: str, first_header: str) -> tuple[list, list]:
+    """(header, rows) of the markdown table whose header starts with ``first_header``: its contiguous lines."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} "))
+    split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append(split(ln))
+    return split(lines[start]), rows
+
+
 def parse_table(text: str) -> dict:
     """The final-metrics markdown table as {(quantizer, K): {column: cell}}."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
-    header_i = next(i for i, ln in enumerate(lines) if "PSNR (dB)" in ln)
-    split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]
-    header = split(lines[header_i])
+    header, rows = _markdown_table(text, "quantizer")
     table = {}
-    for ln in lines[header_i + 2:]:
-        row = dict(zip(header, split(ln)))
+    for cells in rows:
+        row = dict(zip(header, cells))
         table[(row["quantizer"], row["K"])] = row
     return table
 
 
 def test_notebook_reports_real_runs(experiments, tmp_path, monkeypatch):
-    _, text, images = execute(experiments, tmp_path, monkeypatch)
+    _, text, images = execute(experiments, tmp_path, monkeypatch, via_env=True)
     assert "4 finished, 1 unfinished" in text
     assert "unfinished" in text and UNFINISHED in text
 
@@ -107,6 +123,15 @@ def test_notebook_reports_real_runs(experiments, tmp_path, monkeypatch):
         assert row["usage %"].split("±")[0].strip() == f"{mean_usage:.1f}", (row, mean_usage)
         std_mse = statistics.stdev(f["mse"] for f in finals)
         assert row["val MSE"].split("±")[1].strip() == f"{std_mse:.4f}", (row, std_mse)
+        mean_ssim = statistics.fmean(f["ssim"] for f in finals)
+        assert row["SSIM"].split("±")[0].strip() == f"{mean_ssim:.4f}", (row, mean_ssim)
+    # every other number the runs report is in the second table, one row per metric
+    header, rows = _markdown_table(text, "metric")
+    finals = [json.loads(p.read_text()) for p in experiments.glob("*/final_metrics.json")]
+    reported = {k for f in finals for k, v in f.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = {"psnr", "ssim", "perplexity", "usage_rate", "mse", "bits_per_image", "train_perplexity",
+             "train_usage_rate", "psnr_soft", "lpips", "rfid", "epoch"}
+    assert {r[0] for r in rows} == reported - shown and "code_entropy_bits" in {r[0] for r in rows}
 
     assert images >= 3  # curves, usage histograms, rate-distortion plot
 
@@ -121,7 +146,8 @@ def test_committed_notebook_has_no_outputs():
         assert c.outputs == [], f"cell {c.get('id')} has outputs: clear them before committing"
         assert c.execution_count is None, f"cell {c.get('id')} has an execution count"
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and 'EXPERIMENTS_DIR = "experiments"' in params[0].source
+    assert len(params) == 1
+    assert 'EXPERIMENTS_DIR = os.environ.get("BAVQ_EXPERIMENTS_DIR", "experiments")' in params[0].source
 
 
 def test_notebook_without_runs_says_so(tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""The fast path (device-resident data batched by index, fused Blahut-Arimoto, channels_last) and
+"""The speed paths compute what the plain paths compute, checked on the CPU as far as PyTorch allows.
+
+The fast path (device-resident data batched by index, fused Blahut-Arimoto, channels_last) and
 the plain path (DataLoader, autograd through every BA iteration, contiguous NCHW) compute the same
 thing: a few float32 steps on the CPU give the same losses and the same code indices. The other
 GPU-side options are run here on the CPU as far as PyTorch allows: bf16 autocast, the fp16

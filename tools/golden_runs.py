@@ -79,7 +79,7 @@ def run_one(name: str, out_dir: Path) -> dict:
     evaluated = vqvae.evaluate_run(run_dir, device="cpu")
     return {"final_metrics": json.loads(json.dumps(final)), "history": history,
             "weights": {k: _digest(v) for k, v in state.items()},
-            "evaluation": {k: v for k, v in json.loads(json.dumps(evaluated)).items() if k != "run"}}   # run: a temp path
+            "evaluation": {k: v for k, v in json.loads(json.dumps(evaluated)).items() if k not in ("run", "written_to")}}   # paths
 
 
 def _differences(a, b, path="") -> list:

@@ -1,18 +1,19 @@
-"""BA-VQ's regime diagnostics and its options beyond the original method (issue 15): the relative
-(scale-free) temperature, the hard / annealed decoder input, the expected-distortion codebook term.
-Every option is off by default, changes behaviour when on, and the fused path equals the reference."""
+"""BA-VQ's regime diagnostics and its options beyond the original method (the relative, scale-free
+temperature, the hard / annealed decoder input, the expected-distortion codebook term, the soft EMA
+codebook): every option is off by default, changes behaviour when on, and the fused path equals the reference."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import vqvae
 from vqvae import BAQuantizer
-from conftest import ROOT
+
 
 OPTIONS = {"ba_temperature": "relative", "ba_decoder_input": "hard", "ba_codebook_loss": "expected",
            "ba_codebook_update": "ema"}
+
+
 DIAGNOSTICS = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
                "marginal_entropy_bits", "beta_effective")
 
@@ -32,7 +33,8 @@ def quantizer(K=10, D=6, seed=0, **kw):
     return q
 
 
-# ----------------------------------------------------------------------------- diagnostics by hand
+# --------------------------------------------------------------------------- diagnostics by hand
+
 
 def _hand_example(**kw):
     """N = 2 latents z = 0, 1 and K = 2 codes e = 0, 3 in one dimension; one BA iteration from the
@@ -110,7 +112,8 @@ def test_expected_distortion_and_its_gradient_are_the_centroid_step():
     torch.testing.assert_close(centroids.grad, torch.zeros_like(centroids))
 
 
-# ----------------------------------------------------------------------------- the scale-free temperature
+# --------------------------------------------------------------------------- the scale-free temperature
+
 
 @pytest.mark.parametrize("impl", ["fused", "autograd"])
 @pytest.mark.parametrize("c", [8.0, 3.7])
@@ -162,7 +165,8 @@ def test_mean_pair_distance_equals_the_mean_of_the_distance_matrix():
     torch.testing.assert_close(vqvae.mean_pair_distance(z, E), vqvae.squared_distances(z, E).mean())
 
 
-# ----------------------------------------------------------------------------- the decoder input
+# --------------------------------------------------------------------------- the decoder input
+
 
 @pytest.mark.parametrize("t,lam", [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)])
 def test_decoder_input_soft_hard_and_annealed(t, lam):
@@ -206,7 +210,8 @@ def test_hard_decoder_input_passes_the_decoder_gradient_straight_through():
     torch.testing.assert_close(z.grad, w)
 
 
-# ----------------------------------------------------------------------------- options: off by default, change behaviour
+# --------------------------------------------------------------------------- options: off by default, change behaviour
+
 
 def test_options_are_off_by_default():
     cfg = vqvae.Config()
@@ -241,7 +246,8 @@ def test_unknown_option_values_are_refused(option):
         vqvae.make_config({"quantizer": "ba_vq", option: "bogus"}).validate()
 
 
-# ----------------------------------------------------------------------------- fused == reference
+# --------------------------------------------------------------------------- fused == reference
+
 
 @pytest.mark.parametrize("temperature", ["absolute", "relative"])
 @pytest.mark.parametrize("cb_loss", ["mixture", "expected"])
@@ -270,7 +276,8 @@ def test_fused_equals_autograd_with_the_options(temperature, cb_loss, decoder_in
     torch.testing.assert_close(ge_f, ge_a)
 
 
-# ----------------------------------------------------------------------------- diagnostics reach the history
+# --------------------------------------------------------------------------- diagnostics reach the history
+
 
 def test_training_epochs_and_validation_report_the_diagnostics(tmp_path):
     from conftest import tiny_config
@@ -286,29 +293,8 @@ def test_training_epochs_and_validation_report_the_diagnostics(tmp_path):
     assert cfg.beta_start < rows[0]["train/beta_effective"] < rows[1]["train/beta_effective"] < cfg.beta_end
 
 
-# ----------------------------------------------------------------------------- the reduced protocol's configs
+# --------------------------------------------------------------------------- the soft EMA codebook
 
-REDUCED = sorted((ROOT / "configs").glob("reduced*.yaml"))
-
-
-def test_the_reduced_configs_exist():
-    assert {p.name for p in REDUCED} >= {"reduced.yaml", "reduced_vq_ema_best.yaml", "reduced_ba_vq_best.yaml"}
-
-
-@pytest.mark.parametrize("path", REDUCED, ids=lambda p: p.name)
-def test_reduced_config_loads_validates_and_runs_one_step(path, tmp_path):
-    """The protocol's model, codebook and optimiser settings exactly; generated images stand in for
-    CIFAR-10, one training step and a small validation."""
-    given = vqvae.load_yaml_config(path)
-    cfg = vqvae.make_config({**given, "dataset": "fake", "train_subset": given.get("batch_size", 128),
-                             "val_subset": 64, "epochs": given.get("pretrain_epochs", 0) + 1,
-                             "out_dir": str(tmp_path), "wandb": False, "progress": False, "device": "cpu"}).validate()
-    assert (cfg.codebook_size, cfg.latent_dim, cfg.hidden_dim, cfg.batch_size, cfg.lr) == (512, 64, 64, 128, 1e-3)
-    m = vqvae.train(cfg)
-    assert math.isfinite(m["psnr"]) and m["psnr"] > 0
-
-
-# ----------------------------------------------------------------------------- the soft EMA codebook
 
 @pytest.mark.parametrize("impl", ["fused", "autograd"])
 def test_soft_ema_update_equals_its_definition(impl):

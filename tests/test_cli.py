@@ -1,0 +1,106 @@
+"""The command line (train.py): flags are never abbreviated, and whatever a run cannot use is refused in one
+paragraph, without a traceback and without writing anything."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vqvae
+from conftest import ROOT, TINY, one_paragraph as _one_paragraph, run_cli, tiny_config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,expect", [
+    (["--quantizer", "vqq"], "invalid choice"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--batch_size", "-4"], "batch_size must be >= 1"),
+    (["--codebook_size", "1"], "codebook_size must be >= 2"),
+    (["--beta_start", "2", "--beta_end", "1"], "beta_end must be >= beta_start"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--dataset", "folder", "--data_dir", "/nonexistent/dir"], "does not exist"),
+])
+def test_bad_input_is_one_clear_paragraph(tmp_path, args, expect):
+    r = run_cli([*TINY, "--out_dir", str(tmp_path), *args], cwd=tmp_path)
+    assert r.returncode == 2
+    assert expect in r.stderr and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())                          # nothing written
+
+
+@pytest.mark.slow
+def test_cli_flags_are_not_abbreviated_and_an_unknown_flag_is_one_line(tmp_path):
+    for args in (["--quant", "ba_vq"], ["--nope"]):
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr and "usage" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert "a fix, 0 = the original code" in r.stdout and "{overwrite,copy}" in r.stdout and "--resume" in r.stdout
+
+
+# --------------------------------------------------------------------------- every failure is one paragraph
+
+
+@pytest.mark.parametrize("out_dir,name", [("/proc", "bavq_test"), ("/sys", "kernel")])
+def test_an_unwritable_place_is_one_paragraph_and_touches_nothing(out_dir, name):
+    if not os.path.isdir(out_dir):
+        pytest.skip(f"{out_dir} does not exist here")
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.train(tiny_config(out_dir=out_dir, name=name))
+    _one_paragraph(str(e.value))
+    assert "--out_dir" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (dict(codebook_size=10**13), "Ran out of memory"),        # beyond any address space: fails at once
+    (dict(val_subset=10**12), "Ran out of memory"),
+])
+def test_sizes_that_cannot_be_allocated_are_one_paragraph(tmp_path, overrides, expect):
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.train(tiny_config(out_dir=str(tmp_path), name="r", **overrides))
+    _one_paragraph(str(e.value))
+    assert expect in str(e.value) and not (tmp_path / "r" / vqvae.CLAIM_FILE).exists()
+
+
+@pytest.mark.slow
+def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
+    if vqvae.torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.train(tiny_config(device="cuda:0", out_dir=str(tmp_path)))
+    _one_paragraph(str(e.value))
+    assert "--device cuda:0 was asked for" in str(e.value)
+    # from a YAML file through the CLI, and cuda:N from the command line: the same paragraph, exit 2
+    (tmp_path / "c.yaml").write_text('device: "cuda:0"\ndataset: fake\nwandb: false\n')
+    for args in (["--config", str(tmp_path / "c.yaml")], ["--dataset", "fake", "--no_wandb", "--device", "cuda:1"]):
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "was asked for" in r.stderr, r.stderr
+
+
+def test_cuda_asked_for_says_whether_torch_is_a_cpu_build_or_finds_no_gpu(monkeypatch):
+    """A CPU-only build and a CUDA build without a usable GPU get different advice."""
+    monkeypatch.setattr(vqvae.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vqvae.torch.version, "cuda", None)
+    with pytest.raises(vqvae.BavqError, match="is a CPU-only build. Install a CUDA build") as e:
+        vqvae.pick_device("cuda")
+    _one_paragraph(str(e.value))
+    monkeypatch.setattr(vqvae.torch.version, "cuda", "12.4")
+    with pytest.raises(vqvae.BavqError, match=r"a CUDA 12.4 build\) finds no usable GPU.*nvidia-smi and "
+                                              "CUDA_VISIBLE_DEVICES") as e:
+        vqvae.pick_device("cuda:1")
+    assert "CPU-only" not in str(e.value)
+
+
+@pytest.mark.parametrize("rank,printed", [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_under_torchrun_only_process_0_prints_a_configuration_error(monkeypatch, capsys, rank, printed):
+    import train as cli
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert cli.main(["--dataset", "fake", "--lr", "-1"]) == 2          # every process exits 2
+    err = capsys.readouterr().err
+    assert ("lr must be > 0" in err) == printed and (err == "") != printed

@@ -1,0 +1,153 @@
+"""Grids of runs: a sweep runs every combination, skips finished runs, resumes interrupted ones and refuses
+changed settings; shards split a grid across processes; the summary tells every run's state."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train as cli
+import vqvae
+import vqvae_grid
+from conftest import ROOT, TINY, final_of, run_cli, snapshot
+
+pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect with -m "not slow")
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--name", "g", "--quantizer", "vq_ema", "ba_vq",
+            "--codebook_size", "8", "16", "--seed", "0"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = {f"g_{q}_k{k}_s0" for q in ("vq_ema", "ba_vq") for k in (8, 16)}
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".grid_")} == names
+    for n in names:
+        cfg = vqvae.make_config(__import__("yaml").safe_load((tmp_path / n / "config.yaml").read_text()))
+        assert n == f"g_{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}"
+        assert len(final_of(tmp_path / n)["val_code_counts"]) == cfg.codebook_size
+    table = r.stdout[r.stdout.index("run "):]
+    for n in names:
+        line = next(l for l in table.splitlines() if l.startswith(n))
+        assert f"{final_of(tmp_path / n)['psnr']:.2f}" in line and line.rstrip().endswith("finished")
+    # second invocation: everything already finished -> skipped, files untouched
+    before = {n: snapshot(tmp_path / n) for n in names}
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 4
+    assert {n: snapshot(tmp_path / n) for n in names} == before
+
+
+def test_sweep_refuses_existing_runs_with_other_settings(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    before = {n: snapshot(tmp_path / n) for n in ("vq_ema_k16_s0", "vq_ema_k16_s1")}
+    r = run_cli([*args, "--lr", "0.05"], cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout.count("FAILED") == 2 and "lr: 0.0003 -> 0.05" in r.stderr
+    assert {n: snapshot(tmp_path / n) for n in before} == before
+
+
+def test_sweep_refuses_existing_runs_with_other_epochs(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    r = run_cli([*args, "--epochs", "2"], cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout.count("FAILED") == 2 and "epochs: 1 -> 2" in r.stderr
+
+
+def test_sweep_never_restarts_a_run_whose_checkpoint_is_corrupt(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    run = tmp_path / "vq_ema_k16_s1"
+    (run / "final_metrics.json").unlink()
+    (run / "checkpoint_interrupted.pt").write_bytes(b"garbage")
+    before = snapshot(run)
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 1 and "corrupt or truncated" in r.stderr and "FAILED" in r.stdout
+    assert snapshot(run) == before                                  # the good checkpoints survive
+
+
+def test_sweep_resumes_an_interrupted_run(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "vq_ema_k16_s1"
+    ref = final_of(run)
+    (run / "final_metrics.json").unlink()
+    (run / "checkpoint_epoch2.pt").unlink()
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and "skipped (finished)" in r.stdout
+    assert final_of(run) == ref
+
+
+# --------------------------------------------------------------------------- grids across processes
+
+
+GRID = ["--dataset", "fake", "--train_subset", "64", "--val_subset", "32", "--hidden_dim", "8", "--latent_dim", "8",
+        "--codebook_size", "16", "--batch_size", "32", "--epochs", "1", "--no_wandb", "--no_progress", "--device", "cpu",
+        "--quantizer", "vq_ema", "vq", "ba_vq", "--seed", "0", "1", "--name", "g"]
+
+
+def test_shards_are_disjoint_deterministic_and_cover_the_grid(tmp_path):
+    configs, sweep = cli.configs_from_args(GRID + ["--out_dir", str(tmp_path)])
+    names = [c.resolved_name() for c in configs]
+    parts = [[c.resolved_name() for c in vqvae.shard_configs(configs, (i, 4))] for i in range(1, 5)]
+    assert sorted(sum(parts, [])) == sorted(names) and len(set(sum(parts, []))) == len(names)
+    assert parts[0] == [names[0], names[4]] and parts[3] == [names[3]]
+    assert vqvae.parse_shard("2/4") == (2, 4)
+    assert vqvae.parse_shard(None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (4, 4)
+    assert vqvae.parse_shard(None, {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "5",
+                                    "SLURM_ARRAY_TASK_COUNT": "4"}) == (4, 4)
+    assert vqvae.parse_shard(None, {}) is None
+    for bad in ("0/4", "5/4", "two"):
+        with pytest.raises(vqvae.BavqError, match="--shard"):
+            vqvae.parse_shard(bad)
+    assert {c.wandb_group for c in configs} == {"g"}                   # one W&B group per grid
+
+
+@pytest.mark.slow
+def test_grid_parts_in_separate_processes_and_the_summary(tmp_path):
+    out = tmp_path / "exp"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = lambda *extra, env=env: subprocess.run([sys.executable, str(ROOT / "train.py"), *GRID, "--out_dir", str(out), *extra],
+                                                 cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    r1 = run("--shard", "1/3")
+    r3 = run(env={**env, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+    assert r1.returncode == 0 and r3.returncode == 0, r1.stderr + r3.stderr
+    assert "part 1 of 3" in r1.stdout and "part 3 of 3" in r3.stdout
+    done = {p.name for p in out.iterdir() if (p / "final_metrics.json").is_file()}
+    # grid order vq_ema s0, vq_ema s1, vq s0, vq s1, ba_vq s0, ba_vq s1: part 1 = runs 1, 4; part 3 = runs 3, 6
+    assert done == {"g_vq_ema_k16_s0", "g_vq_k16_s1", "g_vq_k16_s0", "g_ba_vq_k16_s1"}
+    (out / ".grid_g.failed").mkdir()                                      # as a run that failed before it started
+    (out / ".grid_g.failed" / "g_ba_vq_k16_s0.txt").write_text("out of memory\n")
+    s = subprocess.run([sys.executable, str(ROOT / "train.py"), "--summarize", "--out_dir", str(out), "--name", "g"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert s.returncode == 0, s.stderr
+    lines = {l.split()[0]: l for l in s.stdout.splitlines()[2:]}
+    assert list(lines) == ["g_vq_ema_k16_s0", "g_vq_ema_k16_s1", "g_vq_k16_s0", "g_vq_k16_s1", "g_ba_vq_k16_s0",
+                           "g_ba_vq_k16_s1"]
+    assert all(lines[n].rstrip().endswith("finished") for n in done)
+    assert "FAILED: out of memory" in lines["g_ba_vq_k16_s0"] and lines["g_vq_ema_k16_s1"].rstrip().endswith("missing")
+    assert "vq_ema" in lines["g_vq_ema_k16_s1"]                           # what a missing run is, from the manifest
+    r2 = run("--shard", "2/3")                                            # the last part; the failed run retried
+    assert r2.returncode == 0, r2.stderr
+    s = subprocess.run([sys.executable, str(ROOT / "train.py"), "--summarize", "--out_dir", str(out), "--name", "g"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert sum("finished" in l for l in s.stdout.splitlines()[2:]) == 6
+
+
+def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
+    run = tmp_path / "r"
+    assert vqvae_grid._run_status(run)[1] == "missing"
+    run.mkdir()
+    assert vqvae_grid._run_status(run)[1] == "stopped before its first checkpoint"
+    (run / "checkpoint_epoch2.pt").write_bytes(b"")
+    assert vqvae_grid._run_status(run)[1] == "stopped after epoch 2 (resumable)"
+    with vqvae.RunClaim(run):                                            # a live process holds it
+        assert vqvae_grid._run_status(run)[1].startswith(f"running (pid {os.getpid()}")
+    (tmp_path / "failed.txt").write_text("NonFiniteError: loss is NaN\n")
+    assert vqvae_grid._run_status(run, tmp_path / "failed.txt")[1] == "FAILED: NonFiniteError: loss is NaN"
+    (run / "final_metrics.json").write_text('{"psnr": 20.0}')
+    assert vqvae_grid._run_status(run) == ({"psnr": 20.0}, "finished")
