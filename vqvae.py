@@ -93,7 +93,7 @@ class Config:
     decay: float = setting(0.99, at_least=0, below=1)  # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
     epsilon: float = setting(1e-5, above=0)   # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ba_vq --ba_codebook_update ema)
     ema_init_count: float = setting(0.0, at_least=0)  # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see docs/method.md)
-    ema_smoothing: str = setting("overwrite", choices=("overwrite", "copy"))  # VQ-EMA: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
+    ema_smoothing: str = setting("overwrite", choices=("overwrite", "copy"))  # VQ-EMA and BA-VQ's --ba_codebook_update ema: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
     # --- SQ-VAE (Takida et al. 2022; sony/sqvae) --------------------------------------------
@@ -1060,7 +1060,7 @@ class CodebookQuantizer(Quantizer):
         if self.affine == "ema":
             scale = (self.affine_z_var / (self.affine_e_var + 1e-8)).sqrt()
             return scale, self.affine_z_mean - scale * self.affine_e_mean
-        return 1.0 + self.affine_lr * self.affine_s.float(), self.affine_lr * self.affine_b.float()
+        return 1.0 + self.affine_lr * _at_least_f32(self.affine_s), self.affine_lr * _at_least_f32(self.affine_b)
 
     @torch.no_grad()
     def _affine_track(self, z_flat: torch.Tensor) -> None:
@@ -1097,7 +1097,7 @@ class CodebookQuantizer(Quantizer):
         else:                       # probrandom: a draw from softmax over the batch, by Gumbel-max (no host sync)
             pick = (sim.t().log_softmax(1) + gumbel_noise(sim.t())).argmax(1)
         alpha = torch.exp(-self.cvq_usage * K * self.cvq_gain / (1.0 - self.cvq_decay) - self.cvq_offset)[:, None]
-        raw = self.codebook.float()
+        raw = _at_least_f32(self.codebook)
         self.codebook.copy_((raw * (1.0 - alpha) + self._to_raw(z[pick]) * alpha).to(self.codebook.dtype))
 
     def _setup(self, num_embeddings, embedding_dim, init, cosine, gradient_estimator, dead_code_threshold, decay):
@@ -1153,7 +1153,7 @@ class CodebookQuantizer(Quantizer):
         dead = self.usage_per_step() < self.dead_code_threshold                    # (K,)
         pick = torch.randint(0, z.shape[0], (self.num_embeddings,), device=z.device)
         new = z[pick]                                                                # (K, D)
-        self.codebook.data.copy_(torch.where(dead[:, None], self._to_raw(new), self.codebook.data.float())
+        self.codebook.data.copy_(torch.where(dead[:, None], self._to_raw(new), _at_least_f32(self.codebook.data))
                                  .to(self.codebook.dtype))
         self._reset_usage(dead, new)
         return dead
@@ -1506,9 +1506,10 @@ class BAQuantizer(CodebookQuantizer):
                  ba_decoder_input: str = "soft", ba_codebook_loss: str = "mixture", ba_codebook_update: str = "gradient",
                  epsilon: float = 1e-5, cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
-                 affine_momentum: float = 0.1, affine_lr: float = 1.0):
+                 affine_momentum: float = 0.1, affine_lr: float = 1.0, ema_smoothing: str = "overwrite"):
         super().__init__()
         for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS),
+                                     ("ema_smoothing", ema_smoothing, EMA_SMOOTHINGS),
                                      ("ba_temperature", ba_temperature, BA_TEMPERATURES),
                                      ("ba_decoder_input", ba_decoder_input, BA_DECODER_INPUTS),
                                      ("ba_codebook_loss", ba_codebook_loss, BA_CODEBOOK_LOSSES),
@@ -1517,7 +1518,7 @@ class BAQuantizer(CodebookQuantizer):
                 raise BavqError(f"{name} '{value}' is unknown (choose from {', '.join(options)}).")
         self.ba_impl, self.ba_chunk_rows, self.ba_prior, self.marginal_decay = ba_impl, ba_chunk_rows, ba_prior, marginal_decay
         self.ba_temperature, self.ba_decoder_input, self.ba_codebook_loss = ba_temperature, ba_decoder_input, ba_codebook_loss
-        self.ba_codebook_update, self.epsilon = ba_codebook_update, epsilon
+        self.ba_codebook_update, self.epsilon, self.ema_smoothing = ba_codebook_update, epsilon, ema_smoothing
         self.ema_codes = ba_codebook_update == "ema"
         self.hard_weight = 0.0                                           # lam of --ba_decoder_input anneal
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
@@ -1611,10 +1612,12 @@ class BAQuantizer(CodebookQuantizer):
     def _soft_ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """--ba_codebook_update ema: VQ-EMA's update (van den Oord et al. 2017, App. A.1) with the soft
         counts n_k = sum_x P(k|x) and sums m_k = sum_x P(k|x) z_x of this step's final P:
-        N <- decay N + (1 - decay) n,  m <- decay m + (1 - decay) m_step,  e = m / N~ with N~ Sonnet's
-        Laplace-smoothed copy of N. It is the codebook step of BA / deterministic annealing (each code
-        at the centroid of its soft assignments) as a running average; hard P gives VQ-EMA's update."""
-        self._ema_codebook_step(counts, sums, overwrite=False)
+        N <- decay N + (1 - decay) n,  m <- decay m + (1 - decay) m_step,  e = m / N~ with N~ the
+        Laplace-smoothed N, smoothed as VQ-EMA smooths it (``--ema_smoothing``: overwrite stores N~ back as N,
+        the original code and the default; copy smooths a copy, Sonnet), so that the flagship comparison
+        differs in the assignment alone. It is the codebook step of BA / deterministic annealing (each code at
+        the centroid of its soft assignments) as a running average; hard P gives VQ-EMA's update."""
+        self._ema_codebook_step(counts, sums, overwrite=self.ema_smoothing == "overwrite")
 
     def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
         super()._reset_usage(dead, new)

@@ -68,7 +68,7 @@ def tiny_cfg(tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (the GPU tier; skipped without one)")
-    config.addinivalue_line("markers", "slow: subprocesses, whole runs, torch.compile, the notebook "
+    config.addinivalue_line("markers", "slow: whole runs, CLI processes, torch.compile, the notebook: seconds each "
                                        "(deselect with -m 'not slow' for the quick maths specification)")
 
 

@@ -296,12 +296,15 @@ def test_training_epochs_and_validation_report_the_diagnostics(tmp_path):
 # --------------------------------------------------------------------------- the soft EMA codebook
 
 
+@pytest.mark.parametrize("smoothing", ["overwrite", "copy"])
 @pytest.mark.parametrize("impl", ["fused", "autograd"])
-def test_soft_ema_update_equals_its_definition(impl):
+def test_soft_ema_update_equals_its_definition(impl, smoothing):
     """One training step: the output uses the codes before the step; then N = decay N0 + (1 - decay) n,
-    m = decay m0 + (1 - decay) P^T z, e = m / N~ (Laplace-smoothed copy), with P the reference BA's
-    final assignments (N0 = 1, m0 = the initial codes). The codebook is a buffer, not a parameter."""
-    q = quantizer(ba_codebook_update="ema", ba_impl=impl, decay=0.8, epsilon=0.1, ba_iterations=3).train()
+    m = decay m0 + (1 - decay) P^T z, e = m / N~ (N Laplace-smoothed), with P the reference BA's final
+    assignments (N0 = 1, m0 = the initial codes); --ema_smoothing as for VQ-EMA: overwrite (the default)
+    stores N~ as the EMA counts, copy keeps N. The codebook is a buffer, not a parameter."""
+    q = quantizer(ba_codebook_update="ema", ba_impl=impl, decay=0.8, epsilon=0.1, ba_iterations=3,
+                  **({} if smoothing == "overwrite" else {"ema_smoothing": smoothing})).train()
     assert "codebook" not in dict(q.named_parameters())
     q.set_schedule(0.7)
     E0 = q.codebook.clone()
@@ -315,15 +318,17 @@ def test_soft_ema_update_equals_its_definition(impl):
     m = 0.8 * E0 + 0.2 * P.t() @ z_flat
     smoothed = (N + 0.1) / (N.sum() + 10 * 0.1) * N.sum()
     torch.testing.assert_close(q.codebook, m / smoothed[:, None])
-    torch.testing.assert_close(q.ema_cluster_size, N)
+    torch.testing.assert_close(q.ema_cluster_size, smoothed if smoothing == "overwrite" else N)
     assert float(losses["codebook_loss"]) == 0.0                       # no codebook term: nothing to learn by gradient
 
 
-def test_soft_ema_with_sharp_assignments_is_vq_ema():
+@pytest.mark.parametrize("smoothing", ["overwrite", "copy"])
+def test_soft_ema_with_sharp_assignments_is_vq_ema(smoothing):
     """beta -> infinity makes P one-hot at the nearest code: three steps of the soft EMA equal VQ-EMA
-    with the same start state (EMA counts 1, sums = the codes) and Sonnet's smoothing."""
-    ba = quantizer(ba_codebook_update="ema", ba_iterations=2).train()
-    ema = vqvae.VQEMAQuantizer(10, 6, ema_init_count=1.0, ema_smoothing="copy").train()
+    with the same start state (EMA counts 1, sums = the codes) and the same --ema_smoothing, so the
+    flagship comparison with --ba_codebook_update ema differs in the assignment alone."""
+    ba = quantizer(ba_codebook_update="ema", ba_iterations=2, ema_smoothing=smoothing).train()
+    ema = vqvae.VQEMAQuantizer(10, 6, ema_init_count=1.0, ema_smoothing=smoothing).train()
     with torch.no_grad():
         ema.codebook.copy_(ba.codebook)
         ema.ema_w.copy_(ba.codebook)

@@ -34,7 +34,7 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["config.yaml", "config_mac.yaml", "configs/original_code.yaml",
-                                  "configs/vqwae_sqvae.yaml", "configs/cvq_vae.yaml"])
+                                  "configs/vqwae_sqvae.yaml", "configs/cvq_vae.yaml", "configs/quickstart.yaml"])
 def test_shipped_config_files_are_valid(path):
     cfg = cli.config_from_args(["--config", str(ROOT / path)])
     assert cfg.epochs >= 1
@@ -50,14 +50,31 @@ def test_published_protocols_say_what_the_papers_used(path, expect):
     cfg = cli.config_from_args(["--config", str(ROOT / path)])
     assert {k: getattr(cfg, k) for k in expect} == expect
     assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == [   # the protocols, and the reduced one's
-        "cvq_vae.yaml", "original_code.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml", "reduced_vq_ema_best.yaml",
-        "vqwae_sqvae.yaml"]
+        "cvq_vae.yaml", "original_code.yaml", "quickstart.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml",
+        "reduced_vq_ema_best.yaml", "vqwae_sqvae.yaml"]
 
 
 def test_mac_config_is_quick():
     cfg = cli.config_from_args(["--config", str(ROOT / "config_mac.yaml")])
     assert (cfg.epochs, cfg.batch_size, cfg.codebook_size) == (3, 64, 256)
     assert (cfg.train_subset, cfg.val_subset, cfg.hidden_dim, cfg.latent_dim) == (10000, 2000, 64, 64)
+
+
+def test_the_quick_start_is_small_and_runs_ba_vq_and_vq_ema_with_its_remedies(tmp_path):
+    """configs/quickstart.yaml (README's first command): BA-VQ with the reduced protocol's best BA options on a
+    small model and 6,000 / 1,000 images for 3 epochs; the same file trains VQ-EMA with --quantizer vq_ema."""
+    cfg = cli.config_from_args(["--config", str(ROOT / "configs/quickstart.yaml")])
+    assert (cfg.quantizer, cfg.epochs, cfg.train_subset, cfg.val_subset) == ("ba_vq", 3, 6000, 1000)
+    assert (cfg.hidden_dim, cfg.latent_dim, cfg.codebook_size, cfg.name) == (32, 32, 256, "quickstart")
+    best = vqvae.load_yaml_config(ROOT / "configs/reduced_ba_vq_best.yaml")
+    options = ("init", "dead_code_threshold", "ba_codebook_update", "ba_decoder_input", "ba_temperature",
+               "beta_start", "beta_end", "ema_smoothing")
+    assert {k: getattr(cfg, k) for k in options} == {k: best[k] for k in options}
+    for q in ("ba_vq", "vq_ema"):
+        run = cli.config_from_args(["--config", str(ROOT / "configs/quickstart.yaml"), "--quantizer", q,
+                                    "--dataset", "fake", "--train_subset", "64", "--val_subset", "32", "--epochs", "1",
+                                    "--out_dir", str(tmp_path), "--name", q, "--no_wandb", "--no_progress"])
+        assert math.isfinite(vqvae.train(run)["psnr"])
 
 
 REDUCED = sorted((ROOT / "configs").glob("reduced*.yaml"))

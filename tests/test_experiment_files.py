@@ -35,20 +35,29 @@ HISTORY_KEYS = {"epoch", "train/loss", "train/recon_loss", "train/perplexity", "
                 "val/loss", "val/recon_loss", "val/psnr", "val/perplexity", "val/usage_rate", "val/dead_codes"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
-def test_cli_one_epoch_writes_every_output(tmp_path, quantizer):
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """One train.py process that trains every quantizer for 2 epochs (a grid over --quantizer), so the CLI
+    is started once, not once per quantizer: (the finished process, {quantizer: its run directory})."""
+    tmp = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "WANDB_MODE": "disabled"}
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--quantizer", quantizer, "--dataset", "fake",
+        [sys.executable, str(ROOT / "train.py"), "--quantizer", *vqvae.QUANTIZERS, "--dataset", "fake",
          "--train_subset", "128", "--val_subset", "64", "--hidden_dim", "8", "--latent_dim", "8",
          "--codebook_size", "16", "--batch_size", "32", "--epochs", "2", "--checkpoint_every", "1",
-         "--name", "run", "--out_dir", str(tmp_path / "exp"), "--no_wandb", "--no_progress", "--device", "cpu",
-         *(["--fsq_levels", "4", "4"] if quantizer == "fsq" else [])],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+         "--name", "run", "--out_dir", str(tmp / "exp"), "--no_wandb", "--no_progress", "--device", "cpu",
+         "--fsq_levels", "4", "4"],                     # FSQ's 16 codes; the other quantizers have no levels
+        cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    return r, {q: tmp / "exp" / f"run_{q}_k16_s0" for q in vqvae.QUANTIZERS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
+def test_cli_one_epoch_writes_every_output(cli_runs, quantizer):
+    r, runs = cli_runs
     assert r.returncode == 0, r.stderr
     assert "Epoch 2/2" in r.stdout and "PSNR" in r.stdout and "Perplexity" in r.stdout and "Usage" in r.stdout
-    run = tmp_path / "exp" / "run"
+    run = runs[quantizer]
     assert {p.name for p in run.iterdir()} >= {"final_model.pt", "final_metrics.json", "history.jsonl",
                                                 "config.yaml", "checkpoint_epoch1.pt", "checkpoint_epoch2.pt"}
     final = json.loads((run / "final_metrics.json").read_text())

@@ -1,7 +1,7 @@
-"""One run over several processes (torchrun, gloo on the CPU, 2 processes, a tiny model): every process
-ends with the same weights, codebooks and buffers; the run equals a 1-process run with the same
-global batch for every quantizer (with k-means init and dead-code restarts where they apply); files are
-written once; it resumes at another world size; a crash on one process ends the job."""
+"""One run over several processes (torchrun, gloo on the CPU, 2 processes, a tiny model) is the 1-process run:
+one float64 training step gives the same gradients, weights and buffers to 1e-12 for every quantizer and every
+remedy that keeps state; a short end-to-end run ends identically on every process, with the 1-process
+metrics, writing its files once; it resumes at another world size; a crash on one process ends the job."""
 import json
 import os
 import subprocess
@@ -14,8 +14,7 @@ import torch
 
 import vqvae
 from conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from ddp_step import float64_step
 
 BASE = dict(dataset="fake", train_subset=100, val_subset=40, hidden_dim=8, latent_dim=8, codebook_size=16,
             batch_size=32, val_batch_size=16, epochs=2, wandb=False, progress=False, device="cpu",
@@ -23,6 +22,28 @@ BASE = dict(dataset="fake", train_subset=100, val_subset=40, hidden_dim=8, laten
 REMEDIES = dict(init="kmeans", dead_code_threshold=1.0, dead_code_every=2, kmeans_batches=2)
 CASES = {"vq_ema": REMEDIES, "vq": {**REMEDIES, "cvq": True}, "ba_vq": REMEDIES, "fsq": {"fsq_levels": [4, 4]},
          "simvq": {}, "sq_vae": {}, "lfq": {}, "rvq": {"rvq_stages": 2}}
+# One step of every quantizer and of every remedy that keeps state (EMA counts and sums, k-means init, restarts,
+# BA's running marginal and mean distance, its soft EMA codebook, CVQ's usage, the affine map's statistics and
+# parameters, the synchronized update, the alternating step's momentum); batch 30 splits 15 + 15.
+STEP = dict(dataset="fake", train_subset=64, val_subset=16, hidden_dim=8, latent_dim=8, codebook_size=16,
+            batch_size=30, epochs=1, wandb=False, progress=False, device="cpu", lr=2e-3)
+STATEFUL = dict(init="kmeans", dead_code_threshold=1.0, dead_code_every=1, kmeans_batches=1)
+STEP_CASES = {
+    "vq_ema": dict(quantizer="vq_ema", **STATEFUL),
+    "vq_ema_copy": dict(quantizer="vq_ema", ema_smoothing="copy", ema_init_count=1.0, init="data", kmeans_batches=1),
+    "vq_cvq": dict(quantizer="vq", cvq=True, **STATEFUL),
+    "vq_affine_ema_alternate": dict(quantizer="vq", affine_reparam="ema", alternate_lr=0.1),
+    "vq_affine_learned_sync": dict(quantizer="vq", affine_reparam="learned", sync_nu=0.5, gradient_estimator="rotation"),
+    "ba_vq": dict(quantizer="ba_vq", **STATEFUL),
+    "ba_vq_soft_ema": dict(quantizer="ba_vq", ba_codebook_update="ema", ba_prior="ema", ba_temperature="relative",
+                           ba_decoder_input="hard", ba_codebook_loss="expected", **STATEFUL),
+    "ba_vq_cvq_autograd": dict(quantizer="ba_vq", cvq=True, ba_impl="autograd", affine_reparam="learned"),
+    "fsq": dict(quantizer="fsq", fsq_levels=[4, 4]),
+    "simvq": dict(quantizer="simvq"),
+    "sq_vae": dict(quantizer="sq_vae"),
+    "lfq": dict(quantizer="lfq"),
+    "rvq": dict(quantizer="rvq", rvq_stages=2),
+}
 
 
 def torchrun(configs, tmp_path, env_extra=None, timeout=600):
@@ -32,8 +53,44 @@ def torchrun(configs, tmp_path, env_extra=None, timeout=600):
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_processes_equal_one_process_for_every_quantizer(tmp_path):
-    configs = [{**BASE, "quantizer": q, "name": q, "out_dir": str(tmp_path / "two"), **extra} for q, extra in CASES.items()]
+def test_one_float64_step_on_two_processes_is_the_one_process_step(tmp_path):
+    """Gradients after the all-reduce, and weights and buffers after the step, equal the 1-process step to
+    1e-12 (measured: at most 3e-15) for every quantizer and stateful remedy; the processes agree exactly."""
+    configs = [{**STEP, **extra, "name": name} for name, extra in STEP_CASES.items()]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), *map(json.dumps, configs)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for c in configs:
+        ref = float64_step(vqvae.make_config(c).validate())
+        two = [torch.load(tmp_path / f"{c['name']}.rank{rank}.pt") for rank in (0, 1)]
+        for k in ref["state"]:
+            assert torch.equal(two[0]["state"][k], two[1]["state"][k]), (c["name"], k)   # every process alike
+        assert set(two[0]["grads"]) == set(ref["grads"])
+        for k, g in ref["grads"].items():
+            assert g.dtype == torch.float64 and two[0]["grads"][k].dtype == torch.float64
+            err = float((two[0]["grads"][k] - g).abs().max())
+            assert err <= 1e-12 * max(float(g.abs().max()), 1.0), (c["name"], k, err)
+        for k, v in ref["state"].items():
+            if v.is_floating_point():
+                err = float((two[0]["state"][k].double() - v.double()).abs().max())
+                assert err <= 1e-12 * max(float(v.abs().max()), 1.0), (c["name"], k, err)
+            else:
+                assert torch.equal(two[0]["state"][k], v), (c["name"], k)
+
+
+@pytest.mark.slow
+def test_a_short_two_process_run_ends_alike_everywhere_with_the_one_process_metrics(tmp_path):
+    """End to end (train, validate, checkpoints, files), for the flagship pair with remedies. Every process ends
+    bit-identical; against the 1-process run the metrics agree to float tolerance only: the encoder's arithmetic
+    on 2 blocks differs from 1 in the last bits (the float64 step above shows it is only that), and 8 Adam
+    steps turn such differences in near-zero gradient components into fractions of a step. Measured on the
+    2-core machine this was written on: PSNR equal, SSIM and losses within 2e-6 relative, at most 2 of 2,560
+    validation codes different. The tolerances (1e-2 relative, 2% of the codes) leave room for other CPUs'
+    last bits (a reviewer's CPU moved BA-VQ's weights 10x further than this one did); the exact claim is the
+    float64 step test above."""
+    configs = [{**BASE, "quantizer": q, "name": q, "out_dir": str(tmp_path / "two"), **CASES[q]} for q in ("vq_ema", "ba_vq")]
     r = torchrun(configs, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for c in configs:
@@ -42,21 +99,13 @@ def test_two_processes_equal_one_process_for_every_quantizer(tmp_path):
         a = torch.load(tmp_path / "two" / f"{q}.rank0.pt")
         b = torch.load(tmp_path / "two" / f"{q}.rank1.pt")
         assert all(torch.equal(a[k], b[k]) for k in a), q                # identical on every process
-        ref = torch.load(tmp_path / "one" / q / "final_model.pt")
-        # to float tolerance: the encoder's arithmetic on 2 blocks differs from 1 in the last bits, and Adam
-        # turns such differences of near-zero gradient components into fractions of a step (lr = 2e-3;
-        # measured up to 6e-4, LFQ, whose entropy logits are 200 <h, c>)
-        worst = max(float((a[k].float() - ref[k].float()).abs().max()) for k in a)
-        assert worst < 1e-3, (q, worst)
         two = json.loads((tmp_path / "two" / f"{q}.rank0.json").read_text())
         assert two == json.loads((tmp_path / "two" / f"{q}.rank1.json").read_text())
-        # the same codes, up to near-ties (the encoder's arithmetic on 2 blocks differs from 1 in the last bits)
+        # the same codes, up to near-ties
         flips = sum(abs(x - y) for x, y in zip(two["val_code_counts"], one["val_code_counts"]))
-        assert flips <= 0.005 * sum(one["val_code_counts"]), (q, flips)
+        assert flips <= 0.02 * sum(one["val_code_counts"]), (q, flips)
         for k in ("psnr", "ssim", "loss", "recon_loss"):
-            assert two[k] == pytest.approx(one[k], rel=1e-3, abs=1e-5), (q, k)
-        for k in ("perplexity", "usage_rate"):                            # follow the codes
-            assert two[k] == pytest.approx(one[k], rel=1e-2), (q, k)
+            assert two[k] == pytest.approx(one[k], rel=1e-2, abs=1e-4), (q, k)
         run = tmp_path / "two" / q                                       # written once, by process 0
         history = (run / "history.jsonl").read_text().splitlines()
         assert [json.loads(l)["epoch"] for l in history] == [1, 2]
@@ -64,6 +113,7 @@ def test_two_processes_equal_one_process_for_every_quantizer(tmp_path):
     assert not list(Path("/tmp").glob("bavq_rank*"))                      # the scratch directories are gone
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_as_one_process_and_as_two(tmp_path):
     cfg = {**BASE, "quantizer": "ba_vq", "epochs": 3, "out_dir": str(tmp_path), **REMEDIES}
     r = torchrun([{**cfg, "name": "ref"}, {**cfg, "name": "cut"}], tmp_path)
@@ -81,6 +131,7 @@ def test_a_two_process_run_resumes_as_one_process_and_as_two(tmp_path):
     assert two["psnr"] == pytest.approx(ref["psnr"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_crash_on_one_process_ends_the_job_and_a_bad_batch_size_is_refused(tmp_path):
     t0 = time.time()
     r = torchrun([{**BASE, "quantizer": "vq_ema", "name": "x", "out_dir": str(tmp_path), "epochs": 50}], tmp_path,
@@ -92,6 +143,7 @@ def test_a_crash_on_one_process_ends_the_job_and_a_bad_batch_size_is_refused(tmp
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_a_stop_request_on_one_process_stops_all_at_the_same_step_and_saves_once(tmp_path):
     """Process 1 alone is asked to stop before its 5th batch; the processes agree at every second poll
     (progress_every 2), so both stop before the 6th batch (step 5: epoch 2, batch 1), process 0 saves
