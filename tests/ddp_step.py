@@ -48,4 +48,7 @@ if __name__ == "__main__":
     for overrides in map(json.loads, sys.argv[2:]):
         cfg = vqvae.make_config(overrides).validate()
         torch.save(float64_step(cfg, dp), out / f"{cfg.name}.rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    dist.barrier()                               # every result is on disk; then leave without tearing gloo down:
+    sys.stdout.flush()                           # its teardown at exit sometimes aborts the process ("terminate
+    sys.stderr.flush()                           # called without an active exception") after the work is done
+    os._exit(0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vqvae
 from vqvae import BAQuantizer, blahut_arimoto, rate_distortion_point, squared_distances
-from conftest import latents, make_quantizer
+from conftest import latent_grid, latents, make_quantizer
 
 
 # --------------------------------------------------------------------------- Blahut-Arimoto
@@ -331,6 +331,44 @@ def test_ba_prior_ema_starts_the_iterations_from_the_running_marginal():
         expect = (p @ E).reshape(z.shape[0], z.shape[2], z.shape[3], 8).permute(0, 3, 1, 2)
         for impl in ("fused", "autograd"):
             torch.testing.assert_close(out[prior, impl], expect, rtol=1e-5, atol=1e-6)
+
+
+# K=3, D=2: codes (0,0), (2,0), (0,2); running marginal Q-bar = (0.3, 0.65, 0.05); four latents
+_EVAL_CODES = [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]
+_EVAL_Q_BAR = [0.3, 0.65, 0.05]
+_EVAL_LATENTS = [[0.9, 0.0], [0.0, 1.2], [1.6, 0.1], [0.1, 1.9]]
+
+
+@pytest.mark.parametrize("beta,by_hand", [(1.0, [1, 0, 1, 2]), (4.0, [0, 2, 1, 2])])
+@pytest.mark.parametrize("prior", ["batch", "ema"])
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+def test_ba_eval_code_is_the_argmax_of_log_q_bar_minus_beta_d(beta, by_hand, prior, impl):
+    """Evaluation's rule (the docstring's): each latent takes argmax_k [log Q-bar(k) - beta d(x,k)], Q-bar
+    the running marginal buffer (whatever ``ba_prior``, which only sets where training's iterations start),
+    not the nearest code argmin_k d. By hand, d = (0.81, 1.21, 4.81), (1.44, 5.44, 0.64), (2.57, 0.17, 6.17),
+    (3.62, 7.22, 0.02) and log Q-bar = (-1.204, -0.431, -2.996): at beta = 1 the prior moves the first latent
+    to code 1 and the second to code 0 (nearest: 0 and 2); at beta = 4 distance wins and the codes are the
+    nearest ones (so the rule is not argmax log Q-bar either). z_q is the chosen code."""
+    q = BAQuantizer(3, 2, ba_impl=impl, ba_prior=prior).eval()
+    E = torch.tensor(_EVAL_CODES)
+    with torch.no_grad():
+        q.codebook.copy_(E)
+        q.log_q_bar.copy_(torch.tensor(_EVAL_Q_BAR).log())
+    q.beta.fill_(beta)
+    x = torch.tensor(_EVAL_LATENTS)
+    # the rule in float64 with math, row by row
+    ref = []
+    for z in _EVAL_LATENTS:
+        d = [sum((a - b) ** 2 for a, b in zip(z, e)) for e in _EVAL_CODES]
+        score = [math.log(qk) - beta * dk for qk, dk in zip(_EVAL_Q_BAR, d)]
+        ref.append(max(range(3), key=score.__getitem__))
+    assert ref == by_hand
+    if beta == 1.0:
+        assert ref != squared_distances(x, E).argmin(1).tolist()        # the case tells the two rules apart
+    with torch.no_grad():
+        z_q, _, info = q(latent_grid(x))                                 # (B=1, D=2, H=1, W=4)
+    assert info["code_indices"].flatten().tolist() == by_hand
+    torch.testing.assert_close(z_q.reshape(2, 4).t(), E[by_hand])
 
 
 # --------------------------------------------------------------------------- fused BA == reference

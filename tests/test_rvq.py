@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vqvae
-from conftest import latent_grid as _latent_grid, tiny_config
+from conftest import latent_grid as _latent_grid, latents, tiny_config
 
 
 def _rvq_by_hand():
@@ -37,6 +37,26 @@ def test_rvq_quantizes_the_successive_residuals_by_hand():
     r2 = r1 - torch.tensor([[-0.1, 0.0], [0.0, 0.3]])
     torch.testing.assert_close(gz.reshape(2, 2).t(), 0.25 * 2 / 4 * (r1 + r2))
     torch.testing.assert_close(q.decode_indices(info["code_indices"]), z_q.detach())
+
+
+@pytest.mark.parametrize("S", [1, 2, 4])
+def test_rvq_straight_through_passes_the_decoder_gradient_once_whatever_the_stages(S):
+    """One straight-through line for the sum, z_q = z + sg[sum_s q_s - z] (SoundStream's residual VQ as
+    VQ-VAE's estimator): the decoder's gradient reaches the encoder exactly once, d sum(w * z_q) / dz = w
+    (float64, training mode, the decoder-side term alone: no commitment loss). A straight-through line per
+    stage (z_q = sum_s (z + sg[q_s - z])) has the same forward value but passes S times the gradient."""
+    torch.manual_seed(0)
+    q = vqvae.ResidualVQQuantizer(8, 4, rvq_stages=S).double().train()
+    with torch.no_grad():
+        for stage in q.stages:                                           # codes at the latents' scale
+            stage.codebook.normal_().mul_(0.5)
+    z = latents(B=2, D=4, H=3, W=3, scale=1.0).double().requires_grad_(True)
+    w = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z_q, _, info = q(z)
+    assert z_q.dtype == torch.float64 and info["code_indices"].shape == (2, S, 3, 3)
+    assert not torch.allclose(z_q, z)                                    # z_q is the codes' sum, not z
+    (gz,) = torch.autograd.grad((w * z_q).sum(), z)
+    assert torch.equal(gz, w)
 
 
 def test_rvq_each_stage_makes_its_ema_update_on_the_residual_it_sees():

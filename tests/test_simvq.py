@@ -1,5 +1,7 @@
 """SimVQ (Zhu et al. 2024): the codes are a learned linear map of a frozen random codebook, its forward,
 losses and gradients by hand, and it keeps more codes in use than plain VQ in a collapse-prone setting."""
+import math
+
 import pytest
 import torch
 
@@ -67,6 +69,24 @@ def test_simvq_codes_move_together_and_eval_changes_nothing():
     assert all(torch.equal(v, q.state_dict()[k]) for k, v in state.items())
     with pytest.raises(vqvae.BavqError, match="frozen random matrix"):
         tiny_config(quantizer="simvq", dead_code_threshold=1.0)
+
+
+@pytest.mark.parametrize("D", [4, 64])
+def test_simvq_frozen_codebook_is_drawn_from_n_0_1_over_d(D):
+    """The frozen codebook C has i.i.d. N(0, 1/D) entries (SimVQ, Zhu et al. 2024; the authors' code draws it
+    with std D^-1/2), so every code has norm ~1 whatever D. Over K x D = 2^18 entries the sample mean and
+    variance lie within 6 standard errors of 0 and 1/D (variance: se = sqrt(2 / n) / D, 0.28% of 1/D), and
+    the share of entries within one standard deviation is the Gaussian erf(1/sqrt 2) = 0.6827 (a uniform
+    law of the same variance gives 0.577). N(0, 1) would miss the variance by a factor D; two D pin 1/D."""
+    n = 2 ** 18
+    torch.manual_seed(0)
+    C = vqvae.SimVQQuantizer(n // D, D).frozen_codebook.double()
+    assert C.shape == (n // D, D)
+    var = 1.0 / D
+    assert abs(float(C.var()) - var) < 6 * math.sqrt(2.0 / n) * var, (float(C.var()), var)
+    assert abs(float(C.mean())) < 6 * math.sqrt(var / n)
+    inside, p = float((C.abs() < math.sqrt(var)).double().mean()), math.erf(1 / math.sqrt(2))
+    assert abs(inside - p) < 6 * math.sqrt(p * (1 - p) / n), (inside, p)
 
 
 @pytest.mark.parametrize("param,value,key", [("commitment_cost", 1.0, "commitment_loss"),

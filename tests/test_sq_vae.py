@@ -64,6 +64,36 @@ def test_sq_vae_training_is_the_gumbel_softmax_relaxation_with_the_scheduled_tem
     assert float(q2.temperature) == pytest.approx(0.3)                 # the floor
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.05])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sq_vae_training_kld_discrete_is_of_the_posterior_not_of_the_relaxed_sample(tau, seed):
+    """In training the discrete KL term is sum_k P log P of the posterior P(k|z) = softmax(-d / 2 sigma^2)
+    (the docstring's formula; sony/sqvae computes it from these assignment probabilities), not of the
+    Gumbel-softmax sample y that the decoder receives: whatever the noise and the temperature it equals
+    the float64 value by hand, and so does its gradient with respect to z (it reaches z through P only)."""
+    q, x = _sq_by_hand(sq_temperature_init=tau, sq_temperature_decay=0.0)
+    q = q.double().train()
+    q.image_values_per_position = 48
+    q.set_schedule(0.0, step=0)                                          # tau, no decay
+    P = _sq_posterior(x, q.codebook.detach(), var=2.0)                   # (N, K), float64 by hand
+    # d = (0.25, 2.25, 4.25), (2.29, 5.49, 0.29); P = softmax(-d / 4)
+    torch.testing.assert_close(P, torch.tensor([[0.5065, 0.3072, 0.1863], [0.3228, 0.1450, 0.5322]],
+                                               dtype=torch.float64), atol=1e-4, rtol=0)
+    expected = (P * P.log()).sum(1).mean() / 48                          # (-1.0202 - 0.9807) / 2 / 48
+    z = _latent_grid(x).double().requires_grad_(True)
+    torch.manual_seed(seed)
+    _, losses, _ = q(z)
+    torch.testing.assert_close(losses["kld_discrete"], expected, rtol=1e-12, atol=0)
+    (gz,) = torch.autograd.grad(losses["kld_discrete"], z)
+
+    def kld(zf):                                                         # the same formula, rows (N, D)
+        log_p = (-((zf[:, None, :] - q.codebook.detach()) ** 2).sum(2) / 4.0).log_softmax(1)
+        return (log_p.exp() * log_p).sum(1).mean() / 48
+    xf = x.double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(kld(xf), xf)
+    torch.testing.assert_close(gz.reshape(2, 2).t(), ref, rtol=1e-10, atol=1e-14)
+
+
 def test_sq_vae_gradient_is_the_exact_derivative_of_the_relaxation_not_straight_through():
     """Fixed noise: autograd's gradient of the training output with respect to z, the codes and s
     equals finite differences (so no straight-through copy: the relaxation is differentiated)."""
