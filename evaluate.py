@@ -7,6 +7,7 @@ a checkpoint of another run is refused).
     python evaluate.py experiments/ba_vq_k512_s0 --checkpoint checkpoint_epoch50.pt
     python evaluate.py experiments/                 # every run directory below it (a grid), with a table
     python evaluate.py experiments/ba_vq_k512_s0 --eval_metrics psnr ssim lpips fid
+    python evaluate.py experiments/ba_vq_k512_s0 --eval_metrics psnr ssim perplexity_sqvae ssim_cvqvae
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help=f"one of {', '.join(vqvae.DEVICES)}, or cuda:N")
     p.add_argument("--data_dir", default=None, help="where the dataset is now, if not where the run found it")
     p.add_argument("--eval_metrics", nargs="+", default=None, choices=list(vqvae.EVAL_METRICS),
-                   help="metrics to compute (psnr and ssim always are; lpips and fid need requirements-eval.txt); "
+                   help="metrics to compute (psnr and ssim always are; lpips and fid need requirements-eval.txt; "
+                        "perplexity_sqvae, psnr_cvqvae, ssim_cvqvae are the papers' conventions, docs/metrics.md); "
                         "default: the run's own --eval_metrics")
     args = p.parse_args(argv)
     try:

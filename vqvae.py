@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import math
 import os
 import random
@@ -97,7 +98,7 @@ class Config:
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
     # --- SQ-VAE (Takida et al. 2022; sony/sqvae) --------------------------------------------
-    sq_log_var_init: float = math.log(20.0)   # s at the start; variance sigma^2 = 1 + exp(s) (sony/sqvae: log 20)
+    sq_log_var_init: float = math.log(20.0)   # s at the start; variance sigma^2 = 1 + exp(s) (sony/sqvae: log 20 for CIFAR-10 at every D; no formula in D)
     sq_temperature_init: float = 1.0          # Gumbel-softmax temperature tau_0; tau = max(tau_0 exp(-r n), tau_min) at step n
     sq_temperature_decay: float = 1e-5        # r, per training step (sony/sqvae)
     sq_temperature_min: float = 0.0           # tau_min (sony/sqvae)
@@ -108,6 +109,9 @@ class Config:
     lfq_inv_temperature: float = setting(100.0, at_least=0)  # beta in p(k|x) = softmax_k(2 beta <h, c_k>)
     # --- residual VQ (Zeghidour et al. 2021, SoundStream) -----------------------------------
     rvq_stages: int = setting(8, at_least=1)  # S codebooks of K codes (VQ-EMA stages) quantize the successive residuals
+    rvq_kmeans_iters: int = setting(50, at_least=0)  # k-means (random seeds, these Lloyd iterations) of each stage's input on the first training batch (encodec: 50; 0 = off, stages start from --init)
+    rvq_dead_code_threshold: float = setting(2.0, at_least=0)  # every step, a stage's codes with EMA count below this are replaced by batch vectors (encodec: 2; 0 = off)
+    rvq_codebook: str = setting("encodec", choices=("encodec", "fixed"))  # encodec (its code: k-means leaves EMA sums = centroids; a replacement is overwritten by the same step's EMA) | fixed (sums = count x centroid; a replaced code's EMA restarts from it)
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = setting(0.1, above=0) # inverse temperature at the first training step
     beta_end: float = 5.0                     # inverse temperature at the last step (cosine schedule, per step)
@@ -143,7 +147,10 @@ class Config:
     sync_nu: float = setting(0.0, at_least=0) # synchronized update (vq; Huh et al. 2023): the code also gets nu x the decoder's gradient (0 = off)
     alternate_lr: float = setting(0.0, at_least=0)  # alternating optimisation (vq): SGD step of this lr on the codebook loss before each step (0 = off)
     alternate_momentum: float = setting(0.9, at_least=0)  # --alternate_lr: SGD momentum of that inner step
+    alternate_commitment: bool = False        # --alternate_lr: keep the commitment term (our variant; vqtorch's in-place mode has none, beta = 1)
     grad_clip: float = setting(0.0, at_least=0)  # clip the global gradient norm to this (0 = off)
+    explode_factor: float = setting(100.0, at_least=0)  # stop when a step's recon_loss exceeds this x its minimum over the previous explode_window steps (0 = off)
+    explode_window: int = setting(1000, at_least=1)  # steps in that window (the check runs every min(progress_every, this) steps)
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = setting(100, at_least=1)    # passes over the training set
     batch_size: int = setting(256, at_least=1)  # training batch size (images)
@@ -162,7 +169,7 @@ class Config:
     wandb_group: str = ""                     # W&B group (a grid's runs: its name, set by the grid); "" = none
     checkpoint_every: int = setting(10, at_least=0)  # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
     keep_checkpoints: int = setting(0, at_least=0)  # keep only the N latest checkpoint_epoch{N}.pt (0 = keep all)
-    eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt)
+    eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt) perplexity_sqvae psnr_cvqvae ssim_cvqvae (papers' conventions, docs/metrics.md)
     eval_every: int = setting(0, at_least=0)  # also compute lpips/fid every N epochs (0 = only at the end of the run)
     recon_images: int = setting(8, at_least=1)  # validation images shown in recon.png
     progress: bool = True                     # show tqdm progress bars
@@ -252,6 +259,8 @@ def config_problems(cfg: Config) -> list:
          f"codebook is initialised from the trained encoder's outputs; got --init {cfg.init})")
     need(cfg.pretrain_epochs < cfg.epochs, f"pretrain_epochs ({cfg.pretrain_epochs}) must be fewer than epochs "
          f"({cfg.epochs}), or no epoch trains the quantizer")
+    need(cfg.explode_factor == 0 or cfg.explode_factor > 1, f"explode_factor must be 0 (off) or above 1 (got "
+         f"{cfg.explode_factor}: at or below 1 an ordinary step would count as an explosion)")
     need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
          f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
     if cfg.quantizer in QUANTIZERS:
@@ -802,7 +811,7 @@ GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 # honour). Every remedy reaches a quantizer by one of two paths, both named in the Quantizer contract:
 #   * inside its forward, from its constructor coefficients (cosine, gradient_estimator, cvq, affine_reparam,
 #     sync_nu, alternate_lr: CodebookQuantizer and its subclasses);
-#   * from train_epoch, the only caller of the two codebook hooks: ``load_codes`` via init_from_data just
+#   * from train_epoch, the only caller of the two codebook hooks: ``init_from_latents`` via init_from_data just
 #     before the first quantized step (--init kmeans|data) and ``restart_dead_codes`` every dead_code_every
 #     steps (--dead_code_threshold). The codebook init itself (--init uniform|normal|unit_sphere) is
 #     init_codebook, in the constructor.
@@ -857,7 +866,7 @@ class Quantizer(nn.Module):
                                          # the training batch size
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
                                          # gradient_estimator); train_epoch then calls the codebook hooks
-                                         # load_codes (--init kmeans|data) and restart_dead_codes (see
+                                         # init_from_latents (--init kmeans|data) and restart_dead_codes (see
                                          # CodebookQuantizer and the note above REMEDY_ON)
     eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
     train_metrics: tuple = ()            # 0-dim tensors in info that training epochs report (sample-weighted
@@ -1163,6 +1172,11 @@ class CodebookQuantizer(Quantizer):
         self.usage.copy_(torch.where(dead, torch.full_like(self.usage, T), self.usage))
 
     @torch.no_grad()
+    def init_from_latents(self, z_flat: torch.Tensor, fit) -> None:
+        """--init kmeans|data (``init_from_data``): ``fit(z_flat, K)`` gives (codes, counts per step)."""
+        self.load_codes(*fit(z_flat, self.num_embeddings))
+
+    @torch.no_grad()
     def load_codes(self, codes: torch.Tensor, counts_per_step: torch.Tensor) -> None:
         """Set the codes (e.g. from k-means) with usage statistics consistent with them."""
         self.codebook.data.copy_(self._to_raw(codes).to(self.codebook.dtype))
@@ -1306,7 +1320,8 @@ class VQQuantizer(CodebookQuantizer):
                  gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
                  affine_momentum: float = 0.1, affine_lr: float = 1.0,
-                 sync_nu: float = 0.0, alternate_lr: float = 0.0, alternate_momentum: float = 0.9):
+                 sync_nu: float = 0.0, alternate_lr: float = 0.0, alternate_momentum: float = 0.9,
+                 alternate_commitment: bool = False):
         super().__init__()
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
@@ -1316,6 +1331,8 @@ class VQQuantizer(CodebookQuantizer):
         self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset)
         self._setup_affine(affine_reparam, affine_momentum, affine_lr)
         self.sync_nu, self.alternate_lr, self.alternate_momentum = sync_nu, alternate_lr, alternate_momentum
+        # vqtorch's in-place alternation requires beta = 1: its loss has no commitment term
+        self.commitment_on = alternate_lr == 0 or alternate_commitment
         if alternate_lr > 0:                                             # SGD momentum buffers of the inner step
             for name, p in self._alternated():
                 self.register_buffer(f"alternate_buf_{name}", torch.zeros_like(p))
@@ -1335,7 +1352,8 @@ class VQQuantizer(CodebookQuantizer):
         losses, one SGD step with momentum (buf <- momentum buf + g; p <- p - lr buf, PyTorch's SGD) on
         the codebook (and learned affine map) for mse(sg[z], c) with this step's assignments; returns
         the codes after it. The step's codebook loss is then only logged (as vqtorch, whose in-place
-        optimizer trains the codes alone)."""
+        optimizer trains the codes alone), and the encoder gets no commitment term (vqtorch's in-place
+        mode needs beta = 1, which weights it 0; ``alternate_commitment`` keeps it: our variant)."""
         params = self._alternated()
         with torch.enable_grad():
             loss = F.mse_loss(z_flat.detach(), F.embedding(indices, self._codes()))
@@ -1366,7 +1384,8 @@ class VQQuantizer(CodebookQuantizer):
                 self._track(z_flat, stats["code_counts"])
             e_cb = e.detach() if self.alternate_lr > 0 else e             # alternating: its own step trains the codes
             losses = {"codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e_cb),
-                      "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach())}
+                      "commitment_loss": (self.commitment_cost * F.mse_loss(z_flat, e.detach()) if self.commitment_on
+                                          else torch.zeros((), device=z_flat.device))}
             z_q_flat = self._estimate(z_flat, e.detach())                 # (N, D)
             if self.sync_nu:              # synchronized update: + nu (e - sg[e]), same forward value
                 z_q_flat = z_q_flat + self.sync_nu * (e - e.detach())
@@ -2258,36 +2277,117 @@ class LFQQuantizer(Quantizer):
         return z_q, losses, info
 
 
+def encodec_kmeans(x: torch.Tensor, K: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """encodec's k-means (core_vq.kmeans): K rows of x (N, D) drawn without replacement (with
+    replacement when N < K) from the global RNG, then ``iters`` Lloyd iterations on squared
+    Euclidean distances; an empty cluster keeps its centre. Returns (centres (K, D), the cluster
+    sizes of the *last assignment*, made before the last centre update). A different algorithm from
+    ``kmeans_codebook`` (k-means++, re-seeded empty clusters, final sizes): this one is encodec's."""
+    N = x.shape[0]
+    pick = torch.randperm(N, device=x.device)[:K] if N >= K else torch.randint(0, N, (K,), device=x.device)
+    c = x[pick]                                                                 # (K, D)
+    counts = torch.zeros(K, dtype=x.dtype, device=x.device)
+    for _ in range(iters):
+        assign = squared_distances(x, c).argmin(1)                              # (N,)
+        counts = torch.bincount(assign, minlength=K).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+    return c, counts
+
+
 class ResidualVQQuantizer(Quantizer):
-    """Residual VQ (Zeghidour et al. 2021, "SoundStream", Sec. 3.3, Algorithm 1; Juang & Gray 1982):
-    ``rvq_stages`` S codebooks of K codes, each a VQ-EMA quantizer (``VQEMAQuantizer``, with its EMA
-    coefficients and smoothing), quantize the successive residuals:
+    """Residual VQ (Zeghidour et al. 2021, "SoundStream", Sec. 3.3, Algorithm 1; Juang & Gray 1982) as
+    encodec implements it (facebookresearch/encodec, quantization/core_vq.py: the public code of
+    SoundStream's residual VQ). ``rvq_stages`` S codebooks of K codes quantize the successive residuals,
 
-        r_0 = z,   q_s = Q_s(r_{s-1}),   r_s = r_{s-1} - q_s   (s = 1..S),   z_q = sum_s q_s
+        r_0 = z,   q_s = r_{s-1} + sg[e_s - r_{s-1}]  (e_s: stage s's nearest code),   r_s = r_{s-1} - q_s,
+        z_q = sum_s q_s,   loss = commitment_cost * (1/S) sum_s mse(r_{s-1}, sg[e_s])
 
-    with one straight-through line for the sum (z + sg[z_q - z]) and each stage's EMA update on the
-    residuals it sees. Loss: the sum over stages of commitment_cost * mse(r_{s-1}, sg[q_s]) (each
-    residual depends on z with gradient one, so every stage's term reaches the encoder).
+    with a straight-through line per stage and residuals that keep their graph (encodec): r_1 = z - q_1
+    has zero gradient, so the decoder's gradient reaches the encoder exactly once (dz_q/dz = I) and only
+    stage 1's commitment term reaches it; the loss is the *mean* over stages (encodec's
+    ResidualVectorQuantizer). Defaults are encodec's: commitment_cost 1 and Sonnet-style "copy" EMA
+    smoothing (``complete_config``), decay 0.99, eps 1e-5.
+    Each stage is a VQ-EMA codebook (``VQEMAQuantizer``'s buffers and EMA step) that, in training:
+      1. on the first training batch, with ``rvq_kmeans_iters`` > 0, is set by ``encodec_kmeans`` of
+         the residuals it sees (encodec: 50 iterations), EMA counts = the cluster sizes and, with
+         ``rvq_codebook`` encodec, EMA sums = the centroids themselves (encodec's code, so the first
+         EMA updates divide the codes by about their counts: lucidrains/vector-quantize-pytorch #66);
+         ``fixed``: sums = count x centroid;
+      2. assigns its nearest codes with the codebook as it was before this step;
+      3. with ``rvq_dead_code_threshold`` T > 0, replaces the codes whose EMA count is below T by
+         vectors of the batch (drawn as encodec's sample_vectors); ``encodec``: in the codebook only, so
+         the EMA update of step 4 overwrites them (encodec's code: the replacement has no lasting effect,
+         encodec issue #61); ``fixed``: EMA count T and sum T x vector as well, so the code stays;
+      4. makes its EMA update on the residuals it sees.
+    The library's codebook remedies act on every stage: ``--init`` (normal, unit_sphere; kmeans/data
+    from the encoder's outputs, stage by stage on the residuals, with ``rvq_kmeans_iters`` 0),
+    ``--dead_code_threshold`` / ``--dead_code_every`` (restarts from the training loop, EMA reset),
+    ``--gradient_estimator`` (per stage). lucidrains' ResidualVQ differs: residuals of detached codes,
+    so with a straight-through line per stage the encoder gets S times the decoder's gradient; no
+    k-means and no dead codes by default; decay 0.8 (docs/method.md, "Residual VQ").
     Codes: ``code_indices`` is (B, S, H, W); the histogram covers all S x K codes, stage s owning
     indices [s K, (s+1) K), so perplexity and usage_rate are over the S x K (stage, code) pairs;
     ``histogram_metrics`` adds each stage's perplexity and usage and puts the rate at the sum of the
     stages' code entropies; validation adds the combined code (the tuple of S indices):
     ``combined_codes`` (distinct tuples used), ``combined_perplexity`` and its entropy in bits.
-    The codebook remedies are not wired to the stages (an error says so).
     """
     loss_names = ("commitment_loss",)
-    remedies_note = "whose stages are VQ-EMA quantizers the remedies are not wired to"
+    has_codebook = True
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, rvq_stages: int = 8, commitment_cost: float = 0.25,
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """encodec's defaults where the shared fields were not given: commitment weight 1, and EMA
+        counts smoothed in a copy (its laplace_smoothing leaves the cluster sizes raw)."""
+        return {"commitment_cost": 1.0, "ema_smoothing": "copy", **given}
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        problems = []
+        used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES + ("cosine",))
+        if used:
+            problems.append(f"{_they(used, 'does', 'do')} not apply to rvq, whose stages are VQ-EMA codebooks of "
+                            "residuals (cosine would normalise the residuals, which no longer sum to z)")
+        if cfg.init in DATA_INITS and cfg.rvq_kmeans_iters > 0:
+            problems.append(f"--init {cfg.init} and rvq_kmeans_iters {cfg.rvq_kmeans_iters} both initialise the "
+                            "stages from data; choose one (--rvq_kmeans_iters 0 to use --init)")
+        return problems
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rvq_stages: int = 8, commitment_cost: float = 1.0,
                  decay: float = 0.99, epsilon: float = 1e-5, ema_init_count: float = 0.0,
-                 ema_smoothing: str = "overwrite"):
+                 ema_smoothing: str = "copy", init: str = "uniform", gradient_estimator: str = "ste",
+                 dead_code_threshold: float = 0.0, rvq_kmeans_iters: int = 50, rvq_dead_code_threshold: float = 2.0,
+                 rvq_codebook: str = "encodec"):
         super().__init__()
+        if rvq_codebook not in declared_choices("rvq_codebook"):
+            raise BavqError(f"rvq_codebook '{rvq_codebook}' is unknown (choose from "
+                            f"{', '.join(declared_choices('rvq_codebook'))}).")
         self.codes_per_stage, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings = rvq_stages * num_embeddings                       # histogram size, S x K
+        self.commitment_cost, self.cosine = commitment_cost, False
+        self.kmeans_iters, self.expire_threshold, self.fixed = rvq_kmeans_iters, rvq_dead_code_threshold, rvq_codebook == "fixed"
         self.stages = nn.ModuleList(
-            VQEMAQuantizer(num_embeddings, embedding_dim, commitment_cost=commitment_cost, decay=decay,
-                           epsilon=epsilon, ema_init_count=ema_init_count, ema_smoothing=ema_smoothing)
+            VQEMAQuantizer(num_embeddings, embedding_dim, decay=decay, epsilon=epsilon, init=init,
+                           gradient_estimator=gradient_estimator, dead_code_threshold=dead_code_threshold,
+                           ema_init_count=ema_init_count, ema_smoothing=ema_smoothing)
             for _ in range(rvq_stages))
+        self.register_buffer("kmeans_done", torch.zeros((), dtype=torch.bool))    # encodec's `inited`
+        self._kmeans_done = None                           # a host copy of it (read once, not every step)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_kmeans_done", None))
+
+    # --- the codebook hooks of the training loop, stage by stage
+    @torch.no_grad()
+    def restart_dead_codes(self) -> torch.Tensor:
+        return torch.cat([stage.restart_dead_codes() for stage in self.stages])     # (S K,)
+
+    @torch.no_grad()
+    def init_from_latents(self, z_flat: torch.Tensor, fit) -> None:
+        """--init kmeans|data: stage s's codes = fit(r_{s-1}) on the residuals of the stages before it."""
+        r = z_flat.float()
+        for stage in self.stages:
+            centers, sizes = fit(r, self.codes_per_stage)
+            stage.load_codes(centers, sizes)
+            r = r - centers[squared_distances(r, centers).argmin(1)]
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) -> (B, D, H, W): the sum of the stages' codes."""
@@ -2315,24 +2415,64 @@ class ResidualVQQuantizer(Quantizer):
         return {"combined_codes": int(combined.numel()), "combined_perplexity": float(perplexity_from_counts(combined)),
                 "combined_entropy_bits": float(entropy_bits(combined))}
 
+    @torch.no_grad()
+    def _kmeans_init(self, stage: VQEMAQuantizer, r: torch.Tensor) -> None:
+        """Step 1: encodec's init_embed_ on this stage's residuals r (N, D)."""
+        centers, sizes = encodec_kmeans(r, self.codes_per_stage, self.kmeans_iters)
+        stage.codebook.copy_(centers)
+        stage.ema_cluster_size.copy_(sizes)
+        stage.ema_w.copy_(centers * sizes[:, None] if self.fixed else centers)
+
+    @torch.no_grad()
+    def _expire(self, stage: VQEMAQuantizer, r: torch.Tensor) -> None:
+        """Step 3: encodec's expire_codes_ (codes with EMA count < T get batch vectors), no host sync."""
+        K, N, T = self.codes_per_stage, r.shape[0], self.expire_threshold
+        dead = stage.ema_cluster_size < T                                            # (K,)
+        pick = torch.randperm(N, device=r.device)[:K] if N >= K else torch.randint(0, N, (K,), device=r.device)
+        new = r[pick]                                                                # (K, D), sample_vectors
+        stage.codebook.copy_(torch.where(dead[:, None], new, stage.codebook))
+        if self.fixed:
+            stage.ema_cluster_size.copy_(torch.where(dead, torch.full_like(stage.ema_cluster_size, T),
+                                                     stage.ema_cluster_size))
+            stage.ema_w.copy_(torch.where(dead[:, None], new * T, stage.ema_w))
+
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
-        residual = _at_least_f32(z)                                          # r_0 = z, (B, D, H, W)
-        total = torch.zeros_like(residual)
-        commitment, indices, counts = 0.0, [], []
-        for stage in self.stages:
-            q_s, loss_s, info_s = stage(residual)                            # its forward value is its code
-            q_s = q_s.detach()
-            commitment = commitment + loss_s["commitment_loss"]
-            residual = residual - q_s                                        # r_s
-            total = total + q_s
-            indices.append(info_s["code_indices"])
-            counts.append(info_s["code_counts"])
-        z_q = straight_through(_at_least_f32(z), total)                      # (B, D, H, W)
+        kmeans_now = False
+        if self.training and self.kmeans_iters > 0:
+            if self._kmeans_done is None:
+                self._kmeans_done = bool(self.kmeans_done)
+            kmeans_now = not self._kmeans_done
+        with _autocast_off(z.device.type):
+            r = _flatten_latents(_at_least_f32(z))                            # r_0 = z, (N, D), N = B*H*W
+            total = torch.zeros_like(r)
+            commitment, indices, counts = 0.0, [], []
+            for stage in self.stages:
+                if kmeans_now:
+                    self._kmeans_init(stage, r.detach())
+                E = stage._codes()                                            # (K, D), before this step
+                idx = squared_distances(r, E).argmin(dim=1)                   # (N,)
+                e = E[idx]                                                    # (N, D)
+                stats = _code_stats(idx, self.codes_per_stage)
+                if self.training:
+                    if self.expire_threshold > 0:
+                        self._expire(stage, r.detach())
+                    stage._ema_update(r.detach(), idx, stats["code_counts"])
+                    stage._track(r, stats["code_counts"])
+                commitment = commitment + F.mse_loss(r, e.detach())
+                q = stage._estimate(r, e.detach())                            # r + sg[e - r] (ste)
+                r = r - q                                                     # r_s: zero gradient (ste)
+                total = total + q
+                indices.append(idx.reshape(B, H, W))
+                counts.append(stats["code_counts"])
+            z_q = _unflatten_latents(total, z.shape)                          # (B, D, H, W)
+        if kmeans_now:
+            self.kmeans_done.fill_(True)
+            self._kmeans_done = True
         counts = torch.cat(counts)                                           # (S K,)
         info = {"code_indices": torch.stack(indices, 1), "code_counts": counts,     # (B, S, H, W)
                 "perplexity": perplexity_from_counts(counts), "usage_rate": usage_from_counts(counts)}
-        return z_q, {"commitment_loss": commitment}, info
+        return z_q, {"commitment_loss": self.commitment_cost * commitment / len(self.stages)}, info
 
 
 QUANTIZERS = {
@@ -2434,7 +2574,118 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)
 
 
-EVAL_METRICS = ("psnr", "ssim", "lpips", "fid")     # psnr, ssim: every validation; lpips, fid: optional packages
+# ----------------------------------------------------------------------------- the papers' metric conventions
+# Each computes what a paper's own evaluation code computes, so that our runs can sit in its table; the
+# library's metrics above stay the defined ones (docs/metrics.md states both and their measured difference).
+# Asked for by name in --eval_metrics (the protocol configs do), computed by ``paper_metrics`` at the end of
+# a run and by evaluate.py.
+
+SQVAE_TEST_BATCH = 32        # sony/sqvae: cfgs.train.bs (32) serves the test loader too (main.py, get_loader)
+CVQVAE_JPEG_QUALITY = 75     # lyndonzheng/CVQ-VAE: imageio.imwrite(.jpg) -> Pillow's default quality
+
+
+def perplexity_per_batch(indices: torch.Tensor, K: int, images_per_batch: int = SQVAE_TEST_BATCH,
+                         eps: float = 1e-7) -> float:
+    """sony/sqvae's test perplexity (vision/quantizer.py, trainer.py ``_test_sub``): for consecutive
+    batches of ``images_per_batch`` images (the last partial batch included, shuffle off), p = the
+    batch's code histogram / its positions, perplexity_b = exp(-sum_k p_k log(p_k + 1e-7)); the plain
+    mean over batches. ``indices`` (N, ...) in test-set order. It depends on the batch size: K codes
+    used uniformly read about K (1 - e^(-n/K)) at n positions per batch, not K. Indices (N, S, H, W)
+    of S codebooks of K / S codes: stage s's codes count as s K / S + k (the layout of code_counts)."""
+    if indices.dim() == 4:
+        S = indices.shape[1]
+        indices = indices + (torch.arange(S, device=indices.device) * (K // S))[None, :, None, None]
+    flat = indices.reshape(indices.shape[0], -1)                                   # (N, positions)
+    values = []
+    for start in range(0, flat.shape[0], images_per_batch):
+        c = torch.bincount(flat[start:start + images_per_batch].flatten(), minlength=K).double()
+        p = c / c.sum()
+        values.append(torch.exp(-(p * torch.log(p + eps)).sum()))
+    return float(torch.stack(values).mean())
+
+
+def to_uint8_truncated(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> uint8 as CVQ-VAE's ``tensor2im``: ((x + 1) / 2).clamp(0, 1) * 255, truncated
+    (numpy's astype(uint8)), not rounded."""
+    return (_at_least_f32(x).add(1).div(2).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def jpeg_roundtrip(images_u8: torch.Tensor, quality: int = CVQVAE_JPEG_QUALITY) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> the same images written as JPEG by Pillow at ``quality`` (its default
+    chroma subsampling) and read back as RGB, on the CPU."""
+    from PIL import Image
+    out = []
+    for img in images_u8.cpu().permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2)
+
+
+def ssim_uniform_per_image(a01: torch.Tensor, b01: torch.Tensor, window: int = 11) -> torch.Tensor:
+    """scikit-image 0.19's structural_similarity(a, b, multichannel=True, data_range=1, win_size=11),
+    CVQ-VAE's call: per channel, local means and sample (co)variances (factor n / (n - 1), n = 121)
+    under a uniform 11 x 11 window, K1 = 0.01, K2 = 0.03, the SSIM map cropped by (win - 1) / 2 on each
+    side (so only windows inside the image count), averaged over positions, then over channels.
+    Images (B, C, H, W) already in [0, 1]; float64; (B,) out."""
+    a, b = a01.double(), b01.double()
+    mean = lambda t: F.avg_pool2d(t, window, stride=1)                              # noqa: E731, (B, C, H-10, W-10)
+    n = window * window
+    ux, uy = mean(a), mean(b)
+    cov_norm = n / (n - 1)
+    vx, vy = cov_norm * (mean(a * a) - ux * ux), cov_norm * (mean(b * b) - uy * uy)
+    vxy = cov_norm * (mean(a * b) - ux * uy)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    S = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return S.mean(dim=(2, 3)).mean(1)
+
+
+def cvqvae_image_metrics(x: torch.Tensor, x_recon: torch.Tensor) -> dict:
+    """CVQ-VAE's test.py + evaluation.py on a batch of [-1, 1] images: both the input and the
+    reconstruction go through ``to_uint8_truncated`` and a JPEG file (quality 75), are read back /255,
+    and scored per image: ``psnr_cvqvae`` = skimage peak_signal_noise_ratio(data_range=1) (one MSE over
+    all values), ``ssim_cvqvae`` = ``ssim_uniform_per_image``. (B,) tensors on the CPU."""
+    a = jpeg_roundtrip(to_uint8_truncated(x)).double() / 255
+    b = jpeg_roundtrip(to_uint8_truncated(x_recon)).double() / 255
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return {"psnr_cvqvae": 10 * torch.log10(1.0 / mse), "ssim_cvqvae": ssim_uniform_per_image(a, b)}
+
+
+PAPER_METRICS = ("perplexity_sqvae", "psnr_cvqvae", "ssim_cvqvae")
+
+
+@torch.no_grad()
+def paper_metrics(model: VQVAE, images_u8: torch.Tensor, names, batch_size: int, rt: Runtime | None = None) -> dict:
+    """The papers' conventions among ``names`` (PAPER_METRICS) on ``images_u8`` in their order: one eval
+    pass at ``batch_size`` (the validation batch size: BA-VQ's codes depend on it)."""
+    names = [n for n in PAPER_METRICS if n in names]
+    if not names:
+        return {}
+    was_training = model.training
+    model.eval()
+    rt = rt or Runtime(images_u8.device)
+    indices, per_image = [], {"psnr_cvqvae": [], "ssim_cvqvae": []}
+    for start in range(0, images_u8.shape[0], batch_size):
+        x = rt.prepare(to_float(images_u8[start:start + batch_size]))
+        with rt.autocast():
+            x_recon, _, _, info = model(x)
+        indices.append(info["code_indices"])
+        if "psnr_cvqvae" in names or "ssim_cvqvae" in names:
+            for k, v in cvqvae_image_metrics(x, x_recon.float()).items():
+                per_image[k].append(v)
+    model.train(was_training)
+    out = {}
+    if "perplexity_sqvae" in names:
+        out["perplexity_sqvae"] = perplexity_per_batch(torch.cat(indices), model.quantizer.num_embeddings)
+    for k in ("psnr_cvqvae", "ssim_cvqvae"):
+        if k in names:
+            out[k] = float(torch.cat(per_image[k]).mean())
+    return out
+
+
+EVAL_METRICS = ("psnr", "ssim", "lpips", "fid") + PAPER_METRICS   # psnr, ssim: every validation; lpips, fid:
+                                                                    # optional packages; the papers' conventions
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -2547,9 +2798,12 @@ def init_from_data(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     z = torch.cat(zs)                                                          # (n*H*W, D)
     q = model.quantizer
     kmeans = cfg.init == "kmeans"
-    centers, sizes = kmeans_codebook(z, q.num_embeddings, cfg.kmeans_iters if kmeans else 0, generator=g,
-                                     cosine=q.cosine, seeding="kmeans++" if kmeans else "random")
-    q.load_codes(centers, sizes / (n / cfg.batch_size))
+
+    def fit(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:      # (centres, counts per step)
+        centers, sizes = kmeans_codebook(x, K, cfg.kmeans_iters if kmeans else 0, generator=g, cosine=q.cosine,
+                                         seeding="kmeans++" if kmeans else "random")
+        return centers, sizes / (n / cfg.batch_size)
+    q.init_from_latents(z, fit)
 
 
 def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: Config, device):
@@ -2572,7 +2826,7 @@ def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: 
 def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
                 generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
                 resume_from: dict | None = None, should_stop=None, rt: Runtime | None = None,
-                after_backward=None) -> tuple[dict, int]:
+                after_backward=None, guard: "LossGuard | None" = None) -> tuple[dict, int]:
     """One pass over ``images`` (uint8, on the model's device, or on the CPU with data_path loader)
     in the order of one ``randperm`` drawn from ``generator``. Returns (metrics, new global step).
 
@@ -2582,8 +2836,10 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     encoder outputs (``init_from_data``) just before the first quantized step. With ``pretrain_epochs``
     E, the first E epochs' steps bypass the quantizer (w = 0, no restarts) and the quantizer's step
     count, schedule, data init and warm-up start after them. Metrics (see ``_EpochStats.metrics``) are
-    accumulated on the device and read once at the end; non-finite values are checked every
-    ``progress_every`` steps.
+    accumulated on the device and read once at the end; non-finite values and loss explosions
+    (``LossGuard``: a step's recon_loss over ``explode_factor`` x its window minimum) are checked every
+    ``min(progress_every, explode_window)`` steps, with the same host sync. ``guard`` carries the
+    explosion window over epochs (the caller keeps one per run); None: a fresh window this epoch.
 
     Hooks for whoever runs the loop (the experiment module uses them; both default to nothing):
     ``should_stop()`` is polled before each batch (it should be a Python flag, no device sync); when it
@@ -2602,19 +2858,23 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     restarts_on = cfg.dead_code_threshold > 0 and q.has_codebook
     data_init = cfg.init in DATA_INITS and q.has_codebook
     stats = _EpochStats(q.num_embeddings, device, generator, resume_from)
+    stats.guard = guard = guard or LossGuard(cfg.explode_factor, cfg.explode_window, device)
+    check_every = min(cfg.progress_every, cfg.explode_window)
     perm = torch.randperm(images.shape[0], generator=generator).to(device)
     bar = _ProgressBar(n_steps, desc, cfg.progress, initial=stats.start)
     batches = _batches(images, perm, stats.start, cfg.batch_size, cfg, device)
     w = 1.0
     for i in range(stats.start, n_steps):
         if should_stop is not None and should_stop():
-            stats.check_finite(bar)                                       # never checkpoint a NaN state
+            stats.check(bar)                                              # never checkpoint a diverged state
             raise _StopRequested(stats.state(i), step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
         qs = step - q_start                                               # quantized steps so far (< 0: stage 1)
         model.bypass_quantizer = qs < 0
         if qs == 0 and data_init:                                         # --init kmeans|data, from the encoder
             init_from_data(model, images, cfg)                            # as trained so far (none: at step 0)
+        if qs == 0:
+            guard.reset()                                                 # the decoder now sees codes
         q.set_schedule(max(qs, 0) / max(total_steps - q_start - 1, 1), max(qs, 0))
         model.mark_step()
         with rt.autocast():
@@ -2626,15 +2886,17 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
             stats.restarts += _restart_dead_codes(q, optimizer)
         stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt,
                        {k: info[k] for k in q.train_metrics})
+        guard.add(step, recon_loss)
         step += 1
+        if (i + 1) % check_every == 0 or i + 1 == n_steps:
+            stats.check(bar)                                              # one host sync
         if (i + 1) % cfg.progress_every == 0 or i + 1 == n_steps:
-            stats.check_finite(bar)                                       # one host sync
             bar.show(loss=loss, ppl=info["perplexity"])
         bar.update()
     bar.close()
     metrics = stats.metrics(n_steps)
     metrics.update(q.histogram_metrics(stats.counts, stats.acc.n))
-    return {**metrics, "vq_loss_weight": w, **q.extra_metrics()}, step
+    return {**metrics, "vq_loss_weight": w, "recon_jump_max": float(guard.ratio_max), **q.extra_metrics()}, step
 
 
 def _loss_weight(quantized_steps: int, warmup_steps: float) -> float:
@@ -2670,7 +2932,7 @@ def _restart_dead_codes(q: Quantizer, optimizer: torch.optim.Optimizer) -> torch
     """Restart the quantizer's dead codes; a gradient-trained codebook also loses the Adam moments
     of the restarted rows (their history belongs to the old code). Returns how many (0-dim)."""
     dead = q.restart_dead_codes()                                         # (K,) bool
-    if isinstance(q.codebook, nn.Parameter):
+    if isinstance(getattr(q, "codebook", None), nn.Parameter):
         state = optimizer.state.get(q.codebook, {})
         keep = (~dead)[:, None].to(q.codebook.dtype)
         for key in ("exp_avg", "exp_avg_sq"):
@@ -2711,6 +2973,14 @@ class _NonFinite(Exception):
         self.step, self.terms = step, terms
 
 
+class _Exploded(Exception):
+    """The loss of ``step`` was ``ratio`` x the minimum of the ``window`` steps before it (> ``factor``)."""
+
+    def __init__(self, step: int, ratio: float, factor: float, window: int):
+        super().__init__(f"loss exploded at step {step} ({ratio:.3g} x its recent minimum)")
+        self.step, self.ratio, self.factor, self.window = step, ratio, factor, window
+
+
 class _StopRequested(Exception):
     """Raised inside train_epoch at a batch boundary when a stop was requested; ``partial_epoch``
     is what ``train_epoch(resume_from=...)`` needs to finish the epoch."""
@@ -2718,6 +2988,59 @@ class _StopRequested(Exception):
     def __init__(self, partial_epoch: dict, step: int):
         super().__init__("stop requested")
         self.partial_epoch, self.step = partial_epoch, step
+
+
+class LossGuard:
+    """Detects a loss explosion that is not (yet) NaN: step t trips it when its reconstruction loss
+    (the MSE on the [-1, 1] scale that PSNR measures, the same quantity for every quantizer) exceeds
+    ``factor`` times its minimum over the previous ``window`` steps of the same phase,
+
+        L_t > factor * min(L_{t-window}, ..., L_{t-1}),   L = recon_loss,
+
+    i.e. with the default factor 100, the reconstruction got 20 dB worse than the best of the window.
+    The quantizer's own terms are not watched: BA-VQ's range over four orders of magnitude in a normal
+    reduced-protocol run as beta anneals (docs/running.md, "Divergence"), while an explosion of any of
+    them reaches the decoder's output. ``reset()`` empties the window where the reconstruction changes
+    meaning (the first quantized step after ``pretrain_epochs``). Everything stays on the device: the
+    window is a ring buffer, the first tripping step and the largest ratio L_t / min(window) are 0-dim
+    tensors that ``_EpochStats.check`` reads with the non-finite check, every ``min(progress_every,
+    window)`` steps. It lives as long as the run (the window spans epochs) and goes into checkpoints
+    (``state()``), so a resumed run watches as one that never stopped."""
+
+    def __init__(self, factor: float, window: int, device, state: dict | None = None):
+        self.factor, self.window = factor, window
+        self.buf = torch.full((window,), math.inf, device=device)          # the last `window` L, inf = empty
+        self.pos = 0                                                        # steps recorded since reset
+        self.tripped = torch.full((), -1, dtype=torch.long, device=device)  # first step over the factor, -1 = none
+        self.tripped_ratio = torch.zeros((), device=device)
+        self.ratio_max = torch.zeros((), device=device)                     # largest L_t / min(window) seen
+        if state is not None and state["window"] == window:
+            self.buf = state["buf"].to(device)
+            self.pos, self.ratio_max = state["pos"], state["ratio_max"].to(device)
+
+    @property
+    def on(self) -> bool:
+        return self.factor > 0
+
+    def reset(self) -> None:
+        self.buf.fill_(math.inf)
+        self.pos = 0
+
+    def add(self, step: int, recon_loss: torch.Tensor) -> None:
+        if not self.on:
+            return
+        L = recon_loss.detach().float()
+        ratio = L / self.buf.min()                                          # 0 while the window is empty
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))  # NaN/Inf: the non-finite check's
+        newly = (ratio > self.factor) & (self.tripped < 0)
+        self.tripped = torch.where(newly, torch.full_like(self.tripped, step), self.tripped)
+        self.tripped_ratio = torch.where(newly, ratio, self.tripped_ratio)
+        self.ratio_max = torch.maximum(self.ratio_max, ratio)
+        self.buf[self.pos % self.window] = L
+        self.pos += 1
+
+    def state(self) -> dict:
+        return {"window": self.window, "buf": self.buf.cpu(), "pos": self.pos, "ratio_max": self.ratio_max.cpu()}
 
 
 class _EpochStats:
@@ -2742,6 +3065,7 @@ class _EpochStats:
             self.extra = {k: v.to(device) for k, v in resume_from["extra"].items()}
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step, -1 = none
         self.bad_terms, self.names = None, None
+        self.guard: LossGuard | None = None                                 # train_epoch's explosion watch
 
     @property
     def restarts(self) -> torch.Tensor:
@@ -2773,12 +3097,19 @@ class _EpochStats:
         self.extra["grad_norm_max"] = torch.maximum(self.extra["grad_norm_max"], gn_ok)
         self.counts += code_counts
 
-    def check_finite(self, bar=None) -> None:
-        """Raise _NonFinite naming the first bad step and its terms (one host sync)."""
-        if int(self.bad_step) >= 0:
-            if bar is not None:
-                bar.close()
-            raise _NonFinite(int(self.bad_step), [n for n, b in zip(self.names, self.bad_terms.tolist()) if b])
+    def check(self, bar=None) -> None:
+        """Raise _NonFinite naming the first non-finite step and its terms, or _Exploded naming the
+        first step the loss guard tripped on, whichever came first (one host sync)."""
+        g = self.guard
+        bad, tripped = (torch.stack([self.bad_step, g.tripped]).tolist() if g is not None and g.on
+                        else (int(self.bad_step), -1))
+        if bad < 0 and tripped < 0:
+            return
+        if bar is not None:
+            bar.close()
+        if bad >= 0 and (tripped < 0 or bad <= tripped):
+            raise _NonFinite(bad, [n for n, b in zip(self.names, self.bad_terms.tolist()) if b])
+        raise _Exploded(tripped, float(g.tripped_ratio), g.factor, g.window)
 
     def state(self, batch: int) -> dict:
         return {"gen_state": self.gen_state, "batch": batch, "acc": self.acc.state(), "counts": self.counts.cpu(),
@@ -2788,7 +3119,7 @@ class _EpochStats:
         """Sample-weighted mean loss terms; gradient norm mean (over finite steps) and max, before
         clipping; fp16 steps the scaler skipped; restarts; perplexity, usage and dead codes of every
         code index of the epoch, and the histogram ``code_counts`` (K,) (a CPU tensor)."""
-        self.check_finite()
+        self.check()
         m = self.acc.means()
         n_finite = int(self.extra["grad_norm_n"])
         m["grad_norm"] = float(self.extra["grad_norm_sum"]) / max(n_finite, 1)

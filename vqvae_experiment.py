@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqvae import (BavqError, Config, Runtime, VQVAE, _NonFinite, _StopRequested, build_model,
+from vqvae import (BavqError, Config, LossGuard, Runtime, VQVAE, _Exploded, _NonFinite, _StopRequested, build_model,
                    config_fields, config_to_yaml, default_val_batch_size, evenly_spaced, frechet_distance,
-                   load_dataset, make_config, make_runtime, perplexity_from_counts, pick_device,
+                   load_dataset, make_config, make_runtime, paper_metrics, perplexity_from_counts, pick_device,
                    seed_everything, setup_model, to_float, to_uint8, train_epoch, usage_from_counts, validate)
 
 
@@ -90,18 +90,25 @@ class TrainingInterrupted(BavqError):
 
 
 class NonFiniteError(BavqError):
-    """A loss term or the gradient became NaN/Inf; training stopped, nothing after it was saved."""
+    """Training diverged: a loss term or the gradient became NaN/Inf, or the loss exploded (LossGuard);
+    training stopped and nothing from after the last checkpoint was saved."""
 
 
-def _nonfinite_message(e: _NonFinite, run_dir: Path, steps_per_epoch: int) -> str:
+def _diverged_message(e: _NonFinite | _Exploded, run_dir: Path, steps_per_epoch: int) -> str:
     good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
     last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
-            f"'python train.py --resume {good[-1]}' after lowering --lr or setting --grad_clip."
-            if good else "No checkpoint had been written yet; lower --lr or set --grad_clip and "
-            "start again with --overwrite.")
-    return (f"Training stopped: {', '.join(e.terms)} became non-finite (NaN or Inf) in epoch "
-            f"{e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of the "
-            f"epoch). Nothing from after that step was saved. {last}")
+            f"'python train.py --resume {good[-1]} --lr <lower>' (or --grad_clip <norm>)."
+            if good else "No checkpoint had been written yet, so nothing of this run was kept as a result; "
+            "lower --lr or set --grad_clip and start again with --overwrite.")
+    where = (f"in epoch {e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of "
+             f"the epoch)")
+    if isinstance(e, _Exploded):
+        what = (f"the loss exploded {where}: its reconstruction loss was {e.ratio:.3g} times its minimum over "
+                f"the previous {e.window} steps (the limit, --explode_factor, is {e.factor:g}; if such a jump is "
+                "normal for your setup, allow it with a larger --explode_factor, or turn the check off with 0)")
+    else:
+        what = f"{', '.join(e.terms)} became non-finite (NaN or Inf) {where}"
+    return f"Training stopped: {what}. Nothing from after that step was saved. {last}"
 
 
 def _interrupted_message(epoch: int, s: _StopRequested, path: Path, run_dir: Path) -> str:
@@ -275,14 +282,18 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
 RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_project", "wandb_group", "num_workers", "data_dir",
                      "epochs", "checkpoint_every", "keep_checkpoints", "recon_images", "amp", "compile", "compile_mode",
                      "channels_last", "data_path",
-                     "ba_chunk_rows", "eval_metrics", "eval_every", "resume", "out_dir", "name", "overwrite")
+                     "ba_chunk_rows", "eval_metrics", "eval_every", "explode_factor", "explode_window",
+                     "resume", "out_dir", "name", "overwrite")
+# Settings that change what the rest of a run computes but that recovering from a divergence needs
+# (the divergence messages suggest them): they may differ on --resume, with a printed note.
+RESUME_RECOVERY = ("lr", "grad_clip")
 
 
 def config_differences(stored: dict, cfg: Config) -> list[str]:
     """'key: old -> new' for every setting that changes what a run computes (not RESUME_MAY_CHANGE)."""
     old = {**asdict(Config()), **stored}
     return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in config_fields()
-            if k not in RESUME_MAY_CHANGE and old.get(k) != getattr(cfg, k)]
+            if k not in RESUME_MAY_CHANGE + RESUME_RECOVERY and old.get(k) != getattr(cfg, k)]
 
 
 def _stored(cfg: Config) -> Config:
@@ -300,7 +311,7 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
         import yaml
         run_cfg = yaml.safe_load(stored.read_text()) or {}
         theirs = [f"{k}: {run_cfg[k]!r} (run) vs {old[k]!r} (checkpoint)" for k in config_fields()
-                  if k in run_cfg and k not in RESUME_MAY_CHANGE and run_cfg[k] != old.get(k)]
+                  if k in run_cfg and k not in RESUME_MAY_CHANGE + RESUME_RECOVERY and run_cfg[k] != old.get(k)]
         if theirs:
             raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{ck_path.parent}': its settings "
                             f"differ from the run's config.yaml ({'; '.join(theirs)}). Nothing was changed. Resume "
@@ -315,7 +326,7 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
     if changed:
         raise BavqError(f"Cannot resume '{ck_path}' with changed settings ({'; '.join(changed)}). Nothing was "
                         "changed. A resumed run continues with the settings it was trained with (only "
-                        f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'out_dir', 'name', 'overwrite'))} "
+                        f"{', '.join(k for k in RESUME_MAY_CHANGE + RESUME_RECOVERY if k not in ('resume', 'out_dir', 'name', 'overwrite'))} "
                         "may differ); to change the others start a new run under another --name.")
     done = ck["epoch"] + (1 if ck.get("partial_epoch") else 0)       # a mid-epoch checkpoint is inside epoch+1
     if cfg.epochs < done:
@@ -353,13 +364,14 @@ def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
-                     generator, partial_epoch=None, wandb_id=None, scaler=None) -> None:
+                     generator, partial_epoch=None, wandb_id=None, scaler=None, loss_guard=None) -> None:
     atomic_torch_save({
         "scaler": scaler.state_dict() if scaler is not None else None,
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
         "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(_stored(cfg)),
         "history": history, "rng": _rng_state(generator), "partial_epoch": partial_epoch, "wandb_id": wandb_id,
+        "loss_guard": loss_guard,
     }, path)
 
 
@@ -847,6 +859,7 @@ class _Run:
     val_metrics: dict = field(default_factory=dict)
     wandb_id: str | None = None
     pictures_step: int = -1                        # the step at which recon.png/usage.png were last drawn
+    guard: LossGuard | None = None                 # the loss-explosion watch (its window spans epochs)
     after_backward: object = None                  # torchrun: the gradient all-reduce (DataParallel)
 
     @property
@@ -931,6 +944,7 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParal
     if dp is not None:
         dp.install(model)                                     # the forward splits and gathers the batch
         run.after_backward = dp.average_gradients
+    run.guard = LossGuard(cfg.explode_factor, cfg.explode_window, rt.device)
     if ck is not None:
         _restore(run, ck, ck_path, scratch)
     else:
@@ -1003,6 +1017,12 @@ def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) ->
     if cfg.epochs != ck["config"]["epochs"]:
         print(f"[bavq] note: epochs {ck['config']['epochs']} -> {cfg.epochs}: the beta schedule and the loss "
               "warm-up continue over the new total, so this run matches no uninterrupted run.")
+    old = {**asdict(Config()), **ck["config"]}
+    recovery = [f"{k} {old[k]} -> {getattr(cfg, k)}" for k in RESUME_RECOVERY if old[k] != getattr(cfg, k)]
+    if recovery:
+        print(f"[bavq] note: {', '.join(recovery)} from here on (config.yaml now says so); the run before step "
+              f"{run.step} used the old value{'s' if len(recovery) > 1 else ''}, so it matches no uninterrupted run.")
+    run.guard = LossGuard(cfg.explode_factor, cfg.explode_window, run.rt.device, ck.get("loss_guard"))
     if run.run_dir == ck_path.parent:
         _discard_later_results(run.run_dir, ck_path, ck["epoch"])
 
@@ -1043,9 +1063,9 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         run.train_metrics, run.step = train_epoch(
             run.model, run.optimizer, run.train_u8, cfg, run.generator, run.step, cfg.epochs * run.steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}", resume_from=run.partial_epoch, should_stop=stop, rt=run.rt,
-            after_backward=run.after_backward)
-    except _NonFinite as e:
-        raise NonFiniteError(_nonfinite_message(e, run.run_dir, run.steps_per_epoch)) from None
+            after_backward=run.after_backward, guard=run.guard)
+    except (_NonFinite, _Exploded) as e:
+        raise NonFiniteError(_diverged_message(e, run.run_dir, run.steps_per_epoch)) from None
     except _StopRequested as s:
         path = run.run_dir / "checkpoint_interrupted.pt"
         _save_run(run, path, epoch - 1, s.step, partial_epoch=s.partial_epoch)
@@ -1053,7 +1073,8 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
     run.partial_epoch = None
     run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt)
     if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:     # the last epoch: in _finish
-        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
+        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt,
+                                                     default_val_batch_size(cfg)))
     record = _history_record(run, epoch, time.time() - t0)
     run.history.append(record)
     with open(run.run_dir / "history.jsonl", "a") as f:
@@ -1082,7 +1103,8 @@ def _history_record(run: _Run, epoch: int, seconds: float) -> dict:
 def _save_run(run: _Run, path: Path, epoch: int, step: int, partial_epoch: dict | None = None) -> None:
     _save_checkpoint(path, model=run.model, optimizer=run.optimizer, cfg=run.cfg, epoch=epoch, step=step,
                      history=run.history, val_metrics=run.val_metrics, train_metrics=run.train_metrics,
-                     generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler)
+                     generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler,
+                     loss_guard=run.guard.state())
 
 
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -1113,7 +1135,8 @@ def _finish(run: _Run) -> dict:
         run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress,
                                    rt=run.rt)
     atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
-    run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
+    run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt,
+                                                     default_val_batch_size(cfg)))
     final = {"epoch": cfg.epochs, **_plain(run.val_metrics),
              "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
              "val_code_counts": run.val_metrics["code_counts"].tolist(),
@@ -1198,10 +1221,12 @@ def check_metric_packages(names) -> None:
                         "or leave lpips/fid out of --eval_metrics. Nothing was run or written.")
 
 
-def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None) -> dict:
-    """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for. A metric
+def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None,
+                       batch_size: int = 1024) -> dict:
+    """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for, and the
+    papers' conventions (``paper_metrics``, at ``batch_size``, the validation batch size). A metric
     whose package or weights are missing is skipped with one printed line saying why."""
-    out = {}
+    out = paper_metrics(model, images_u8, names, batch_size, rt)
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)              # a weight download behind a firewall fails instead of hanging
     try:
@@ -1288,7 +1313,8 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     val_u8 = val_u8.to(dev)
     rt = make_runtime(dataclasses.replace(cfg, device=str(dev)), dev)
     metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt)
-    metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt))
+    metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt,
+                                      default_val_batch_size(cfg)))
     run_dir = Path(run_dir)
     out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
            "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}

@@ -265,7 +265,7 @@ def test_resuming_a_finished_run_needs_overwrite_and_discards_its_later_results(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag,value", [("lr", 0.05), ("seed", 7), ("batch_size", 16), ("train_subset", 128),
+@pytest.mark.parametrize("flag,value", [("weight_decay", 0.5), ("seed", 7), ("batch_size", 16), ("train_subset", 128),
                                         ("commitment_cost", 1.0), ("fsq_levels", [2, 8])])
 def test_resume_refuses_settings_that_would_not_apply_and_writes_nothing(tiny_cfg, flag, value):
     q = "fsq" if flag == "fsq_levels" else "vq_ema"

@@ -159,3 +159,115 @@ def test_rate_is_the_entropy_of_the_code_histogram():
         x = vqvae.to_float(images)
         xr = model.eval()(x)[0]
     assert m["ssim"] == pytest.approx(float(vqvae.ssim_per_image(x, xr).mean()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the papers' conventions
+
+
+def _sqvae_test_perplexity(indices_bhw, K, bs):
+    """sony/sqvae, transcribed: for each test batch of bs images (shuffle off, last batch kept), the
+    mean one-hot over its positions, exp(-sum p log(p + 1e-7)); then np.mean over the batches."""
+    import numpy as np
+    values = []
+    for start in range(0, indices_bhw.shape[0], bs):
+        enc = torch.nn.functional.one_hot(indices_bhw[start:start + bs].flatten(), K).float()
+        avg_probs = enc.mean(0)
+        values.append(float(torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-7)))))
+    return float(np.array(values).mean(0))
+
+
+def test_sqvae_perplexity_equals_the_transcription_of_their_code():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 512, (100, 8, 8), generator=g)               # 3 batches of 32 and one of 4
+    ours = vqvae.perplexity_per_batch(idx, 512)
+    assert ours == pytest.approx(_sqvae_test_perplexity(idx, 512, 32), rel=1e-6)
+    assert ours == pytest.approx(_sqvae_test_perplexity(idx, 512, 32), rel=1e-6)
+    assert vqvae.perplexity_per_batch(idx, 512, images_per_batch=100) == pytest.approx(
+        _sqvae_test_perplexity(idx, 512, 100), rel=1e-6)
+
+
+def test_sqvae_perplexity_by_hand_and_its_batch_size_dependence():
+    # 3 images of 2 positions, 2 images per batch: batch 1 codes (0, 0, 1, 1) -> p = (1/2, 1/2): ~2;
+    # batch 2 codes (2, 2) -> p = (1): ~1; mean 1.5 (the 1e-7 inside the log moves it by ~1e-7)
+    idx = torch.tensor([[0, 0], [1, 1], [2, 2]])
+    assert vqvae.perplexity_per_batch(idx, 4, images_per_batch=2) == pytest.approx(1.5, abs=1e-6)
+    assert vqvae.compute_perplexity(idx, 4) == pytest.approx(3.0)     # ours: one histogram of the whole set
+    # K = 512 codes used uniformly at random: ~K (1 - e^(-n/K)) at n positions per batch
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 512, (3200, 8, 8), generator=g)
+    assert vqvae.perplexity_per_batch(idx, 512) == pytest.approx(448, rel=0.01)               # 2,048 positions
+    assert vqvae.perplexity_per_batch(idx, 512, images_per_batch=64) == pytest.approx(480, rel=0.01)
+    assert vqvae.compute_perplexity(idx, 512) == pytest.approx(512, rel=0.01)
+
+
+def test_sqvae_perplexity_of_stacked_codebooks_counts_each_stage_apart():
+    idx = torch.zeros(2, 2, 1, 1, dtype=torch.long)                    # (N, S, H, W): code 0 of both stages
+    assert vqvae.perplexity_per_batch(idx, 8, images_per_batch=2) == pytest.approx(2.0, abs=1e-6)
+
+
+def _cvqvae_reference(x, x_recon, tmp_path):
+    """CVQ-VAE's test.py (tensor2im, imageio.imwrite .jpg = Pillow quality 75) and evaluation.py (read
+    back, /255, skimage psnr and ssim(multichannel=True, data_range=1, win_size=11): channel_axis in
+    today's scikit-image), per image."""
+    import numpy as np
+    from PIL import Image
+    metrics = pytest.importorskip("skimage.metrics", reason="scikit-image (requirements-dev.txt) is the reference")
+
+    def tensor2im(t):
+        return (((t + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    psnr, ssim = [], []
+    for i in range(x.shape[0]):
+        for name, t in (("gt", x[i]), ("rec", x_recon[i])):
+            Image.fromarray(tensor2im(t)).save(tmp_path / f"{name}{i:08d}.jpg", quality=75)
+        gt = np.array(Image.open(tmp_path / f"gt{i:08d}.jpg").convert("RGB")).astype(np.float32) / 255.0
+        rec = np.array(Image.open(tmp_path / f"rec{i:08d}.jpg").convert("RGB")).astype(np.float32) / 255.0
+        psnr.append(metrics.peak_signal_noise_ratio(gt, rec, data_range=1))
+        ssim.append(metrics.structural_similarity(gt, rec, channel_axis=2, data_range=1, win_size=11))
+    return psnr, ssim
+
+
+def test_cvqvae_psnr_and_ssim_equal_the_transcription_of_their_code(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = vqvae.to_float(vqvae._fake_images(6, seed=5))
+    x_recon = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1.2, 1.2)
+    ours = vqvae.cvqvae_image_metrics(x, x_recon)
+    psnr, ssim = _cvqvae_reference(x, x_recon, tmp_path)
+    assert ours["psnr_cvqvae"].tolist() == pytest.approx(psnr, abs=1e-4)
+    assert ours["ssim_cvqvae"].tolist() == pytest.approx(ssim, abs=1e-5)
+    # not the library's SSIM (Gaussian window, float images, no JPEG)
+    assert (ours["ssim_cvqvae"] - vqvae.ssim_per_image(x, x_recon)).abs().max() > 1e-3
+
+
+def test_cvqvae_images_are_truncated_not_rounded():
+    x = torch.tensor([-1.0, 0.0031, 1.0, 1.5]).reshape(1, 1, 2, 2)      # 0.0031 -> 127.895 -> 127
+    assert vqvae.to_uint8_truncated(x).flatten().tolist() == [0, 127, 255, 255]
+    assert vqvae.to_uint8(x).flatten().tolist()[1] == 128               # the library's picture rounds
+
+
+def test_uniform_ssim_equals_scikit_image_without_jpeg():
+    metrics = pytest.importorskip("skimage.metrics", reason="scikit-image (requirements-dev.txt) is the reference")
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ours = vqvae.ssim_uniform_per_image(a, b)
+    ref = [metrics.structural_similarity(a[i].numpy(), b[i].numpy(), channel_axis=0, data_range=1, win_size=11)
+           for i in range(2)]
+    assert ours.tolist() == pytest.approx(ref, abs=1e-10)
+
+
+def test_protocol_configs_report_the_conventions_of_the_papers_they_are_compared_with():
+    import yaml
+    cvq = yaml.safe_load(open(vqvae.Path(vqvae.__file__).parent / "configs" / "cvq_vae.yaml"))
+    sq = yaml.safe_load(open(vqvae.Path(vqvae.__file__).parent / "configs" / "vqwae_sqvae.yaml"))
+    assert {"psnr_cvqvae", "ssim_cvqvae"} <= set(cvq["eval_metrics"])
+    assert "perplexity_sqvae" in sq["eval_metrics"]
+
+
+def test_a_run_asking_for_the_papers_metrics_reports_them(tiny_cfg):
+    cfg = tiny_cfg(eval_metrics=["psnr", "ssim", *vqvae.PAPER_METRICS])
+    final = vqvae.train(cfg)
+    model = vqvae.load_run(vqvae.Path(cfg.out_dir) / cfg.resolved_name())[0]
+    _, val_u8 = vqvae.load_dataset(cfg)
+    idx = model.encode(vqvae.to_float(val_u8))
+    assert final["perplexity_sqvae"] == pytest.approx(_sqvae_test_perplexity(idx, cfg.codebook_size, 32), rel=1e-6)
+    assert 0 < final["ssim_cvqvae"] < 1 and 5 < final["psnr_cvqvae"] < 40

@@ -581,6 +581,26 @@ def test_alternating_step_is_sgd_with_momentum_on_the_codebook_loss_before_the_s
     torch.testing.assert_close(q.codebook.detach(), E1 - 0.5 * (0.9 * g1 + g2))
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_alternating_has_no_commitment_term_as_vqtorch_unless_kept(keep):
+    """vqtorch's in-place alternation requires beta = 1, whose commitment weight (1 - beta) is 0: the
+    encoder gets only the decoder's gradient. alternate_commitment keeps commitment_cost * mse(z, sg[e])."""
+    q = _vq(2, 2, alternate_lr=0.5, commitment_cost=0.25, alternate_commitment=keep)
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[0.5, 0.0], [0.0, 2.0]])
+    z = _grid(x).requires_grad_(True)
+    _, losses, _ = q.train()(z)
+    E1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]) - 0.5 * (2 / 4) * (torch.tensor([[1.0, 0.0], [0.0, 1.0]]) - x)
+    expected = 0.25 * ((x - E1) ** 2).mean() if keep else torch.tensor(0.0)
+    torch.testing.assert_close(losses["commitment_loss"], expected)
+    if keep:
+        (g,) = torch.autograd.grad(losses["commitment_loss"], z)
+        torch.testing.assert_close(g.reshape(2, 2).t(), 0.25 * 2 / 4 * (x - E1))
+    else:
+        assert not losses["commitment_loss"].requires_grad
+
+
 def test_affine_and_alternating_state_is_in_the_state_dict_and_eval_changes_nothing():
     torch.manual_seed(0)
     m1 = vqvae.VQVAE("vq", codebook_size=16, latent_dim=8, hidden_dim=8, affine_reparam="ema", cvq=True,

@@ -176,6 +176,150 @@ def test_a_stop_request_after_a_non_finite_step_saves_no_checkpoint(tmp_path, mo
     assert not (run / "checkpoint_interrupted.pt").exists()
 
 
+# --------------------------------------------------------------------------- loss explosions (not NaN)
+
+
+def first_explosion(losses, factor, window, resets=()):
+    """The rule LossGuard implements, in plain Python: the first step t whose loss exceeds factor x
+    the minimum of the previous `window` losses since the last reset (-1: none)."""
+    seen = []
+    for t, L in enumerate(losses):
+        if t in resets:
+            seen = []
+        if seen and L > factor * min(seen[-window:]):
+            return t
+        seen.append(L)
+    return -1
+
+
+def guard_on(losses, factor, window, resets=()):
+    g = vqvae.LossGuard(factor, window, torch.device("cpu"))
+    for t, L in enumerate(losses):
+        if t in resets:
+            g.reset()
+        g.add(t, torch.tensor(L))
+    return int(g.tripped)
+
+
+@pytest.mark.parametrize("losses,factor,window,resets,expected", [
+    ([1.0] * 5 + [50.0] + [1.0] * 3 + [150.0], 100, 4, (), 9),       # 150 > 100 x 1; the 50 spike is allowed
+    ([0.01, 1, 1, 1, 1, 50.0], 100, 4, (), -1),                        # 0.01 has left the 4-step window
+    ([0.01, 1, 1, 1, 1, 50.0], 100, 5, (), 5),                         # ... but not a 5-step one
+    ([0.01, 50.0], 100, 4, (1,), -1),                                  # a reset (new phase) empties the window
+    ([3.0, 900.0, 1e9], 1000, 10, (), 2),                              # exactly 300x trips at 1000 only later
+    ([64.0, 30.0, 8.0, 2.0, 1.0, 0.5], 100, 10, (), -1),               # a falling loss never trips
+])
+def test_loss_guard_on_hand_made_sequences(losses, factor, window, resets, expected):
+    assert first_explosion(losses, factor, window, resets) == expected
+    assert guard_on(losses, factor, window, resets) == expected
+
+
+def test_loss_guard_equals_the_rule_on_random_sequences():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = 60
+        logs = torch.randn(n, generator=g, dtype=torch.float64).cumsum(0) * 0.7   # a random walk in log-loss
+        losses = [float(v) for v in logs.exp()]
+        factor, window = [(10, 5), (30, 20), (100, 3)][trial % 3]
+        resets = (int(torch.randint(1, n, (1,), generator=g)),)
+        assert guard_on(losses, factor, window, resets) == first_explosion(losses, factor, window, resets), trial
+
+
+def test_loss_guard_watches_the_reconstruction_not_the_quantizer_terms(monkeypatch):
+    """BA-VQ's own terms range over four orders of magnitude in a normal reduced run (docs/running.md):
+    a quantizer term 1e4 times larger from one step on does not trip the guard; the same jump of the
+    reconstruction loss does."""
+    cfg = tiny_config(explode_window=3, progress_every=1)
+    train_u8, _ = vqvae.load_dataset(cfg)
+    orig = vqvae.VQEMAQuantizer.forward
+    calls = {"n": 0}
+
+    def louder(self, z):
+        z_q, losses, info = orig(self, z)
+        calls["n"] += self.training
+        if calls["n"] >= 3:
+            losses = {k: v * 1e4 for k, v in losses.items()}
+        return z_q, losses, info
+    monkeypatch.setattr(vqvae.VQEMAQuantizer, "forward", louder)
+    torch.manual_seed(0)
+    model = vqvae.build_model(cfg)
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    m, _ = vqvae.train_epoch(model, opt, train_u8, cfg, torch.Generator().manual_seed(0), 0, 4)
+    assert m["recon_jump_max"] < 2
+    g = vqvae.LossGuard(100, 3, torch.device("cpu"))
+    for t, L in enumerate([0.1, 0.1, 0.1e4]):
+        g.add(t, torch.tensor(L))
+    assert int(g.tripped) == 2
+
+
+def _blow_up_at_epoch(monkeypatch, epoch: int, lr: float):
+    """From the first step of ``epoch`` the optimizer's learning rate is ``lr``: the run explodes by its
+    own dynamics (finite losses ~1e4 x the recent minimum at 0.1, measured on tiny_config)."""
+    orig = vqvae_experiment.train_epoch
+
+    def train_epoch(model, optimizer, *a, desc="", **k):
+        if desc.startswith(f"epoch {epoch}/"):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return orig(model, optimizer, *a, desc=desc, **k)
+    monkeypatch.setattr(vqvae_experiment, "train_epoch", train_epoch)
+
+
+def test_a_run_made_to_explode_stops_within_its_window_and_resumes_from_its_last_checkpoint(tmp_path, monkeypatch,
+                                                                                               capsys):
+    cfg = tiny_config(out_dir=str(tmp_path), epochs=3, checkpoint_every=1, progress_every=100, explode_window=3)
+    losses, steps = [], []
+    orig_add = vqvae.LossGuard.add
+
+    def spy(self, step, recon_loss):
+        steps.append(step)
+        losses.append(float(recon_loss.detach()))
+        return orig_add(self, step, recon_loss)
+    monkeypatch.setattr(vqvae.LossGuard, "add", spy)
+    _blow_up_at_epoch(monkeypatch, 2, 0.1)
+    with pytest.raises(vqvae.NonFiniteError) as e:
+        vqvae.train(cfg)
+    msg = str(e.value)
+    tripped = first_explosion(losses, cfg.explode_factor, cfg.explode_window)
+    assert tripped >= 4                                              # epoch 2 (4 steps per epoch)
+    assert all(math.isfinite(L) for L in losses)                     # it exploded; it did not become NaN
+    assert f"loss exploded in epoch 2, step {tripped}" in msg and "checkpoint_epoch1.pt" in msg
+    assert "--lr" in msg and "--explode_factor" in msg
+    assert steps[-1] - tripped < cfg.explode_window                 # checked every min(progress_every, window)
+    run = Path(cfg.out_dir) / cfg.resolved_name()
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_epoch1.pt"]
+    assert not (run / "final_metrics.json").exists() and not (run / "final_model.pt").exists()
+    assert len(history(cfg)) == 1
+    monkeypatch.undo()                                               # resume as the message says: lower lr
+    capsys.readouterr()
+    final = vqvae.train(vqvae.resume_config(run / "checkpoint_epoch1.pt", {"lr": 1e-4}))
+    assert final["epoch"] == 3 and len(history(cfg)) == 3
+    assert "lr 0.0003 -> 0.0001 from here on" in capsys.readouterr().out
+    assert "lr: 0.0001" in (run / "config.yaml").read_text()
+
+
+def test_the_same_run_without_the_guard_goes_on_to_the_end(tmp_path, monkeypatch):
+    cfg = tiny_config(out_dir=str(tmp_path), epochs=3, checkpoint_every=1, explode_factor=0)
+    _blow_up_at_epoch(monkeypatch, 2, 0.1)
+    final = vqvae.train(cfg)
+    assert final["epoch"] == 3
+
+
+@pytest.mark.parametrize("quantizer", sorted(vqvae.QUANTIZERS))
+def test_default_training_does_not_trip_the_guard(quantizer):
+    """Every quantizer's default loss stays far below the default factor x its window minimum over
+    three epochs of the tiny setting (the measured jumps on real data are in docs/running.md)."""
+    cfg = tiny_config(quantizer=quantizer, lr=1e-3)
+    train_u8, _ = vqvae.load_dataset(cfg)
+    torch.manual_seed(0)
+    model = vqvae.build_model(cfg)
+    opt = vqvae.make_optimizer(model, cfg, torch.device("cpu"))
+    guard, step, gen = vqvae.LossGuard(cfg.explode_factor, cfg.explode_window, torch.device("cpu")), 0, torch.Generator()
+    for _ in range(3):
+        m, step = vqvae.train_epoch(model, opt, train_u8, cfg, gen, step, 12, guard=guard)
+    assert 0 < m["recon_jump_max"] < cfg.explode_factor / 10
+
+
 # --------------------------------------------------------------------------- real CIFAR-10
 
 
@@ -219,3 +363,5 @@ def test_real_cifar10_short_run_beats_untrained_model(cifar_folder, tmp_path, qu
     print(f"{quantizer}: untrained PSNR {untrained['psnr']:.2f} dB -> trained {final['psnr']:.2f} dB, "
           f"perplexity {final['perplexity']:.1f}, usage {final['usage_rate']:.2f}")
     assert final["psnr"] > untrained["psnr"] + margin_db
+    jumps = [r["train/recon_jump_max"] for r in history(cfg)]              # the explosion guard (on) never near
+    assert max(jumps) < cfg.explode_factor / 10, jumps
