@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only the I-th of N disjoint parts of a grid (1 <= I <= N), e.g. one per GPU or machine; "
                         "default under a SLURM array: the task's own part (SLURM_ARRAY_TASK_ID, _MIN, _COUNT)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N runs of a grid at once on the same device (each with 1/N of the CPU threads; output "
+                        "in <out_dir>/.grid_<name>.job<i>.log), for grids of small models that leave the device idle")
     p.add_argument("--summarize", action="store_true",
                    help="print the table of the grid <out_dir>/<name>_* from its run directories (finished, running, "
                         "stopped, failed, missing runs) and exit; runs nothing")
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(argv=None) -> tuple[list[vqvae.Config], bool]:
     """The run configs the command line asks for, and whether they form a sweep (grid)."""
     args = vars(build_parser().parse_args(argv))
-    for key in ("shard", "summarize"):
+    for key in ("shard", "summarize", "jobs"):
         args.pop(key)
     config_path = args.pop("config")
     values = vqvae.load_yaml_config(config_path) if config_path else {}
@@ -108,8 +111,10 @@ def main(argv=None) -> int:
             return 0
         configs, sweep = configs_from_args(argv)
         shard = vqvae.parse_shard(extra.shard, {} if not sweep and not extra.shard else None)
+        if extra.jobs < 1:
+            raise vqvae.BavqError(f"--jobs {extra.jobs}: give the number of runs to run at once, 1 or more.")
         if sweep:
-            return vqvae.run_sweep(configs, shard, grid_name)
+            return vqvae.run_sweep(configs, shard, grid_name, jobs=extra.jobs)
         if shard is not None and shard != (1, 1):
             raise vqvae.BavqError(f"--shard {extra.shard} splits a grid, but this command runs one run. Give several "
                                   f"values of {', '.join(vqvae.SWEEP_KEYS)} to run a grid.")

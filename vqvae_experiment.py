@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -289,16 +290,39 @@ RESUME_MAY_CHANGE = ("device", "progress", "progress_every", "wandb", "wandb_pro
 RESUME_RECOVERY = ("lr", "grad_clip")
 
 
-def config_differences(stored: dict, cfg: Config) -> list[str]:
-    """'key: old -> new' for every setting that changes what a run computes (not RESUME_MAY_CHANGE)."""
+def config_differences(stored: dict, cfg: Config, allowed: tuple = RESUME_MAY_CHANGE) -> list[str]:
+    """'key: old -> new' for every setting that changes what a run computes (not in ``allowed``; a
+    resume also allows RESUME_RECOVERY, a sweep that finds the run does not)."""
     old = {**asdict(Config()), **stored}
     return [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in config_fields()
-            if k not in RESUME_MAY_CHANGE + RESUME_RECOVERY and old.get(k) != getattr(cfg, k)]
+            if k not in allowed and old.get(k) != getattr(cfg, k)]
 
 
 def _stored(cfg: Config) -> Config:
     """The config as written with a run: one-off instructions (resume, overwrite) are not settings."""
     return dataclasses.replace(cfg, resume="", overwrite=False)
+
+
+def _run_id_of(run_dir: Path) -> str | None:
+    """The run id in the header of a run directory's config.yaml (None: none, an older run)."""
+    try:
+        head = (Path(run_dir) / "config.yaml").read_text().split("\n", 5)[:5]
+    except OSError:
+        return None
+    return next((line[len("# run id: "):].strip() for line in head if line.startswith("# run id: ")), None)
+
+
+def _settings_a_run_may_change(ck: dict, run_dir: Path, ck_path: Path) -> tuple:
+    """Which settings may differ between a checkpoint and the run directory's config.yaml while the
+    checkpoint still belongs to that run: RESUME_RECOVERY too when both carry the same run id (the
+    run was resumed with a new --lr); only RESUME_MAY_CHANGE when either has none (older runs).
+    Different ids: another run's checkpoint, refused."""
+    mine, theirs = _run_id_of(run_dir), ck.get("run_id")
+    if mine and theirs and mine != theirs:
+        raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{run_dir}' (it was written by run "
+                        f"{theirs}, the directory holds run {mine}). Nothing was changed. Pass the run directory the "
+                        "checkpoint was written in.")
+    return RESUME_MAY_CHANGE + RESUME_RECOVERY if mine and theirs else RESUME_MAY_CHANGE
 
 
 def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
@@ -310,8 +334,9 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
     if stored.is_file():                       # a checkpoint copied in from another run does not belong here
         import yaml
         run_cfg = yaml.safe_load(stored.read_text()) or {}
+        allowed = _settings_a_run_may_change(ck, ck_path.parent, ck_path)
         theirs = [f"{k}: {run_cfg[k]!r} (run) vs {old[k]!r} (checkpoint)" for k in config_fields()
-                  if k in run_cfg and k not in RESUME_MAY_CHANGE + RESUME_RECOVERY and run_cfg[k] != old.get(k)]
+                  if k in run_cfg and k not in allowed and run_cfg[k] != old.get(k)]
         if theirs:
             raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{ck_path.parent}': its settings "
                             f"differ from the run's config.yaml ({'; '.join(theirs)}). Nothing was changed. Resume "
@@ -322,7 +347,7 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
         raise BavqError(f"Cannot resume '{ck_path}' with a different model shape ({'; '.join(shape)}). "
                         "Nothing was changed. Drop those flags to continue the run as it was, or start a new "
                         "run under another --name.")
-    changed = config_differences(ck["config"], cfg)
+    changed = config_differences(ck["config"], cfg, RESUME_MAY_CHANGE + RESUME_RECOVERY)
     if changed:
         raise BavqError(f"Cannot resume '{ck_path}' with changed settings ({'; '.join(changed)}). Nothing was "
                         "changed. A resumed run continues with the settings it was trained with (only "
@@ -364,14 +389,14 @@ def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
-                     generator, partial_epoch=None, wandb_id=None, scaler=None, loss_guard=None) -> None:
+                     generator, partial_epoch=None, wandb_id=None, scaler=None, loss_guard=None, run_id=None) -> None:
     atomic_torch_save({
         "scaler": scaler.state_dict() if scaler is not None else None,
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
         "val_metrics": val_metrics, "train_metrics": train_metrics, "config": asdict(_stored(cfg)),
         "history": history, "rng": _rng_state(generator), "partial_epoch": partial_epoch, "wandb_id": wandb_id,
-        "loss_guard": loss_guard,
+        "loss_guard": loss_guard, "run_id": run_id,
     }, path)
 
 
@@ -860,6 +885,7 @@ class _Run:
     wandb_id: str | None = None
     pictures_step: int = -1                        # the step at which recon.png/usage.png were last drawn
     guard: LossGuard | None = None                 # the loss-explosion watch (its window spans epochs)
+    run_id: str = ""                               # random, for life: ties checkpoints to their run directory
     after_backward: object = None                  # torchrun: the gradient all-reduce (DataParallel)
 
     @property
@@ -945,6 +971,7 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParal
         dp.install(model)                                     # the forward splits and gathers the batch
         run.after_backward = dp.average_gradients
     run.guard = LossGuard(cfg.explode_factor, cfg.explode_window, rt.device)
+    run.run_id = uuid.uuid4().hex[:16]
     if ck is not None:
         _restore(run, ck, ck_path, scratch)
     else:
@@ -1010,6 +1037,7 @@ def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) ->
         run.rt.scaler.load_state_dict(ck["scaler"])
     run.run_dir, run.start_epoch, run.step, run.history = run_dir or ck_path.parent, ck["epoch"] + 1, ck["step"], list(ck["history"])
     run.partial_epoch, run.wandb_id = ck.get("partial_epoch"), ck.get("wandb_id")
+    run.run_id = ck.get("run_id") or run.run_id
     run.train_metrics, run.val_metrics = ck.get("train_metrics") or {}, ck.get("val_metrics") or {}
     where = (f"epoch {ck['epoch'] + 1}, batch {run.partial_epoch['batch']}" if run.partial_epoch
              else f"the end of epoch {ck['epoch']}")
@@ -1032,7 +1060,7 @@ def _misfit_message(ck_path: Path, e: Exception) -> str:
             "different model or library version; resume it with the settings it was trained with, or start a new run.")
 
 
-def _provenance(device: torch.device) -> str:
+def _provenance(device: torch.device, run_id: str) -> str:
     """YAML comment lines: when, where (the device actually used) and which code wrote the run."""
     import subprocess
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -1043,13 +1071,14 @@ def _provenance(device: torch.device) -> str:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown (not a git checkout)"
     return (f"# written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {socket.gethostname()}\n"
-            f"# device used: {device} ({name}); torch {torch.__version__}; bavq code: git {commit}\n")
+            f"# device used: {device} ({name}); torch {torch.__version__}; bavq code: git {commit}\n"
+            f"# run id: {run_id}\n")
 
 
 def _start_files(run: _Run, device: torch.device) -> None:
     """config.yaml and history.jsonl (so far), and the one-line run announcement."""
     cfg = run.cfg
-    atomic_write_text(run.run_dir / "config.yaml", _provenance(device) + config_to_yaml(_stored(cfg)))
+    atomic_write_text(run.run_dir / "config.yaml", _provenance(device, run.run_id) + config_to_yaml(_stored(cfg)))
     atomic_write_text(run.run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
     print(f"[bavq] run '{cfg.resolved_name()}': {cfg.quantizer}, K={cfg.codebook_size}, D={cfg.latent_dim}, "
           f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
@@ -1104,7 +1133,7 @@ def _save_run(run: _Run, path: Path, epoch: int, step: int, partial_epoch: dict 
     _save_checkpoint(path, model=run.model, optimizer=run.optimizer, cfg=run.cfg, epoch=epoch, step=step,
                      history=run.history, val_metrics=run.val_metrics, train_metrics=run.train_metrics,
                      generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler,
-                     loss_guard=run.guard.state())
+                     loss_guard=run.guard.state(), run_id=run.run_id)
 
 
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -1269,7 +1298,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         ck_path = _checkpoint_of_run(run_dir, checkpoint, checkpoints)
         ck = load_checkpoint(ck_path)
         cfg, state = make_config(ck["config"], source=f"checkpoint '{ck_path}'"), ck["model_state_dict"]
-        theirs = config_differences(values, cfg)
+        theirs = config_differences(values, cfg, _settings_a_run_may_change(ck, run_dir, ck_path))
         if theirs:
             raise BavqError(f"Checkpoint '{ck_path}' does not belong to the run in '{run_dir}': its settings differ "
                             f"from the run's config.yaml ({'; '.join(theirs)}). Nothing was read or written. Pass "

@@ -44,31 +44,135 @@ def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
     return configs, sweep
 
 
-def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: str = "") -> int:
+def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: str = "", jobs: int = 1) -> int:
     """Run each config of the grid (or of its ``shard``, see ``shard_configs``) in turn: skip finished
     runs, resume interrupted ones, keep going after a failed run. An existing run with other settings
     (epochs included) is reported FAILED and left alone. Writes the grid's manifest first (for
-    ``grid_summary``). Prints a summary table; returns the exit status (0 if every run finished)."""
+    ``grid_summary``). ``jobs`` > 1 runs that many at once on the same device (``_run_jobs``). Prints a
+    summary table; returns the exit status (0 if every run finished)."""
     write_grid_manifest(configs, grid_name)
     configs = shard_configs(configs, shard)
     if shard is not None:
         print(f"[bavq] part {shard[0]} of {shard[1]} of the grid: {len(configs)} runs", flush=True)
+    if jobs > 1 and len(configs) > 1:
+        return _run_jobs(configs, grid_name, min(jobs, len(configs)))
     rows, status = [], 0
     for i, cfg in enumerate(configs, 1):
         print(f"\n[bavq] sweep run {i}/{len(configs)}: {cfg.resolved_name()}", flush=True)
-        grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name()).unlink(missing_ok=True)   # an earlier failure
-        try:
-            cfg, final, state = _sweep_member(cfg)
-        except (TrainingInterrupted, KeyboardInterrupt):
-            raise
-        except Exception as e:   # BavqError, CUDA out of memory, ...: report it and go on with the grid
-            msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
-            print(f"error: {msg}", file=sys.stderr)
-            final, state, status = {}, "FAILED", 1
-            _mark_failed(cfg, grid_name, msg)
-        rows.append((cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state))
+        row = _sweep_row(cfg, grid_name)
+        status |= row[-1] == "FAILED"
+        rows.append(row)
     print("\n" + summary_table(rows))
     return status
+
+
+def _sweep_row(cfg: Config, grid_name: str) -> tuple:
+    """One run of a sweep as its row of the summary table; a failure is reported, kept for
+    ``grid_summary``, and does not stop the grid."""
+    grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name()).unlink(missing_ok=True)   # an earlier failure
+    try:
+        cfg, final, state = _sweep_member(cfg)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        raise
+    except Exception as e:   # BavqError, CUDA out of memory, ...: report it and go on with the grid
+        msg = str(e) if isinstance(e, BavqError) else f"{type(e).__name__}: {e}"
+        print(f"error: {msg}", file=sys.stderr)
+        final, state = {}, "FAILED"
+        _mark_failed(cfg, grid_name, msg)
+    return cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state
+
+
+# ---------------------------------------------------------------------------- several runs at once on one device
+
+def job_log_path(out_dir: str | os.PathLike, grid_name: str, job: int) -> Path:
+    """Where job ``job`` (1-based) of ``--jobs`` writes what its runs print."""
+    return _grid_file(out_dir, grid_name, f".job{job}.log")
+
+
+def _run_jobs(configs: list, grid_name: str, jobs: int) -> int:
+    """``--jobs N``: N worker processes (spawned) take the grid's runs one at a time from a shared counter,
+    in grid order, so a worker that finishes early takes the next run (no static split). Each worker has
+    1/N of the CPU threads and its own log file (``job_log_path``); the runs themselves are ordinary runs
+    (run directory claims, resume, checkpoints), so a grid run with N jobs and one run one at a time write
+    the same files. The parent prints each run's start and end and the grid's table from the run
+    directories. Ctrl-C reaches every worker (one process group): each saves its interrupted run."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")                       # fresh interpreters: no forked CUDA or thread state
+    counter, events = ctx.Value("i", 0), ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    out_dir = configs[0].out_dir
+    print(f"[bavq] {len(configs)} runs, {jobs} at a time on one device ({threads} CPU thread"
+          f"{'s' if threads > 1 else ''} each); their output: {job_log_path(out_dir, grid_name, 1)} ... "
+          f"{job_log_path(out_dir, grid_name, jobs).name}", flush=True)
+    workers = [ctx.Process(target=_job_worker, args=(configs, grid_name, j, counter, events, threads), daemon=False)
+               for j in range(1, jobs + 1)]
+    for w in workers:
+        w.start()
+    rows, alive, interrupted = {}, jobs, False
+    try:
+        while alive:
+            try:
+                kind, job, payload = events.get()
+            except KeyboardInterrupt:                     # the workers got it too: wait for their checkpoints
+                interrupted = True
+                continue
+            if kind == "start":
+                print(f"[bavq] job {job}: sweep run {payload + 1}/{len(configs)}: {configs[payload].resolved_name()}",
+                      flush=True)
+            elif kind == "row":
+                i, row = payload
+                rows[i] = row
+                print(f"[bavq] job {job}: {row[0]} {row[-1]}", flush=True)
+            elif kind == "interrupted":
+                interrupted = True
+            else:                                         # "exit"
+                alive -= 1
+    finally:
+        for w in workers:
+            w.join()
+    if interrupted:
+        raise TrainingInterrupted("The grid was interrupted; each run that was training saved a checkpoint "
+                                  f"(see {job_log_path(out_dir, grid_name, 1).name} ... in '{out_dir}'). Run the same "
+                                  "command again to go on: finished runs are skipped and interrupted ones resume.")
+    missing = [i for i in range(len(configs)) if i not in rows]
+    for i in missing:                                    # a worker that died (killed, out of memory)
+        cfg = configs[i]
+        rows[i] = (cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, {}, "FAILED (its job ended)")
+    table = [rows[i] for i in range(len(configs))]
+    print("\n" + summary_table(table))
+    return int(any(r[-1].startswith("FAILED") for r in table))
+
+
+def _job_worker(configs: list, grid_name: str, job: int, counter, events, threads: int) -> None:
+    """One ``--jobs`` worker: take the next run index from ``counter`` until none is left."""
+    import torch
+    torch.set_num_threads(threads)
+    log = open(job_log_path(configs[0].out_dir, grid_name, job), "a", buffering=1)
+    sys.stdout = sys.stderr = log
+    try:
+        while True:
+            with counter.get_lock():
+                i = counter.value
+                counter.value += 1
+            if i >= len(configs):
+                break
+            events.put(("start", job, i))
+            print(f"\n[bavq] job {job}: sweep run {i + 1}/{len(configs)}: {configs[i].resolved_name()}", flush=True)
+            row = _sweep_row(configs[i], grid_name)
+            events.put(("row", job, (i, _plain_row(row))))
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        print(f"\n{e}", flush=True)
+        events.put(("interrupted", job, None))
+    finally:
+        events.put(("exit", job, None))
+        log.close()
+
+
+def _plain_row(row: tuple) -> tuple:
+    """A summary-table row with only what the table shows (picklable, no tensors)."""
+    *head, final, state = row
+    keep = {k: final[k] for k in ("epoch", "psnr", "perplexity", "usage_rate") if k in final}
+    return (*head, keep, state)
 
 
 def _grid_file(out_dir: str | os.PathLike, name: str, suffix: str) -> Path:

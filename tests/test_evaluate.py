@@ -160,7 +160,7 @@ def test_a_checkpoint_is_found_by_name_and_one_of_another_run_is_refused(tmp_pat
     before = {p.name: p.read_bytes() for p in run_a.iterdir() if p.is_file()}
     assert evaluate.main([str(run_a), "--checkpoint", str(run_b / "checkpoint_epoch1.pt"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "does not belong to the run in" in err and "lr: 0.0003 -> 0.001" in err and "--resume" not in err
+    assert "does not belong to the run in" in err and "written by run" in err and "--resume" not in err
     assert {p.name: p.read_bytes() for p in run_a.iterdir() if p.is_file()} == before   # nothing written
     # by name, in the run directory (not the current folder); written next to its own name
     assert evaluate.main([str(run_a), "--checkpoint", "checkpoint_epoch1.pt", "--device", "cpu"]) == 0

@@ -64,7 +64,7 @@ def test_cli_one_epoch_writes_every_output(cli_runs, quantizer):
     expected = FINAL_KEYS | set(vqvae.QUANTIZERS[quantizer].loss_names) | (BA_FINAL_KEYS if quantizer == "ba_vq" else set())
     assert expected <= set(final)
     assert all(np.isfinite(final[k]) for k in expected)
-    assert 1.0 <= final["perplexity"] <= 16 and 0 < final["usage_rate"] <= 1
+    assert 1.0 <= final["perplexity"] <= len(final["val_code_counts"]) and 0 < final["usage_rate"] <= 1   # K (rvq: S K)
     if quantizer == "ba_vq":
         assert final["beta"] == pytest.approx(5.0)        # the schedule ends at beta_end
     lines = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
@@ -223,9 +223,7 @@ def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
-    r = subprocess.run([sys.executable, train_py, *common, "--name", "ref"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert cli.main([*common, "--name", "ref"]) == 0                    # the uninterrupted run, in this process
     assert final_of(run) == final_of(tmp_path / "ref")
 
 

@@ -17,10 +17,19 @@ pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect w
 # --------------------------------------------------------------------------- sweeps
 
 
-def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path):
+def sweep(args, capsys):
+    """train.py's main with ``args`` in this process (no interpreter start-up): its exit status and
+    output, as a finished subprocess would give them."""
+    capsys.readouterr()
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--name", "g", "--quantizer", "vq_ema", "ba_vq",
             "--codebook_size", "8", "16", "--seed", "0"]
-    r = run_cli(args, cwd=tmp_path)
+    r = sweep(args, capsys)
     assert r.returncode == 0, r.stderr
     names = {f"g_{q}_k{k}_s0" for q in ("vq_ema", "ba_vq") for k in (8, 16)}
     assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".grid_")} == names
@@ -34,49 +43,49 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path):
         assert f"{final_of(tmp_path / n)['psnr']:.2f}" in line and line.rstrip().endswith("finished")
     # second invocation: everything already finished -> skipped, files untouched
     before = {n: snapshot(tmp_path / n) for n in names}
-    r = run_cli(args, cwd=tmp_path)
+    r = sweep(args, capsys)
     assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 4
     assert {n: snapshot(tmp_path / n) for n in names} == before
 
 
-def test_sweep_refuses_existing_runs_with_other_settings(tmp_path):
+def test_sweep_refuses_existing_runs_with_other_settings(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert sweep(args, capsys).returncode == 0
     before = {n: snapshot(tmp_path / n) for n in ("vq_ema_k16_s0", "vq_ema_k16_s1")}
-    r = run_cli([*args, "--lr", "0.05"], cwd=tmp_path)
+    r = sweep([*args, "--lr", "0.05"], capsys)
     assert r.returncode == 1
     assert r.stdout.count("FAILED") == 2 and "lr: 0.0003 -> 0.05" in r.stderr
     assert {n: snapshot(tmp_path / n) for n in before} == before
 
 
-def test_sweep_refuses_existing_runs_with_other_epochs(tmp_path):
+def test_sweep_refuses_existing_runs_with_other_epochs(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
-    r = run_cli([*args, "--epochs", "2"], cwd=tmp_path)
+    assert sweep(args, capsys).returncode == 0
+    r = sweep([*args, "--epochs", "2"], capsys)
     assert r.returncode == 1 and r.stdout.count("FAILED") == 2 and "epochs: 1 -> 2" in r.stderr
 
 
-def test_sweep_never_restarts_a_run_whose_checkpoint_is_corrupt(tmp_path):
+def test_sweep_never_restarts_a_run_whose_checkpoint_is_corrupt(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert sweep(args, capsys).returncode == 0
     run = tmp_path / "vq_ema_k16_s1"
     (run / "final_metrics.json").unlink()
     (run / "checkpoint_interrupted.pt").write_bytes(b"garbage")
     before = snapshot(run)
-    r = run_cli(args, cwd=tmp_path)
+    r = sweep(args, capsys)
     assert r.returncode == 1 and "corrupt or truncated" in r.stderr and "FAILED" in r.stdout
     assert snapshot(run) == before                                  # the good checkpoints survive
 
 
-def test_sweep_resumes_an_interrupted_run(tmp_path):
+def test_sweep_resumes_an_interrupted_run(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
-    r = run_cli(args, cwd=tmp_path)
+    r = sweep(args, capsys)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "vq_ema_k16_s1"
     ref = final_of(run)
     (run / "final_metrics.json").unlink()
     (run / "checkpoint_epoch2.pt").unlink()
-    r = run_cli(args, cwd=tmp_path)
+    r = sweep(args, capsys)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stdout and "skipped (finished)" in r.stdout
     assert final_of(run) == ref
@@ -108,7 +117,7 @@ def test_shards_are_disjoint_deterministic_and_cover_the_grid(tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_parts_in_separate_processes_and_the_summary(tmp_path):
+def test_grid_parts_in_separate_processes_and_the_summary(tmp_path, capsys):
     out = tmp_path / "exp"
     env = {**os.environ, "WANDB_MODE": "disabled"}
     run = lambda *extra, env=env: subprocess.run([sys.executable, str(ROOT / "train.py"), *GRID, "--out_dir", str(out), *extra],
@@ -122,10 +131,9 @@ def test_grid_parts_in_separate_processes_and_the_summary(tmp_path):
     assert done == {"g_vq_ema_k16_s0", "g_vq_k16_s1", "g_vq_k16_s0", "g_ba_vq_k16_s1"}
     (out / ".grid_g.failed").mkdir()                                      # as a run that failed before it started
     (out / ".grid_g.failed" / "g_ba_vq_k16_s0.txt").write_text("out of memory\n")
-    s = subprocess.run([sys.executable, str(ROOT / "train.py"), "--summarize", "--out_dir", str(out), "--name", "g"],
-                       capture_output=True, text=True, timeout=120, env=env)
-    assert s.returncode == 0, s.stderr
-    lines = {l.split()[0]: l for l in s.stdout.splitlines()[2:]}
+    capsys.readouterr()
+    assert cli.main(["--summarize", "--out_dir", str(out), "--name", "g"]) == 0     # in this process: no start-up
+    lines = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()[2:]}
     assert list(lines) == ["g_vq_ema_k16_s0", "g_vq_ema_k16_s1", "g_vq_k16_s0", "g_vq_k16_s1", "g_ba_vq_k16_s0",
                            "g_ba_vq_k16_s1"]
     assert all(lines[n].rstrip().endswith("finished") for n in done)
@@ -133,9 +141,8 @@ def test_grid_parts_in_separate_processes_and_the_summary(tmp_path):
     assert "vq_ema" in lines["g_vq_ema_k16_s1"]                           # what a missing run is, from the manifest
     r2 = run("--shard", "2/3")                                            # the last part; the failed run retried
     assert r2.returncode == 0, r2.stderr
-    s = subprocess.run([sys.executable, str(ROOT / "train.py"), "--summarize", "--out_dir", str(out), "--name", "g"],
-                       capture_output=True, text=True, timeout=120, env=env)
-    assert sum("finished" in l for l in s.stdout.splitlines()[2:]) == 6
+    assert cli.main(["--summarize", "--out_dir", str(out), "--name", "g"]) == 0
+    assert sum("finished" in l for l in capsys.readouterr().out.splitlines()[2:]) == 6
 
 
 def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
@@ -151,3 +158,46 @@ def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
     assert vqvae_grid._run_status(run, tmp_path / "failed.txt")[1] == "FAILED: NonFiniteError: loss is NaN"
     (run / "final_metrics.json").write_text('{"psnr": 20.0}')
     assert vqvae_grid._run_status(run) == ({"psnr": 20.0}, "finished")
+
+
+# --------------------------------------------------------------------------- --jobs: several runs at once
+
+
+def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, capsys):
+    """--jobs 2: every run once, in its own directory, with the final metrics of the same grid run one at a
+    time (workers have 1 CPU thread here, the sequential grid 2: equal to float32 reduction order); the
+    job logs hold each run's output; a second invocation skips them all."""
+    grid = ["--quantizer", "vq_ema", "ba_vq", "--name", "g"]
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert cli.main([*TINY, *grid, "--out_dir", str(seq)]) == 0                  # one at a time, in this process
+    r = run_cli([*TINY, *grid, "--out_dir", str(par), "--jobs", "2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in seq.iterdir() if not p.name.startswith("."))
+    assert sorted(p.name for p in par.iterdir() if not p.name.startswith(".")) == names
+    for n in names:
+        a, b = final_of(seq / n), final_of(par / n)
+        assert a["val_code_counts"] == b["val_code_counts"] and a["psnr"] == pytest.approx(b["psnr"], abs=1e-4)
+        assert f"{n} finished" in r.stdout
+    logs = "".join(vqvae_grid.job_log_path(par, "g", j).read_text() for j in (1, 2))
+    assert all("sweep run" in logs and f"-> {par / n}" in logs for n in names)
+    table = r.stdout[r.stdout.index("run "):]
+    assert all(next(l for l in table.splitlines() if l.startswith(n)).rstrip().endswith("finished") for n in names)
+    r = run_cli([*TINY, *grid, "--out_dir", str(par), "--jobs", "2"], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 2 * 2   # its event line and the table
+
+
+def test_jobs_report_a_failed_run_and_finish_the_others(tmp_path):
+    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
+    (tmp_path / "vq_ema_k16_s0").mkdir()
+    (tmp_path / "vq_ema_k16_s0" / "config.yaml").write_text("lr: 0.05\n")        # another experiment's run
+    r = run_cli([*args, "--jobs", "2"], cwd=tmp_path)
+    assert r.returncode == 1
+    table = r.stdout[r.stdout.index("run "):]
+    assert "FAILED" in next(l for l in table.splitlines() if l.startswith("vq_ema_k16_s0"))
+    assert final_of(tmp_path / "vq_ema_k16_s1")
+    assert (tmp_path / "vq_ema_k16_s0" / "config.yaml").read_text() == "lr: 0.05\n"   # left alone
+
+
+def test_jobs_must_be_positive(tmp_path):
+    r = run_cli([*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "ba_vq", "--jobs", "0"], cwd=tmp_path)
+    assert r.returncode == 2 and "--jobs 0" in r.stderr

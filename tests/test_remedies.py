@@ -708,11 +708,12 @@ def _usage(tmp_path, **kw) -> int:
     (dict(affine_reparam="ema"), dict()),
     (dict(affine_reparam="learned"), dict()),
     (dict(sync_nu=2.0), dict()),
-    (dict(alternate_lr=1.0), dict()),
+    (dict(alternate_lr=1.0, alternate_commitment=True), dict()),
 ])
 def test_each_remedy_raises_usage_over_the_same_run_without_it(tmp_path, remedy, without):
     """Measured (CPU, torch 2.14): data 26 vs 17 codes, pretraining 59 vs 9, CVQ 41 vs 1 (normal init),
-    affine ema 46 and learned 39 vs 17, sync nu=2 28 vs 17, alternating lr 1 25 vs 17."""
+    affine ema 46 and learned 39 vs 17, sync nu=2 28 vs 17, alternating lr 1 with the commitment term kept
+    25 vs 17 (as vqtorch, without it: 4, so vqtorch's form is not claimed to raise usage here)."""
     with_it, without_it = _usage(tmp_path, **remedy), _usage(tmp_path, **without)
     assert with_it > without_it, (with_it, without_it)
 

@@ -296,6 +296,11 @@ def test_a_run_made_to_explode_stops_within_its_window_and_resumes_from_its_last
     assert final["epoch"] == 3 and len(history(cfg)) == 3
     assert "lr 0.0003 -> 0.0001 from here on" in capsys.readouterr().out
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
+    vqvae.load_run(run, "checkpoint_epoch1.pt")          # its own checkpoint from before the new lr (same run id)
+    other = tiny_config(out_dir=str(tmp_path), name="other", epochs=1, checkpoint_every=1, lr=1e-4)
+    vqvae.train(other)                                   # ... but not another run's with the same settings
+    with pytest.raises(vqvae.BavqError, match="does not belong"):
+        vqvae.load_run(run, tmp_path / "other" / "checkpoint_epoch1.pt")
 
 
 def test_the_same_run_without_the_guard_goes_on_to_the_end(tmp_path, monkeypatch):
