@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         description="Train a VQ-VAE on CIFAR-10 with one of the quantizers in vqvae.QUANTIZERS. --resume RUN_DIR "
                     "(or a checkpoint file) continues a run from its latest checkpoint with its own settings; only "
-                    "settings that change how it runs (device, epochs, logging, speed options) may be given with it.",
+                    "settings that change how it runs (device, epochs, logging, evaluation, speed options, the "
+                    "explosion guard) and, to recover from a divergence, --lr and --grad_clip may be given with it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of config values (overridden by flags)")
     p.add_argument("--shard", default=None, metavar="I/N",

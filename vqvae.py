@@ -294,8 +294,9 @@ def _quantizer_problems(cfg: Config, qcls: type) -> list:
         used = remedies_in_use(cfg)
         if used:
             with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
-            problems.append(f"{_they(used, 'applies', 'apply')} to codebook quantizers ({with_codebook}), not to "
-                            f"{cfg.quantizer}, {qcls.remedies_note}")
+            problems.append(f"{_they(used, 'applies', 'apply')} to codebook quantizers ({with_codebook}; the docs' "
+                            f"remedy table says which takes which), not to {cfg.quantizer}, {qcls.remedies_note}; "
+                            "leave them at their defaults")
     if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
         problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
     return problems + qcls.config_problems(cfg)
@@ -1018,7 +1019,8 @@ class CodebookQuantizer(Quantizer):
       uses its own EMA counts); every ``dead_code_every`` steps the trainer calls
       ``restart_dead_codes``, which replaces codes with usage < ``dead_code_threshold`` by random
       encoder outputs of the current batch and resets their usage (and EMA sums) to match.
-    * ``load_codes``: k-means / data initialisation (``--init kmeans|data``) sets the codes and their usage.
+    * ``init_from_latents`` / ``load_codes``: k-means / data initialisation (``--init kmeans|data``) fits the
+      encoder's outputs and sets the codes and their usage.
 
     Gradient-trained codebooks (vq, ba_vq) also offer, through ``_setup_cvq`` / ``_setup_affine``:
 
@@ -1243,8 +1245,9 @@ class VQEMAQuantizer(CodebookQuantizer):
     def config_problems(cls, cfg: Config) -> list:
         used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES)
         if used:
-            return [f"{_they(used, 'acts', 'act')} on a codebook learned by gradient (vq, ba_vq), not on vq_ema, whose "
-                    "codes are recomputed from their EMA sums every step"]
+            return [f"{_they(used, 'acts', 'act')} on a codebook learned by gradient (cvq, affine_reparam: vq and ba_vq; "
+                    "sync_nu, alternate_lr: vq), not on vq_ema, whose codes are recomputed from their EMA sums every "
+                    "step; use --quantizer vq, or drop them"]
         return []
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
@@ -2346,8 +2349,9 @@ class ResidualVQQuantizer(Quantizer):
         problems = []
         used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES + ("cosine",))
         if used:
+            why = " (cosine would normalise the residuals, which then no longer sum to z)" if "cosine" in used else ""
             problems.append(f"{_they(used, 'does', 'do')} not apply to rvq, whose stages are VQ-EMA codebooks of "
-                            "residuals (cosine would normalise the residuals, which no longer sum to z)")
+                            f"residuals{why}; drop {'it' if len(used) == 1 else 'them'}")
         if cfg.init in DATA_INITS and cfg.rvq_kmeans_iters > 0:
             problems.append(f"--init {cfg.init} and rvq_kmeans_iters {cfg.rvq_kmeans_iters} both initialise the "
                             "stages from data; choose one (--rvq_kmeans_iters 0 to use --init)")

@@ -360,10 +360,11 @@ def check_resumable(cfg: Config, ck: dict, ck_path: Path) -> None:
     later = _later_results(ck_path.parent, ck_path, ck["epoch"])
     if later and not cfg.overwrite:
         what = "has finished" if any(p.name == "final_metrics.json" for p in later) else "has results from later on"
+        latest = "" if what == "has finished" else " resume from the latest checkpoint (--resume <run_dir>),"
         raise BavqError(f"The run in '{ck_path.parent}' {what} ({', '.join(sorted(p.name for p in later))}). Resuming "
                         f"it from '{ck_path.name}' would replace them. Nothing was changed. Pass --overwrite with "
-                        "--resume to do that, resume from the latest checkpoint (--resume <run_dir>), or start a "
-                        "new run under another --name.")
+                        f"--resume to do that (e.g. with more --epochs),{latest} or start a new run (without --resume) "
+                        "under another --name.")
 
 
 def _later_results(run_dir: Path, ck_path: Path, epoch: int) -> list[Path]:
@@ -996,12 +997,13 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 def _out_of_memory_message(cfg: Config, device, run_dir: Path, e: BaseException) -> str:
     ck = sorted(run_dir.glob("checkpoint_*.pt")) if run_dir.is_dir() else []
-    then = (f"then continue from the last checkpoint with: python train.py --resume {run_dir}" if ck
-            else "then start the run again (with --overwrite if its folder already holds files)")
-    return (f"Ran out of memory on {device} ({str(e).splitlines()[0][:160]}). Files already written are intact. "
-            f"The run needs less memory with a smaller --codebook_size (now {cfg.codebook_size}), --latent_dim (now "
-            f"{cfg.latent_dim}), --batch_size (now {cfg.batch_size}), --val_batch_size, --ba_chunk_rows (BA-VQ), or "
-            f"--train_subset / --val_subset (the size of fake data); {then}.")
+    resume = (f" To continue this run from its last checkpoint, resume it with a setting that may change on --resume: "
+              f"python train.py --resume {run_dir} --amp bf16 (or --ba_chunk_rows N for BA-VQ, --data_path loader)."
+              if ck else "")
+    return (f"Ran out of memory on {device} ({str(e).splitlines()[0][:160]}). Files already written are intact. A new "
+            f"run needs less memory with a smaller --batch_size (now {cfg.batch_size}), --codebook_size (now "
+            f"{cfg.codebook_size}), --latent_dim (now {cfg.latent_dim}), --val_batch_size or --ba_chunk_rows (BA-VQ) "
+            f"(with --overwrite, or under another --name, if its folder already holds files).{resume}")
 
 
 def _checked_resume(cfg: Config) -> tuple[Path, dict]:
@@ -1032,6 +1034,8 @@ def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) ->
     except (RuntimeError, ValueError, KeyError) as e:
         raise BavqError(_misfit_message(ck_path, e)) from None
     _match_state_layout(run.optimizer)
+    for group in run.optimizer.param_groups:       # the optimizer state carries the old lr: --lr on resume wins
+        group["lr"] = cfg.lr
     _set_rng_state(ck["rng"], run.generator)
     if run.rt.scaler is not None and ck.get("scaler"):
         run.rt.scaler.load_state_dict(ck["scaler"])
@@ -1113,6 +1117,7 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
     print(_summary_line(epoch, cfg.epochs, run.train_metrics, run.val_metrics, record["time_s"]), flush=True)
     if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
         _save_run(run, run.run_dir / f"checkpoint_epoch{epoch}.pt", epoch, run.step)
+        (run.run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)   # superseded by this later one
         _prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
         _write_pictures(run, epoch)
 

@@ -211,8 +211,9 @@ def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
             diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
         if diff:
             raise BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
-                            "Nothing was changed. Use another --name for this sweep, or --overwrite "
-                            "to replace those runs.")
+                            "Nothing was changed. Use another --name for this sweep. A run that was resumed with a "
+                            f"new --lr, --grad_clip or --epochs continues with: python train.py --resume {run_dir}. "
+                            "--overwrite would retrain every run of the sweep from scratch.")
     final_path = run_dir / "final_metrics.json"
     if final_path.is_file() and not cfg.overwrite:
         print(f"[bavq] {run_dir} already finished; skipped.")
@@ -269,7 +270,9 @@ def write_grid_manifest(configs: list, name: str) -> Path:
     text = json.dumps({"name": name, "runs": runs}, indent=1) + "\n"
     if path.is_file() and path.read_text() != text and not configs[0].overwrite:
         raise BavqError(f"'{path}' describes another grid of the name '{name}' (other runs). Nothing was changed. "
-                        "Use another --name for this grid, or --overwrite to replace it.")
+                        f"To make this the grid '{name}', delete '{path}' (its finished runs with the same settings "
+                        "are kept and skipped), or use another --name. --overwrite would retrain every run of the "
+                        "grid from scratch.")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path

@@ -196,6 +196,34 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(tiny_cfg, monkeypatch):
     assert not (run / "checkpoint_interrupted.pt").exists()     # superseded and removed at the end
 
 
+def test_an_epoch_checkpoint_after_a_resume_supersedes_the_interrupted_one(tiny_cfg, monkeypatch):
+    """Interrupted in epoch 2, resumed, then stopped by a divergence in epoch 3: the run resumes from its
+    latest checkpoint (epoch 2) as the message says, with no stale checkpoint_interrupted.pt in the way."""
+    calls = {"n": 0}
+    monkeypatch.setattr(vqvae_experiment._StopFlag, "__call__", lambda self: calls.__setitem__("n", calls["n"] + 1)
+                        or calls["n"] > 6)
+    cfg = tiny_cfg(name="cut", epochs=3)
+    with pytest.raises(vqvae.TrainingInterrupted):
+        vqvae.train(cfg)
+    monkeypatch.undo()
+    run = Path(cfg.out_dir) / "cut"
+    orig = vqvae.VQEMAQuantizer.forward
+    seen = {"n": 0}
+
+    def poisoned(self, z):
+        z_q, losses, info = orig(self, z)
+        seen["n"] += self.training
+        if seen["n"] == 4:              # the resumed run: 2 batches finish epoch 2, this is epoch 3, batch 2
+            losses["commitment_loss"] = losses["commitment_loss"] * float("nan")
+        return z_q, losses, info
+    monkeypatch.setattr(vqvae.VQEMAQuantizer, "forward", poisoned)
+    with pytest.raises(vqvae.NonFiniteError, match="checkpoint_epoch2.pt"):
+        vqvae.train(vqvae.resume_config(run))
+    monkeypatch.undo()
+    assert not (run / "checkpoint_interrupted.pt").exists()
+    assert vqvae.train(vqvae.resume_config(run))["epoch"] == 3          # no --overwrite needed
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path):
     """Real SIGINT to the CLI: exit 130, checkpoint saved, and the printed command resumes to the

@@ -296,6 +296,9 @@ def test_a_run_made_to_explode_stops_within_its_window_and_resumes_from_its_last
     assert final["epoch"] == 3 and len(history(cfg)) == 3
     assert "lr 0.0003 -> 0.0001 from here on" in capsys.readouterr().out
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
+    ck = vqvae.load_checkpoint(run / "checkpoint_epoch3.pt")
+    assert [g["lr"] for g in ck["optimizer_state_dict"]["param_groups"]] == [1e-4] * len(
+        ck["optimizer_state_dict"]["param_groups"])                     # the optimizer really trained at the new lr
     vqvae.load_run(run, "checkpoint_epoch1.pt")          # its own checkpoint from before the new lr (same run id)
     other = tiny_config(out_dir=str(tmp_path), name="other", epochs=1, checkpoint_every=1, lr=1e-4)
     vqvae.train(other)                                   # ... but not another run's with the same settings
