@@ -138,6 +138,22 @@ def one_paragraph(msg):
     assert "Traceback" not in msg and "\n" not in msg.strip() and len(msg) > 40
 
 
+def cli_in_process(args, capsys, cwd=None, monkeypatch=None):
+    """train.py's main with ``args`` in this process (no interpreter start-up, ~1 s each): its exit
+    status and output as a finished subprocess gives them; an uncaught exception (what a user would
+    see as a traceback) fails the test. For tests of messages and exit codes, not of the process."""
+    import train
+    if cwd is not None and monkeypatch is not None:
+        monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        code = train.main(list(args))
+    except SystemExit as e:                  # argparse's errors exit
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def run_cli(args, cwd):
     """train.py with ``args`` in a subprocess (W&B disabled)."""
     env = {**os.environ, "WANDB_MODE": "disabled"}

@@ -9,7 +9,7 @@ import yaml
 
 import vqvae
 import train as cli
-from conftest import ROOT, tiny_config
+from conftest import ROOT, cli_in_process, tiny_config
 
 
 def test_defaults_are_the_original_code_settings():
@@ -178,15 +178,15 @@ def run_cli(*args, cwd):
 
 
 @pytest.mark.slow
-def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
+def test_cli_errors_are_one_paragraph_without_traceback(tmp_path, capsys, monkeypatch):
     f = tmp_path / "c.yaml"
     f.write_text("epochz: 3\n")
-    r = run_cli("--config", str(f), cwd=tmp_path)
+    r = cli_in_process(["--config", str(f)], capsys, tmp_path, monkeypatch)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "epochz" in r.stderr and "Valid keys" in r.stderr
-    r = run_cli("--quantizer", "nope", cwd=tmp_path)
+    r = cli_in_process(["--quantizer", "nope"], capsys, tmp_path, monkeypatch)
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("--dataset", "folder", "--data_dir", str(tmp_path / "missing"), "--no_wandb", cwd=tmp_path)
+    r = cli_in_process(["--dataset", "folder", "--data_dir", str(tmp_path / "missing"), "--no_wandb"], capsys, tmp_path, monkeypatch)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "experiments").exists()      # nothing written for a run that could not start
 

@@ -18,7 +18,7 @@ from PIL import Image
 import train as cli
 import vqvae
 import vqvae_experiment
-from conftest import ROOT, TINY, final_of, one_paragraph as _one_paragraph, run_cli, snapshot, tiny_config
+from conftest import ROOT, TINY, cli_in_process, final_of, one_paragraph as _one_paragraph, run_cli, snapshot, tiny_config
 
 
 # --------------------------------------------------------------------------- outputs
@@ -225,7 +225,7 @@ def test_an_epoch_checkpoint_after_a_resume_supersedes_the_interrupted_one(tiny_
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path):
+def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path, capsys):
     """Real SIGINT to the CLI: exit 130, checkpoint saved, and the printed command resumes to the
     same final metrics as an uninterrupted run."""
     common = ["--dataset", "fake", "--train_subset", "2048", "--val_subset", "64", "--hidden_dim", "8",
@@ -247,8 +247,7 @@ def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path):
     assert "Traceback" not in err
     assert f"python train.py --resume {run}" in err
     assert (run / "checkpoint_interrupted.pt").is_file()
-    r = subprocess.run([sys.executable, train_py, "--resume", str(run), "--no_progress"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = cli_in_process(["--resume", str(run), "--no_progress"], capsys)     # the printed command, in this process
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     assert cli.main([*common, "--name", "ref"]) == 0                    # the uninterrupted run, in this process
@@ -403,31 +402,31 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_errors_about_existing_runs_leave_them_untouched(finished_run, tmp_path):
+def test_errors_about_existing_runs_leave_them_untouched(finished_run, tmp_path, capsys):
     d, run = finished_run
     before = snapshot(run)
-    r = run_cli([*TINY, "--out_dir", str(d), "--name", "done"], cwd=d)             # finished run, no --overwrite
+    r = cli_in_process([*TINY, "--out_dir", str(d), "--name", "done"], capsys)             # finished run, no --overwrite
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli(["--resume", str(run), "--codebook_size", "32", "--no_progress"], cwd=d)   # different shape
+    r = cli_in_process(["--resume", str(run), "--codebook_size", "32", "--no_progress"], capsys)   # different shape
     assert r.returncode == 2 and "different model shape" in r.stderr and "codebook_size: 16 -> 32" in r.stderr
-    r = run_cli(["--resume", str(run / "final_model.pt")], cwd=d)                   # weights only
+    r = cli_in_process(["--resume", str(run / "final_model.pt")], capsys)                   # weights only
     assert r.returncode == 2 and "not a bavq training checkpoint" in r.stderr
-    r = run_cli(["--resume", str(d / "nope")], cwd=d)
+    r = cli_in_process(["--resume", str(d / "nope")], capsys)
     assert r.returncode == 2 and "neither a run directory nor a checkpoint" in r.stderr
     assert snapshot(run) == before
 
 
 @pytest.mark.slow
-def test_corrupt_or_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path):
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path, capsys):
     _, run = finished_run
     broken = tmp_path / "run"
     broken.mkdir()
     data = (run / "checkpoint_epoch1.pt").read_bytes()
     (broken / "checkpoint_epoch1.pt").write_bytes(data[: len(data) // 2])         # truncated
-    r = run_cli(["--resume", str(broken / "checkpoint_epoch1.pt")], cwd=tmp_path)
+    r = cli_in_process(["--resume", str(broken / "checkpoint_epoch1.pt")], capsys)
     assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
     (broken / "checkpoint_epoch1.pt").write_bytes(b"\x00garbage" * 100)
-    r = run_cli(["--resume", str(broken)], cwd=tmp_path)
+    r = cli_in_process(["--resume", str(broken)], capsys)
     assert r.returncode == 2 and "corrupt or truncated" in r.stderr
     assert (broken / "checkpoint_epoch1.pt").read_bytes() == b"\x00garbage" * 100  # left as it was
 

@@ -132,14 +132,22 @@ def test_a_two_process_run_resumes_as_one_process_and_as_two(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_crash_on_one_process_ends_the_job_and_a_bad_batch_size_is_refused(tmp_path):
+def test_a_crash_on_one_process_ends_the_job(tmp_path):
     t0 = time.time()
     r = torchrun([{**BASE, "quantizer": "vq_ema", "name": "x", "out_dir": str(tmp_path), "epochs": 50}], tmp_path,
                  env_extra={"BAVQ_TEST_FAIL_RANK": "1"}, timeout=300)
     assert r.returncode != 0 and "simulated crash on process 1" in r.stdout + r.stderr
     assert time.time() - t0 < 120                                          # bounded, not a hang
-    r = torchrun([{**BASE, "quantizer": "vq_ema", "name": "y", "out_dir": str(tmp_path), "batch_size": 33}], tmp_path)
-    assert r.returncode != 0 and "must divide" in r.stdout + r.stderr
+
+
+
+def test_a_global_batch_that_the_processes_cannot_share_is_refused_before_anything(tmp_path, monkeypatch):
+    """The check runs before the process group is joined: as process 0 of 2, in this process."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = vqvae.make_config({**BASE, "quantizer": "vq_ema", "name": "y", "out_dir": str(tmp_path), "batch_size": 33})
+    with pytest.raises(vqvae.BavqError, match="must divide"):
+        vqvae.train(cfg)
     assert not (tmp_path / "y").exists()
 
 
