@@ -27,7 +27,7 @@ EPOCHS="${EPOCHS:-30}"
 JOBS="${JOBS:-8}"
 BUDGET="${BUDGET:-560}"
 PY="${PYTHON:-python3}"
-QUANTIZERS="${QUANTIZERS:-vq_ema vq ba_vq fsq simvq sq_vae lfq rvq}"
+QUANTIZERS="${QUANTIZERS:-vq_ema vq ba_vq fsq simvq sq_vae lfq rvq ibq}"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"

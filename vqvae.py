@@ -85,7 +85,7 @@ class Config:
     val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq
     codebook_size: int = setting(512, at_least=2)  # K, number of codes
     latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
@@ -107,6 +107,11 @@ class Config:
     lfq_entropy_cost: float = setting(0.1, at_least=0)  # weight of the entropy loss E_x[H(p)] - gamma H(E_x[p]) (nats)
     lfq_diversity_gamma: float = setting(1.0, at_least=0)  # gamma: weight of the codebook (batch) entropy inside it
     lfq_inv_temperature: float = setting(100.0, at_least=0)  # beta in p(k|x) = softmax_k(2 beta <h, c_k>)
+    # --- IBQ (Shi et al. 2024, index backpropagation quantization) ----------------------------
+    ibq_straight_through_cost: float = setting(1.0, at_least=0)  # weight of mse(z_q, z) through the straight-through one-hot (their first term)
+    ibq_entropy_cost: float = setting(0.05, at_least=0)  # weight of the entropy loss H_sample - gamma H_codebook (their entropy_loss_weight)
+    ibq_entropy_temperature: float = setting(0.01, above=0)  # T of softmax(<z, e_k> / T) in the entropy loss (their entropy_temperature)
+    ibq_diversity_gamma: float = setting(1.0, at_least=0)  # gamma: weight of the codebook entropy inside it (their batch_maximization_weight)
     # --- residual VQ (Zeghidour et al. 2021, SoundStream) -----------------------------------
     rvq_stages: int = setting(8, at_least=1)  # S codebooks of K codes (VQ-EMA stages) quantize the successive residuals
     rvq_kmeans_iters: int = setting(50, at_least=0)  # k-means (random seeds, these Lloyd iterations) of each stage's input on the first training batch (encodec: 50; 0 = off, stages start from --init)
@@ -2280,6 +2285,90 @@ class LFQQuantizer(Quantizer):
         return z_q, losses, info
 
 
+class IBQQuantizer(CodebookQuantizer):
+    """Index backpropagation quantization (Shi et al. 2024, "Taming Scalable Visual Tokenizer for
+    Autoregressive Image Generation") as the authors' code (TencentARC/SEED-Voken, src/IBQ/modules/vqvae/
+    quantize.py, IndexPropagationQuantize and compute_entropy_loss). With logits l = z E^T (dot products,
+    temperature 1), P = softmax_k(l) and the code k* = argmax_k l, the decoder gets the straight-through
+    one-hot
+
+        y = onehot(k*) - sg[P] + P,   z_q = y E          (forward value e_{k*}; every code gets a gradient
+                                                          through P, at every step)
+    Loss, their defaults (VQGAN's legacy weighting of the last two terms; ``complete_config``):
+        ibq_straight_through_cost * mse(z_q, z)           (1; through y: reaches z and all the codes)
+      + commitment_cost * mse(z, sg[e_{k*}])             (1)
+      + codebook_cost * mse(sg[z], e_{k*})               (0.25, their beta)
+      + ibq_entropy_cost * (H_sample - ibq_diversity_gamma * H_codebook)      (0.05 and 1)
+    where, with p = softmax(l / ibq_entropy_temperature) (T = 0.01), H_sample = mean_x H(p(.|x)) and
+    H_codebook = -sum_k pbar_k log(pbar_k + 1e-5), pbar = mean_x p (MAGVIT's entropy loss as they wrote it).
+    Codebook N(0, 1) (nn.Embedding's default, which their class keeps: ``--init normal`` unless given).
+    Evaluation uses the same code k* (their forward has no training branch). The codebook remedies that
+    act on a codebook (init, dead-code restarts, cosine) apply; the gradient-codebook ones and
+    ``--gradient_estimator`` do not (IBQ is its own estimator).
+    """
+    loss_names = ("straight_through_loss", "commitment_loss", "codebook_loss", "entropy_loss")
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """Their defaults where the shared fields were not given: commitment 1, codebook (beta) 0.25, N(0, 1) codes."""
+        return {"commitment_cost": 1.0, "codebook_cost": 0.25, "init": "normal", **given}
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES + ("gradient_estimator",))
+        if used:
+            return [f"{_they(used, 'does', 'do')} not apply to ibq, whose straight-through one-hot is its own "
+                    f"gradient estimator; drop {'it' if len(used) == 1 else 'them'}"]
+        return []
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 1.0,
+                 codebook_cost: float = 0.25, decay: float = 0.99, init: str = "normal", cosine: bool = False,
+                 dead_code_threshold: float = 0.0, ibq_straight_through_cost: float = 1.0,
+                 ibq_entropy_cost: float = 0.05, ibq_entropy_temperature: float = 0.01, ibq_diversity_gamma: float = 1.0):
+        super().__init__()
+        codebook = self._setup(num_embeddings, embedding_dim, init, cosine, "ste", dead_code_threshold, decay)
+        self.codebook = nn.Parameter(codebook)                           # E, (K, D)
+        self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
+        self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
+        self.st_cost, self.entropy_cost = ibq_straight_through_cost, ibq_entropy_cost
+        self.entropy_temperature, self.diversity_gamma = ibq_entropy_temperature, ibq_diversity_gamma
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._codes()[indices].permute(0, 3, 1, 2)             # (B, H, W) -> (B, D, H, W)
+
+    def entropy_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """H_sample - gamma H_codebook of p = softmax(logits / T), logits (N, K) (their compute_entropy_loss)."""
+        scaled = logits / self.entropy_temperature
+        p, log_p = scaled.softmax(1), scaled.log_softmax(1)                # (N, K)
+        sample_h = -(p * log_p).sum(1).mean()
+        avg = p.mean(0)                                                     # (K,)
+        codebook_h = -(avg * torch.log(avg + 1e-5)).sum()
+        return sample_h - self.diversity_gamma * codebook_h
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = self._latents(z)                                     # (N, D)
+            E = self._codes()                                             # (K, D)
+            logits = z_flat @ E.t()                                       # (N, K), <z, e_k>
+            P = logits.softmax(1)
+            indices = logits.argmax(1)                                    # (N,), as argmax P
+            # y E = onehot E + (P - sg[P]) E: the hard code (differentiable in E) plus a zero-valued soft
+            # path whose gradient reaches z and E through P only ((P - sg[P]) is zero, so its E factor is not)
+            e = F.embedding(indices, E)                                   # (N, D)
+            z_q_flat = e + (P - P.detach()) @ E                           # (N, D)
+            stats = _code_stats(indices, self.num_embeddings)
+            if self.training:
+                self._track(z_flat, stats["code_counts"])
+            losses = {"straight_through_loss": self.st_cost * F.mse_loss(z_q_flat, z_flat),
+                      "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach()),
+                      "codebook_loss": self.codebook_cost * F.mse_loss(e, z_flat.detach()),
+                      "entropy_loss": self.entropy_cost * self.entropy_loss(logits)}
+            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **stats}
+        return z_q, losses, info
+
+
 def encodec_kmeans(x: torch.Tensor, K: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """encodec's k-means (core_vq.kmeans): K rows of x (N, D) drawn without replacement (with
     replacement when N < K) from the global RNG, then ``iters`` Lloyd iterations on squared
@@ -2488,6 +2577,7 @@ QUANTIZERS = {
     "sq_vae": SQVAEQuantizer,
     "lfq": LFQQuantizer,
     "rvq": ResidualVQQuantizer,
+    "ibq": IBQQuantizer,
 }
 
 

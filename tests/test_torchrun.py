@@ -21,7 +21,7 @@ BASE = dict(dataset="fake", train_subset=100, val_subset=40, hidden_dim=8, laten
             checkpoint_every=1, lr=2e-3)        # 100 = 3 x 32 + 4: the last batch splits 2 + 2; 40 = 2 x 16 + 8
 REMEDIES = dict(init="kmeans", dead_code_threshold=1.0, dead_code_every=2, kmeans_batches=2)
 CASES = {"vq_ema": REMEDIES, "vq": {**REMEDIES, "cvq": True}, "ba_vq": REMEDIES, "fsq": {"fsq_levels": [4, 4]},
-         "simvq": {}, "sq_vae": {}, "lfq": {}, "rvq": {"rvq_stages": 2}}
+         "simvq": {}, "sq_vae": {}, "lfq": {}, "rvq": {"rvq_stages": 2}, "ibq": {}}
 # One step of every quantizer and of every remedy that keeps state (EMA counts and sums, k-means init, restarts,
 # BA's running marginal and mean distance, its soft EMA codebook, CVQ's usage, the affine map's statistics and
 # parameters, the synchronized update, the alternating step's momentum); batch 30 splits 15 + 15.
@@ -43,6 +43,7 @@ STEP_CASES = {
     "sq_vae": dict(quantizer="sq_vae"),
     "lfq": dict(quantizer="lfq"),
     "rvq": dict(quantizer="rvq", rvq_stages=2),
+    "ibq": dict(quantizer="ibq", **STATEFUL),
 }
 
 
