@@ -48,7 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, YAML-typed (repeatable)")
     p.add_argument("--out", default="benchmark.json", help="JSON file for the results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, least in (("epochs", 1), ("batch_size", 1), ("train_images", 0), ("val_images", 0),
+                        ("warmup_epochs", 0), ("profile", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name} must be >= {least} (got {getattr(args, name)})")
+    return args
 
 
 def _sync(device):

@@ -39,6 +39,9 @@ def main(argv=None) -> int:
                         "default: the run's own --eval_metrics")
     args = p.parse_args(argv)
     try:
+        if args.device not in vqvae.DEVICES and not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
+            raise vqvae.BavqError(f"--device '{args.device}' is unknown: give one of {', '.join(vqvae.DEVICES)}, or "
+                                  "cuda:N for the N-th GPU.")
         dirs = run_dirs(Path(args.path))
         if not dirs:
             raise vqvae.BavqError(f"No finished run found at '{args.path}' (a run directory holds config.yaml and "

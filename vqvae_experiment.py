@@ -1345,7 +1345,8 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     dev = next(model.parameters()).device
     _, val_u8 = load_dataset(cfg)
     val_u8 = val_u8.to(dev)
-    rt = make_runtime(dataclasses.replace(cfg, device=str(dev)), dev)
+    amp = "off" if cfg.amp == "fp16" and dev.type != "cuda" else cfg.amp    # fp16 runs evaluate in float32 off CUDA
+    rt = make_runtime(dataclasses.replace(cfg, device=str(dev), amp=amp), dev)
     metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt)
     metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt,
                                       default_val_batch_size(cfg)))

@@ -175,3 +175,19 @@ def test_a_checkpoint_is_found_by_name_and_one_of_another_run_is_refused(tmp_pat
     with pytest.raises(vqvae.BavqError, match="found neither in the run directory") as e:
         vqvae.load_run(run_a, checkpoint="checkpoint_epoch7.pt")
     assert "checkpoint_epoch1.pt, checkpoint_epoch2.pt" in str(e.value) and "--resume" not in str(e.value)
+
+
+def test_evaluate_refuses_an_unknown_device_in_one_paragraph(tmp_path, capsys):
+    assert evaluate.main([str(tmp_path), "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--device 'gpu' is unknown" in err and "cuda:N" in err
+
+
+def test_a_run_trained_with_fp16_evaluates_on_the_cpu_in_float32(tmp_path):
+    cfg = tiny_config(out_dir=str(tmp_path), name="h", epochs=1)
+    vqvae.train(cfg)
+    run = tmp_path / "h"
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("amp: auto", "amp: fp16"))      # as written on a GPU
+    m = vqvae.evaluate_run(run, device="cpu")
+    assert abs(m["psnr"] - json.loads((run / "final_metrics.json").read_text())["psnr"]) < 1e-4

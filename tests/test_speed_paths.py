@@ -404,3 +404,11 @@ def test_compiled_model_matches_eager(quantizer):
     _, val_u8 = vqvae.load_dataset(eager)
     assert vqvae.validate(model_c, val_u8, 64)["psnr"] == pytest.approx(vqvae.validate(model_e, val_u8, 64)["psnr"],
                                                                      abs=1e-3)
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--batch_size", "0"], ["--warmup_epochs", "-1"]])
+def test_benchmark_refuses_counts_below_their_minimum(args, capsys):
+    import benchmark
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse_args(args)
+    assert e.value.code == 2 and f"{args[0]} must be >=" in capsys.readouterr().err
