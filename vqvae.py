@@ -2020,7 +2020,8 @@ class FSQQuantizer(Quantizer):
         K = math.prod(cfg.fsq_levels)
         if K != cfg.codebook_size:
             return [f"fsq_levels {cfg.fsq_levels} give {K} codes but codebook_size is {cfg.codebook_size} (give "
-                    f"only --fsq_levels, and K is their product; the FSQ paper's level sets: {FSQ_PAPER_LEVELS})"]
+                    f"--codebook_size {K} too, or remove codebook_size from the config file, or choose levels whose "
+                    f"product is {cfg.codebook_size}; the FSQ paper's level sets: {FSQ_PAPER_LEVELS})"]
         return []
 
     @classmethod

@@ -208,19 +208,20 @@ def load_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BavqError(f"Checkpoint '{path}' does not exist. Pass a run directory or one of its "
-                        "checkpoint_epoch{N}.pt files to --resume.") from None
+                        "checkpoint_epoch<N>.pt files (to --resume, or to evaluate.py --checkpoint).") from None
     except Exception as e:
         others = sorted(p.name for p in path.parent.glob("checkpoint_*.pt") if p != path)
         raise BavqError(f"Checkpoint '{path}' is corrupt or truncated and cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}). It was left as it is. Resume from "
-                        f"another checkpoint of the run instead ({', '.join(others) or 'none'}), e.g. "
-                        "--resume <run_dir>/checkpoint_epoch<N>.pt.") from None
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}). It was left as it is. Use another "
+                        f"checkpoint of the run instead ({', '.join(others) or 'none'}), e.g. --resume "
+                        "<run_dir>/checkpoint_epoch<N>.pt (with --overwrite if later results exist), or evaluate.py "
+                        "--checkpoint checkpoint_epoch<N>.pt.") from None
     needed = {"model_state_dict", "optimizer_state_dict", "epoch", "config"}
     if not isinstance(ck, dict) or not needed <= set(ck):
         raise BavqError(f"'{path}' is not a bavq training checkpoint (it lacks "
                         f"{', '.join(sorted(needed - set(ck))) if isinstance(ck, dict) else 'a checkpoint dict'}). "
-                        "final_model.pt holds weights only and cannot be resumed; pass a checkpoint_epoch{N}.pt "
-                        "file or the run directory.")
+                        "final_model.pt holds weights only: it cannot be resumed (pass a checkpoint_epoch<N>.pt "
+                        "file or the run directory), and evaluate.py evaluates it without --checkpoint.")
     if "epoch_progress" in ck:                     # the name of partial_epoch in format 1
         ck["partial_epoch"] = ck.pop("epoch_progress")
     if ck.get("format", 1) == 1 and isinstance(ck.get("config"), dict):
@@ -228,7 +229,7 @@ def load_checkpoint(path: Path) -> dict:
     if ck.get("format", 1) > CHECKPOINT_FORMAT:
         raise BavqError(f"Checkpoint '{path}' was written by a newer version of bavq (checkpoint format "
                         f"{ck['format']}, this version reads up to {CHECKPOINT_FORMAT}). Update bavq (git pull) to "
-                        "resume it.")
+                        "resume or evaluate it.")
     return ck
 
 
@@ -1312,7 +1313,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         weights = run_dir / "final_model.pt"
         if not weights.is_file():
             raise BavqError(f"'{run_dir}' has no final_model.pt (the run has not finished). Pass one of its "
-                            f"checkpoints as checkpoint= (or --checkpoint): {checkpoints}.")
+                            f"checkpoints with --checkpoint NAME (from Python: checkpoint=NAME): {checkpoints}.")
         cfg, state = make_config(values, source=f"'{stored}'"), torch.load(weights, map_location="cpu", weights_only=True)
     model = build_model(cfg)
     try:
