@@ -2651,6 +2651,45 @@ def ssim_per_image(x: torch.Tensor, x_recon: torch.Tensor, window: int = 11, sig
     return ssim_map.flatten(1).mean(1)
 
 
+@torch.no_grad()
+def rate_distortion_curve(distances: torch.Tensor, betas, weights: torch.Tensor | None = None,
+                          tol: float = 1e-10, max_iterations: int = 10000) -> list[dict]:
+    """The rate-distortion curve of a discrete source against a reproduction alphabet by Blahut-Arimoto
+    (Blahut 1972; Cover & Thomas, Sec. 10.8), one point per slope parameter beta, in float64.
+
+    Source: the N rows of ``distances`` (N, K) with probabilities ``weights`` (N,) (uniform when None: an
+    empirical source such as a set of latents); reproduction alphabet: the K columns; d(x, k) any
+    distortion (squared error for latents, Hamming for the binary tests). For each beta the alternation
+
+        P(k|x) = Q(k) exp(-beta d(x,k)) / Z(x),    Q(k) = sum_x p(x) P(k|x)
+
+    runs to a fixed point (max |change of log Q| < ``tol``), warm-started from the previous beta's Q
+    (give the betas in increasing order), and the point is (rate I(X; K) in bits, distortion E d). The
+    points lie on the R(D) curve of that source and alphabet, whose slope there is dR/dD = -beta / ln 2
+    bits per unit of distortion. Returns [{"beta", "rate_bits", "distortion", "iterations"}, ...].
+    The ``blahut_arimoto`` above is the same alternation for a fixed number of iterations and a uniform
+    source, as BA-VQ runs it inside a training step; change both together."""
+    d = distances.double()
+    N, K = d.shape
+    log_w = (torch.full((N,), -math.log(N), dtype=torch.float64, device=d.device) if weights is None
+             else weights.double().log() - weights.double().sum().log())          # (N,), log p(x)
+    log_q = torch.full((K,), -math.log(K), dtype=torch.float64, device=d.device)
+    points = []
+    for beta in betas:
+        for it in range(1, max_iterations + 1):
+            log_p = torch.log_softmax(log_q[None, :] - beta * d, dim=1)                  # (N, K), log P(k|x)
+            new = torch.logsumexp(log_w[:, None] + log_p, dim=0)                         # (K,), log Q(k)
+            done = bool((new.exp() - log_q.exp()).abs().max() < tol)
+            log_q = new
+            if done:
+                break
+        joint = (log_w[:, None] + log_p).exp()                                          # p(x) P(k|x)
+        rate = float((joint * (log_p - log_q[None, :]).nan_to_num(0.0, 0.0, 0.0)).sum()) / math.log(2)
+        points.append({"beta": float(beta), "rate_bits": max(rate, 0.0), "distortion": float((joint * d).sum()),
+                       "iterations": it})
+    return points
+
+
 def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     """H of the code histogram ``counts`` (K,) in bits (= log2 of the perplexity), 0-dim float."""
     return perplexity_from_counts(counts).log2()
