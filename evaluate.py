@@ -39,7 +39,7 @@ def main(argv=None) -> int:
                         "default: the run's own --eval_metrics")
     args = p.parse_args(argv)
     try:
-        if args.device not in vqvae.DEVICES and not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
+        if not vqvae.known_device(args.device):
             raise vqvae.BavqError(f"--device '{args.device}' is unknown: give one of {', '.join(vqvae.DEVICES)}, or "
                                   "cuda:N for the N-th GPU.")
         dirs = run_dirs(Path(args.path))

@@ -200,6 +200,11 @@ class Config:
 DEVICES = ("auto", "cpu", "cuda", "mps")            # and cuda:N
 
 
+def known_device(name: str) -> bool:
+    """One of DEVICES, or cuda:N (config checking and evaluate.py's --device)."""
+    return name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def declared_choices(name: str) -> tuple:
     """The ``choices`` a Config field declares (a fixed tuple; registries go through ``field_choices``)."""
     return Config.__dataclass_fields__[name].metadata["choices"]
@@ -248,8 +253,7 @@ def config_problems(cfg: Config) -> list:
     for key, options in field_choices().items():
         value = getattr(cfg, key)
         need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
-    need(cfg.device in DEVICES or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
-         f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
+    need(known_device(cfg.device), f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
     for key, bounds in field_bounds().items():
         value = getattr(cfg, key)
         problems += [p for p in [_bound_problem(key, value, bounds)] if p]
@@ -2334,9 +2338,6 @@ class IBQQuantizer(CodebookQuantizer):
         self.st_cost, self.entropy_cost = ibq_straight_through_cost, ibq_entropy_cost
         self.entropy_temperature, self.diversity_gamma = ibq_entropy_temperature, ibq_diversity_gamma
 
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self._codes()[indices].permute(0, 3, 1, 2)             # (B, H, W) -> (B, D, H, W)
-
     def entropy_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """H_sample - gamma H_codebook of p = softmax(logits / T), logits (N, K) (their compute_entropy_loss)."""
         scaled = logits / self.entropy_temperature
@@ -2370,15 +2371,20 @@ class IBQQuantizer(CodebookQuantizer):
         return z_q, losses, info
 
 
+def encodec_sample_vectors(x: torch.Tensor, K: int) -> torch.Tensor:
+    """encodec's sample_vectors: K rows of x (N, D) drawn from the global RNG without replacement (with
+    replacement when N < K)."""
+    N = x.shape[0]
+    return x[torch.randperm(N, device=x.device)[:K] if N >= K else torch.randint(0, N, (K,), device=x.device)]
+
+
 def encodec_kmeans(x: torch.Tensor, K: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """encodec's k-means (core_vq.kmeans): K rows of x (N, D) drawn without replacement (with
     replacement when N < K) from the global RNG, then ``iters`` Lloyd iterations on squared
     Euclidean distances; an empty cluster keeps its centre. Returns (centres (K, D), the cluster
     sizes of the *last assignment*, made before the last centre update). A different algorithm from
     ``kmeans_codebook`` (k-means++, re-seeded empty clusters, final sizes): this one is encodec's."""
-    N = x.shape[0]
-    pick = torch.randperm(N, device=x.device)[:K] if N >= K else torch.randint(0, N, (K,), device=x.device)
-    c = x[pick]                                                                 # (K, D)
+    c = encodec_sample_vectors(x, K)                                            # (K, D)
     counts = torch.zeros(K, dtype=x.dtype, device=x.device)
     for _ in range(iters):
         assign = squared_distances(x, c).argmin(1)                              # (N,)
@@ -2520,10 +2526,9 @@ class ResidualVQQuantizer(Quantizer):
     @torch.no_grad()
     def _expire(self, stage: VQEMAQuantizer, r: torch.Tensor) -> None:
         """Step 3: encodec's expire_codes_ (codes with EMA count < T get batch vectors), no host sync."""
-        K, N, T = self.codes_per_stage, r.shape[0], self.expire_threshold
+        T = self.expire_threshold
         dead = stage.ema_cluster_size < T                                            # (K,)
-        pick = torch.randperm(N, device=r.device)[:K] if N >= K else torch.randint(0, N, (K,), device=r.device)
-        new = r[pick]                                                                # (K, D), sample_vectors
+        new = encodec_sample_vectors(r, self.codes_per_stage)                        # (K, D)
         stage.codebook.copy_(torch.where(dead[:, None], new, stage.codebook))
         if self.fixed:
             stage.ema_cluster_size.copy_(torch.where(dead, torch.full_like(stage.ema_cluster_size, T),
@@ -2663,7 +2668,7 @@ def rate_distortion_curve(distances: torch.Tensor, betas, weights: torch.Tensor 
 
         P(k|x) = Q(k) exp(-beta d(x,k)) / Z(x),    Q(k) = sum_x p(x) P(k|x)
 
-    runs to a fixed point (max |change of log Q| < ``tol``), warm-started from the previous beta's Q
+    runs to a fixed point (max |change of Q| < ``tol``), warm-started from the previous beta's Q
     (give the betas in increasing order), and the point is (rate I(X; K) in bits, distortion E d). The
     points lie on the R(D) curve of that source and alphabet, whose slope there is dR/dD = -beta / ln 2
     bits per unit of distortion. Returns [{"beta", "rate_bits", "distortion", "iterations"}, ...].
@@ -2991,8 +2996,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     restarts_on = cfg.dead_code_threshold > 0 and q.has_codebook
     data_init = cfg.init in DATA_INITS and q.has_codebook
-    stats = _EpochStats(q.num_embeddings, device, generator, resume_from)
-    stats.guard = guard = guard or LossGuard(cfg.explode_factor, cfg.explode_window, device)
+    guard = guard or LossGuard(cfg.explode_factor, cfg.explode_window, device)
+    stats = _EpochStats(q.num_embeddings, device, generator, resume_from, guard)
     check_every = min(cfg.progress_every, cfg.explode_window)
     perm = torch.randperm(images.shape[0], generator=generator).to(device)
     bar = _ProgressBar(n_steps, desc, cfg.progress, initial=stats.start)
@@ -3182,7 +3187,8 @@ class _EpochStats:
     sums, the code histogram, gradient norms, dead-code restarts and the first non-finite step.
     ``state(batch)`` / ``resume_from`` carry an interrupted epoch over to its continuation."""
 
-    def __init__(self, K: int, device, generator: torch.Generator, resume_from: dict | None):
+    def __init__(self, K: int, device, generator: torch.Generator, resume_from: dict | None,
+                 guard: "LossGuard | None" = None):
         zero = lambda dtype=torch.float32: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
         if resume_from is None:
             self.gen_state = generator.get_state()                 # the epoch's permutation is drawn from here
@@ -3199,7 +3205,7 @@ class _EpochStats:
             self.extra = {k: v.to(device) for k, v in resume_from["extra"].items()}
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)   # first non-finite step, -1 = none
         self.bad_terms, self.names = None, None
-        self.guard: LossGuard | None = None                                 # train_epoch's explosion watch
+        self.guard = guard                                                  # train_epoch's explosion watch
 
     @property
     def restarts(self) -> torch.Tensor:
