@@ -130,7 +130,7 @@ class Config:
     ba_codebook_loss: str = setting("mixture", choices=("mixture", "expected"))  # codebook term: mixture mse(sg[z], P.E) | expected sum_k P(k|x) |sg[z] - e_k|^2 / D (BA's centroid step)
     ba_codebook_update: str = setting("gradient", choices=("gradient", "ema"))  # codebook learned by: gradient (original code) | ema (soft VQ-EMA: EMA of soft counts and sums, decay, epsilon)
     ba_impl: str = setting("fused", choices=("fused", "autograd"))  # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
-    ba_chunk_rows: int = setting(0, at_least=0)  # fused BA: rows per chunk of the (N, K) matrices (0 = auto, ~16M elements)
+    ba_chunk_rows: int = setting(0, at_least=0)  # fused BA: rows per chunk of the (N, K) matrices (0 = auto: ~16M elements on a GPU, ~4M elsewhere)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
     init: str = setting("uniform", choices=("uniform", "normal", "unit_sphere", "kmeans", "data"))  # codebook init: uniform U[-1/K,1/K] (original code) | normal N(0,1) | kmeans
     kmeans_batches: int = setting(4, at_least=1)  # --init kmeans: training batches of encoder outputs to cluster
@@ -1745,7 +1745,7 @@ class BAQuantizer(CodebookQuantizer):
         cond_entropy: mean_x H(P(.|x)) in nats (0-dim, float64), counts, sums (only for the expected
         codebook term, else None), diag (as ``_ba``)}."""
         N = z_flat.shape[0]
-        C = _ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows)
+        C = _ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows, z_flat.device)
         log_q_bar = self.log_q_bar.to(z_flat.dtype)
         expected = self._expected_term
         parts = []
@@ -1801,9 +1801,14 @@ def expected_distortion(z: torch.Tensor, E: torch.Tensor, counts: torch.Tensor, 
 # port the change here (forward chunk, backward chunk, and the maths in _FusedBA's docstring), then
 # run ``pytest tests/test_ba_vq.py tests/test_ba_vq_options.py -k fused``: fused == autograd in float64, gradients included.
 
-def _ba_chunk_rows(N: int, K: int, chunk_rows: int) -> int:
-    """Rows per chunk: ``chunk_rows`` if > 0, else about 2**24 matrix elements (64 MB in float32)."""
-    return max(1, chunk_rows if chunk_rows > 0 else (1 << 24) // max(K, 1))
+def _ba_chunk_rows(N: int, K: int, chunk_rows: int, device: torch.device | None = None) -> int:
+    """Rows per chunk: ``chunk_rows`` if > 0, else about 2**24 matrix elements (64 MB in float32) on a
+    GPU (fewer, larger kernels) and 2**22 (16 MB) elsewhere (chunks that stay in the CPU's caches: the
+    fused pass, forward and backward at N = 16384, K = 8192, D = 256, 5 iterations, took 7.85 s in
+    2048-row chunks and 5.51 s in 512-row chunks on the 2-core CPU; 5.5-5.7 s with 64-256 rows)."""
+    if chunk_rows > 0:
+        return chunk_rows
+    return max(1, (1 << (24 if device is not None and device.type == "cuda" else 22)) // max(K, 1))
 
 
 def exp_normal(L: torch.Tensor) -> torch.Tensor:
@@ -1823,43 +1828,65 @@ def logsumexp_rows(L: torch.Tensor) -> torch.Tensor:
     return exp_normal(L - m).sum(0).log() + m
 
 
+def exp_normal_(L: torch.Tensor) -> torch.Tensor:
+    """In place, exp(max(L, log(e x smallest normal))): ``exp_normal`` in two passes over memory instead of
+    four, with the value at the floor (3.2e-38 in float32, 6e-308 in float64) where ``exp_normal`` gives 0.
+    For the fused BA pass, whose sums and products absorb that difference (every row of P holds 1 and
+    every column of W at least 1/N)."""
+    return L.clamp_min_(math.log(torch.finfo(L.dtype).tiny) + 1.0).exp_()
+
+
+def _work(ws, i: int, like: torch.Tensor, c: int, K: int) -> torch.Tensor:
+    """Rows [:c] of work buffer ``i`` (C, K) of the fused BA pass, or a new (c, K) tensor without buffers
+    (the compiled kernels). On the CPU a new 64 MB tensor per operation costs as much as the operation
+    (page faults: measured 33 ms vs 14 ms for one exp over 2048 x 8192 floats), so each pass allocates its
+    buffers once and every (c, K) operation writes into them."""
+    return ws[i][:c] if ws is not None else torch.empty(c, K, dtype=like.dtype, device=like.device)
+
+
 def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool,
-                      z_c: torch.Tensor | None = None):
+                      z_c: torch.Tensor | None = None, ws=None):
     """One BA iteration on a row chunk: L = log P_t = log_softmax(A + log Q_{t-1}) (c, K) and its
     column logsumexp (K,); at the last iteration also z_q = P_T E (c, D), argmax_k P_T (c,), the
-    chunk's ``assignment_sums`` (2,) and, when ``z_c`` is given, P_T^T z_c (K, D)."""
-    L = torch.log_softmax(A_c + log_q, dim=1)                                        # (c, K)
-    col = logsumexp_rows(L)                                                          # (K,)
+    chunk's ``assignment_sums`` (2,) and, when ``z_c`` is given, P_T^T z_c (K, D). ``ws``: two (C, K)
+    work buffers (``_work``)."""
+    c, K = A_c.shape
+    L = torch.log_softmax(torch.add(A_c, log_q, out=_work(ws, 0, A_c, c, K)), dim=1,
+                          out=_work(ws, 1, A_c, c, K))                               # (c, K)
+    m = L.amax(dim=0)                                                                # (K,) column max
+    finite = torch.isfinite(m)
+    X = exp_normal_(torch.sub(L, torch.where(finite, m, torch.zeros_like(m)), out=_work(ws, 0, A_c, c, K)))
+    col = torch.where(finite, X.sum(0).log() + m, m)                                 # logsumexp_x L, (K,)
     if last:
-        P = exp_normal(L)
-        return col, P @ E, L.argmax(dim=1), assignment_sums(L, P), (P.t() @ z_c if z_c is not None else None)
+        P = exp_normal_(torch.clone(L) if ws is None else X.copy_(L))
+        top, idx = L.max(dim=1)                                                      # one pass: argmax and max
+        sums = torch.stack([-torch.dot(P.flatten(), L.flatten()), top.exp().sum()])  # assignment_sums(L, P)
+        return col, P @ E, idx, sums, (P.t() @ z_c if z_c is not None else None)
     return col, None, None, None, None
 
 
-def _ba_backward_chunk(A_c, log_q_prev, col_t, zc, E, gq, gbE, gzq, beta, need_gz: bool):
-    """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there). Returns this
-    chunk's (P^T u (K, 2), dS^T z (K, D), colsum of the direct term (K,) or None, P^T g_zq (K, D) or
-    None, dz (c, D) or None)."""
-    D = E.shape[1]
-    L = torch.log_softmax(A_c + log_q_prev, dim=1)                                  # (c, K)
-    P = exp_normal(L)
-    W = exp_normal(L.sub_(col_t))                                                    # softmax over rows
-    WX = W @ torch.cat([gq, gbE], dim=1)                                             # (c, 2 + D): u_a, u_b, W (gq_b E)
-    u = WX[:, :2]                                                                    # (c, 2)
-    right = [u, u.sum(1, keepdim=True) * zc]
-    PE = P @ E if (gzq is not None or need_gz) else None                             # P_t E, (c, D)
-    m_col = None
-    dSz = gq.sum(1, keepdim=True) * (W.t() @ zc)                                     # (K, D)
-    if gzq is not None:
-        M = P * (gzq @ E.t() - (gzq * PE).sum(1, keepdim=True))                      # dS_direct, (c, K)
+def _ba_backward_chunk(A_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, ws=None):
+    """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there): adds this
+    iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), and
+    returns (P^T u (K, 2), the colsum of the direct term (K,) or None, P^T g_zq (K, D) or None).
+    ``ws``: three (C, K) work buffers (``_work``)."""
+    c, K = A_c.shape
+    L = torch.log_softmax(torch.add(A_c, log_q_prev, out=_work(ws, 0, A_c, c, K)), dim=1,
+                          out=_work(ws, 1, A_c, c, K))                               # L_t, (c, K)
+    P = exp_normal_(torch.sub(L, 0.0, out=_work(ws, 0, A_c, c, K)))                  # P_t
+    W = exp_normal_(L.sub_(col_t))                                                   # W_t: softmax over rows
+    u = W @ gq                                                                       # (c, 2): u_a, u_b
+    if acc_b is not None:                                                            # dS_b = W gq_b - P u_b
+        acc_b.addcmul_(W, gq[:, 1]).addcmul_(P, u[:, 1:2], value=-1.0)
+    acc.addcmul_(W, gq.sum(1)).addcmul_(P, u.sum(1, keepdim=True), value=-1.0)        # dS = dS_a + dS_b
+    m_col = g_direct = None
+    if gzq is not None:                                                              # z_q = P E at t = T
+        M = torch.mm(gzq, E.t(), out=_work(ws, 2, A_c, c, K)).mul_(P)                # P * V, V = g_zq E^T
+        M.addcmul_(P, M.sum(1, keepdim=True), value=-1.0)                            # dS_direct = P (V - rowsum(P V))
         m_col = M.sum(0)
-        dSz = dSz + M.t() @ zc
-        right.append(gzq)
-    PX = P.t() @ torch.cat(right, dim=1)                                             # (K, 2 + D [+ D])
-    dSz = dSz - PX[:, 2:2 + D]
-    g_direct = PX[:, 2 + D:] if gzq is not None else None
-    gz = (2.0 * beta) * (WX[:, 2:] - u[:, 1:2] * PE) if need_gz else None           # dA = dS, dd = -beta dA
-    return PX[:, :2], dSz, m_col, g_direct, gz
+        acc.add_(M)
+        g_direct = P.t() @ gzq                                                       # (K, D)
+    return P.t() @ u, m_col, g_direct
 
 
 class _FusedBA(torch.autograd.Function):
@@ -1876,12 +1903,14 @@ class _FusedBA(torch.autograd.Function):
       d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
     Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
     reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
-    The backward forms no (C, K) gradient matrix for the BA chain: log_softmax's backward is folded
-    into thin matmuls with P_t and W_t (see the comments in ``backward``), so per chunk and iteration
-    it reads A once, writes P_t and W_t, and reads each twice. Only the direct z_q = P_T E term of
-    the last iteration forms one (C, K) matrix (when z_q_soft has a gradient).
-    Memory: one (N, K) matrix plus up to four chunk-sized (C, K) temporaries, instead of several
-    (N, K) matrices per iteration kept by autograd. Distances clamped at 0 are treated as exact in
+    Per chunk and iteration the backward recomputes P_t and W_t from A and adds dS_t to dA (and dS_b,t
+    to dA_b) in place; dA^T z and dA_b E are formed once at the end. So the whole backward has four
+    D-wide products (those two, and g_zq E^T and P_T^T g_zq of the direct z_q = P_T E term), where the
+    first version had four per iteration (W [gq, gq_b E], W^T z, P E, P^T [u, u z]); the rest of its
+    cost is passes over (C, K) chunks.
+    Memory: A (N, K) in the forward, A, dA and dA_b (3 x (N, K)) in the backward, plus two (forward)
+    or three (backward) chunk-sized (C, K) work buffers allocated once per pass (``_work``), instead of
+    several (N, K) matrices per iteration kept by autograd. Distances clamped at 0 are treated as exact in
     the backward.
     """
 
@@ -1889,7 +1918,7 @@ class _FusedBA(torch.autograd.Function):
     def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None, log_q0=None, centroid_sums=False):
         fwd_chunk, _ = kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = z.shape[0], E.shape[0]
-        C = _ba_chunk_rows(N, K, chunk_rows)
+        C = _ba_chunk_rows(N, K, chunk_rows, z.device)
         log_n = math.log(N)
         A = torch.empty(N, K, dtype=z.dtype, device=z.device)
         diag = torch.zeros(5, dtype=z.dtype, device=z.device)    # distance_sums, then assignment_sums
@@ -1903,12 +1932,13 @@ class _FusedBA(torch.autograd.Function):
         z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
         sums = torch.zeros(E.shape if centroid_sums else (0,), dtype=z.dtype, device=z.device)   # P_T^T z
+        ws = None if kernels else [torch.empty(min(C, N), K, dtype=z.dtype, device=z.device) for _ in range(2)]
         for t in range(1, iterations + 1):
             col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)
             for s in range(0, N, C):
                 last = t == iterations
                 col_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
-                                                         z[s:s + C] if last and centroid_sums else None)
+                                                         z[s:s + C] if last and centroid_sums else None, ws)
                 col = torch.logaddexp(col, col_c)
                 if last:
                     z_q[s:s + C] = zq_c                                             # P_T E
@@ -1941,33 +1971,36 @@ class _FusedBA(torch.autograd.Function):
         gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
         if use_b:
             gq[:, 1] = g_lq
+        ws = None if ctx.kernels else [torch.empty(min(C, N), K, dtype=A.dtype, device=A.device)
+                                       for _ in range(3)]
+        acc = torch.zeros_like(A)                                     # dA = sum_t dS_t, both paths, (N, K)
+        acc_b = torch.zeros_like(A) if use_b else None                # dA_b = sum_t dS_b,t (entropy path)
+        colsum_dA = torch.zeros(K, dtype=A.dtype, device=A.device)
         for t in range(T, 0, -1):
             # Per row chunk, with P = P_t and W = W_t, and u_p = W gq_p (row sums of dL_p = W * gq_p):
             #   dS_p = W * gq_p - P * u_p               (log_softmax backward; rows of dS_p sum to 0)
             #   colsum(dS_p) = gq_p - P^T u_p           (columns of W sum to 1 over all rows)
-            #   dS_b E = W (gq_b * E) - u_b * (P E)     (-> dz = 2 beta dS_b E; rowsum(dS_b) = 0)
-            #   dS^T z = gq * (W^T z) - P^T (u * z)     (dS = dS_a + dS_b, gq = gq_a + gq_b, u = u_a + u_b)
-            # so no (C, K) gradient matrix is formed: four thin matmuls read P and W once each.
-            # At t = T the codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
-            # dS_direct = P * (V - rowsum(P * V)), rowsum(P * V) = g_zq . z_q (formed once, (C, K)).
+            # dS is added to dA (and dS_b to dA_b) in place, so the iterations form no D-wide product:
+            # dA^T z and dA_b E are formed once, after the loop. P^T u is thin (K, 2). At t = T the
+            # codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
+            # dS_direct = P * (V - rowsum(P * V)) (one (C, K) matrix and two D-wide products per chunk).
             direct = use_a and t == T
             next_gq = gq.clone()                                                     # gq_p - sum P^T u_p
-            gbE = gq[:, 1:2] * E                                                     # (K, D)
-            dSz = torch.zeros_like(E)                                                # dS^T z, (K, D)
             for s in range(0, N, C):
-                PTu, dSz_c, m_col, g_direct, gz = bwd_chunk(
-                    A[s:s + C], log_qs[t - 1], log_cols[t], z[s:s + C], E, gq, gbE,
-                    g_zq[s:s + C] if direct else None, beta, use_b)
+                PTu, m_col, g_direct = bwd_chunk(
+                    A[s:s + C], log_qs[t - 1], log_cols[t], E, gq, g_zq[s:s + C] if direct else None,
+                    acc[s:s + C], acc_b[s:s + C] if use_b else None, ws)
                 next_gq -= PTu
-                dSz += dSz_c
                 if direct:
                     next_gq[:, 0] += m_col
                     g_E += g_direct                                                  # z_q = P E, direct
-                if use_b:
-                    g_z[s:s + C] += gz
-            # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dS:  dE = -2 beta (E colsum(dS) - dS^T z)
-            g_E -= (2.0 * beta) * (E * next_gq.sum(1, keepdim=True) - dSz)
+            colsum_dA += next_gq.sum(1)                                              # colsum(dS_t), both paths
             gq = next_gq
+        # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dA:  dE = -2 beta (E colsum(dA) - dA^T z),
+        # dz = 2 beta dA_b E (rowsum(dA_b) = 0; only the entropy path reaches z)
+        g_E -= (2.0 * beta) * (E * colsum_dA[:, None] - acc.t() @ z)
+        if use_b:
+            g_z = (2.0 * beta) * (acc_b @ E)
         return (g_z if use_b else None), g_E, None, None, None, None, None, None
 
 
