@@ -9,6 +9,8 @@ train_epoch / validate (the path `train.py` runs).
         --hidden_dim 32 --latent_dim 32 --codebook_sizes 64 256 --batch_size 64 --out benchmark_cpu.json
 
 Any other Config field can be set with --set KEY=VALUE (e.g. --set amp=off --set ba_impl=autograd).
+--repeats N measures each row N times and reports the median; the "x first" column is each row's training
+time over the first quantizer's at the same K (e.g. BA-VQ / VQ-EMA with --quantizers vq_ema ba_vq).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--latent_dim", type=int, default=256)
     p.add_argument("--warmup_epochs", type=int, default=1, help="untimed epochs first (compilation, autotuning)")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs (the mean is reported)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="times each quantizer x K is measured afresh (new model; the rounds interleave), "
+                        "reported as the median with every repeat's time and the spread")
     p.add_argument("--count_syncs", action="store_true",
                    help="CUDA: after timing, run one more epoch and pass under torch.cuda.set_sync_debug_mode "
                         "and count the host synchronisations (expected: about steps/progress_every + a fixed few)")
@@ -49,7 +54,7 @@ def parse_args(argv=None):
                    help="any other Config field, YAML-typed (repeatable)")
     p.add_argument("--out", default="benchmark.json", help="JSON file for the results")
     args = p.parse_args(argv)
-    for name, least in (("epochs", 1), ("batch_size", 1), ("train_images", 0), ("val_images", 0),
+    for name, least in (("epochs", 1), ("repeats", 1), ("batch_size", 1), ("train_images", 0), ("val_images", 0),
                         ("warmup_epochs", 0), ("profile", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name} must be >= {least} (got {getattr(args, name)})")
@@ -156,15 +161,45 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def merge_repeats(runs: list[dict]) -> dict:
+    """One row from the repeats of one quantizer x K: the median train and val times (images/s from
+    them), every repeat's train time, its spread (max / min - 1) and the largest peak memory."""
+    def median(xs):
+        xs = sorted(xs)
+        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+    r = dict(runs[0])
+    train = [x["train_s_per_epoch"] for x in runs]
+    r["train_s_per_epoch"] = median(train)
+    r["val_s_per_pass"] = median([x["val_s_per_pass"] for x in runs])
+    r["epoch_plus_val_s"] = r["train_s_per_epoch"] + r["val_s_per_pass"]
+    r["train_images_per_s"] = r["train_images"] / r["train_s_per_epoch"]
+    r["val_images_per_s"] = r["val_images"] / r["val_s_per_pass"]
+    r["peak_memory_mb"] = max(x["peak_memory_mb"] for x in runs)
+    r["repeats"] = len(runs)
+    r["train_s_per_epoch_repeats"] = train
+    r["train_spread"] = max(train) / min(train) - 1.0
+    return r
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """train_ratio: each row's median train time over the first quantizer's at the same K."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["K"], r)
+    for r in rows:
+        r["train_ratio"] = r["train_s_per_epoch"] / first[r["K"]]["train_s_per_epoch"]
+        r["ratio_to"] = first[r["K"]]["quantizer"]
+
+
 def table(rows, device_name, device_type) -> str:
     mem = "peak GPU MB" if device_type == "cuda" else "peak RSS MB"
     head = (f"{'quantizer':<9} {'K':>5} {'train s/epoch':>13} {'val s/pass':>10} {'epoch+val s':>11} "
-            f"{'train img/s':>11} {'val img/s':>10} {mem:>12}")
+            f"{'train img/s':>11} {'val img/s':>10} {mem:>12} {'x first':>7} {'spread':>6}")
     lines = [f"device: {device_name}", head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['quantizer']:<9} {r['K']:>5} {r['train_s_per_epoch']:>13.3f} {r['val_s_per_pass']:>10.3f} "
                      f"{r['epoch_plus_val_s']:>11.3f} {r['train_images_per_s']:>11.0f} {r['val_images_per_s']:>10.0f} "
-                     f"{r['peak_memory_mb']:>12.0f}")
+                     f"{r['peak_memory_mb']:>12.0f} {r['train_ratio']:>7.2f} {100 * r['train_spread']:>5.0f}%")
     return "\n".join(lines)
 
 
@@ -189,17 +224,24 @@ def main(argv=None) -> int:
         if args.count_syncs and device.type != "cuda":
             print("[bench] --count_syncs needs CUDA (torch.cuda.set_sync_debug_mode); on the CPU the test "
                   "suite's host-read audit covers it (tests/test_speed_paths.py)", flush=True)
-        rows = []
-        for q in args.quantizers:
-            for K in args.codebook_sizes:
-                try:
-                    r = bench_one(base, q, K, train_u8, val_u8, args)
-                except vqvae.BavqError as e:          # e.g. fsq with a K its levels do not give
-                    print(f"[bench] {q} K={K} skipped: {e}", flush=True)
-                    continue
-                rows.append(r)
-                print(f"[bench] {q} K={K}: train {r['train_s_per_epoch']:.3f} s/epoch, "
-                      f"val {r['val_s_per_pass']:.3f} s, peak {r['peak_memory_mb']:.0f} MB", flush=True)
+        runs, skipped = {}, set()
+        for rep in range(args.repeats):                     # rounds interleave: drift spreads over all rows
+            for q in args.quantizers:
+                for K in args.codebook_sizes:
+                    if (q, K) in skipped:
+                        continue
+                    try:
+                        r = bench_one(base, q, K, train_u8, val_u8, args)
+                    except vqvae.BavqError as e:          # e.g. fsq with a K its levels do not give
+                        print(f"[bench] {q} K={K} skipped: {e}", flush=True)
+                        skipped.add((q, K))
+                        continue
+                    runs.setdefault((q, K), []).append(r)
+                    print(f"[bench] {q} K={K}{f' (repeat {rep + 1}/{args.repeats})' if args.repeats > 1 else ''}: "
+                          f"train {r['train_s_per_epoch']:.3f} s/epoch, val {r['val_s_per_pass']:.3f} s, "
+                          f"peak {r['peak_memory_mb']:.0f} MB", flush=True)
+        rows = [merge_repeats(v) for v in runs.values()]
+        add_ratios(rows)
     except vqvae.BavqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,6 +249,7 @@ def main(argv=None) -> int:
     print(table(rows, name, device.type))
     out = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
            "command": " ".join(sys.argv), "warmup_epochs": args.warmup_epochs, "timed_epochs": args.epochs,
+           "repeats": args.repeats,
            "results": rows}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -100,7 +100,7 @@ def test_benchmark_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--device", "cpu", "--dataset", "fake",
                         "--train_images", "128", "--val_images", "64", "--hidden_dim", "8", "--latent_dim", "8",
-                        "--codebook_sizes", "16", "32", "--batch_size", "64", "--out", str(out)],
+                        "--codebook_sizes", "16", "32", "--batch_size", "64", "--repeats", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
     assert r.returncode == 0, r.stderr
     assert "train s/epoch" in r.stdout and "val s/pass" in r.stdout and "img/s" in r.stdout
@@ -112,6 +112,26 @@ def test_benchmark_runs_on_cpu_and_writes_its_table(tmp_path):
         assert x["train_images"] == 128 and x["val_images"] == 64
         assert x["train_s_per_epoch"] > 0 and x["val_s_per_pass"] > 0 and x["peak_memory_mb"] > 0
         assert x["train_images_per_s"] == pytest.approx(128 / x["train_s_per_epoch"])
+        assert x["repeats"] == 2 and len(x["train_s_per_epoch_repeats"]) == 2
+        assert x["train_s_per_epoch"] == pytest.approx(sum(x["train_s_per_epoch_repeats"]) / 2)
+    assert [x["train_ratio"] for x in rows[:2]] == [1.0, 1.0] and rows[2]["ratio_to"] == "vq_ema"
+
+
+def test_benchmark_repeats_give_the_median_the_spread_and_the_ratio_to_the_first_quantizer():
+    import benchmark
+    def run(q, K, train, val, mem):
+        return {"quantizer": q, "K": K, "train_images": 100, "val_images": 10, "train_s_per_epoch": train,
+                "val_s_per_pass": val, "peak_memory_mb": mem}
+    r = benchmark.merge_repeats([run("ba_vq", 8, 3.0, 0.1, 5), run("ba_vq", 8, 1.0, 0.3, 9),
+                                 run("ba_vq", 8, 2.0, 0.2, 7)])
+    assert (r["train_s_per_epoch"], r["val_s_per_pass"], r["peak_memory_mb"]) == (2.0, 0.2, 9)
+    assert r["train_s_per_epoch_repeats"] == [3.0, 1.0, 2.0] and r["train_spread"] == pytest.approx(2.0)
+    assert r["train_images_per_s"] == 50.0 and r["epoch_plus_val_s"] == pytest.approx(2.2)
+    assert benchmark.merge_repeats([run("q", 8, 1.0, 0.1, 1), run("q", 8, 2.0, 0.3, 1)])["train_s_per_epoch"] == 1.5
+    rows = [run("vq_ema", 8, 2.0, 0.1, 1), run("vq_ema", 16, 4.0, 0.1, 1), run("ba_vq", 8, 3.0, 0.1, 1),
+            run("ba_vq", 16, 10.0, 0.1, 1)]
+    benchmark.add_ratios(rows)
+    assert [r["train_ratio"] for r in rows] == [1.0, 1.0, 1.5, 2.5]
 
 
 # ---------------------------------------------------------------------------- host synchronisation
