@@ -145,14 +145,23 @@ def test_compiled_model_matches_eager_on_cuda(quantizer, mode):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
+# Residual VQ's encodec k-means (50 Lloyd iterations on the first batch) and its dead-code replacement
+# amplify rounding: on the CPU, scaling the encoder's weights by 1 + 1e-6 changes 14.6% of the codes of the
+# first step with the k-means alone, 0.04% with 1 iteration, 67% with replacement as well, and none with
+# both off. The two data paths differ by rounding (channels_last convolutions), so residual VQ is compared
+# with both off; its k-means and replacement are checked against encodec's code in test_rvq.py.
+DATA_PATH_EXTRA = {"rvq": dict(rvq_kmeans_iters=0, rvq_dead_code_threshold=0)}
+
+
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
 def test_device_data_path_matches_the_loader_path_on_cuda(quantizer):
     prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    extra = DATA_PATH_EXTRA.get(quantizer, {})
     try:
-        fast = steps_on_cuda(cuda_config(quantizer=quantizer, amp="off", data_path="device"))
+        fast = steps_on_cuda(cuda_config(quantizer=quantizer, amp="off", data_path="device", **extra))
         plain = steps_on_cuda(cuda_config(quantizer=quantizer, amp="off", data_path="loader", num_workers=0,
-                                          ba_impl="autograd", channels_last=False))
+                                          ba_impl="autograd", channels_last=False, **extra))
         _compare_runs(fast[:3], plain[:3], quantizer, rel=1e-3)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
