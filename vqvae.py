@@ -1836,6 +1836,11 @@ def exp_normal_(L: torch.Tensor) -> torch.Tensor:
     return L.clamp_min_(math.log(torch.finfo(L.dtype).tiny) + 1.0).exp_()
 
 
+def exp_normal_to(L: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``exp_normal_`` of L written into ``out`` (L unchanged): one clamp into ``out``, one exp in place."""
+    return torch.clamp_min(L, math.log(torch.finfo(L.dtype).tiny) + 1.0, out=out).exp_()
+
+
 def _work(ws, i: int, like: torch.Tensor, c: int, K: int) -> torch.Tensor:
     """Rows [:c] of work buffer ``i`` (C, K) of the fused BA pass, or a new (c, K) tensor without buffers
     (the compiled kernels). On the CPU a new 64 MB tensor per operation costs as much as the operation
@@ -1858,7 +1863,7 @@ def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, l
     X = exp_normal_(torch.sub(L, torch.where(finite, m, torch.zeros_like(m)), out=_work(ws, 0, A_c, c, K)))
     col = torch.where(finite, X.sum(0).log() + m, m)                                 # logsumexp_x L, (K,)
     if last:
-        P = exp_normal_(torch.clone(L) if ws is None else X.copy_(L))
+        P = exp_normal_to(L, _work(ws, 0, A_c, c, K))                               # P_T (X is spent)
         top, idx = L.max(dim=1)                                                      # one pass: argmax and max
         sums = torch.stack([-torch.dot(P.flatten(), L.flatten()), top.exp().sum()])  # assignment_sums(L, P)
         return col, P @ E, idx, sums, (P.t() @ z_c if z_c is not None else None)
@@ -1873,7 +1878,7 @@ def _ba_backward_chunk(A_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, ws=None):
     c, K = A_c.shape
     L = torch.log_softmax(torch.add(A_c, log_q_prev, out=_work(ws, 0, A_c, c, K)), dim=1,
                           out=_work(ws, 1, A_c, c, K))                               # L_t, (c, K)
-    P = exp_normal_(torch.sub(L, 0.0, out=_work(ws, 0, A_c, c, K)))                  # P_t
+    P = exp_normal_to(L, _work(ws, 0, A_c, c, K))                                    # P_t
     W = exp_normal_(L.sub_(col_t))                                                   # W_t: softmax over rows
     u = W @ gq                                                                       # (c, 2): u_a, u_b
     if acc_b is not None:                                                            # dS_b = W gq_b - P u_b
