@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 
@@ -164,13 +165,10 @@ def count_syncs(fn) -> int:
 def merge_repeats(runs: list[dict]) -> dict:
     """One row from the repeats of one quantizer x K: the median train and val times (images/s from
     them), every repeat's train time, its spread (max / min - 1) and the largest peak memory."""
-    def median(xs):
-        xs = sorted(xs)
-        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
     r = dict(runs[0])
     train = [x["train_s_per_epoch"] for x in runs]
-    r["train_s_per_epoch"] = median(train)
-    r["val_s_per_pass"] = median([x["val_s_per_pass"] for x in runs])
+    r["train_s_per_epoch"] = statistics.median(train)
+    r["val_s_per_pass"] = statistics.median([x["val_s_per_pass"] for x in runs])
     r["epoch_plus_val_s"] = r["train_s_per_epoch"] + r["val_s_per_pass"]
     r["train_images_per_s"] = r["train_images"] / r["train_s_per_epoch"]
     r["val_images_per_s"] = r["val_images"] / r["val_s_per_pass"]

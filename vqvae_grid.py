@@ -79,6 +79,11 @@ def _sweep_row(cfg: Config, grid_name: str) -> tuple:
         print(f"error: {msg}", file=sys.stderr)
         final, state = {}, "FAILED"
         _mark_failed(cfg, grid_name, msg)
+    return _summary_row(cfg, final, state)
+
+
+def _summary_row(cfg: Config, final: dict, state: str) -> tuple:
+    """A run's row of ``summary_table``: (name, quantizer, K, seed, final metrics, state)."""
     return cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, final, state
 
 
@@ -136,8 +141,7 @@ def _run_jobs(configs: list, grid_name: str, jobs: int) -> int:
                                   "command again to go on: finished runs are skipped and interrupted ones resume.")
     missing = [i for i in range(len(configs)) if i not in rows]
     for i in missing:                                    # a worker that died (killed, out of memory)
-        cfg = configs[i]
-        rows[i] = (cfg.resolved_name(), cfg.quantizer, cfg.codebook_size, cfg.seed, {}, "FAILED (its job ended)")
+        rows[i] = _summary_row(configs[i], {}, "FAILED (its job ended)")
     table = [rows[i] for i in range(len(configs))]
     print("\n" + summary_table(table))
     return int(any(r[-1].startswith("FAILED") for r in table))

@@ -9,7 +9,7 @@ import pytest
 import train as cli
 import vqvae
 import vqvae_grid
-from conftest import ROOT, TINY, final_of, run_cli, snapshot
+from conftest import ROOT, TINY, cli_in_process, final_of, run_cli, snapshot
 
 pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect with -m "not slow")
 
@@ -17,19 +17,10 @@ pytestmark = pytest.mark.slow          # subprocesses and whole runs (deselect w
 # --------------------------------------------------------------------------- sweeps
 
 
-def sweep(args, capsys):
-    """train.py's main with ``args`` in this process (no interpreter start-up): its exit status and
-    output, as a finished subprocess would give them."""
-    capsys.readouterr()
-    code = cli.main(args)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
 def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--name", "g", "--quantizer", "vq_ema", "ba_vq",
             "--codebook_size", "8", "16", "--seed", "0"]
-    r = sweep(args, capsys)
+    r = cli_in_process(args, capsys)
     assert r.returncode == 0, r.stderr
     names = {f"g_{q}_k{k}_s0" for q in ("vq_ema", "ba_vq") for k in (8, 16)}
     assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".grid_")} == names
@@ -43,16 +34,16 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path, ca
         assert f"{final_of(tmp_path / n)['psnr']:.2f}" in line and line.rstrip().endswith("finished")
     # second invocation: everything already finished -> skipped, files untouched
     before = {n: snapshot(tmp_path / n) for n in names}
-    r = sweep(args, capsys)
+    r = cli_in_process(args, capsys)
     assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 4
     assert {n: snapshot(tmp_path / n) for n in names} == before
 
 
 def test_sweep_refuses_existing_runs_with_other_settings(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
-    assert sweep(args, capsys).returncode == 0
+    assert cli_in_process(args, capsys).returncode == 0
     before = {n: snapshot(tmp_path / n) for n in ("vq_ema_k16_s0", "vq_ema_k16_s1")}
-    r = sweep([*args, "--lr", "0.05"], capsys)
+    r = cli_in_process([*args, "--lr", "0.05"], capsys)
     assert r.returncode == 1
     assert r.stdout.count("FAILED") == 2 and "lr: 0.0003 -> 0.05" in r.stderr
     assert {n: snapshot(tmp_path / n) for n in before} == before
@@ -60,32 +51,32 @@ def test_sweep_refuses_existing_runs_with_other_settings(tmp_path, capsys):
 
 def test_sweep_refuses_existing_runs_with_other_epochs(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
-    assert sweep(args, capsys).returncode == 0
-    r = sweep([*args, "--epochs", "2"], capsys)
+    assert cli_in_process(args, capsys).returncode == 0
+    r = cli_in_process([*args, "--epochs", "2"], capsys)
     assert r.returncode == 1 and r.stdout.count("FAILED") == 2 and "epochs: 1 -> 2" in r.stderr
 
 
 def test_sweep_never_restarts_a_run_whose_checkpoint_is_corrupt(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
-    assert sweep(args, capsys).returncode == 0
+    assert cli_in_process(args, capsys).returncode == 0
     run = tmp_path / "vq_ema_k16_s1"
     (run / "final_metrics.json").unlink()
     (run / "checkpoint_interrupted.pt").write_bytes(b"garbage")
     before = snapshot(run)
-    r = sweep(args, capsys)
+    r = cli_in_process(args, capsys)
     assert r.returncode == 1 and "corrupt or truncated" in r.stderr and "FAILED" in r.stdout
     assert snapshot(run) == before                                  # the good checkpoints survive
 
 
 def test_sweep_resumes_an_interrupted_run(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1", "--epochs", "2"]
-    r = sweep(args, capsys)
+    r = cli_in_process(args, capsys)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "vq_ema_k16_s1"
     ref = final_of(run)
     (run / "final_metrics.json").unlink()
     (run / "checkpoint_epoch2.pt").unlink()
-    r = sweep(args, capsys)
+    r = cli_in_process(args, capsys)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stdout and "skipped (finished)" in r.stdout
     assert final_of(run) == ref

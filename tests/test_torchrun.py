@@ -141,7 +141,6 @@ def test_a_crash_on_one_process_ends_the_job(tmp_path):
     assert time.time() - t0 < 120                                          # bounded, not a hang
 
 
-
 def test_a_global_batch_that_the_processes_cannot_share_is_refused_before_anything(tmp_path, monkeypatch):
     """The check runs before the process group is joined: as process 0 of 2, in this process."""
     monkeypatch.setenv("RANK", "0")
