@@ -1,8 +1,11 @@
 """Shared fixtures and helpers. Tests never need a W&B account or network."""
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ import torch
 # what they need themselves.
 for _key in [k for k in os.environ if k.startswith("WANDB_")]:
     del os.environ[_key]
-_WANDB_HOME = Path(__import__("tempfile").mkdtemp(prefix="bavq_tests_wandb_"))
+_WANDB_HOME = Path(tempfile.mkdtemp(prefix="bavq_tests_wandb_"))
+atexit.register(shutil.rmtree, _WANDB_HOME, True)                  # removed when pytest exits
 os.environ.update(WANDB_MODE="disabled", WANDB_SILENT="true", WANDB_DIR=str(_WANDB_HOME),
                   WANDB_CONFIG_DIR=str(_WANDB_HOME), WANDB_CACHE_DIR=str(_WANDB_HOME))
 ROOT = Path(__file__).resolve().parents[1]
