@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import vqvae
-from conftest import ROOT, TINY, one_paragraph as _one_paragraph, run_cli, tiny_config
+from conftest import ROOT, TINY, cli_in_process, one_paragraph as _one_paragraph, run_cli, tiny_config
 
 
 @pytest.mark.slow
@@ -23,20 +23,21 @@ from conftest import ROOT, TINY, one_paragraph as _one_paragraph, run_cli, tiny_
     (["--epochs", "two"], "invalid int value"),
     (["--dataset", "folder", "--data_dir", "/nonexistent/dir"], "does not exist"),
 ])
-def test_bad_input_is_one_clear_paragraph(tmp_path, args, expect):
-    r = run_cli([*TINY, "--out_dir", str(tmp_path), *args], cwd=tmp_path)
+def test_bad_input_is_one_clear_paragraph(tmp_path, args, expect, capsys, monkeypatch):
+    r = cli_in_process([*TINY, "--out_dir", str(tmp_path), *args], capsys, tmp_path, monkeypatch)
     assert r.returncode == 2
     assert expect in r.stderr and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())                          # nothing written
 
 
 @pytest.mark.slow
-def test_cli_flags_are_not_abbreviated_and_an_unknown_flag_is_one_line(tmp_path):
-    for args in (["--quant", "ba_vq"], ["--nope"]):
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=60)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr and "usage" not in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
+def test_cli_flags_are_not_abbreviated_and_an_unknown_flag_is_one_line(tmp_path, capsys, monkeypatch):
+    r = run_cli(["--quant", "ba_vq"], cwd=tmp_path)          # as a process: the exit status a shell sees
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr and "usage" not in r.stderr
+    r = cli_in_process(["--nope"], capsys, tmp_path, monkeypatch)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr and "usage" not in r.stderr
+    r = cli_in_process(["--help"], capsys, tmp_path, monkeypatch)
+    assert r.returncode == 0
     assert "a fix, 0 = the original code" in r.stdout and "{overwrite,copy}" in r.stdout and "--resume" in r.stdout
 
 
@@ -65,7 +66,7 @@ def test_sizes_that_cannot_be_allocated_are_one_paragraph(tmp_path, overrides, e
 
 
 @pytest.mark.slow
-def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
+def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path, capsys, monkeypatch):
     if vqvae.torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(vqvae.BavqError) as e:
@@ -75,8 +76,7 @@ def test_cuda_in_a_config_file_without_cuda_is_one_paragraph(tmp_path):
     # from a YAML file through the CLI, and cuda:N from the command line: the same paragraph, exit 2
     (tmp_path / "c.yaml").write_text('device: "cuda:0"\ndataset: fake\nwandb: false\n')
     for args in (["--config", str(tmp_path / "c.yaml")], ["--dataset", "fake", "--no_wandb", "--device", "cuda:1"]):
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(tmp_path / "o")],
-                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        r = cli_in_process([*args, "--out_dir", str(tmp_path / "o")], capsys, tmp_path, monkeypatch)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "was asked for" in r.stderr, r.stderr
 
 

@@ -189,6 +189,7 @@ def test_jobs_report_a_failed_run_and_finish_the_others(tmp_path):
     assert (tmp_path / "vq_ema_k16_s0" / "config.yaml").read_text() == "lr: 0.05\n"   # left alone
 
 
-def test_jobs_must_be_positive(tmp_path):
-    r = run_cli([*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "ba_vq", "--jobs", "0"], cwd=tmp_path)
+def test_jobs_must_be_positive(tmp_path, capsys, monkeypatch):
+    r = cli_in_process([*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "ba_vq", "--jobs", "0"], capsys,
+                       tmp_path, monkeypatch)
     assert r.returncode == 2 and "--jobs 0" in r.stderr
