@@ -2764,8 +2764,8 @@ def rate_distortion_curve(distances: torch.Tensor, betas, weights: torch.Tensor 
     Returns [{"beta", "rate_bits", "distortion", "iterations", "excess_bits", "intercept_bits", "log_q"}, ...]
     (log_q: the final log Q' (K,), to warm-start a later call). Computed in the exp domain (Blahut's form:
     A = exp(-beta (d - min_k d)) once per beta, then two products with A per iteration); the point's rate
-    from scalars, I = F - beta D - KL(Q' || Q). ``dtype``: float64 by default; float32 halves the memory
-    traffic for large sources (its rates agree to about 1e-4 bits, tested).
+    from scalars, I = F - beta D - KL(Q' || Q). ``dtype``: float64 by default (float32's rounding can keep
+    the certificate above a tight ``rate_tol_bits``).
     ``blahut_arimoto`` above is the same alternation for a fixed number of iterations and a uniform source, as
     BA-VQ runs it inside a training step; change both together."""
     d = distances.to(dtype)
@@ -2913,7 +2913,10 @@ def curve_rate_at(points: list[dict], D: float) -> dict | None:
     hull = _lower_hull(points)
     if D < hull[0]["distortion"] * (1 - 1e-9):              # (1e-9: the distances' expansion rounds)
         return None
-    D = max(D, hull[0]["distortion"])
+    if D <= hull[0]["distortion"] * (1 + 1e-9) and math.isinf(hull[0]["beta"]):
+        # at D_nn every channel puts all its mass on the nearest letters: R(D_nn) = H(nearest) exactly
+        # (for latents without ties, which continuous values have with probability 1)
+        return {"rate_bits": hull[0]["rate_bits"], "interpolation_bits": 0.0}
     if D >= hull[-1]["distortion"]:
         return {"rate_bits": 0.0, "interpolation_bits": 0.0}
     for a, b in zip(hull, hull[1:]):
@@ -2995,7 +2998,7 @@ def check_rate_distortion(model: "VQVAE") -> None:
 def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: int = 4096, alphabet_size: int = 2048,
                            kmeans_iters: int = 10, repeats: int = 1, seed: int = 0, batch_size: int = 500,
                            rate_tol_bits: float = 1e-2, points_per_octave: int = 2, max_iterations: int = 100,
-                           refine_bits: float = 0.01, dtype: torch.dtype = torch.float32,
+                           refine_bits: float = 0.01, dtype: torch.dtype = torch.float64,
                            rt: "Runtime | None" = None) -> dict:
     """Where a trained model's quantizer sits on the rate-distortion plane of its own encoder's latents.
 
@@ -3024,8 +3027,8 @@ def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: i
     (``rate_uncertainty_bits``, ``distortion_uncertainty``: ``curve_rate_at`` / ``curve_distortion_at``; the
     sweep is refined around the run's point until the rate is bracketed within ``refine_bits``). The Gaussian
     gaps use the point over all positions. BA iterations: at most ``max_iterations`` per beta, stopped at
-    ``rate_tol_bits``; ``dtype`` of the (positions, letters) passes (float32: half the time of float64, the
-    same gaps to 1e-3 bits, docs/method.md).
+    ``rate_tol_bits``; ``dtype`` of the (positions, letters) passes (float64; float32 gives the same gaps to
+    1e-3 bits but took twice as long, its rounding keeping the certificate from reaching the tolerance).
     Raises BavqError for a quantizer without an explicit alphabet of decoder inputs."""
     q = model.quantizer
     check_rate_distortion(model)
