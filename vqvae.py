@@ -34,7 +34,9 @@ import math
 import os
 import random
 import socket
+import statistics
 import sys
+import time
 import typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -882,6 +884,7 @@ class Quantizer(nn.Module):
     train_metrics: tuple = ()            # 0-dim tensors in info that training epochs report (sample-weighted
                                          # mean over the epoch's steps), e.g. BA-VQ's regime diagnostics
     remedies_note: str = "which has no codebook"   # why the codebook remedies do not apply (has_codebook False)
+    alphabet_note: str = "it has no explicit alphabet of decoder inputs"   # why rate_distortion_source is None
 
     image_values_per_position: int = 48  # image values (channels x pixels) one latent position stands for;
                                          # set by VQVAE (3 x 4 x 4 for its 4x-downsampling encoder)
@@ -913,6 +916,14 @@ class Quantizer(nn.Module):
     def extra_metrics(self) -> dict:
         """Scalars logged with every epoch's train and val metrics (e.g. BA-VQ's beta)."""
         return {}
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For the rate-distortion analysis (``latent_rate_distortion``): z (B, D, H, W) -> (x (B*H*W, d), the
+        vectors this quantizer's codes stand in for, in the order of ``code_indices``; alphabet (K, d), row k
+        what code k reproduces x by), so that ||x - alphabet[code]||^2 is the distortion of its eval-mode
+        assignment. None (the default) when it has no explicit alphabet of K decoder inputs
+        (``alphabet_note`` says why); the analysis then refuses it."""
+        return None
 
     def compile_kernels(self) -> None:
         """``--compile``: compile the quantizer's own kernels, if it has any."""
@@ -1151,6 +1162,10 @@ class CodebookQuantizer(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self._codes()[indices].permute(0, 3, 1, 2)             # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents and the codes in use (normalised with --cosine, reparameterised with --affine_reparam)."""
+        return self._latents(z), self._codes()
 
     def _track(self, z_flat: torch.Tensor, counts: torch.Tensor) -> None:
         """Training-mode bookkeeping for dead-code restarts (no host sync)."""
@@ -2101,6 +2116,13 @@ class FSQQuantizer(Quantizer):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.indices_to_codes(indices)).permute(0, 3, 1, 2)   # (B, H, W) -> (B, D, H, W)
 
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounded projections h (N, d) and the K integer grid points (in level units: rounding h is the
+        nearest grid point), so distortion is FSQ's rounding error, squared and summed over the d values."""
+        h = self.bound(self.proj_in(_flatten_latents(z)))                             # (N, d)
+        grid = self.indices_to_codes(torch.arange(self.num_embeddings, device=z.device)) * self._half_width()
+        return h, grid                                                                  # (K, d)
+
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
         with _autocast_off(z.device.type):
@@ -2144,6 +2166,10 @@ class SimVQQuantizer(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.codes()[indices].permute(0, 3, 1, 2)              # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents and the projected codes e = C W^T + b."""
+        return _flatten_latents(z), self.codes()
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -2242,6 +2268,10 @@ class SQVAEQuantizer(Quantizer):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return _at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)          # (B, H, W) -> (B, D, H, W)
 
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents and the codebook (evaluation assigns the nearest code)."""
+        return _flatten_latents(z), _at_least_f32(self.codebook)
+
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
         with _autocast_off(z.device.type):
@@ -2313,6 +2343,10 @@ class LFQQuantizer(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.codes[indices]).permute(0, 3, 1, 2)             # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections h (N, d) and the sign vectors {-1, +1}^d (the sign of h is the nearest one)."""
+        return self.proj_in(_flatten_latents(z)), self.codes
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -2476,6 +2510,8 @@ class ResidualVQQuantizer(Quantizer):
     """
     loss_names = ("commitment_loss",)
     has_codebook = True
+    alphabet_note = ("residual VQ reproduces a latent by a sum of one code per stage, an alphabet of K^S vectors "
+                     "(every tuple of stage codes) that is not enumerated")
 
     @classmethod
     def complete_config(cls, given: dict) -> dict:
@@ -2701,41 +2737,410 @@ def ssim_per_image(x: torch.Tensor, x_recon: torch.Tensor, window: int = 11, sig
 
 @torch.no_grad()
 def rate_distortion_curve(distances: torch.Tensor, betas, weights: torch.Tensor | None = None,
-                          tol: float = 1e-10, max_iterations: int = 10000) -> list[dict]:
+                          tol: float = 1e-10, max_iterations: int = 10000, rate_tol_bits: float | None = None,
+                          log_q0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> list[dict]:
     """The rate-distortion curve of a discrete source against a reproduction alphabet by Blahut-Arimoto
-    (Blahut 1972; Cover & Thomas, Sec. 10.8), one point per slope parameter beta, in float64.
+    (Blahut 1972; Cover & Thomas, Sec. 10.8), one point per slope parameter beta.
 
     Source: the N rows of ``distances`` (N, K) with probabilities ``weights`` (N,) (uniform when None: an
     empirical source such as a set of latents); reproduction alphabet: the K columns; d(x, k) any
     distortion (squared error for latents, Hamming for the binary tests). For each beta the alternation
 
-        P(k|x) = Q(k) exp(-beta d(x,k)) / Z(x),    Q(k) = sum_x p(x) P(k|x)
+        P(k|x) = Q(k) exp(-beta d(x,k)) / Z(x),    Q'(k) = sum_x p(x) P(k|x)
 
-    runs to a fixed point (max |change of Q| < ``tol``), warm-started from the previous beta's Q
-    (give the betas in increasing order), and the point is (rate I(X; K) in bits, distortion E d). The
-    points lie on the R(D) curve of that source and alphabet, whose slope there is dR/dD = -beta / ln 2
-    bits per unit of distortion. Returns [{"beta", "rate_bits", "distortion", "iterations"}, ...].
-    The ``blahut_arimoto`` above is the same alternation for a fixed number of iterations and a uniform
-    source, as BA-VQ runs it inside a training step; change both together."""
-    d = distances.double()
+    runs until max |Q' - Q| < ``tol`` or, with ``rate_tol_bits``, until the certificate below is under it
+    (at most ``max_iterations``); warm-started from the previous beta's Q (give the betas in increasing
+    order; ``log_q0`` starts the first, else uniform). The point is (rate I(X; K) in bits, distortion E d)
+    of the last P with its own marginal Q': an achievable pair, on the R(D) curve of that source and
+    alphabet once converged, where the curve's slope is dR/dD = -beta / ln 2 bits per unit of distortion.
+
+    Certificates, valid after any number of iterations. With F(Q) = -sum_x p(x) log Z(x) (nats), the point
+    has R + beta D <= F(Q) and min over channels of (R + beta D) = min_Q F >= F(Q) - log max_k Q'(k)/Q(k)
+    (Jensen; Blahut's c_k = Q'(k)/Q(k)). Hence
+      ``excess_bits`` = log2 max_k c_k: the point lies at most this far above R(D) at its own distortion;
+      ``intercept_bits`` = (F(Q) - log max_k c_k) / ln 2: R(D) >= intercept_bits - beta D / ln 2 for every D
+      (a line below the whole curve; ``curve_rate_at`` takes the best of them as its lower bound).
+
+    Returns [{"beta", "rate_bits", "distortion", "iterations", "excess_bits", "intercept_bits", "log_q"}, ...]
+    (log_q: the final log Q' (K,), to warm-start a later call). Computed in the exp domain (Blahut's form:
+    A = exp(-beta (d - min_k d)) once per beta, then two products with A per iteration); the point's rate
+    from scalars, I = F - beta D - KL(Q' || Q). ``dtype``: float64 by default (float32's rounding can keep
+    the certificate above a tight ``rate_tol_bits``).
+    ``blahut_arimoto`` above is the same alternation for a fixed number of iterations and a uniform source, as
+    BA-VQ runs it inside a training step; change both together."""
+    d = distances.to(dtype)
     N, K = d.shape
-    log_w = (torch.full((N,), -math.log(N), dtype=torch.float64, device=d.device) if weights is None
-             else weights.double().log() - weights.double().sum().log())          # (N,), log p(x)
-    log_q = torch.full((K,), -math.log(K), dtype=torch.float64, device=d.device)
+    w = (torch.full((N,), 1.0 / N, dtype=dtype, device=d.device) if weights is None
+         else weights.to(dtype) / weights.to(dtype).sum())                            # (N,), p(x)
+    q = (torch.full((K,), 1.0 / K, dtype=dtype, device=d.device) if log_q0 is None
+         else log_q0.to(dtype=dtype, device=d.device).softmax(0))                    # (K,), Q
+    d_min = d.min(1).values                                                          # (N,)
+    base = float((w * d_min).sum())                                                  # sum_x p(x) min_k d(x, k)
     points = []
     for beta in betas:
+        # exp domain (Blahut's form): A = exp(-beta (d - d_min)) (N, K), each row's largest entry 1, so
+        # Z(x) = exp(-beta d_min(x)) (A Q)(x) and an iteration is two products with A, no exp or log
+        A = torch.exp(-beta * (d - d_min[:, None]))
         for it in range(1, max_iterations + 1):
-            log_p = torch.log_softmax(log_q[None, :] - beta * d, dim=1)                  # (N, K), log P(k|x)
-            new = torch.logsumexp(log_w[:, None] + log_p, dim=0)                         # (K,), log Q(k)
-            done = bool((new.exp() - log_q.exp()).abs().max() < tol)
-            log_q = new
-            if done:
+            z = (A @ q).clamp_min(torch.finfo(dtype).tiny)                            # (N,), Z(x) e^(beta d_min(x))
+            c = A.t() @ (w / z)                                                       # (K,), c_k = Q'(k) / Q(k)
+            new = q * c                                                               # Q'
+            log_c_max = math.log(float(c.max()))
+            done = (log_c_max / math.log(2) < rate_tol_bits if rate_tol_bits is not None
+                    else bool((new - q).abs().max() < tol))
+            if done or it == max_iterations:
                 break
-        joint = (log_w[:, None] + log_p).exp()                                          # p(x) P(k|x)
-        rate = float((joint * (log_p - log_q[None, :]).nan_to_num(0.0, 0.0, 0.0)).sum()) / math.log(2)
-        points.append({"beta": float(beta), "rate_bits": max(rate, 0.0), "distortion": float((joint * d).sum()),
-                       "iterations": it})
+            q = new / new.sum()
+        # the point: P(k|x) = Q(k) A(x,k) / z(x) from this Q, with its own marginal Q' = new
+        D = float(q @ ((A * d).t() @ (w / z)))                                        # sum_x p(x) sum_k P d
+        F = beta * base - float((w * z.log()).sum())                                  # -sum_x p(x) log Z(x), nats
+        kl = float(torch.where(new > 0, new * c.log(), torch.zeros_like(new)).sum())  # KL(Q' || Q) = sum Q' log c
+        rate = (F - beta * D - kl) / math.log(2)                                      # I(X; K) in bits
+        points.append({"beta": float(beta), "rate_bits": max(rate, 0.0), "distortion": D, "iterations": it,
+                       "excess_bits": max(log_c_max, 0.0) / math.log(2),
+                       "intercept_bits": (F - max(log_c_max, 0.0)) / math.log(2),
+                       "log_q": (new / new.sum()).log()})
+        q = new / new.sum()
     return points
+
+
+def rate_distortion_sweep(distances: torch.Tensor, rate_tol_bits: float = 1e-3, points_per_octave: int = 4,
+                          end_tol: float = 1e-3, max_points: int = 120, max_iterations: int = 2000,
+                          dtype: torch.dtype = torch.float64, refine_distortions=(), refine_rates=(),
+                          refine_bits: float = 0.01, max_refinements: int = 10) -> list[dict]:
+    """The whole R(D) curve of the empirical source (rows of ``distances`` (N, K), equally likely) against
+    its K-letter alphabet, from end to end, for squared error or any other distortion:
+
+      * beta = 0: rate 0 at D_max = min_k mean_x d(x, k) (the best single letter), exact;
+      * betas growing geometrically (``points_per_octave`` per doubling) from 1 / (2 D_max), at or below the
+        beta at which the rate leaves 0 for a Gaussian-like source (1 / (2 lambda_max) >= 1 / (2 D_max)),
+        each warm-started from the last (``rate_distortion_curve``: at most ``max_iterations``, fewer once
+        within ``rate_tol_bits``), until the distortion is within ``end_tol`` (D_max - D_nn) of D_nn;
+      * beta = infinity: the nearest-letter assignment, rate H(marginal of the nearest letters), distortion
+        D_nn = mean_x min_k d(x, k), the smallest the alphabet allows, exact (ties broken by the lowest index);
+      * refinement: for each distortion in ``refine_distortions`` (each rate in ``refine_rates``), betas
+        between the two around it (geometric mean; twice the last finite beta next to the infinite end) until
+        ``curve_rate_at`` (``curve_distortion_at``, in bits of rate slack: width x the slope) brackets it within
+        ``refine_bits``, at most ``max_refinements`` each.
+
+    Points in the order computed, each {"beta", "rate_bits", "distortion", "iterations", "excess_bits",
+    "intercept_bits"} (beta = inf for the end). Cost: about 4 passes over (N, K) per BA iteration."""
+    d = distances.to(dtype)
+    N, K = d.shape
+    d_max = float(d.sum(0, dtype=torch.float64).min()) / N                           # min_k mean_x d(x, k)
+    nearest = d.argmin(1)                                                            # (N,)
+    d_nn = float(d.gather(1, nearest[:, None]).double().mean())
+    r_nn = float(entropy_bits(torch.bincount(nearest, minlength=K)))
+    points = [{"beta": 0.0, "rate_bits": 0.0, "distortion": d_max, "iterations": 0, "excess_bits": 0.0,
+               "intercept_bits": 0.0},
+              {"beta": math.inf, "rate_bits": r_nn, "distortion": d_nn, "iterations": 0, "excess_bits": 0.0,
+               "intercept_bits": None}]
+    if d_max <= d_nn:                                                # one letter, or all letters alike
+        return points
+    starts = {}                                                      # beta -> its final log Q (warm starts)
+
+    def add(beta, log_q):
+        if log_q is not None:        # warm start, mixed with 1e-6 of uniform: a letter the last beta all but
+            log_q = torch.logaddexp(log_q + math.log1p(-1e-6), torch.full_like(log_q, math.log(1e-6 / K)))
+        p = rate_distortion_curve(d, [beta], rate_tol_bits=rate_tol_bits, max_iterations=max_iterations,
+                                  log_q0=log_q, dtype=dtype)[0]                 # dropped can come back in few steps
+        starts[beta] = p.pop("log_q")
+        points.insert(-1, p)
+        return p
+
+    beta, factor = 1.0 / (2.0 * d_max), 2.0 ** (1.0 / points_per_octave)
+    while len(points) < max_points:
+        p = add(beta, starts.get(beta / factor))
+        if p["distortion"] - d_nn <= end_tol * (d_max - d_nn):
+            break
+        beta *= factor
+
+    def around(key, value):                    # the computed betas just below and above the target on the hull
+        hull = _lower_hull(points)
+        for a, b in zip(hull, hull[1:]):       # hull in increasing distortion = decreasing rate
+            if (key == "distortion" and a["distortion"] <= value <= b["distortion"]) or \
+               (key == "rate_bits" and b["rate_bits"] <= value <= a["rate_bits"]):
+                return min(a["beta"], b["beta"]), max(a["beta"], b["beta"])
+        return None
+
+    for key, targets in (("distortion", refine_distortions), ("rate_bits", refine_rates)):
+        for value in targets:
+            for _ in range(max_refinements):
+                width = (curve_rate_at(points, value) or {}).get("interpolation_bits", 0.0) if key == "distortion" \
+                    else curve_distortion_at(points, value)["interpolation_bits"]
+                pair = around(key, value)
+                if width <= refine_bits or pair is None:
+                    break
+                lo, hi = pair
+                beta = 2.0 * lo if math.isinf(hi) else (lo * hi) ** 0.5 if lo > 0 else hi / 2.0
+                if beta in starts:
+                    break
+                add(beta, starts.get(lo))
+    return points
+
+
+def _lower_hull(points: list[dict]) -> list[dict]:
+    """The lower convex hull of the achieved (distortion, rate) points, in increasing distortion: every
+    mixture of achievable assignments is achievable (time sharing), so R(D) lies on or below it."""
+    pts = sorted(points, key=lambda p: (p["distortion"], p["rate_bits"]))
+    hull = []
+    for p in pts:
+        while len(hull) >= 2:
+            (a, b) = hull[-2], hull[-1]
+            cross = ((b["distortion"] - a["distortion"]) * (p["rate_bits"] - a["rate_bits"])
+                     - (b["rate_bits"] - a["rate_bits"]) * (p["distortion"] - a["distortion"]))
+            if cross <= 0:                     # b lies on or above the segment a-p
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    end = min(range(len(hull)), key=lambda i: (hull[i]["rate_bits"], -hull[i]["distortion"]))
+    return hull[:end + 1]                      # beyond the first rate-0 point the curve is flat at 0
+
+
+def _lines(points: list[dict]) -> list:
+    """(intercept, slope) in bits of the certified lines R(D) >= intercept - slope D (``rate_distortion_curve``)."""
+    return [(p["intercept_bits"], p["beta"] / math.log(2)) for p in points if p.get("intercept_bits") is not None]
+
+
+def curve_rate_at(points: list[dict], D: float) -> dict | None:
+    """R(D) of a swept curve (``rate_distortion_sweep``) at distortion D, bracketed: the lower convex hull
+    of the achieved points (an upper bound: they are achievable, and so are their mixtures) and the best of
+    the certified lines below the curve, max_i intercept_i - beta_i / ln 2 D (a lower bound, clipped at 0;
+    see ``rate_distortion_curve``). {"rate_bits": the upper bound, "interpolation_bits": upper - lower}, the
+    certified uncertainty, from the spacing of the points and from iterations stopped early. None when D
+    lies below the curve's smallest distortion D_nn (no assignment to this alphabet reaches it)."""
+    hull = _lower_hull(points)
+    if D < hull[0]["distortion"] * (1 - 1e-9):              # (1e-9: the distances' expansion rounds)
+        return None
+    if D <= hull[0]["distortion"] * (1 + 1e-9) and math.isinf(hull[0]["beta"]):
+        # at D_nn every channel puts all its mass on the nearest letters: R(D_nn) = H(nearest) exactly
+        # (for latents without ties, which continuous values have with probability 1)
+        return {"rate_bits": hull[0]["rate_bits"], "interpolation_bits": 0.0}
+    if D >= hull[-1]["distortion"]:
+        return {"rate_bits": 0.0, "interpolation_bits": 0.0}
+    for a, b in zip(hull, hull[1:]):
+        if a["distortion"] <= D <= b["distortion"]:
+            t = 0.0 if b["distortion"] == a["distortion"] else (D - a["distortion"]) / (b["distortion"] - a["distortion"])
+            upper = a["rate_bits"] + t * (b["rate_bits"] - a["rate_bits"])
+            break
+    lower = max([0.0] + [c - s * D for c, s in _lines(points)])
+    return {"rate_bits": upper, "interpolation_bits": max(upper - lower, 0.0)}
+
+
+def curve_distortion_at(points: list[dict], R: float) -> dict:
+    """D(R) of a swept curve at rate R bits, bracketed as ``curve_rate_at``: the hull's distortion at R (an
+    upper bound; D_nn, the curve's end, for any R at or above its end's rate: all the alphabet allows) and
+    the lower bound from the lines, D >= (intercept_i - R) ln 2 / beta_i. {"distortion": the upper bound,
+    "interpolation": upper - lower, "interpolation_bits": that width times the slope of the hull there, in
+    bits of rate}."""
+    hull = _lower_hull(points)
+    if R >= hull[0]["rate_bits"]:
+        return {"distortion": hull[0]["distortion"], "interpolation": 0.0, "interpolation_bits": 0.0}
+    for a, b in zip(hull, hull[1:]):
+        if b["rate_bits"] <= R <= a["rate_bits"]:
+            t = 0.0 if a["rate_bits"] == b["rate_bits"] else (a["rate_bits"] - R) / (a["rate_bits"] - b["rate_bits"])
+            upper = a["distortion"] + t * (b["distortion"] - a["distortion"])
+            slope = (a["rate_bits"] - b["rate_bits"]) / max(b["distortion"] - a["distortion"], 1e-300)
+            break
+    lower = max([0.0] + [(c - R) / s for c, s in _lines(points) if s > 0])
+    width = max(upper - lower, 0.0)
+    return {"distortion": upper, "interpolation": width, "interpolation_bits": width * slope}
+
+
+def gaussian_rate_distortion(eigenvalues: torch.Tensor, D: float) -> float:
+    """R(D) in bits of a Gaussian vector with covariance eigenvalues lambda_i under squared error summed
+    over its components, by reverse water-filling (Cover & Thomas, Thm. 10.3.3): D = sum_i min(theta, lambda_i),
+    R = sum_i max(0, 1/2 log2(lambda_i / theta)); theta found by bisection (float64). It bounds from above
+    the R(D) of every source with that covariance (the Gaussian is the hardest to compress)."""
+    lam = eigenvalues.double().clamp_min(0)
+    if D >= float(lam.sum()):
+        return 0.0
+    if D <= 0:
+        return math.inf
+    lo, hi = 0.0, float(lam.max())
+    for _ in range(200):
+        theta = 0.5 * (lo + hi)
+        lo, hi = (theta, hi) if float(torch.minimum(lam, torch.tensor(theta, dtype=lam.dtype)).sum()) < D else (lo, theta)
+    theta = 0.5 * (lo + hi)
+    return float(0.5 * torch.log2(lam[lam > theta] / theta).sum())
+
+
+def gaussian_distortion_rate(eigenvalues: torch.Tensor, R: float) -> float:
+    """D(R) of the same Gaussian (the inverse of ``gaussian_rate_distortion``): theta by bisection on
+    sum_i max(0, 1/2 log2(lambda_i / theta)) = R, D = sum_i min(theta, lambda_i)."""
+    lam = eigenvalues.double().clamp_min(0)
+    if R <= 0:
+        return float(lam.sum())
+    lo, hi = 0.0, float(lam.max())                                  # rate(theta) falls from inf to 0
+    pos = lam[lam > 0]
+    for _ in range(200):
+        theta = 0.5 * (lo + hi)
+        rate = float(0.5 * torch.log2(pos[pos > theta] / theta).sum()) if theta > 0 else math.inf
+        lo, hi = (theta, hi) if rate > R else (lo, theta)
+    theta = 0.5 * (lo + hi)
+    return float(torch.minimum(lam, torch.tensor(theta, dtype=lam.dtype)).sum())
+
+
+@torch.no_grad()
+def check_rate_distortion(model: "VQVAE") -> None:
+    """Raise BavqError unless the model's quantizer has an explicit alphabet (``rate_distortion_source``)."""
+    q = model.quantizer
+    p = next(model.parameters())
+    if q.rate_distortion_source(torch.zeros(1, q.embedding_dim, 1, 1, dtype=p.dtype, device=p.device)) is None:
+        supported = [n for n, c in QUANTIZERS.items() if c.rate_distortion_source is not Quantizer.rate_distortion_source]
+        raise BavqError(f"The rate-distortion analysis needs an explicit alphabet of decoder inputs (K vectors, one "
+                        f"per code, that the decoder can receive), and this model's quantizer has none: "
+                        f"{q.alphabet_note}. It is defined for {', '.join(supported)}.")
+
+
+@torch.no_grad()
+def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: int = 4096, alphabet_size: int = 2048,
+                           kmeans_iters: int = 10, repeats: int = 1, seed: int = 0, batch_size: int = 500,
+                           rate_tol_bits: float = 1e-2, points_per_octave: int = 2, max_iterations: int = 100,
+                           refine_bits: float = 0.01, dtype: torch.dtype = torch.float64,
+                           rt: "Runtime | None" = None) -> dict:
+    """Where a trained model's quantizer sits on the rate-distortion plane of its own encoder's latents.
+
+    The source: the latents of ``images_u8`` (the validation set) in the space where the quantizer measures
+    distortion (``Quantizer.rate_distortion_source``: the encoder output; its normalised direction with
+    --cosine; FSQ's bounded and LFQ's projected values), every latent position one letter, equally likely.
+    Distortion d(x, k) = ||x - a_k||^2 summed over the d channels, per position; rates in bits per position
+    (x positions per image for bits per image).
+
+      run        the model's own operating point over every position: rate = H of its eval code
+                 marginal, distortion = mean ||x - a_code||^2 (exact, all images);
+      codebook   R(D) with the run's own alphabet a_1..a_K (``rate_distortion_sweep``): what an optimal,
+                 rate-aware assignment to the same codes could reach;
+      kmeans     R(D) with a richer alphabet, the own codes plus ``alphabet_size`` k-means centroids
+                 (k-means++ and ``kmeans_iters`` Lloyd steps) fitted on other positions than the ones
+                 measured: the estimate of the source's R(D);
+      gaussian   R(D) of a Gaussian with the latents' covariance (all positions), reverse water-filling:
+                 the classical reference, an upper bound on the R(D) of any source with that covariance.
+
+    The two curves are computed on ``positions`` latent positions drawn at random (``seed``) without
+    replacement; with ``repeats`` > 1 on that many disjoint draws, and the spread of each gap over the draws
+    is reported as the error the subsample adds. The gaps compare like with like: the run's point on the
+    same positions (``run_measured``: its codes' entropy and mean distortion there) against each curve:
+    ``rate_bits`` = R_run - R(D_run) (bits of rate slack at the run's distortion) and ``distortion`` =
+    D_run - D(R_run) (distortion slack at its rate), each with its certified uncertainty
+    (``rate_uncertainty_bits``, ``distortion_uncertainty``: ``curve_rate_at`` / ``curve_distortion_at``; the
+    sweep is refined around the run's point until the rate is bracketed within ``refine_bits``). The Gaussian
+    gaps use the point over all positions. BA iterations: at most ``max_iterations`` per beta, stopped at
+    ``rate_tol_bits``; ``dtype`` of the (positions, letters) passes (float64; float32 gives the same gaps to
+    1e-3 bits but took twice as long, its rounding keeping the certificate from reaching the tolerance).
+    Raises BavqError for a quantizer without an explicit alphabet of decoder inputs."""
+    q = model.quantizer
+    check_rate_distortion(model)
+    was_training = model.training
+    model.eval()
+    rt = rt or Runtime(images_u8.device)
+    started = time.perf_counter()
+    per_image = q.rate_distortion_source(model.encoder(rt.prepare(to_float(images_u8[:1]))))[0].shape[0]
+    total = images_u8.shape[0] * per_image
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=g)
+    measured = min(positions, total // repeats)
+    if measured < 1:
+        raise BavqError(f"{images_u8.shape[0]} images give {total} latent positions, too few for {repeats} disjoint "
+                        f"draws of positions; give more images or fewer repeats.")
+    # k-means is fitted on up to 4 x alphabet_size other positions; where fewer than alphabet_size are left,
+    # on the measured ones (then the kmeans curve is optimistic: its centroids have seen the positions measured)
+    n_fit = min(total - repeats * measured, 4 * alphabet_size)
+    fit_on_measured = alphabet_size > 0 and n_fit < alphabet_size
+    chosen = order[:repeats * measured + (0 if fit_on_measured else n_fit)]
+    slot = torch.full((total,), -1, dtype=torch.long)
+    slot[chosen] = torch.arange(chosen.numel())
+    K = q.num_embeddings
+    counts = torch.zeros(K, dtype=torch.float64)
+    dist_sum, x_sum, xx_sum, kept = 0.0, None, None, []
+    for start in range(0, images_u8.shape[0], batch_size):
+        x_img = rt.prepare(to_float(images_u8[start:start + batch_size]))
+        with rt.autocast():
+            z = model.encoder(x_img)
+        z = _at_least_f32(z)
+        x, alphabet = q.rate_distortion_source(z)                                      # (B*H*W, d), (K, d)
+        idx = q(z)[2]["code_indices"].reshape(-1)                                      # (B*H*W,) eval codes
+        x64 = x.double()
+        counts += torch.bincount(idx, minlength=K).double().cpu()
+        dist_sum += float((x - alphabet[idx]).pow(2).sum())
+        x_sum = x64.sum(0) if x_sum is None else x_sum + x64.sum(0)
+        xx_sum = x64.t() @ x64 if xx_sum is None else xx_sum + x64.t() @ x64          # (d, d)
+        s = slot[start * per_image:start * per_image + x.shape[0]].to(x.device)
+        keep = s >= 0
+        kept.append((s[keep].cpu(), x[keep].double().cpu(), idx[keep].cpu()))
+    model.train(was_training)
+    order_kept = torch.cat([k[0] for k in kept]).argsort()
+    X = torch.cat([k[1] for k in kept])[order_kept]                                  # (chosen, d), in draw order
+    codes = torch.cat([k[2] for k in kept])[order_kept]                              # (chosen,), the run's codes
+    own = alphabet.double().cpu()                                                    # (K, d)
+    mean = x_sum.cpu() / total
+    cov = xx_sum.cpu() / total - mean[:, None] * mean[None, :]                       # (d, d), biased
+    eig = torch.linalg.eigvalsh(cov).clamp_min(0)
+    run = {"rate_bits": float(entropy_bits(counts)), "distortion": dist_sum / total}
+    fit = X[:measured] if fit_on_measured else X[repeats * measured:]
+    rich = own
+    if alphabet_size:
+        centres, _ = kmeans_codebook(fit.float(), min(alphabet_size, fit.shape[0]), kmeans_iters, generator=g)
+        rich = torch.cat([own, centres.double()])
+    curves = {"codebook": [], "kmeans": []}
+    gaps = {"codebook": [], "kmeans": []}
+    drawn = []
+    for r in range(repeats):
+        xs, cs = X[r * measured:(r + 1) * measured], codes[r * measured:(r + 1) * measured]
+        point = {"rate_bits": float(entropy_bits(torch.bincount(cs, minlength=K))),    # the run on these positions
+                 "distortion": float((xs - own[cs]).pow(2).sum(1).mean())}
+        drawn.append(point)
+        for name, alpha in (("codebook", own), ("kmeans", rich)):
+            if name == "kmeans" and not alphabet_size:
+                continue
+            pts = rate_distortion_sweep(squared_distances(xs, alpha), rate_tol_bits, points_per_octave,
+                                        max_iterations=max_iterations, dtype=dtype,
+                                        refine_distortions=[point["distortion"]], refine_rates=[point["rate_bits"]],
+                                        refine_bits=refine_bits)
+            curves[name].append(sorted(pts, key=lambda p: p["beta"]))
+            at, dr = curve_rate_at(pts, point["distortion"]), curve_distortion_at(pts, point["rate_bits"])
+            gaps[name].append({
+                "rate_bits": None if at is None else point["rate_bits"] - at["rate_bits"],
+                "rate_uncertainty_bits": None if at is None else at["interpolation_bits"],
+                "distortion": point["distortion"] - dr["distortion"], "distortion_uncertainty": dr["interpolation"]})
+    out = {"positions": measured, "positions_total": total, "positions_per_image": per_image, "repeats": repeats,
+           "seed": seed, "latent_channels": int(own.shape[1]), "codebook_size": K,
+           "alphabet_size": int(rich.shape[0]), "kmeans_iters": kmeans_iters, "kmeans_positions": int(fit.shape[0]) if alphabet_size else 0,
+           "kmeans_fit_on_measured": fit_on_measured,
+           "rate_tol_bits": rate_tol_bits, "run": {**run, "bits_per_image": run["rate_bits"] * per_image},
+           "run_measured": drawn[0] if repeats == 1 else drawn, "curves": {}, "gaps": {}}
+    for name in ("codebook", "kmeans"):
+        if not curves[name]:
+            continue
+        out["curves"][name] = curves[name][0]
+        out["gaps"][name] = _mean_gap(gaps[name])
+    g_rate = gaussian_rate_distortion(eig, run["distortion"])
+    out["gaps"]["gaussian"] = {"rate_bits": run["rate_bits"] - g_rate,
+                               "distortion": run["distortion"] - gaussian_distortion_rate(eig, run["rate_bits"])}
+    d_lo = min(min(p["distortion"] for p in c[0]) for c in curves.values() if c)
+    out["curves"]["gaussian"] = [{"rate_bits": gaussian_rate_distortion(eig, D), "distortion": D}
+                                 for D in torch.logspace(math.log10(max(d_lo, 1e-12)), math.log10(float(eig.sum())), 40,
+                                                         dtype=torch.float64).tolist()]
+    out["covariance_eigenvalues"] = eig.flip(0).tolist()
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def _mean_gap(per_draw: list) -> dict:
+    """Gaps over the draws of positions: their mean, and with several draws their standard deviation
+    (``*_spread``, n - 1) and the per-draw values."""
+    out = {}
+    for key in per_draw[0]:
+        vals = [g[key] for g in per_draw]
+        if any(v is None for v in vals):
+            out[key] = None
+            continue
+        out[key] = sum(vals) / len(vals)
+        if len(vals) > 1:
+            out[key + "_spread"] = statistics.stdev(vals)
+            out[key + "_draws"] = vals
+    return out
 
 
 def entropy_bits(counts: torch.Tensor) -> torch.Tensor:

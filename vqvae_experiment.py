@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from vqvae import (BavqError, Config, LossGuard, Runtime, VQVAE, _Exploded, _NonFinite, _StopRequested, build_model,
-                   config_fields, config_to_yaml, default_val_batch_size, evenly_spaced, frechet_distance,
-                   load_dataset, make_config, make_runtime, paper_metrics, perplexity_from_counts, pick_device,
+                   check_rate_distortion, config_fields, config_to_yaml, default_val_batch_size, evenly_spaced,
+                   frechet_distance, latent_rate_distortion, load_dataset, make_config, make_runtime, paper_metrics, perplexity_from_counts, pick_device,
                    seed_everything, setup_model, to_float, to_uint8, train_epoch, usage_from_counts, validate)
 
 
@@ -830,6 +830,39 @@ def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor,
     return path
 
 
+def save_rate_distortion_plot(rd: dict, path: Path, title: str) -> Path:
+    """rate_distortion.png: the R(D) curves of a model's latents (``latent_rate_distortion``) and the run's
+    own operating point, rate in bits per latent position against distortion per position."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    labels = {"codebook": f"own codebook ({rd['codebook_size']} codes)",
+              "kmeans": f"own + k-means ({rd['alphabet_size']} letters)", "gaussian": "Gaussian, same covariance"}
+    for name, style in (("gaussian", ":"), ("kmeans", "--"), ("codebook", "-")):
+        pts = rd["curves"].get(name)
+        if pts:
+            pts = sorted(pts, key=lambda p: p["distortion"])
+            ax.plot([p["distortion"] for p in pts], [p["rate_bits"] for p in pts], style, label=labels[name])
+    run = rd["run"]
+    gap = rd["gaps"]["codebook"]
+    ax.plot([run["distortion"]], [run["rate_bits"]], "k*", markersize=11,
+            label=f"this model: {run['rate_bits']:.2f} bits, D {run['distortion']:.3g}"
+                  + (f" ({gap['rate_bits']:+.2f} bits vs own curve)" if gap.get("rate_bits") is not None else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("distortion: squared error per latent position")
+    ax.set_ylabel("rate: bits per latent position")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 # ---------------------------------------------------------------------------- the experiment: train(cfg)
 
 
@@ -1334,13 +1367,19 @@ def _checkpoint_of_run(run_dir: Path, checkpoint: str | os.PathLike, checkpoints
 
 
 def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto",
-                 data_dir: str | None = None, out_name: str | None = None, eval_metrics=None) -> dict:
+                 data_dir: str | None = None, out_name: str | None = None, eval_metrics=None,
+                 rate_distortion: dict | None = None) -> dict:
     """Every validation metric of a finished run (or of one of its checkpoints) on its whole test
     set, written into the run directory: eval_metrics.json, eval_recon.png and eval_usage.png for the
     final model; eval_metrics_<checkpoint>.json, eval_recon_<checkpoint>.png, eval_usage_<checkpoint>.png
-    for a checkpoint (so no evaluation overwrites another). Returns the metrics."""
+    for a checkpoint (so no evaluation overwrites another). ``rate_distortion``: also the R(D) analysis of
+    the model's latents on the test set (``vqvae.latent_rate_distortion``, these keyword arguments, {} for
+    its defaults), written as rate_distortion[_<checkpoint>].json and .png; its summary is in the result
+    under "rate_distortion". Returns the metrics."""
     model, cfg = load_run(run_dir, checkpoint, device)        # refuses a checkpoint of another run
     check_metric_packages(cfg.eval_metrics if eval_metrics is None else eval_metrics)
+    if rate_distortion is not None:
+        check_rate_distortion(model)                          # refused before anything is computed or written
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     dev = next(model.parameters()).device
@@ -1361,4 +1400,12 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
                     f"{cfg.resolved_name()} (evaluation{tag.replace('_', ', ', 1)}), val PSNR {metrics['psnr']:.2f} dB")
     save_usage_plot(None, metrics["code_counts"], run_dir / f"eval_usage{tag}.png",
                     f"{cfg.resolved_name()} (evaluation{tag.replace('_', ', ', 1)})")
+    if rate_distortion is not None:
+        rd = latent_rate_distortion(model, val_u8, batch_size=default_val_batch_size(cfg), rt=rt, **rate_distortion)
+        rd = {"run": str(run_dir), "checkpoint": out["checkpoint"], **rd}
+        path = run_dir / f"rate_distortion{tag}.json"
+        atomic_write_text(path, json.dumps(rd, indent=1))
+        save_rate_distortion_plot(rd, run_dir / f"rate_distortion{tag}.png",
+                                  f"{cfg.resolved_name()}: R(D) of its latents ({rd['positions']} positions)")
+        out["rate_distortion"] = {"written_to": str(path), "run_point": rd["run"], "gaps": rd["gaps"]}
     return out

@@ -191,3 +191,33 @@ def test_a_run_trained_with_fp16_evaluates_on_the_cpu_in_float32(tmp_path):
     (run / "config.yaml").write_text(text.replace("amp: auto", "amp: fp16"))      # as written on a GPU
     m = vqvae.evaluate_run(run, device="cpu")
     assert abs(m["psnr"] - json.loads((run / "final_metrics.json").read_text())["psnr"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_evaluate_computes_the_rate_distortion_analysis_on_request_and_refuses_residual_vq(tmp_path, capsys):
+    """--rate_distortion: rate_distortion.json (the library's analysis of the run's latents on the test set, with
+    the flags' settings) and its plot; the printed line gives the gaps. Residual VQ is refused in one paragraph
+    before anything is written; a bad flag value likewise."""
+    for q in ("ba_vq", "rvq"):
+        vqvae.train(tiny_config(quantizer=q, out_dir=str(tmp_path), name=q, checkpoint_every=0))
+    run = tmp_path / "ba_vq"
+    assert evaluate.main([str(run), "--device", "cpu", "--rate_distortion", "--rd_positions", "900",
+                          "--rd_alphabet", "64", "--rd_seed", "3"]) == 0
+    rd = json.loads((run / "rate_distortion.json").read_text())
+    model, cfg = vqvae.load_run(run)
+    _, val_u8 = vqvae.load_dataset(cfg)
+    again = vqvae.latent_rate_distortion(model, val_u8, positions=900, alphabet_size=64, seed=3)
+    assert rd["positions"] == 900 and rd["alphabet_size"] == 32 + 64 and rd["seed"] == 3
+    for name in ("codebook", "kmeans", "gaussian"):
+        assert rd["gaps"][name] == pytest.approx(again["gaps"][name], rel=1e-9), name
+    assert rd["run"] == pytest.approx(again["run"], rel=1e-9)
+    assert (run / "rate_distortion.png").is_file()
+    out = capsys.readouterr().out
+    assert f"codebook {rd['gaps']['codebook']['rate_bits']:+.3f}" in out and "rate_distortion.json" in out
+    before = sorted(p.name for p in (tmp_path / "rvq").iterdir())
+    assert evaluate.main([str(tmp_path / "rvq"), "--device", "cpu", "--rate_distortion"]) == 2
+    err = capsys.readouterr().err
+    assert "sum of one code per stage" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "rvq").iterdir()) == before          # nothing written
+    assert evaluate.main([str(run), "--rate_distortion", "--rd_repeats", "0"]) == 2
+    assert "--rd_repeats 0" in capsys.readouterr().err

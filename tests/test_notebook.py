@@ -36,6 +36,9 @@ def experiments(tmp_path_factory):
             for seed in SEEDS:
                 vqvae.train(tiny_config(quantizer=q, codebook_size=K, seed=seed, epochs=2, checkpoint_every=0,
                                         out_dir=str(out), name=f"{q}_k{K}_s{seed}"))
+        for q in QUANTIZERS:            # the R(D) analysis of one run per quantizer (notebook section 6)
+            vqvae.evaluate_run(out / f"{q}_k{K}_s0", device="cpu",
+                               rate_distortion={"positions": 1000, "alphabet_size": 32})
     finally:
         torch.set_num_threads(threads)
     # A run that crashed during epoch 2: config + one complete history line + a cut-off line, no final files.
@@ -133,7 +136,18 @@ def test_notebook_reports_real_runs(experiments, tmp_path, monkeypatch):
              "train_usage_rate", "psnr_soft", "lpips", "rfid", "epoch"}
     assert {r[0] for r in rows} == reported - shown and "code_entropy_bits" in {r[0] for r in rows}
 
-    assert images >= 3  # curves, usage histograms, rate-distortion plot
+    # section 6: one row per run with rate_distortion.json, its numbers as in the file
+    header, rows = _markdown_table(text, "run")
+    assert sorted(r[0] for r in rows) == sorted(f"{q}_k{K}_s0" for q in QUANTIZERS)
+    for cells in rows:
+        row = dict(zip(header, cells))
+        rd = json.loads((experiments / row["run"] / "rate_distortion.json").read_text())
+        assert row["rate (bits/position)"] == f"{rd['run_measured']['rate_bits']:.3f}"
+        g = rd["gaps"]["codebook"]
+        assert row["rate gap: own codebook"] == f"{g['rate_bits']:+.3f} ± {g['rate_uncertainty_bits']:.3f}"
+        assert row["rate gap: Gaussian"] == f"{rd['gaps']['gaussian']['rate_bits']:+.3f}"
+
+    assert images >= 4  # curves, usage histograms, rate-distortion plot, R(D) of the latents
 
 
 def test_committed_notebook_has_no_outputs():
