@@ -1,13 +1,11 @@
 """The command line (train.py): flags are never abbreviated, and whatever a run cannot use is refused in one
 paragraph, without a traceback and without writing anything."""
 import os
-import subprocess
-import sys
 
 import pytest
 
 import vqvae
-from conftest import ROOT, TINY, cli_in_process, one_paragraph as _one_paragraph, run_cli, tiny_config
+from conftest import TINY, cli_in_process, one_paragraph as _one_paragraph, run_cli, tiny_config
 
 
 @pytest.mark.slow
