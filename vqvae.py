@@ -2120,8 +2120,8 @@ class FSQQuantizer(Quantizer):
         """The bounded projections h (N, d) and the K integer grid points (in level units: rounding h is the
         nearest grid point), so distortion is FSQ's rounding error, squared and summed over the d values."""
         h = self.bound(self.proj_in(_flatten_latents(z)))                             # (N, d)
-        grid = self.indices_to_codes(torch.arange(self.num_embeddings, device=z.device)) * self._half_width()
-        return h, grid                                                                  # (K, d)
+        lattice = self.indices_to_codes(torch.arange(self.num_embeddings, device=z.device)) * self._half_width()
+        return h, lattice                                                               # (K, d)
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -2804,7 +2804,7 @@ def rate_distortion_curve(distances: torch.Tensor, betas, weights: torch.Tensor 
     return points
 
 
-def rate_distortion_sweep(distances: torch.Tensor, rate_tol_bits: float = 1e-3, points_per_octave: int = 4,
+def trace_rate_distortion(distances: torch.Tensor, rate_tol_bits: float = 1e-3, points_per_octave: int = 4,
                           end_tol: float = 1e-3, max_points: int = 120, max_iterations: int = 2000,
                           dtype: torch.dtype = torch.float64, refine_distortions=(), refine_rates=(),
                           refine_bits: float = 0.01, max_refinements: int = 10) -> list[dict]:
@@ -2904,7 +2904,7 @@ def _lines(points: list[dict]) -> list:
 
 
 def curve_rate_at(points: list[dict], D: float) -> dict | None:
-    """R(D) of a swept curve (``rate_distortion_sweep``) at distortion D, bracketed: the lower convex hull
+    """R(D) of a swept curve (``trace_rate_distortion``) at distortion D, bracketed: the lower convex hull
     of the achieved points (an upper bound: they are achievable, and so are their mixtures) and the best of
     the certified lines below the curve, max_i intercept_i - beta_i / ln 2 D (a lower bound, clipped at 0;
     see ``rate_distortion_curve``). {"rate_bits": the upper bound, "interpolation_bits": upper - lower}, the
@@ -3010,7 +3010,7 @@ def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: i
 
       run        the model's own operating point over every position: rate = H of its eval code
                  marginal, distortion = mean ||x - a_code||^2 (exact, all images);
-      codebook   R(D) with the run's own alphabet a_1..a_K (``rate_distortion_sweep``): what an optimal,
+      codebook   R(D) with the run's own alphabet a_1..a_K (``trace_rate_distortion``): what an optimal,
                  rate-aware assignment to the same codes could reach;
       kmeans     R(D) with a richer alphabet, the own codes plus ``alphabet_size`` k-means centroids
                  (k-means++ and ``kmeans_iters`` Lloyd steps) fitted on other positions than the ones
@@ -3094,7 +3094,7 @@ def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: i
         for name, alpha in (("codebook", own), ("kmeans", rich)):
             if name == "kmeans" and not alphabet_size:
                 continue
-            pts = rate_distortion_sweep(squared_distances(xs, alpha), rate_tol_bits, points_per_octave,
+            pts = trace_rate_distortion(squared_distances(xs, alpha), rate_tol_bits, points_per_octave,
                                         max_iterations=max_iterations, dtype=dtype,
                                         refine_distortions=[point["distortion"]], refine_rates=[point["rate_bits"]],
                                         refine_bits=refine_bits)

@@ -100,20 +100,32 @@ def _run_jobs(configs: list, grid_name: str, jobs: int) -> int:
     1/N of the CPU threads and its own log file (``job_log_path``); the runs themselves are ordinary runs
     (run directory claims, resume, checkpoints), so a grid run with N jobs and one run one at a time write
     the same files. The parent prints each run's start and end and the grid's table from the run
-    directories. Ctrl-C reaches every worker (one process group): each saves its interrupted run."""
+    directories. Ctrl-C reaches every worker (one process group): each saves its interrupted run. Runs that
+    finished with the same settings are skipped here first: a finished grid starts no worker."""
     import multiprocessing as mp
-    ctx = mp.get_context("spawn")                       # fresh interpreters: no forked CUDA or thread state
-    counter, events = ctx.Value("i", 0), ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    out_dir = configs[0].out_dir
-    print(f"[bavq] {len(configs)} runs, {jobs} at a time on one device ({threads} CPU thread"
-          f"{'s' if threads > 1 else ''} each); their output: {job_log_path(out_dir, grid_name, 1)} ... "
-          f"{job_log_path(out_dir, grid_name, jobs).name}", flush=True)
-    workers = [ctx.Process(target=_job_worker, args=(configs, grid_name, j, counter, events, threads), daemon=False)
-               for j in range(1, jobs + 1)]
+    rows, todo = {}, []
+    for i, cfg in enumerate(configs):               # finished runs are skipped here, without starting a worker
+        final = _finished_as_asked(cfg)
+        if final is None:
+            todo.append(i)
+        else:
+            grid_failure_path(cfg.out_dir, grid_name, cfg.resolved_name()).unlink(missing_ok=True)
+            rows[i] = _plain_row(_summary_row(cfg, final, "skipped (finished)"))
+            print(f"[bavq] {cfg.resolved_name()} skipped (finished)", flush=True)
+    jobs = min(jobs, len(todo))
+    out_dir, alive, interrupted = configs[0].out_dir, jobs, False
+    workers = []
+    if jobs:
+        ctx = mp.get_context("spawn")                   # fresh interpreters: no forked CUDA or thread state
+        counter, events = ctx.Value("i", 0), ctx.Queue()
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        print(f"[bavq] {len(todo)} runs, {jobs} at a time on one device ({threads} CPU thread"
+              f"{'s' if threads > 1 else ''} each); their output: {job_log_path(out_dir, grid_name, 1)} ... "
+              f"{job_log_path(out_dir, grid_name, jobs).name}", flush=True)
+        workers = [ctx.Process(target=_job_worker, args=(configs, todo, grid_name, j, counter, events, threads),
+                               daemon=False) for j in range(1, jobs + 1)]
     for w in workers:
         w.start()
-    rows, alive, interrupted = {}, jobs, False
     try:
         while alive:
             try:
@@ -147,8 +159,9 @@ def _run_jobs(configs: list, grid_name: str, jobs: int) -> int:
     return int(any(r[-1].startswith("FAILED") for r in table))
 
 
-def _job_worker(configs: list, grid_name: str, job: int, counter, events, threads: int) -> None:
-    """One ``--jobs`` worker: take the next run index from ``counter`` until none is left."""
+def _job_worker(configs: list, todo: list, grid_name: str, job: int, counter, events, threads: int) -> None:
+    """One ``--jobs`` worker: take the next run of ``todo`` (indices into ``configs``) from ``counter`` until
+    none is left."""
     import torch
     torch.set_num_threads(threads)
     log = open(job_log_path(configs[0].out_dir, grid_name, job), "a", buffering=1)
@@ -156,10 +169,11 @@ def _job_worker(configs: list, grid_name: str, job: int, counter, events, thread
     try:
         while True:
             with counter.get_lock():
-                i = counter.value
+                n = counter.value
                 counter.value += 1
-            if i >= len(configs):
+            if n >= len(todo):
                 break
+            i = todo[n]
             events.put(("start", job, i))
             print(f"\n[bavq] job {job}: sweep run {i + 1}/{len(configs)}: {configs[i].resolved_name()}", flush=True)
             row = _sweep_row(configs[i], grid_name)
@@ -201,6 +215,20 @@ def _mark_failed(cfg: Config, grid_name: str, msg: str) -> None:
         atomic_write_text(path, msg + "\n")
     except (OSError, BavqError):
         pass
+
+
+def _finished_as_asked(cfg: Config) -> dict | None:
+    """The final metrics of ``cfg``'s run if it finished with these settings (what ``_sweep_member`` skips),
+    else None (not finished, other settings, or --overwrite: a worker handles it)."""
+    import yaml
+    run_dir = run_dir_of(cfg)
+    final_path, stored = run_dir / "final_metrics.json", run_dir / "config.yaml"
+    if cfg.overwrite or not (final_path.is_file() and stored.is_file()):
+        return None
+    old = yaml.safe_load(stored.read_text()) or {}
+    if config_differences(old, cfg) or old.get("epochs", cfg.epochs) != cfg.epochs:
+        return None
+    return json.loads(final_path.read_text())
 
 
 def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:

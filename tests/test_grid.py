@@ -154,10 +154,10 @@ def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
 # --------------------------------------------------------------------------- --jobs: several runs at once
 
 
-def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, capsys):
+def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, capsys, monkeypatch):
     """--jobs 2: every run once, in its own directory, with the final metrics of the same grid run one at a
     time (workers have 1 CPU thread here, the sequential grid 2: equal to float32 reduction order); the
-    job logs hold each run's output; a second invocation skips them all."""
+    job logs hold each run's output; a second invocation skips them all without starting a worker."""
     grid = ["--quantizer", "vq_ema", "ba_vq", "--name", "g"]
     seq, par = tmp_path / "seq", tmp_path / "par"
     assert cli.main([*TINY, *grid, "--out_dir", str(seq)]) == 0                  # one at a time, in this process
@@ -173,8 +173,9 @@ def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, caps
     assert all("sweep run" in logs and f"-> {par / n}" in logs for n in names)
     table = r.stdout[r.stdout.index("run "):]
     assert all(next(l for l in table.splitlines() if l.startswith(n)).rstrip().endswith("finished") for n in names)
-    r = run_cli([*TINY, *grid, "--out_dir", str(par), "--jobs", "2"], cwd=tmp_path)
+    r = cli_in_process([*TINY, *grid, "--out_dir", str(par), "--jobs", "2"], capsys, tmp_path, monkeypatch)
     assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 2 * 2   # its event line and the table
+    assert "at a time on one device" not in r.stdout                              # no worker started
 
 
 def test_jobs_report_a_failed_run_and_finish_the_others(tmp_path):

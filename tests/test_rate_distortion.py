@@ -90,7 +90,7 @@ def test_a_sweep_runs_from_the_rate_zero_end_to_the_nearest_letter_end():
     z = torch.randn(300, 2, generator=g, dtype=torch.float64)
     codes = torch.randn(24, 2, generator=g, dtype=torch.float64)
     d = vqvae.squared_distances(z, codes)
-    pts = vqvae.rate_distortion_sweep(d)
+    pts = vqvae.trace_rate_distortion(d)
     assert pts[0]["beta"] == 0 and pts[0]["rate_bits"] == 0
     assert pts[0]["distortion"] == pytest.approx(float(d.mean(0).min()))        # the best single letter
     nearest = d.argmin(1)
@@ -113,8 +113,8 @@ def test_interpolation_on_the_binary_curve_is_bracketed_by_hull_and_lines():
     the same for D(R)."""
     hamming = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     Ds = (0.02, 0.1, 0.25, 0.4)
-    coarse = vqvae.rate_distortion_sweep(hamming, rate_tol_bits=1e-9, points_per_octave=1)
-    pts = vqvae.rate_distortion_sweep(hamming, rate_tol_bits=1e-9, points_per_octave=1, refine_distortions=Ds,
+    coarse = vqvae.trace_rate_distortion(hamming, rate_tol_bits=1e-9, points_per_octave=1)
+    pts = vqvae.trace_rate_distortion(hamming, rate_tol_bits=1e-9, points_per_octave=1, refine_distortions=Ds,
                                       refine_rates=[1 - h2(D) for D in Ds], refine_bits=0.005)
     for D in Ds:
         wide, at = vqvae.curve_rate_at(coarse, D), vqvae.curve_rate_at(pts, D)
@@ -152,7 +152,7 @@ def test_a_sampled_gaussian_with_a_fine_alphabet_follows_reverse_water_filling()
     axis = torch.linspace(-6, 6, 25, dtype=torch.float64)
     grid = torch.cartesian_prod(axis, axis)                                      # (625, 2), step 0.5
     Ds = (0.4, 1.0, 2.0, 3.5)
-    pts = vqvae.rate_distortion_sweep(vqvae.squared_distances(x, grid), rate_tol_bits=1e-2, points_per_octave=2,
+    pts = vqvae.trace_rate_distortion(vqvae.squared_distances(x, grid), rate_tol_bits=1e-2, points_per_octave=2,
                                       max_iterations=200, refine_distortions=Ds)
     for D in Ds:
         at = vqvae.curve_rate_at(pts, D)

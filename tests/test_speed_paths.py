@@ -313,7 +313,7 @@ def test_fp16_gradient_scaler_skips_overflowing_steps(bad_steps):
     they were. Without overflows the losses and the (unscaled) gradient norm are float32's to fp16
     rounding."""
     rt = _fp16_runtime()
-    cfg = tiny_config(quantizer="vq_ema", grad_clip=1.0)
+    cfg = tiny_config(quantizer="vq_ema", grad_clip=1.0, train_subset=128, batch_size=32)   # 4 steps
     train_u8, _ = vqvae.load_dataset(cfg)
     model, opt = vqvae.setup_model(cfg, torch.device("cpu"), rt)
     start = {k: v.clone() for k, v in model.named_parameters()}
@@ -377,8 +377,8 @@ def test_compiled_model_marks_a_cuda_graph_step_per_training_step_and_eval_batch
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_ba_kernels_equal_the_eager_ones():
-    """The torch.compile'd fused-BA chunk functions (float64, chunks of 7 rows with a remainder of 2,
-    so a second shape is compiled too) give the eager outputs, indices and gradients of z and E."""
+    """The torch.compile'd fused-BA chunk functions (float64, three chunks of 10 rows: one compiled shape
+    each way, as a training step of equal chunks) give the eager outputs, indices and gradients of z and E."""
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(30, 5, generator=g, dtype=torch.float64) * 0.5
     E0 = torch.randn(9, 5, generator=g, dtype=torch.float64) * 0.5
@@ -386,7 +386,7 @@ def test_compiled_ba_kernels_equal_the_eager_ones():
     out = {}
     for name, kernels in (("eager", None), ("compiled", vqvae.compiled_ba_kernels())):
         z, E = z0.clone().requires_grad_(True), E0.clone().requires_grad_(True)
-        zq, lq, idx = vqvae.ba_soft_quantize(z, E, torch.tensor(3.0, dtype=torch.float64), 4, 7, kernels)
+        zq, lq, idx = vqvae.ba_soft_quantize(z, E, torch.tensor(3.0, dtype=torch.float64), 4, 10, kernels)
         ((w * zq).sum() - (lq.exp() * lq).sum()).backward()
         out[name] = (zq.detach(), lq.detach(), idx, z.grad, E.grad)
     for a, b in zip(out["eager"], out["compiled"]):
