@@ -2913,7 +2913,7 @@ def curve_rate_at(points: list[dict], D: float) -> dict | None:
     hull = _lower_hull(points)
     if D < hull[0]["distortion"] * (1 - 1e-9):              # (1e-9: the distances' expansion rounds)
         return None
-    if D <= hull[0]["distortion"] * (1 + 1e-9) and math.isinf(hull[0]["beta"]):
+    if D <= hull[0]["distortion"] * (1 + 1e-9) and (hull[0]["beta"] is None or math.isinf(hull[0]["beta"])):
         # at D_nn every channel puts all its mass on the nearest letters: R(D_nn) = H(nearest) exactly
         # (for latents without ties, which continuous values have with probability 1)
         return {"rate_bits": hull[0]["rate_bits"], "interpolation_bits": 0.0}
@@ -3113,7 +3113,8 @@ def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: i
     for name in ("codebook", "kmeans"):
         if not curves[name]:
             continue
-        out["curves"][name] = curves[name][0]
+        # beta None = infinity, the nearest-letter end (JSON has no infinity); curve_rate_at reads either
+        out["curves"][name] = [{**p, "beta": None if math.isinf(p["beta"]) else p["beta"]} for p in curves[name][0]]
         out["gaps"][name] = _mean_gap(gaps[name])
     g_rate = gaussian_rate_distortion(eig, run["distortion"])
     out["gaps"]["gaussian"] = {"rate_bits": run["rate_bits"] - g_rate,

@@ -203,7 +203,11 @@ def test_evaluate_computes_the_rate_distortion_analysis_on_request_and_refuses_r
     run = tmp_path / "ba_vq"
     assert evaluate.main([str(run), "--device", "cpu", "--rate_distortion", "--rd_positions", "900",
                           "--rd_alphabet", "64", "--rd_seed", "3"]) == 0
-    rd = json.loads((run / "rate_distortion.json").read_text())
+    text = (run / "rate_distortion.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text                           # strict JSON
+    rd = json.loads(text)
+    pts = rd["curves"]["codebook"]
+    assert pts[-1]["beta"] is None and vqvae.curve_rate_at(pts, pts[-1]["distortion"])["rate_bits"] == pts[-1]["rate_bits"]
     model, cfg = vqvae.load_run(run)
     _, val_u8 = vqvae.load_dataset(cfg)
     again = vqvae.latent_rate_distortion(model, val_u8, positions=900, alphabet_size=64, seed=3)
