@@ -774,14 +774,29 @@ def recon_rows(model: VQVAE, images_u8: torch.Tensor, n: int) -> tuple[torch.Ten
     return x, x_recon
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported when a plot is first drawn."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _write_figure(plt, fig, path: Path) -> Path:
+    """``fig`` as PNG at ``path`` (atomically), then closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 @torch.no_grad()
 def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int, title: str = "") -> Path:
     """recon.png: ``n`` evenly spaced validation images (row "original") above their eval-mode
     (hard-code) reconstructions (row "reconstruction", clipped to [0, 1] for display), each image
     shown 3x enlarged, with ``title`` (run, epoch, PSNR) on top."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     x, x_recon = recon_rows(model, images_u8, n)
     rows = {"original": x, "reconstruction": x_recon}
     fig, axes = plt.subplots(2, x.shape[0], figsize=(1.1 * x.shape[0] + 1.2, 3.0), dpi=100, squeeze=False)
@@ -794,19 +809,13 @@ def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int, t
         axes[r][0].set_ylabel(label, fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.12, right=0.99, bottom=0.02, top=0.86, wspace=0.05, hspace=0.08)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _write_figure(plt, fig, path)
 
 
 def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor, path: Path, title: str) -> Path:
     """usage.png: code-usage histograms (fraction of assignments per code, codes sorted by frequency),
     training epoch and validation pass."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     for counts, label, style in ((train_counts, "train (last epoch)", "--"), (val_counts, "validation", "-")):
         if counts is None:
@@ -823,19 +832,13 @@ def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor,
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _write_figure(plt, fig, path)
 
 
 def save_rate_distortion_plot(rd: dict, path: Path, title: str) -> Path:
     """rate_distortion.png: the R(D) curves of a model's latents (``latent_rate_distortion``) and the run's
     own operating point, rate in bits per latent position against distortion per position."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
     labels = {"codebook": f"own codebook ({rd['codebook_size']} codes)",
               "kmeans": f"own + k-means ({rd['alphabet_size']} letters)", "gaussian": "Gaussian, same covariance"}
@@ -844,7 +847,7 @@ def save_rate_distortion_plot(rd: dict, path: Path, title: str) -> Path:
         if pts:
             pts = sorted(pts, key=lambda p: p["distortion"])
             ax.plot([p["distortion"] for p in pts], [p["rate_bits"] for p in pts], style, label=labels[name])
-    run = rd["run"]
+    run = rd["run_measured"] if isinstance(rd["run_measured"], dict) else rd["run_measured"][0]   # the gaps' point
     gap = rd["gaps"]["codebook"]
     ax.plot([run["distortion"]], [run["rate_bits"]], "k*", markersize=11,
             label=f"this model: {run['rate_bits']:.2f} bits, D {run['distortion']:.3g}"
@@ -856,11 +859,7 @@ def save_rate_distortion_plot(rd: dict, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _write_figure(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------- the experiment: train(cfg)

@@ -217,30 +217,35 @@ def _mark_failed(cfg: Config, grid_name: str, msg: str) -> None:
         pass
 
 
+def _stored_differences(cfg: Config) -> list:
+    """How the settings stored in ``cfg``'s run directory differ from ``cfg`` (epochs included); [] when they
+    agree or nothing is stored."""
+    import yaml
+    stored = run_dir_of(cfg) / "config.yaml"
+    if not stored.is_file():
+        return []
+    old = yaml.safe_load(stored.read_text()) or {}
+    diff = config_differences(old, cfg)
+    if old.get("epochs", cfg.epochs) != cfg.epochs:
+        diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
+    return diff
+
+
 def _finished_as_asked(cfg: Config) -> dict | None:
     """The final metrics of ``cfg``'s run if it finished with these settings (what ``_sweep_member`` skips),
     else None (not finished, other settings, or --overwrite: a worker handles it)."""
-    import yaml
     run_dir = run_dir_of(cfg)
-    final_path, stored = run_dir / "final_metrics.json", run_dir / "config.yaml"
-    if cfg.overwrite or not (final_path.is_file() and stored.is_file()):
-        return None
-    old = yaml.safe_load(stored.read_text()) or {}
-    if config_differences(old, cfg) or old.get("epochs", cfg.epochs) != cfg.epochs:
+    final_path = run_dir / "final_metrics.json"
+    if cfg.overwrite or not ((run_dir / "config.yaml").is_file() and final_path.is_file()) or _stored_differences(cfg):
         return None
     return json.loads(final_path.read_text())
 
 
 def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
     """Run (or skip, or resume) one run of a sweep: (its config, final metrics, what happened)."""
-    import yaml
     run_dir = run_dir_of(cfg)
-    stored = run_dir / "config.yaml"
-    if stored.is_file() and not cfg.overwrite:
-        old = yaml.safe_load(stored.read_text()) or {}
-        diff = config_differences(old, cfg)
-        if old.get("epochs", cfg.epochs) != cfg.epochs:
-            diff.append(f"epochs: {old.get('epochs')!r} -> {cfg.epochs!r}")
+    if not cfg.overwrite:
+        diff = _stored_differences(cfg)
         if diff:
             raise BavqError(f"'{run_dir}' already holds a run with other settings ({'; '.join(diff)}). "
                             "Nothing was changed. Use another --name for this sweep. A run that was resumed with a "
