@@ -1786,10 +1786,11 @@ def mean_pair_distance(z_flat: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
             + (z_bar - e_bar).pow(2).sum())
 
 
-def distance_sums(d: torch.Tensor) -> torch.Tensor:
+def distance_sums(d: torch.Tensor, two: torch.Tensor | None = None) -> torch.Tensor:
     """(3,): over the rows of d (c, K), the sums of sum_k d, min_k d and the gap d_(2) - d_(1) between
-    the nearest and second-nearest code (BA-VQ's diagnostics)."""
-    two = d.topk(2, dim=1, largest=False).values                                    # (c, 2)
+    the nearest and second-nearest code (BA-VQ's diagnostics); ``two``: those two distances per row
+    (c, 2) when the caller has them."""
+    two = d.topk(2, dim=1, largest=False).values if two is None else two            # (c, 2)
     return torch.stack([d.sum(), two[:, 0].sum(), (two[:, 1] - two[:, 0]).sum()])
 
 
@@ -1874,65 +1875,84 @@ def _work(ws, i: int, like: torch.Tensor, c: int, K: int) -> torch.Tensor:
 
 def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool,
                       z_c: torch.Tensor | None = None, ws=None):
-    """One BA iteration on a row chunk: L = log P_t = log_softmax(A + log Q_{t-1}) (c, K) and its
-    column logsumexp (K,); at the last iteration also z_q = P_T E (c, D), argmax_k P_T (c,), the
-    chunk's ``assignment_sums`` (2,) and, when ``z_c`` is given, P_T^T z_c (K, D). ``ws``: two (C, K)
-    work buffers (``_work``)."""
+    """One BA iteration on a row chunk: L = log P_t = log_softmax(S), S = A + log Q_{t-1} (c, K); returns
+    its column logsumexp (K,) and the row logsumexp of S (c,) (what the backward needs to rebuild P_t
+    without a log_softmax); at the last iteration also z_q = P_T E (c, D), argmax_k P_T (c,), the chunk's
+    ``assignment_sums`` (2,) and, when ``z_c`` is given, P_T^T z_c (K, D). ``ws``: two (C, K) work
+    buffers (``_work``)."""
     c, K = A_c.shape
-    L = torch.log_softmax(torch.add(A_c, log_q, out=_work(ws, 0, A_c, c, K)), dim=1,
-                          out=_work(ws, 1, A_c, c, K))                               # (c, K)
+    S = torch.add(A_c, log_q, out=_work(ws, 0, A_c, c, K))                          # (c, K)
+    L = torch.log_softmax(S, dim=1, out=_work(ws, 1, A_c, c, K))                    # (c, K)
+    if last:
+        top, idx = L.max(dim=1)                                                      # one pass: argmax and max
+    else:
+        top = L.amax(dim=1)                                                          # (amax: a third of max's time)
+    lse = S.amax(dim=1) - top                        # logsumexp_k S: S - L at their common argmax, (c,)
     col = logsumexp_rows(L, out=_work(ws, 0, A_c, c, K))                            # logsumexp_x L, (K,)
     if last:
         P = exp_normal_to(L, _work(ws, 0, A_c, c, K))                               # P_T (over the spent buffer)
-        top, idx = L.max(dim=1)                                                      # one pass: argmax and max
         sums = torch.stack([-torch.dot(P.flatten(), L.flatten()), top.exp().sum()])  # assignment_sums(L, P)
-        return col, P @ E, idx, sums, (P.t() @ z_c if z_c is not None else None)
-    return col, None, None, None, None
+        return col, lse, P @ E, idx, sums, (P.t() @ z_c if z_c is not None else None)
+    return col, lse, None, None, None, None
 
 
-def _ba_backward_chunk(A_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, ws=None):
+def _ba_backward_chunk(A_c, lse_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, first: bool, ws=None):
     """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there): adds this
-    iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), and
-    returns (P^T u (K, 2), the colsum of the direct term (K,) or None, P^T g_zq (K, D) or None).
+    iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or writes
+    them there when ``first`` (the first iteration the backward visits: no zero fill), and returns
+    (P^T u (K, 2), the colsum of the direct term (K,) or None, P^T g_zq (K, D) or None).
     ``ws``: three (C, K) work buffers (``_work``)."""
     c, K = A_c.shape
-    L = torch.log_softmax(torch.add(A_c, log_q_prev, out=_work(ws, 0, A_c, c, K)), dim=1,
-                          out=_work(ws, 1, A_c, c, K))                               # L_t, (c, K)
-    P = exp_normal_to(L, _work(ws, 0, A_c, c, K))                                    # P_t
-    W = exp_normal_(L.sub_(col_t))                                                   # W_t: softmax over rows
-    u = W @ gq                                                                       # (c, 2): u_a, u_b
-    if acc_b is not None:                                                            # dS_b = W gq_b - P u_b
-        acc_b.addcmul_(W, gq[:, 1]).addcmul_(P, u[:, 1:2], value=-1.0)
-    acc.addcmul_(W, gq.sum(1)).addcmul_(P, u.sum(1, keepdim=True), value=-1.0)        # dS = dS_a + dS_b
+    ones = torch.ones(c, 1, dtype=A_c.dtype, device=A_c.device)
+    # W_t = exp(A + log Q_{t-1} - col_t - lse_t): one (c, 2) x (2, K) product added to A, then exp
+    W = exp_normal_(torch.addmm(A_c, torch.cat([ones, -lse_c[:, None]], 1),
+                                torch.stack([log_q_prev - col_t, torch.ones_like(col_t)]),
+                                out=_work(ws, 0, A_c, c, K)))                        # W_t (c, K)
+    nq = col_t.exp()                                                                 # N Q_t (K,): P_t = W_t N Q_t
+    u = (gq.t() @ W.t()).t()                                                         # W gq (c, 2): u_a, u_b
+    for target, g, v in ((acc_b, gq[:, 1], u[:, 1:2]), (acc, gq.sum(1), u.sum(1, keepdim=True))):
+        if target is None:
+            continue
+        G = torch.addcmul(g[None, :], v, nq[None, :], value=-1.0, out=_work(ws, 1, A_c, c, K))  # gq - u N Q_t
+        if first:                                                                    # dS = W * G = W gq - P u
+            torch.mul(W, G, out=target)
+        else:
+            target.addcmul_(W, G)
     m_col = g_direct = None
     if gzq is not None:                                                              # z_q = P E at t = T
+        P = torch.mul(W, nq, out=_work(ws, 1, A_c, c, K))                            # P_T
         M = torch.mm(gzq, E.t(), out=_work(ws, 2, A_c, c, K)).mul_(P)                # P * V, V = g_zq E^T
         M.addcmul_(P, M.sum(1, keepdim=True), value=-1.0)                            # dS_direct = P (V - rowsum(P V))
         m_col = M.sum(0)
         acc.add_(M)
         g_direct = P.t() @ gzq                                                       # (K, D)
-    return P.t() @ u, m_col, g_direct
+    return (u.t() @ W).t() * nq[:, None], m_col, g_direct                           # P^T u = N Q_t (W^T u)
 
 
 class _FusedBA(torch.autograd.Function):
     """Blahut-Arimoto soft quantization with a hand-written, row-chunked backward.
 
-    Forward (same maths as ``blahut_arimoto``): A = -beta d(z, E) is materialised once (N, K);
-    each iteration sweeps the rows in chunks, keeping only the K-vectors log Q_t. Outputs
-    z_q_soft = P_T E (N, D), log Q_T (K,) and argmax_k P_T (N,).
+    Forward (same maths as ``blahut_arimoto``): A = -beta (d(z, E) - min_k d) is materialised once (N, K)
+    (a per-row shift leaves every P_t and Q_t unchanged and keeps the logits near the best code small,
+    so float32 rounds them finely); each iteration sweeps the rows in chunks, keeping only the K-vectors
+    log Q_t and the N-vectors lse_t = logsumexp_k (A + log Q_{t-1}). Outputs z_q_soft = P_T E (N, D),
+    log Q_T (K,) and argmax_k P_T (N,).
 
-    Backward (exact, derived by hand; P_t is recomputed per chunk from A and log Q_{t-1}):
-      L_t = log_softmax(A + log Q_{t-1}),  log Q_t = logsumexp_x L_t - log N
-      dlogQ_t/dL_t(x, k) = W_t(x, k) = exp(L_t(x, k) - log Q_t(k) - log N)   (softmax over x)
+    Backward (exact, derived by hand; P_t and W_t are rebuilt per chunk from A, log Q_{t-1}, lse_t and col_t):
+      L_t = A + log Q_{t-1} - lse_t,  col_t = logsumexp_x L_t = log Q_t + log N
+      dlogQ_t/dL_t(x, k) = W_t(x, k) = exp(L_t(x, k) - col_t(k))   (softmax over x);  P_t = W_t N Q_t
       dL_t -> dS_t = dL_t - P_t * rowsum(dL_t);  dA += dS_t;  dlogQ_{t-1} = colsum(dS_t)
       d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
+    With u = W_t gq (the row sums of dL = W_t * gq), dS_t = W_t * (gq - u N Q_t): one (C, K) factor per path,
+    so each chunk and iteration is one exp (W_t), two thin products (W_t gq, W_t^T u) and one update of each
+    accumulator. The rows of dS sum to 0, so the row shift of A carries no gradient.
     Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
     reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
-    Per chunk and iteration the backward recomputes P_t and W_t from A and adds dS_t to dA (and dS_b,t
-    to dA_b) in place; dA^T z and dA_b E are formed once at the end. So the whole backward has four
-    D-wide products (those two, and g_zq E^T and P_T^T g_zq of the direct z_q = P_T E term), where the
-    first version had four per iteration (W [gq, gq_b E], W^T z, P E, P^T [u, u z]); the rest of its
-    cost is passes over (C, K) chunks.
+    Per chunk and iteration the backward adds dS_t to dA (and dS_b,t to dA_b) in place (the first
+    iteration it visits writes them: no zero fill); dA^T z and dA_b E are formed once at the end. So the
+    whole backward has four D-wide products (those two, and g_zq E^T and P_T^T g_zq of the direct
+    z_q = P_T E term), where the first version had four per iteration; the rest of its cost is passes
+    over (C, K) chunks.
     Memory: A (N, K) in the forward, A, dA and dA_b (3 x (N, K)) in the backward, plus two (forward)
     or three (backward) chunk-sized (C, K) work buffers allocated once per pass (``_work``), instead of
     several (N, K) matrices per iteration kept by autograd. Distances clamped at 0 are treated as exact in
@@ -1947,13 +1967,19 @@ class _FusedBA(torch.autograd.Function):
         log_n = math.log(N)
         A = torch.empty(N, K, dtype=z.dtype, device=z.device)
         diag = torch.zeros(5, dtype=z.dtype, device=z.device)    # distance_sums, then assignment_sums
+        e2 = E.pow(2).sum(1)                                                         # (K,)
         for s in range(0, N, C):
-            d_c = squared_distances(z[s:s + C], E)                                   # (C, K)
-            diag[:3] += distance_sums(d_c)
-            A[s:s + C] = d_c.mul_(-beta)                                             # -beta d, (C, K)
+            # d = ||e||^2 - 2 z.e + ||z||^2 written into A's rows (as squared_distances, without its
+            # three (C, K) temporaries), then A = -beta (d - min_k d): row shifts leave P and Q unchanged
+            d_c = torch.addmm(e2[None, :], z[s:s + C], E.t(), alpha=-2.0, out=A[s:s + C])
+            d_c.add_(z[s:s + C].pow(2).sum(1, keepdim=True)).clamp_min_(0.0)         # (C, K)
+            two = d_c.topk(2, dim=1, largest=False).values                           # (C, 2) nearest two
+            diag[:3] += distance_sums(d_c, two)
+            d_c.sub_(two[:, :1]).mul_(-beta)                                         # -beta (d - min_k d), (C, K)
         log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device) if log_q0 is None
                   else log_q0.detach().to(z.dtype)]                  # Q_0: uniform, or Q-bar (no gradient)
         cols = [log_qs[0]]                                   # unshifted logsumexp_x L_t (= log Q_t + log N)
+        lses = torch.empty(iterations, N, dtype=z.dtype, device=z.device)  # logsumexp_k (A + log Q_{t-1}), per t
         z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
         indices = torch.empty(N, dtype=torch.long, device=z.device)
         sums = torch.zeros(E.shape if centroid_sums else (0,), dtype=z.dtype, device=z.device)   # P_T^T z
@@ -1962,9 +1988,10 @@ class _FusedBA(torch.autograd.Function):
             col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)
             for s in range(0, N, C):
                 last = t == iterations
-                col_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
-                                                         z[s:s + C] if last and centroid_sums else None, ws)
+                col_c, lse_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
+                                                                z[s:s + C] if last and centroid_sums else None, ws)
                 col = torch.logaddexp(col, col_c)
+                lses[t - 1, s:s + C] = lse_c
                 if last:
                     z_q[s:s + C] = zq_c                                             # P_T E
                     indices[s:s + C] = idx_c
@@ -1975,7 +2002,7 @@ class _FusedBA(torch.autograd.Function):
             cols.append(col)
         log_qs = torch.stack(log_qs)                                                 # (T+1, K)
         log_cols = torch.stack(cols)
-        ctx.save_for_backward(z, E, A, log_qs, log_cols,
+        ctx.save_for_backward(z, E, A, log_qs, log_cols, lses,
                               beta.to(z.dtype) if torch.is_tensor(beta) else torch.tensor(beta, dtype=z.dtype))
         ctx.iterations, ctx.C, ctx.kernels = iterations, C, kernels
         ctx.mark_non_differentiable(indices, diag, sums)
@@ -1984,7 +2011,7 @@ class _FusedBA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_zq, g_lq, _g_idx, _g_diag, _g_sums):
-        z, E, A, log_qs, log_cols, beta = ctx.saved_tensors
+        z, E, A, log_qs, log_cols, lses, beta = ctx.saved_tensors
         T, C = ctx.iterations, ctx.C
         _, bwd_chunk = ctx.kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = A.shape
@@ -1998,8 +2025,8 @@ class _FusedBA(torch.autograd.Function):
             gq[:, 1] = g_lq
         ws = None if ctx.kernels else [torch.empty(min(C, N), K, dtype=A.dtype, device=A.device)
                                        for _ in range(3)]
-        acc = torch.zeros_like(A)                                     # dA = sum_t dS_t, both paths, (N, K)
-        acc_b = torch.zeros_like(A) if use_b else None                # dA_b = sum_t dS_b,t (entropy path)
+        acc = torch.empty_like(A)                                     # dA = sum_t dS_t, both paths, (N, K)
+        acc_b = torch.empty_like(A) if use_b else None                # dA_b = sum_t dS_b,t (entropy path)
         colsum_dA = torch.zeros(K, dtype=A.dtype, device=A.device)
         for t in range(T, 0, -1):
             # Per row chunk, with P = P_t and W = W_t, and u_p = W gq_p (row sums of dL_p = W * gq_p):
@@ -2013,8 +2040,9 @@ class _FusedBA(torch.autograd.Function):
             next_gq = gq.clone()                                                     # gq_p - sum P^T u_p
             for s in range(0, N, C):
                 PTu, m_col, g_direct = bwd_chunk(
-                    A[s:s + C], log_qs[t - 1], log_cols[t], E, gq, g_zq[s:s + C] if direct else None,
-                    acc[s:s + C], acc_b[s:s + C] if use_b else None, ws)
+                    A[s:s + C], lses[t - 1, s:s + C], log_qs[t - 1], log_cols[t], E, gq,
+                    g_zq[s:s + C] if direct else None, acc[s:s + C], acc_b[s:s + C] if use_b else None,
+                    t == T, ws)
                 next_gq -= PTu
                 if direct:
                     next_gq[:, 0] += m_col

@@ -43,10 +43,18 @@ def test_fast_and_plain_paths_agree(quantizer):
     m_plain, idx_plain, model_plain = run_steps(plain)
     assert len(idx_fast) == len(idx_plain) == 6
     for a, b in zip(idx_fast, idx_plain):
-        assert torch.equal(a, b)
+        if quantizer == "ba_vq":
+            # the fused pass sums in another order (row chunks, shifted logits) than autograd's reference, so a
+            # latent whose two best codes are within float32 rounding of a tie may pick the other one (seen: 1
+            # of 24,576); a wrong data order or path would change most indices
+            assert (a != b).sum() <= a.numel() // 1000
+        else:
+            assert torch.equal(a, b)
     for a, b in zip(m_fast, m_plain):
-        for k in ("loss", "recon_loss", *vqvae.QUANTIZERS[quantizer].loss_names, "grad_norm", "perplexity"):
+        for k in ("loss", "recon_loss", *vqvae.QUANTIZERS[quantizer].loss_names, "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+        # one swapped index (above) moves the perplexity of a 4,096-latent epoch by about 1 / 4,096
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4 if quantizer != "ba_vq" else 1e-3)
     for (n, p), (_, q) in zip(model_fast.state_dict().items(), model_plain.state_dict().items()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
 
