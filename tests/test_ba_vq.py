@@ -472,3 +472,27 @@ def test_fused_ba_keeps_one_n_by_k_matrix_for_the_backward(impl):
         assert nk <= saved <= nk + 16 * N * D * 4 + 4 * (T + 1) * K * 4
     else:
         assert saved >= T * nk
+
+
+def test_the_kept_backward_accumulators_carry_nothing_from_one_step_to_the_next():
+    """BA-VQ's fused backward keeps its two (N, K) accumulators between steps on the CPU (``BAWorkspace``):
+    a second backward on other latents, through the same workspace, gives the gradients of a fresh one, and
+    a batch of another size gets tensors of its own size; a copy of the model starts with none."""
+    import copy
+    g = torch.Generator().manual_seed(4)
+    E0 = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    ws = vqvae.BAWorkspace()
+
+    def grads(z0, workspace):
+        z, E = z0.clone().requires_grad_(True), E0.clone().requires_grad_(True)
+        zq, lq, _ = vqvae.ba_soft_quantize(z, E, 2.0, 3, 4, workspace=workspace)
+        ((zq * z0.flip(0)).sum() - (lq.exp() * lq).sum()).backward()
+        return z.grad, E.grad
+    for n in (12, 12, 9):
+        z0 = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        for a, b in zip(grads(z0, ws), grads(z0, None)):
+            assert torch.equal(a, b)
+        assert ws._kept["dA"].shape == (n, 7) and ws._kept["dA_b"].shape == (n, 7)
+    q = BAQuantizer(8, 3).train()
+    q(latents(B=1, D=3, H=2, W=2, scale=0.4).requires_grad_(True))[1]["entropy_loss"].backward()
+    assert q._ba_workspace._kept and not copy.deepcopy(q)._ba_workspace._kept

@@ -15,19 +15,21 @@ cd "$(dirname "$0")/.."
 run() { ${PYTHON:-python} train.py --dataset folder --data_dir "$DATA" --out_dir "$OUT" --no_wandb --no_progress \
             --seed 0 1 2 "$@"; }
 K="32 64 128 256 512 1024"
-# VQ-EMA: its best remedies (k-means start, restarts), and the defaults (rate set by how far it collapses)
+# In order of what the comparison needs first: the two flagship frontiers, then IBQ and FSQ, then the rest.
+# VQ-EMA with its best remedies (k-means start, restarts) and BA-VQ in its best setting, over K
 run --config configs/reduced_vq_ema_best.yaml --codebook_size $K --name vq_ema_best
-run --config configs/reduced.yaml --quantizer vq_ema --codebook_size $K --name vq_ema
-# BA-VQ, its best setting: K, then the beta range at K=512
 run --config configs/reduced_ba_vq_best.yaml --codebook_size $K --name ba_vq_best
-for b in "50 500" "100 1000" "400 4000"; do
-    set -- $b
-    run --config configs/reduced_ba_vq_best.yaml --beta_start "$1" --beta_end "$2" --name "ba_vq_best_beta$2"
-done
+# IBQ
+run --config configs/reduced.yaml --quantizer ibq --codebook_size 64 256 512 1024 --name ibq
 # FSQ: the levels set K (the FSQ paper's sets for about 2^6 .. 2^10 codes)
 for levels in "4 4 4" "8 5 5" "8 8 8" "8 5 5 5"; do
     run --config configs/reduced.yaml --quantizer fsq --fsq_levels $levels --codebook_size $(( ${levels// /*} )) \
         --name "fsq_${levels// /x}"
 done
-# IBQ
-run --config configs/reduced.yaml --quantizer ibq --codebook_size 64 256 512 1024 --name ibq
+# VQ-EMA with its defaults (the rate is set by how far it collapses)
+run --config configs/reduced.yaml --quantizer vq_ema --codebook_size $K --name vq_ema
+# BA-VQ's beta range at K=512
+for b in "50 500" "100 1000" "400 4000"; do
+    set -- $b
+    run --config configs/reduced_ba_vq_best.yaml --beta_start "$1" --beta_end "$2" --name "ba_vq_best_beta$2"
+done
