@@ -103,6 +103,7 @@ def _run_jobs(configs: list, grid_name: str, jobs: int) -> int:
     directories. Ctrl-C reaches every worker (one process group): each saves its interrupted run. Runs that
     finished with the same settings are skipped here first: a finished grid starts no worker."""
     import multiprocessing as mp
+    import queue
     rows, todo = {}, []
     for i, cfg in enumerate(configs):               # finished runs are skipped here, without starting a worker
         final = _finished_as_asked(cfg)
@@ -129,10 +130,14 @@ def _run_jobs(configs: list, grid_name: str, jobs: int) -> int:
     try:
         while alive:
             try:
-                kind, job, payload = events.get()
+                kind, job, payload = events.get(timeout=1.0)
             except KeyboardInterrupt:                     # the workers got it too: wait for their checkpoints
                 interrupted = True
                 continue
+            except queue.Empty:                           # a worker that died (killed, out of memory, or could
+                if any(w.is_alive() for w in workers):    # not start) sends no "exit": stop waiting when none
+                    continue                              # is left (its runs are reported FAILED below)
+                break
             if kind == "start":
                 print(f"[bavq] job {job}: sweep run {payload + 1}/{len(configs)}: {configs[payload].resolved_name()}",
                       flush=True)

@@ -3,8 +3,11 @@ settings, or its first line says what it needs (`# needs: CIFAR-10`, `# needs: n
 GPU`, ...) and it is only shown."""
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -55,9 +58,30 @@ def test_the_block_reader_sees_runnable_and_marked_blocks(tmp_path):
         ("bash", None, 2), ("python", "network", 6), ("yaml", None, 10)]
 
 
-def _checkout_copy(tmp_path: Path) -> tuple[Path, dict]:
+@pytest.fixture(scope="module")
+def zygote():
+    """A preloaded interpreter that runs the snippets' `python FILE.py ...` commands (tests/zygote.py): the
+    path of its socket, or None where it cannot start (then the snippets use new interpreters)."""
+    folder = tempfile.mkdtemp(prefix="bavq-zygote-")           # short: a socket path has at most 107 bytes
+    path = os.path.join(folder, "s")
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py"), path], cwd=folder, env=env)
+    deadline = time.time() + 120
+    while not os.path.exists(path) and server.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    yield path if os.path.exists(path) else None
+    if server.poll() is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import zygote as z
+        z.stop(path)
+        server.wait(timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _checkout_copy(tmp_path: Path, zygote: str | None = None) -> tuple[Path, dict]:
     """A folder with the checkout's scripts and configs (symlinked), and an environment in which
-    `python` is this interpreter and W&B is off."""
+    `python` is this interpreter (`python FILE.py ...` through the preloaded one when ``zygote`` is its
+    socket) and W&B is off."""
     work = tmp_path / "checkout"
     work.mkdir()
     for name in CHECKOUT:
@@ -65,8 +89,10 @@ def _checkout_copy(tmp_path: Path) -> tuple[Path, dict]:
             (work / name).symlink_to(ROOT / name)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    run = (f'"{sys.executable}" -S "{ROOT / "tests" / "zygote.py"}" --client "{sys.executable}" "{zygote}"'
+           if zygote else f'"{sys.executable}"')
     for exe in ("python", "python3"):                # a shim, not a link: a link would lose the virtualenv
-        (bin_dir / exe).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / exe).write_text(f'#!/bin/sh\nexec {run} "$@"\n')
         (bin_dir / exe).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
@@ -75,10 +101,10 @@ def _checkout_copy(tmp_path: Path) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_every_snippet_runs(doc, tmp_path, monkeypatch):
+def test_every_snippet_runs(doc, tmp_path, monkeypatch, zygote):
     """The file's python blocks run in order in one namespace (as in a notebook), its bash blocks each as
     one `bash -e` script, all in one folder; blocks that say what they need are skipped."""
-    work, env = _checkout_copy(tmp_path)
+    work, env = _checkout_copy(tmp_path, zygote)
     monkeypatch.chdir(work)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     namespace = {"__name__": "__snippet__"}

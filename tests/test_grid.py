@@ -194,3 +194,22 @@ def test_jobs_must_be_positive(tmp_path, capsys, monkeypatch):
     r = cli_in_process([*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "ba_vq", "--jobs", "0"], capsys,
                        tmp_path, monkeypatch)
     assert r.returncode == 2 and "--jobs 0" in r.stderr
+
+
+def test_jobs_whose_workers_die_end_with_their_runs_failed_instead_of_waiting(tmp_path):
+    """A worker that dies without a word (killed, out of memory, or unable to start) must not leave the grid
+    waiting for it: here the script that started the grid is gone when the spawned workers look for it, so
+    both die at start-up; the grid ends, exit 1, with both runs FAILED (it used to wait forever)."""
+    script = tmp_path / "grid_then_vanish.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "if __name__ == '__main__':\n"
+        "    os.remove(__file__)\n"
+        f"    sys.exit(train.main({[*TINY, '--out_dir', str(tmp_path / 'g'), '--quantizer', 'vq_ema', 'ba_vq', '--jobs', '2']!r}))\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    table = r.stdout[r.stdout.index("run "):]
+    assert sum("FAILED (its job ended)" in l for l in table.splitlines()) == 2
