@@ -111,12 +111,14 @@ def test_shards_are_disjoint_deterministic_and_cover_the_grid(tmp_path):
 def test_grid_parts_in_separate_processes_and_the_summary(tmp_path, capsys):
     out = tmp_path / "exp"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    run = lambda *extra, env=env: subprocess.run([sys.executable, str(ROOT / "train.py"), *GRID, "--out_dir", str(out), *extra],
-                                                 cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    r1 = run("--shard", "1/3")
-    r3 = run(env={**env, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
-    assert r1.returncode == 0 and r3.returncode == 0, r1.stderr + r3.stderr
-    assert "part 1 of 3" in r1.stdout and "part 3 of 3" in r3.stdout
+    start = lambda *extra, env=env: subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *GRID, "--out_dir", str(out), *extra], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p1 = start("--shard", "1/3")                                          # two parts at the same time, as on a cluster
+    p3 = start(env={**env, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+    (out1, err1), (out3, err3) = p1.communicate(timeout=300), p3.communicate(timeout=300)
+    assert p1.returncode == 0 and p3.returncode == 0, err1 + err3
+    assert "part 1 of 3" in out1 and "part 3 of 3" in out3
     done = {p.name for p in out.iterdir() if (p / "final_metrics.json").is_file()}
     # grid order vq_ema s0, vq_ema s1, vq s0, vq s1, ba_vq s0, ba_vq s1: part 1 = runs 1, 4; part 3 = runs 3, 6
     assert done == {"g_vq_ema_k16_s0", "g_vq_k16_s1", "g_vq_k16_s0", "g_ba_vq_k16_s1"}

@@ -385,20 +385,27 @@ def test_compiled_model_marks_a_cuda_graph_step_per_training_step_and_eval_batch
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_ba_kernels_equal_the_eager_ones():
-    """The torch.compile'd fused-BA chunk functions (float64, three chunks of 10 rows: one compiled shape
-    each way, as a training step of equal chunks) give the eager outputs, indices and gradients of z and E."""
+    """The torch.compile'd fused-BA chunk functions give the eager outputs, indices and gradients of z and E to
+    float32 rounding (compiled reductions sum in another order), at the shapes of a training step of
+    ``tiny_config`` (N = 64 x 8 x 8 latents of 16 dims, K = 32, 5 iterations, one chunk): the compiled step of
+    test_compiled_model_matches_eager[ba_vq] then reuses these kernels from Inductor's cache instead of
+    compiling them again (the suite's time)."""
+    cfg = tiny_config(quantizer="ba_vq")
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(30, 5, generator=g, dtype=torch.float64) * 0.5
-    E0 = torch.randn(9, 5, generator=g, dtype=torch.float64) * 0.5
-    w = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    N, D, K = cfg.batch_size * 8 * 8, cfg.latent_dim, cfg.codebook_size
+    z0, E0 = torch.randn(N, D, generator=g) * 0.5, torch.randn(K, D, generator=g) * 0.5
+    w = torch.randn(N, D, generator=g)
     out = {}
     for name, kernels in (("eager", None), ("compiled", vqvae.compiled_ba_kernels())):
         z, E = z0.clone().requires_grad_(True), E0.clone().requires_grad_(True)
-        zq, lq, idx = vqvae.ba_soft_quantize(z, E, torch.tensor(3.0, dtype=torch.float64), 4, 10, kernels)
+        zq, lq, idx = vqvae.ba_soft_quantize(z, E, torch.tensor(3.0), cfg.ba_iterations, 0, kernels)
         ((w * zq).sum() - (lq.exp() * lq).sum()).backward()
         out[name] = (zq.detach(), lq.detach(), idx, z.grad, E.grad)
     for a, b in zip(out["eager"], out["compiled"]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))   # sums of 4,096 rows
+        else:
+            assert (a != b).float().mean() < 1e-3                          # float32 near-ties only
     assert out["eager"][3].abs().sum() > 0 and out["eager"][4].abs().sum() > 0
 
 
