@@ -1587,6 +1587,13 @@ class BAQuantizer(CodebookQuantizer):
         self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
         self._ba_workspace = BAWorkspace()                               # the fused backward's (N, K) accumulators
 
+    def train(self, mode: bool = True):
+        """As nn.Module.train; evaluation also lets go of the fused backward's kept accumulators (validation
+        does not need them; the next training step allocates them again)."""
+        if not mode:
+            self._ba_workspace.clear()
+        return super().train(mode)
+
     def compile_kernels(self) -> None:
         """Use torch.compile'd chunk functions in the fused BA pass (``--compile``; same maths)."""
         if self.ba_impl == "fused":
@@ -1884,6 +1891,9 @@ class BAWorkspace:
         if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
             self._kept[name] = t = torch.empty_like(like)
         return t
+
+    def clear(self) -> None:
+        self._kept.clear()
 
     def __deepcopy__(self, memo):
         return BAWorkspace()

@@ -496,3 +496,5 @@ def test_the_kept_backward_accumulators_carry_nothing_from_one_step_to_the_next(
     q = BAQuantizer(8, 3).train()
     q(latents(B=1, D=3, H=2, W=2, scale=0.4).requires_grad_(True))[1]["entropy_loss"].backward()
     assert q._ba_workspace._kept and not copy.deepcopy(q)._ba_workspace._kept
+    q.eval()                                                     # validation does not hold them
+    assert not q._ba_workspace._kept

@@ -43,7 +43,7 @@ def cli_runs(tmp_path_factory):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     r = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--quantizer", *vqvae.QUANTIZERS, "--dataset", "fake",
-         "--train_subset", "128", "--val_subset", "64", "--hidden_dim", "8", "--latent_dim", "8",
+         "--train_subset", "64", "--val_subset", "32", "--hidden_dim", "8", "--latent_dim", "8",
          "--codebook_size", "16", "--batch_size", "32", "--epochs", "2", "--checkpoint_every", "1",
          "--name", "run", "--out_dir", str(tmp / "exp"), "--no_wandb", "--no_progress", "--device", "cpu",
          "--fsq_levels", "4", "4"],                     # FSQ's 16 codes; the other quantizers have no levels

@@ -1,0 +1,57 @@
+"""The equal-rate frontier of issue 23 as a Markdown table: for every group of finished runs that differ only in
+the seed (run name without its `_s<seed>` ending), the validation PSNR and the rate of the codes, mean ± sample
+standard deviation over the seeds.
+
+    python tools/frontier_table.py experiments/frontier
+
+Rate: H(code marginal) of the validation codes in bits per latent position (log2 of the validation perplexity,
+which is 2^H), and that times the latent positions per image (8 x 8 = 64 for 32 x 32 images) in bits per image.
+Runs without final_metrics.json (unfinished) are left out and counted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def groups(root: Path) -> tuple[dict, int]:
+    found, unfinished = {}, 0
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        final = run / "final_metrics.json"
+        if not final.is_file():
+            unfinished += 1
+            continue
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        m = json.loads(final.read_text())
+        key = re.sub(r"_s\d+$", "", run.name)
+        found.setdefault(key, {"quantizer": cfg["quantizer"], "K": cfg["codebook_size"], "runs": []})["runs"].append(m)
+    return found, unfinished
+
+
+def mean_sd(values: list) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(root: Path, positions: int = 64) -> str:
+    found, unfinished = groups(root)
+    lines = ["| runs (seeds) | quantizer | K | PSNR dB | perplexity | bits / position | bits / image |",
+             "|---|---|---|---|---|---|---|"]
+    for key, g in sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"])):
+        runs = g["runs"]
+        bits = [math.log2(r["perplexity"]) for r in runs]
+        lines.append(f"| `{key}` ({len(runs)}) | {g['quantizer']} | {g['K']} | {mean_sd([r['psnr'] for r in runs])} | "
+                     f"{mean_sd([r['perplexity'] for r in runs])} | {mean_sd(bits)} | "
+                     f"{mean_sd([b * positions for b in bits])} |")
+    return "\n".join(lines) + f"\n\n{sum(len(g['runs']) for g in found.values())} finished runs, {unfinished} unfinished."
+
+
+if __name__ == "__main__":
+    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/frontier")))
