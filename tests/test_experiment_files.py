@@ -228,7 +228,7 @@ def test_an_epoch_checkpoint_after_a_resume_supersedes_the_interrupted_one(tiny_
 def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path, capsys):
     """Real SIGINT to the CLI: exit 130, checkpoint saved, and the printed command resumes to the
     same final metrics as an uninterrupted run."""
-    common = ["--dataset", "fake", "--train_subset", "2048", "--val_subset", "64", "--hidden_dim", "8",
+    common = ["--dataset", "fake", "--train_subset", "1024", "--val_subset", "64", "--hidden_dim", "8",
               "--latent_dim", "8", "--codebook_size", "16", "--batch_size", "32", "--epochs", "2",
               "--checkpoint_every", "0", "--out_dir", str(tmp_path), "--no_wandb", "--no_progress",
               "--device", "cpu"]
@@ -238,9 +238,8 @@ def test_ctrl_c_saves_checkpoint_and_prints_resume_command(tmp_path, capsys):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "cut"
     deadline = time.time() + 120
-    while not (run / "history.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)                                             # somewhere inside epoch 1 or 2
+    while not (run / "history.jsonl").exists() and time.time() < deadline:   # epoch 1 written: the signal
+        time.sleep(0.05)                                        # lands in epoch 2 (32 steps) or its start
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
