@@ -65,12 +65,17 @@ class WriteError(BavqError):
     """A file could not be written (disk full, read-only, no permission); the previous version of the
     file, if any, is intact and the partial file was removed."""
 
-    def __init__(self, path: Path, e: OSError):
+    def __init__(self, path: Path, e: OSError, then: str | None = None):
+        then = then or (f"continue the run with: python train.py --resume {path.parent} (if it has a checkpoint; "
+                        "otherwise start it again with --overwrite)")
         super().__init__(f"Could not write '{path}' ({e.strerror or type(e).__name__}). The file it was to "
                          f"replace, if any, is intact and the partial file was removed. Free disk space or fix the "
-                         f"permissions of '{path.parent}', then continue the run with: python train.py --resume "
-                         f"{path.parent} (if it has a checkpoint; otherwise start it again with --overwrite).")
+                         f"permissions of '{path.parent}', then {then}.")
         self.path, self.os_error = path, e
+
+    def then(self, advice: str) -> "WriteError":
+        """The same error with what to do next for another writer than a training run (evaluation, a grid)."""
+        return WriteError(self.path, self.os_error, advice)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -1390,6 +1395,15 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt,
                                       default_val_batch_size(cfg)))
     run_dir = Path(run_dir)
+    try:
+        return _write_evaluation(model, cfg, val_u8, metrics, run_dir, checkpoint, out_name, rate_distortion, rt)
+    except WriteError as e:
+        raise e.then("evaluate again (the same evaluate.py command or evaluate_run call): the run's own files are "
+                     "untouched") from None
+
+
+def _write_evaluation(model, cfg, val_u8, metrics, run_dir, checkpoint, out_name, rate_distortion, rt) -> dict:
+    """evaluate_run's files: eval_metrics*.json, its pictures and, on request, the R(D) analysis and plot."""
     out = {"run": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "final_model.pt",
            "val_images": int(val_u8.shape[0]), **_plain(metrics), "val_code_counts": metrics["code_counts"].tolist()}
     tag = f"_{Path(checkpoint).stem}" if checkpoint else ""

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from vqvae import BavqError, Config, make_config
-from vqvae_experiment import (RunClaim, TrainingInterrupted, _checkpoint_epoch, _run_files, atomic_write_text,
+from vqvae_experiment import (RunClaim, TrainingInterrupted, WriteError, _checkpoint_epoch, _run_files, atomic_write_text,
                               config_differences, resume_config, run_dir_of, train)
 
 
@@ -316,7 +316,10 @@ def write_grid_manifest(configs: list, name: str) -> Path:
                         "are kept and skipped), or use another --name. --overwrite would retrain every run of the "
                         "grid from scratch.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
+    try:
+        atomic_write_text(path, text)
+    except WriteError as e:
+        raise e.then("run the same command again (runs that finished are skipped)") from None
     return path
 
 

@@ -225,3 +225,30 @@ def test_evaluate_computes_the_rate_distortion_analysis_on_request_and_refuses_r
     assert sorted(p.name for p in (tmp_path / "rvq").iterdir()) == before          # nothing written
     assert evaluate.main([str(run), "--rate_distortion", "--rd_repeats", "0"]) == 2
     assert "--rd_repeats 0" in capsys.readouterr().err
+
+
+def test_a_write_that_fails_tells_evaluation_and_grid_users_what_to_run_again(tmp_path, capsys, monkeypatch):
+    """A full disk while evaluate.py or a grid writes its own file: the one-paragraph error says to evaluate (or run
+    the grid) again, not to resume a training run, and the earlier files are intact."""
+    import errno
+    import os
+
+    import train as cli
+    from conftest import TINY
+    vqvae.train(tiny_config(out_dir=str(tmp_path), name="r"))
+    run = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if "eval_" in str(dst) or ".grid_" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(vqvae_experiment.os, "replace", full_disk)
+    assert evaluate.main([str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "evaluate again" in err and "--resume" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before      # nothing half-written
+    assert cli.main([*TINY, "--out_dir", str(tmp_path / "g"), "--quantizer", "vq_ema", "ba_vq"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same command again" in err and "--resume" not in err
