@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import zygote as zygote_server
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -71,9 +72,7 @@ def zygote():
         time.sleep(0.05)
     yield path if os.path.exists(path) else None
     if server.poll() is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import zygote as z
-        z.stop(path)
+        zygote_server.stop(path)
         server.wait(timeout=60)
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,14 +1,17 @@
 """Finished runs can be reloaded and evaluated: load_run rebuilds the run's own architecture,
 encode/decode_codes round-trip through the codes, evaluate.py recomputes the final metrics."""
+import errno
 import json
+import os
 
 import pytest
 import torch
 
 import evaluate
+import train as cli
 import vqvae
 import vqvae_experiment
-from conftest import fsq_levels_for, tiny_config
+from conftest import TINY, fsq_levels_for, tiny_config
 
 
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
@@ -230,11 +233,6 @@ def test_evaluate_computes_the_rate_distortion_analysis_on_request_and_refuses_r
 def test_a_write_that_fails_tells_evaluation_and_grid_users_what_to_run_again(tmp_path, capsys, monkeypatch):
     """A full disk while evaluate.py or a grid writes its own file: the one-paragraph error says to evaluate (or run
     the grid) again, not to resume a training run, and the earlier files are intact."""
-    import errno
-    import os
-
-    import train as cli
-    from conftest import TINY
     vqvae.train(tiny_config(out_dir=str(tmp_path), name="r"))
     run = tmp_path / "r"
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
