@@ -1822,7 +1822,7 @@ def expected_distortion(z: torch.Tensor, E: torch.Tensor, counts: torch.Tensor, 
 # The same maths as ``blahut_arimoto`` + autograd, in one pass with a hand-written exact backward
 # (``--ba_impl fused``, the default). The reference above is what to edit: change
 # ``blahut_arimoto`` (and BAQuantizer's autograd branch), check training with --ba_impl autograd,
-# port the change here (forward chunk, backward chunk, and the maths in _FusedBA's docstring), then
+# port the change here (both forward chunks, backward chunk, and the maths in _FusedBA's docstring), then
 # run ``pytest tests/test_ba_vq.py tests/test_ba_vq_options.py -k fused``: fused == autograd in float64, gradients included.
 
 def _ba_chunk_rows(N: int, K: int, chunk_rows: int, device: torch.device | None = None) -> int:
@@ -1933,6 +1933,53 @@ def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, l
     return col, lse, None, None, None, None
 
 
+def _ba_forward_chunk_sums(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool,
+                           z_c: torch.Tensor | None = None, ws=None):
+    """``_ba_forward_chunk`` with one exp instead of two (the CPU path, where passes over memory are the
+    cost): X = exp(S - max_k S), r = rowsum X, P_t = X / r, lse = max_k S + log r. Returns the chunk's
+    column sums of P_t (K,) in linear space, not their log: the caller takes the log and recomputes in
+    log space the columns whose total is too small for that (``_log_column_sums``). The rest as
+    ``_ba_forward_chunk``: lse (c,), and at the last iteration z_q, argmax, ``assignment_sums`` and P_T^T z_c."""
+    c, K = A_c.shape
+    Y = torch.add(A_c, log_q, out=_work(ws, 0, A_c, c, K))                          # S = A + log Q_{t-1} (c, K)
+    if last:
+        m, idx = Y.max(dim=1, keepdim=True)                                          # (c, 1): argmax_k P = argmax_k S
+    else:
+        m = Y.amax(dim=1, keepdim=True)                                              # (c, 1)
+    Y.sub_(m)                                                                        # S - max_k S <= 0
+    X = exp_normal_to(Y, _work(ws, 1, A_c, c, K)) if last else exp_normal_(Y)        # in (0, 1], 1 at the max
+    r = X.sum(1)                                                                     # (c,), in [1, K]
+    lse = m[:, 0] + r.log()                                                          # logsumexp_k S
+    inv_r = r.reciprocal()
+    if not last:
+        return inv_r @ X, lse, None, None, None, None                                # sum_x P_t = sum_x X / r
+    P = X.mul_(inv_r[:, None])                                                       # P_T (c, K)
+    # assignment_sums: H(P(.|x)) = log r - sum_k P (S - max S) (rows of P sum to 1), max_k P = 1 / r
+    sums = torch.stack([r.log().sum() - torch.dot(P.flatten(), Y.flatten()), inv_r.sum()])
+    return P.sum(0), lse, P @ E, idx[:, 0], sums, (P.t() @ z_c if z_c is not None else None)
+
+
+def _log_column_sums(total: torch.Tensor, A: torch.Tensor, log_q: torch.Tensor, lse: torch.Tensor,
+                     C: int) -> torch.Tensor:
+    """log sum_x P_t(k|x) (K,) from the column sums ``total`` of ``_ba_forward_chunk_sums``, exact where
+    linear space is not: an entry of P below float range's reach is held at the floor of ``exp_normal_``
+    (at most N x 3.2e-38 in all, float32), and a code whose every P(k|x) underflows (a dead or far code at a
+    large beta) would get a log Q of about -87 - log N instead of its true value (-1000, say), which the
+    next iteration would use as its prior. So columns whose total is under tau = 2^40 N floor (the floors'
+    share then below 2^-40) are recomputed in log space, logsumexp_x (A + log Q_{t-1} - lse), from A.
+    (On the CPU the test of which columns needs no device synchronisation; the GPU path stays in log space.)"""
+    floor = math.exp(_exp_floor(total.dtype))
+    col = total.log()
+    small = (total < 2.0 ** 40 * A.shape[0] * floor).nonzero()[:, 0]                # rare: far or dead codes
+    if small.numel():
+        part = torch.full(small.shape, -math.inf, dtype=A.dtype, device=A.device)
+        for s in range(0, A.shape[0], C):
+            L = A[s:s + C].index_select(1, small).add_(log_q[small]).sub_(lse[s:s + C, None])  # (c, #small)
+            part = torch.logaddexp(part, logsumexp_rows(L))
+        col[small] = part
+    return col
+
+
 def _ba_backward_chunk(A_c, lse_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, first: bool, ws=None):
     """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there): adds this
     iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or writes
@@ -1940,13 +1987,10 @@ def _ba_backward_chunk(A_c, lse_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, fi
     (P^T u (K, 2), the colsum of the direct term (K,) or None, P^T g_zq (K, D) or None).
     ``ws``: three (C, K) work buffers (``_work``)."""
     c, K = A_c.shape
-    ones = torch.ones(c, 1, dtype=A_c.dtype, device=A_c.device)
-    # W_t = exp(A + log Q_{t-1} - col_t - lse_t): one (c, 2) x (2, K) product added to A, then exp
-    W = exp_normal_(torch.addmm(A_c, torch.cat([ones, -lse_c[:, None]], 1),
-                                torch.stack([log_q_prev - col_t, torch.ones_like(col_t)]),
-                                out=_work(ws, 0, A_c, c, K)))                        # W_t (c, K)
+    # W_t = exp(A + log Q_{t-1} - col_t - lse_t): a column then a row broadcast, then exp
+    W = exp_normal_(torch.add(A_c, log_q_prev - col_t, out=_work(ws, 0, A_c, c, K)).sub_(lse_c[:, None]))  # W_t (c, K)
     nq = col_t.exp()                                                                 # N Q_t (K,): P_t = W_t N Q_t
-    u = (gq.t() @ W.t()).t()                                                         # W gq (c, 2): u_a, u_b
+    u = W @ gq                                                                       # W gq (c, 2): u_a, u_b
     for target, g, v in ((acc_b, gq[:, 1], u[:, 1:2]), (acc, gq.sum(1), u.sum(1, keepdim=True))):
         if target is None:
             continue
@@ -1973,7 +2017,10 @@ class _FusedBA(torch.autograd.Function):
     (a per-row shift leaves every P_t and Q_t unchanged and keeps the logits near the best code small,
     so float32 rounds them finely); each iteration sweeps the rows in chunks, keeping only the K-vectors
     log Q_t and the N-vectors lse_t = logsumexp_k (A + log Q_{t-1}). Outputs z_q_soft = P_T E (N, D),
-    log Q_T (K,) and argmax_k P_T (N,).
+    log Q_T (K,) and argmax_k P_T (N,). log Q_t = log sum_x P_t(k|x) - log N comes from column sums in
+    linear space with an exact log-space fallback for columns too small for it (the CPU: one exp per entry
+    and iteration, ``_ba_forward_chunk_sums``) or from column logsumexps (``_ba_forward_chunk``: two exps
+    and no device synchronisation: the GPU and the compiled kernels); both are tested against autograd.
 
     Backward (exact, derived by hand; P_t and W_t are rebuilt per chunk from A, log Q_{t-1}, lse_t and col_t):
       L_t = A + log Q_{t-1} - lse_t,  col_t = logsumexp_x L_t = log Q_t + log N
@@ -1999,7 +2046,7 @@ class _FusedBA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None, log_q0=None, centroid_sums=False,
-                workspace=None):
+                workspace=None, linear_sums=None):
         fwd_chunk, _ = kernels or (_ba_forward_chunk, _ba_backward_chunk)
         N, K = z.shape[0], E.shape[0]
         C = _ba_chunk_rows(N, K, chunk_rows, z.device)
@@ -2023,13 +2070,21 @@ class _FusedBA(torch.autograd.Function):
         indices = torch.empty(N, dtype=torch.long, device=z.device)
         sums = torch.zeros(E.shape if centroid_sums else (0,), dtype=z.dtype, device=z.device)   # P_T^T z
         ws = None if kernels else [torch.empty(min(C, N), K, dtype=z.dtype, device=z.device) for _ in range(2)]
+        if linear_sums is None:
+            linear_sums = kernels is None and z.device.type == "cpu"
+        if linear_sums:
+            fwd_chunk = _ba_forward_chunk_sums
         for t in range(1, iterations + 1):
-            col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)
+            col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)    # log space, or
+            total = torch.zeros(K, dtype=z.dtype, device=z.device)               # linear (linear_sums)
             for s in range(0, N, C):
                 last = t == iterations
                 col_c, lse_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
                                                                 z[s:s + C] if last and centroid_sums else None, ws)
-                col = torch.logaddexp(col, col_c)
+                if linear_sums:
+                    total += col_c
+                else:
+                    col = torch.logaddexp(col, col_c)
                 lses[t - 1, s:s + C] = lse_c
                 if last:
                     z_q[s:s + C] = zq_c                                             # P_T E
@@ -2037,6 +2092,8 @@ class _FusedBA(torch.autograd.Function):
                     diag[3:] += a_c
                     if centroid_sums:
                         sums += m_c
+            if linear_sums:
+                col = _log_column_sums(total, A, log_qs[-1], lses[t - 1], C)
             log_qs.append(col - log_n)
             cols.append(col)
         log_qs = torch.stack(log_qs)                                                 # (T+1, K)
@@ -2056,7 +2113,7 @@ class _FusedBA(torch.autograd.Function):
         N, K = A.shape
         use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
         if not (use_a or use_b):
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None, None
         g_z, g_E = None, torch.zeros_like(E)                     # g_z: entropy path only, formed at the end
         # dlogQ_t of both paths as the columns of one (K, 2) matrix: [codebook path a, entropy path b]
         gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
@@ -2094,19 +2151,24 @@ class _FusedBA(torch.autograd.Function):
         g_E -= (2.0 * beta) * (E * colsum_dA[:, None] - acc.t() @ z)
         if use_b:
             g_z = (2.0 * beta) * (acc_b @ E)
-        return g_z, g_E, None, None, None, None, None, None, None
+        return g_z, g_E, None, None, None, None, None, None, None, None
 
 
 def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0,
                      kernels=None, log_q0: torch.Tensor | None = None, full: bool = False,
-                     centroid_sums: bool = False, workspace: "BAWorkspace | None" = None):
+                     centroid_sums: bool = False, workspace: "BAWorkspace | None" = None,
+                     linear_sums: bool | None = None):
     """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract).
     ``kernels``: (forward chunk, backward chunk) functions, e.g. from ``compiled_ba_kernels``;
     ``log_q0``: the starting log Q (uniform when None), treated as a constant. ``full``: also the
     diagnostics' sums (5,) (``distance_sums`` of d, ``assignment_sums`` of P_T) and P_T^T z (K, D)
     (``centroid_sums``; else an empty tensor), both without gradient. ``workspace``: a ``BAWorkspace``
-    whose (N, K) accumulators the CPU backward reuses from call to call (None: new ones each time)."""
-    out = _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels, log_q0, centroid_sums, workspace)
+    whose (N, K) accumulators the CPU backward reuses from call to call (None: new ones each time).
+    ``linear_sums``: the forward's column sums of P in linear space with an exact log-space fallback
+    (``_ba_forward_chunk_sums``; one exp per entry and iteration) or in log space (``_ba_forward_chunk``;
+    two exps, no device synchronisation); None: linear on the CPU without ``kernels``, else log space."""
+    out = _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels, log_q0, centroid_sums, workspace,
+                         linear_sums)
     return out if full else out[:3]
 
 

@@ -427,9 +427,42 @@ def test_fused_ba_entropy_gradient_matches_finite_differences():
     torch.testing.assert_close(gz, num, rtol=1e-5, atol=1e-9)
 
 
-def test_fused_ba_backward_is_finite_and_exact_in_float32_with_far_codes():
+@pytest.mark.parametrize("linear_sums", [True, False])
+@pytest.mark.parametrize("log_q0", [False, True])
+def test_fused_ba_column_sums_in_linear_or_log_space_equal_the_reference(linear_sums, log_q0):
+    """The fused forward's two forms of sum_x P_t(k|x) (linear with the log-space fallback: the CPU path;
+    log space: the GPU and compiled path) give the autograd reference's z_q, log Q, codes, diagnostics,
+    centroid sums and gradients (float64, chunks of 7 rows), from the uniform Q or a given Q_0."""
+    g = torch.Generator().manual_seed(2)
+    z0 = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    E0 = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    q0 = torch.log_softmax(torch.randn(9, generator=g, dtype=torch.float64), 0) if log_q0 else None
+    w = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    z, E = z0.clone().requires_grad_(True), E0.clone().requires_grad_(True)
+    zq, lq, idx, diag, sums = vqvae.ba_soft_quantize(z, E, 1.5, 4, 7, log_q0=q0, full=True, centroid_sums=True,
+                                                     linear_sums=linear_sums)
+    ((w * zq).sum() - (lq.exp() * lq).sum()).backward()
+    zr, Er = z0.clone().requires_grad_(True), E0.clone().requires_grad_(True)
+    d = squared_distances(zr, Er)
+    _, lq_r = blahut_arimoto(d, 1.5, 4, q0)                                       # entropy: z and E
+    log_p, _ = blahut_arimoto(squared_distances(zr.detach(), Er), 1.5, 4, q0)    # z_q: E only (sg[z])
+    p = log_p.exp()
+    ((w * (p @ Er)).sum() - (lq_r.exp() * lq_r).sum()).backward()
+    torch.testing.assert_close(zq, (p @ Er).detach())
+    torch.testing.assert_close(lq, lq_r.detach())
+    assert torch.equal(idx, log_p.argmax(1))
+    torch.testing.assert_close(diag, torch.cat([vqvae.distance_sums(d.detach()), vqvae.assignment_sums(log_p)]))
+    torch.testing.assert_close(sums, p.t() @ z0)
+    torch.testing.assert_close(z.grad, zr.grad)
+    torch.testing.assert_close(E.grad, Er.grad)
+
+
+@pytest.mark.parametrize("linear_sums", [True, False])
+def test_fused_ba_backward_is_finite_and_exact_in_float32_with_far_codes(linear_sums):
     """A code thousands of units away (its Q underflows far below float32's range in linear space) at
-    a large beta: the float32 fused gradients are finite and equal the float64 autograd ones."""
+    a large beta: the float32 fused log Q and gradients are finite and equal the float64 autograd ones,
+    with the forward's column sums in linear space (the far code's column is recomputed in log space)
+    or in log space throughout."""
     g = torch.Generator().manual_seed(1)
     z = torch.randn(40, 4, generator=g, dtype=torch.float64)
     E = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -439,14 +472,14 @@ def test_fused_ba_backward_is_finite_and_exact_in_float32_with_far_codes():
     for name, dtype in (("fused32", torch.float32), ("autograd64", torch.float64)):
         zz, EE = z.to(dtype).clone().requires_grad_(True), E.to(dtype).clone().requires_grad_(True)
         if name == "fused32":
-            zq, lq, _ = vqvae.ba_soft_quantize(zz, EE, 50.0, 4, 16)
+            zq, lq, _ = vqvae.ba_soft_quantize(zz, EE, 50.0, 4, 16, linear_sums=linear_sums)
         else:
             _, lq = blahut_arimoto(squared_distances(zz, EE), 50.0, 4)                  # entropy: z and E
             log_p, _ = blahut_arimoto(squared_distances(zz.detach(), EE), 50.0, 4)     # z_q: E only (sg[z])
             zq = log_p.exp() @ EE
         assert lq[0] < -1000                                          # the far code's mass: e^(-thousands)
         ((w.to(dtype) * zq).sum() - (lq.exp() * lq).sum()).backward()
-        grads[name] = (zz.grad.double(), EE.grad.double())
+        grads[name] = (zz.grad.double(), EE.grad.double(), lq.detach().double())
     for a, b in zip(grads["fused32"], grads["autograd64"]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
