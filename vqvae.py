@@ -1964,8 +1964,8 @@ def _log_column_sums(total: torch.Tensor, A: torch.Tensor, log_q: torch.Tensor, 
     """log sum_x P_t(k|x) (K,) from the column sums ``total`` of ``_ba_forward_chunk_sums``, exact where
     linear space is not: an entry of P below float range's reach is held at the floor of ``exp_normal_``
     (at most N x 3.2e-38 in all, float32), and a code whose every P(k|x) underflows (a dead or far code at a
-    large beta) would get a log Q of about -87 - log N instead of its true value (-1000, say), which the
-    next iteration would use as its prior. So columns whose total is under tau = 2^40 N floor (the floors'
+    large beta) would get a log Q near that floor (-86 to -86 - log K) instead of its true value (-1000, say),
+    which the next iteration would use as its prior. So columns whose total is under tau = 2^40 N floor (the floors'
     share then below 2^-40) are recomputed in log space, logsumexp_x (A + log Q_{t-1} - lse), from A.
     (On the CPU the test of which columns needs no device synchronisation; the GPU path stays in log space.)"""
     floor = math.exp(_exp_floor(total.dtype))
