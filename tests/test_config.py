@@ -51,7 +51,7 @@ def test_published_protocols_say_what_the_papers_used(path, expect):
     assert {k: getattr(cfg, k) for k in expect} == expect
     assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == [   # the protocols, and the reduced one's
         "cvq_vae.yaml", "original_code.yaml", "quickstart.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml",
-        "reduced_vq_ema_best.yaml", "vqwae_sqvae.yaml"]
+        "reduced_vq_ema_best.yaml", "reduced_vq_ema_full_usage.yaml", "vqwae_sqvae.yaml"]
 
 
 def test_mac_config_is_quick():
@@ -81,7 +81,8 @@ REDUCED = sorted((ROOT / "configs").glob("reduced*.yaml"))
 
 
 def test_the_reduced_configs_exist():
-    assert {p.name for p in REDUCED} >= {"reduced.yaml", "reduced_vq_ema_best.yaml", "reduced_ba_vq_best.yaml"}
+    assert {p.name for p in REDUCED} >= {"reduced.yaml", "reduced_vq_ema_best.yaml", "reduced_ba_vq_best.yaml",
+                                         "reduced_vq_ema_full_usage.yaml"}
 
 
 @pytest.mark.parametrize("path", REDUCED, ids=lambda p: p.name)

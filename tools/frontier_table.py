@@ -6,7 +6,10 @@ standard deviation over the seeds.
 
 Rate: H(code marginal) of the validation codes in bits per latent position (log2 of the validation perplexity,
 which is 2^H), and that times the latent positions per image (8 x 8 = 64 for 32 x 32 images) in bits per image.
-Runs without final_metrics.json (unfinished) are left out and counted.
+Runs without final_metrics.json (unfinished) are left out and counted. Where every run of a group also has
+rate_distortion.json (``python evaluate.py RUN --rate_distortion``), a second table gives the R(D) analysis of
+its latents (docs/method.md): the run's squared quantization error per position, and its rate gaps to the R(D)
+curve with its own codebook and with the richer k-means alphabet (bits per position at the run's distortion).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ def groups(root: Path) -> tuple[dict, int]:
             continue
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         m = json.loads(final.read_text())
+        rd = run / "rate_distortion.json"
+        m = {**m, "rd": json.loads(rd.read_text()) if rd.is_file() else None}
         key = re.sub(r"_s\d+$", "", run.name)
         found.setdefault(key, {"quantizer": cfg["quantizer"], "K": cfg["codebook_size"], "runs": []})["runs"].append(m)
     return found, unfinished
@@ -50,7 +55,23 @@ def table(root: Path, positions: int = 64) -> str:
         lines.append(f"| `{key}` ({len(runs)}) | {g['quantizer']} | {g['K']} | {mean_sd([r['psnr'] for r in runs])} | "
                      f"{mean_sd([r['perplexity'] for r in runs])} | {mean_sd(bits)} | "
                      f"{mean_sd([b * positions for b in bits])} |")
-    return "\n".join(lines) + f"\n\n{sum(len(g['runs']) for g in found.values())} finished runs, {unfinished} unfinished."
+    rd_lines = ["| runs (seeds) | K | R(D) positions | rate bits | distortion | own-codebook rate gap | "
+                "k-means rate gap | k-means distortion gap |", "|---|---|---|---|---|---|---|---|"]
+    for key, g in sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"])):
+        rds = [r["rd"] for r in g["runs"]]
+        if not all(rds) or any(rd["gaps"]["codebook"]["rate_bits"] is None or rd["gaps"].get("kmeans") is None
+                               or rd["gaps"]["kmeans"]["rate_bits"] is None for rd in rds):
+            continue
+        rd_lines.append(
+            f"| `{key}` ({len(rds)}) | {g['K']} | {rds[0]['positions']} | {mean_sd([rd['run_measured']['rate_bits'] for rd in rds])} | "
+            f"{mean_sd([rd['run_measured']['distortion'] for rd in rds])} | "
+            f"{mean_sd([rd['gaps']['codebook']['rate_bits'] for rd in rds])} | "
+            f"{mean_sd([rd['gaps']['kmeans']['rate_bits'] for rd in rds])} | "
+            f"{mean_sd([rd['gaps']['kmeans']['distortion'] for rd in rds])} |")
+    text = "\n".join(lines) + f"\n\n{sum(len(g['runs']) for g in found.values())} finished runs, {unfinished} unfinished."
+    if len(rd_lines) > 2:
+        text += "\n\nR(D) of the latents (groups where every run has rate_distortion.json):\n\n" + "\n".join(rd_lines)
+    return text
 
 
 if __name__ == "__main__":
