@@ -3,6 +3,7 @@ the seed (run name without its `_s<seed>` ending), the validation PSNR and the r
 standard deviation over the seeds.
 
     python tools/frontier_table.py experiments/frontier
+    python tools/frontier_table.py experiments/frontier --plot results/frontier_reduced.png   # and the figure
 
 Rate: H(code marginal) of the validation codes in bits per latent position (log2 of the validation perplexity,
 which is 2^H), and that times the latent positions per image (8 x 8 = 64 for 32 x 32 images) in bits per image.
@@ -74,5 +75,44 @@ def table(root: Path, positions: int = 64) -> str:
     return text
 
 
+def plot(root: Path, path: Path) -> None:
+    """PSNR against bits per latent position, one line per family of runs (the group name without _k<K>), a point
+    per K at the mean over seeds with the sample standard deviation as error bars in both directions."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    found, _ = groups(root)
+    families = {}
+    for key, g in found.items():
+        families.setdefault(key.rsplit("_k", 1)[0], []).append(g)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for family, gs in sorted(families.items()):
+        gs = sorted(gs, key=lambda g: g["K"])
+        bits = [[math.log2(r["perplexity"]) for r in g["runs"]] for g in gs]
+        psnr = [[r["psnr"] for r in g["runs"]] for g in gs]
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        ax.errorbar([statistics.mean(b) for b in bits], [statistics.mean(p) for p in psnr],
+                    xerr=[sd(b) for b in bits], yerr=[sd(p) for p in psnr], marker="o", capsize=3,
+                    label=f"{family} ({'/'.join(str(g['K']) for g in gs)})")
+    ax.set_xlabel("rate: H(code marginal), bits per latent position")
+    ax.set_ylabel("validation PSNR (dB)")
+    ax.set_title(f"Equal-rate frontier, reduced protocol ({root})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/frontier")))
+    args = sys.argv[1:]
+    out = None
+    if "--plot" in args:
+        i = args.index("--plot")
+        out = Path(args[i + 1])
+        del args[i:i + 2]
+    root = Path(args[0] if args else "experiments/frontier")
+    print(table(root))
+    if out is not None:
+        plot(root, out)
+        print(f"\nplot written to {out}")
