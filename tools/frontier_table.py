@@ -3,13 +3,15 @@ the seed (run name without its `_s<seed>` ending), the validation PSNR and the r
 standard deviation over the seeds.
 
     python tools/frontier_table.py experiments/frontier
+    python tools/frontier_table.py experiments/frontier experiments/frontier_k512_seeds34    # runs of one name, pooled
     python tools/frontier_table.py experiments/frontier --plot results/frontier_reduced.png   # and the figure
 
 Rate: H(code marginal) of the validation codes in bits per latent position (log2 of the validation perplexity,
 which is 2^H), and that times the latent positions per image (8 x 8 = 64 for 32 x 32 images) in bits per image.
-Runs without final_metrics.json (unfinished) are left out and counted. Where every run of a group also has
+Runs without final_metrics.json (unfinished) are left out and counted. Where runs of a group also have
 rate_distortion.json (``python evaluate.py RUN --rate_distortion``), a second table gives the R(D) analysis of
-its latents (docs/method.md): the run's squared quantization error per position, and its rate gaps to the R(D)
+its latents (docs/method.md): the run's squared quantization error per position (also over the latents' total
+variance, the trace of their covariance, which compares models whose latents differ in scale), and its rate gaps to the R(D)
 curve with its own codebook and with the richer k-means alphabet (bits per position at the run's distortion).
 """
 from __future__ import annotations
@@ -24,9 +26,11 @@ from pathlib import Path
 import yaml
 
 
-def groups(root: Path) -> tuple[dict, int]:
+def groups(roots: list) -> tuple[dict, int]:
+    """{run name without _s<seed>: {quantizer, K, runs: [final metrics + "rd"]}} over every folder of ``roots``,
+    and how many run directories are unfinished."""
     found, unfinished = {}, 0
-    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for run in sorted(p for root in roots for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
         final = run / "final_metrics.json"
         if not final.is_file():
             unfinished += 1
@@ -46,8 +50,8 @@ def mean_sd(values: list) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(root: Path, positions: int = 64) -> str:
-    found, unfinished = groups(root)
+def table(roots: list, positions: int = 64) -> str:
+    found, unfinished = groups(roots)
     lines = ["| runs (seeds) | quantizer | K | PSNR dB | perplexity | bits / position | bits / image |",
              "|---|---|---|---|---|---|---|"]
     for key, g in sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"])):
@@ -56,32 +60,34 @@ def table(root: Path, positions: int = 64) -> str:
         lines.append(f"| `{key}` ({len(runs)}) | {g['quantizer']} | {g['K']} | {mean_sd([r['psnr'] for r in runs])} | "
                      f"{mean_sd([r['perplexity'] for r in runs])} | {mean_sd(bits)} | "
                      f"{mean_sd([b * positions for b in bits])} |")
-    rd_lines = ["| runs (seeds) | K | R(D) positions | rate bits | distortion | own-codebook rate gap | "
-                "k-means rate gap | k-means distortion gap |", "|---|---|---|---|---|---|---|---|"]
+    rd_lines = ["| runs (seeds) | K | R(D) positions | rate bits | distortion | distortion / latent variance | "
+                "own-codebook rate gap | k-means rate gap | k-means distortion gap |", "|---|---|---|---|---|---|---|---|---|"]
     for key, g in sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"])):
-        rds = [r["rd"] for r in g["runs"]]
-        if not all(rds) or any(rd["gaps"]["codebook"]["rate_bits"] is None or rd["gaps"].get("kmeans") is None
-                               or rd["gaps"]["kmeans"]["rate_bits"] is None for rd in rds):
+        rds = [r["rd"] for r in g["runs"] if r["rd"]]
+        if not rds or any(rd["gaps"]["codebook"]["rate_bits"] is None or rd["gaps"].get("kmeans") is None
+                          or rd["gaps"]["kmeans"]["rate_bits"] is None for rd in rds):
             continue
         rd_lines.append(
             f"| `{key}` ({len(rds)}) | {g['K']} | {rds[0]['positions']} | {mean_sd([rd['run_measured']['rate_bits'] for rd in rds])} | "
             f"{mean_sd([rd['run_measured']['distortion'] for rd in rds])} | "
+            f"{mean_sd([rd['run']['distortion'] / sum(rd['covariance_eigenvalues']) for rd in rds])} | "
             f"{mean_sd([rd['gaps']['codebook']['rate_bits'] for rd in rds])} | "
             f"{mean_sd([rd['gaps']['kmeans']['rate_bits'] for rd in rds])} | "
             f"{mean_sd([rd['gaps']['kmeans']['distortion'] for rd in rds])} |")
     text = "\n".join(lines) + f"\n\n{sum(len(g['runs']) for g in found.values())} finished runs, {unfinished} unfinished."
     if len(rd_lines) > 2:
-        text += "\n\nR(D) of the latents (groups where every run has rate_distortion.json):\n\n" + "\n".join(rd_lines)
+        text += ("\n\nR(D) of the latents (the runs of each group that have rate_distortion.json; their number in "
+                 "brackets):\n\n" + "\n".join(rd_lines))
     return text
 
 
-def plot(root: Path, path: Path) -> None:
+def plot(roots: list, path: Path) -> None:
     """PSNR against bits per latent position, one line per family of runs (the group name without _k<K>), a point
     per K at the mean over seeds with the sample standard deviation as error bars in both directions."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    found, _ = groups(root)
+    found, _ = groups(roots)
     families = {}
     for key, g in found.items():
         families.setdefault(key.rsplit("_k", 1)[0], []).append(g)
@@ -96,7 +102,7 @@ def plot(root: Path, path: Path) -> None:
                     label=f"{family} ({'/'.join(str(g['K']) for g in gs)})")
     ax.set_xlabel("rate: H(code marginal), bits per latent position")
     ax.set_ylabel("validation PSNR (dB)")
-    ax.set_title(f"Equal-rate frontier, reduced protocol ({root})")
+    ax.set_title(f"Equal-rate frontier, reduced protocol ({', '.join(str(r) for r in roots)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -111,8 +117,8 @@ if __name__ == "__main__":
         i = args.index("--plot")
         out = Path(args[i + 1])
         del args[i:i + 2]
-    root = Path(args[0] if args else "experiments/frontier")
-    print(table(root))
+    roots = [Path(a) for a in args] or [Path("experiments/frontier")]
+    print(table(roots))
     if out is not None:
-        plot(root, out)
+        plot(roots, out)
         print(f"\nplot written to {out}")
