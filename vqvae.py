@@ -1981,6 +1981,13 @@ def _log_column_sums(total: torch.Tensor, A: torch.Tensor, log_q: torch.Tensor, 
     return col
 
 
+def _linear_sums_by_default(device: torch.device, kernels) -> bool:
+    """Whether the fused forward sums the columns of P in linear space (``_ba_forward_chunk_sums``): on the
+    CPU without compiled kernels, where picking the columns for the log-space fallback (a host read) is free;
+    elsewhere it stays in log space, with no device synchronisation."""
+    return kernels is None and device.type == "cpu"
+
+
 def _ba_backward_chunk(A_c, lse_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, first: bool, ws=None):
     """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there): adds this
     iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or writes
@@ -2072,7 +2079,7 @@ class _FusedBA(torch.autograd.Function):
         sums = torch.zeros(E.shape if centroid_sums else (0,), dtype=z.dtype, device=z.device)   # P_T^T z
         ws = None if kernels else [torch.empty(min(C, N), K, dtype=z.dtype, device=z.device) for _ in range(2)]
         if linear_sums is None:
-            linear_sums = kernels is None and z.device.type == "cpu"
+            linear_sums = _linear_sums_by_default(z.device, kernels)
         if linear_sums:
             fwd_chunk = _ba_forward_chunk_sums
         for t in range(1, iterations + 1):
