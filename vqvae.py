@@ -2083,16 +2083,13 @@ class _FusedBA(torch.autograd.Function):
         if linear_sums:
             fwd_chunk = _ba_forward_chunk_sums
         for t in range(1, iterations + 1):
-            col = torch.full((K,), -math.inf, dtype=z.dtype, device=z.device)    # log space, or
-            total = torch.zeros(K, dtype=z.dtype, device=z.device)               # linear (linear_sums)
+            # sum_x P_t(k|x) over the chunks: in linear space (linear_sums) or as a logsumexp
+            col = torch.full((K,), 0.0 if linear_sums else -math.inf, dtype=z.dtype, device=z.device)
             for s in range(0, N, C):
                 last = t == iterations
                 col_c, lse_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
                                                                 z[s:s + C] if last and centroid_sums else None, ws)
-                if linear_sums:
-                    total += col_c
-                else:
-                    col = torch.logaddexp(col, col_c)
+                col = col.add_(col_c) if linear_sums else torch.logaddexp(col, col_c)
                 lses[t - 1, s:s + C] = lse_c
                 if last:
                     z_q[s:s + C] = zq_c                                             # P_T E
@@ -2101,7 +2098,7 @@ class _FusedBA(torch.autograd.Function):
                     if centroid_sums:
                         sums += m_c
             if linear_sums:
-                col = _log_column_sums(total, A, log_qs[-1], lses[t - 1], C)
+                col = _log_column_sums(col, A, log_qs[-1], lses[t - 1], C)
             log_qs.append(col - log_n)
             cols.append(col)
         log_qs = torch.stack(log_qs)                                                 # (T+1, K)

@@ -44,17 +44,22 @@ def groups(roots: list) -> tuple[dict, int]:
     return found, unfinished
 
 
+def in_order(found: dict) -> list:
+    """The groups as (key, group), by family (the key without _k<K>) and then K."""
+    return sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"]))
+
+
 def mean_sd(values: list) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(roots: list, positions: int = 64) -> str:
-    found, unfinished = groups(roots)
+def table(found: dict, unfinished: int, positions: int = 64) -> str:
+    """The frontier table (and the R(D) table) of ``groups``' result."""
     lines = ["| runs (seeds) | quantizer | K | PSNR dB | perplexity | bits / position | bits / image |",
              "|---|---|---|---|---|---|---|"]
-    for key, g in sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"])):
+    for key, g in in_order(found):
         runs = g["runs"]
         bits = [math.log2(r["perplexity"]) for r in runs]
         lines.append(f"| `{key}` ({len(runs)}) | {g['quantizer']} | {g['K']} | {mean_sd([r['psnr'] for r in runs])} | "
@@ -62,7 +67,7 @@ def table(roots: list, positions: int = 64) -> str:
                      f"{mean_sd([b * positions for b in bits])} |")
     rd_lines = ["| runs (seeds) | K | R(D) positions | rate bits | distortion | distortion / latent variance | "
                 "own-codebook rate gap | k-means rate gap | k-means distortion gap |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, g in sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"])):
+    for key, g in in_order(found):
         rds = [r["rd"] for r in g["runs"] if r["rd"]]
         if not rds or any(rd["gaps"]["codebook"]["rate_bits"] is None or rd["gaps"].get("kmeans") is None
                           or rd["gaps"]["kmeans"]["rate_bits"] is None for rd in rds):
@@ -81,19 +86,17 @@ def table(roots: list, positions: int = 64) -> str:
     return text
 
 
-def plot(roots: list, path: Path) -> None:
+def plot(found: dict, roots: list, path: Path) -> None:
     """PSNR against bits per latent position, one line per family of runs (the group name without _k<K>), a point
     per K at the mean over seeds with the sample standard deviation as error bars in both directions."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    found, _ = groups(roots)
     families = {}
-    for key, g in found.items():
+    for key, g in in_order(found):
         families.setdefault(key.rsplit("_k", 1)[0], []).append(g)
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for family, gs in sorted(families.items()):
-        gs = sorted(gs, key=lambda g: g["K"])
+    for family, gs in families.items():
         bits = [[math.log2(r["perplexity"]) for r in g["runs"]] for g in gs]
         psnr = [[r["psnr"] for r in g["runs"]] for g in gs]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
@@ -118,7 +121,8 @@ if __name__ == "__main__":
         out = Path(args[i + 1])
         del args[i:i + 2]
     roots = [Path(a) for a in args] or [Path("experiments/frontier")]
-    print(table(roots))
+    found, unfinished = groups(roots)
+    print(table(found, unfinished))
     if out is not None:
-        plot(roots, out)
+        plot(found, roots, out)
         print(f"\nplot written to {out}")
