@@ -44,9 +44,23 @@ def groups(roots: list) -> tuple[dict, int]:
     return found, unfinished
 
 
+def family(key: str) -> str:
+    """The line of the plot a group belongs to: its key without _k<K>, and without what else sets its rate in
+    tools/frontier.sh: FSQ's levels (fsq_8x5x5_fsq -> fsq_fsq) and BA-VQ's beta range (ba_vq_best_beta1000_ba_vq
+    -> ba_vq_best_beta_ba_vq)."""
+    fam = key.rsplit("_k", 1)[0]
+    return re.sub(r"_beta\d+", "_beta", re.sub(r"^fsq_\d+(?:x\d+)*_", "fsq_", fam))
+
+
+def point(key: str, g: dict) -> str:
+    """What sets the rate of a group within its family (K, FSQ's levels or BA-VQ's final beta)."""
+    levels, beta = re.match(r"^fsq_(\d+(?:x\d+)*)_", key), re.search(r"_beta(\d+)", key)
+    return levels.group(1) if levels else f"beta {beta.group(1)}" if beta else str(g["K"])
+
+
 def in_order(found: dict) -> list:
-    """The groups as (key, group), by family (the key without _k<K>) and then K."""
-    return sorted(found.items(), key=lambda kv: (kv[0].rsplit("_k", 1)[0], kv[1]["K"]))
+    """The groups as (key, group), by family and then K (then name: the beta ranges share K)."""
+    return sorted(found.items(), key=lambda kv: (family(kv[0]), kv[1]["K"], kv[0]))
 
 
 def mean_sd(values: list) -> str:
@@ -87,22 +101,23 @@ def table(found: dict, unfinished: int, positions: int = 64) -> str:
 
 
 def plot(found: dict, roots: list, path: Path) -> None:
-    """PSNR against bits per latent position, one line per family of runs (the group name without _k<K>), a point
-    per K at the mean over seeds with the sample standard deviation as error bars in both directions."""
+    """PSNR against bits per latent position, one line per family of runs (``family``), a point per K, FSQ level
+    set or beta range (``point``), in order of rate, at the mean over seeds with the sample standard deviation as error bars in both directions."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     families = {}
     for key, g in in_order(found):
-        families.setdefault(key.rsplit("_k", 1)[0], []).append(g)
+        families.setdefault(family(key), []).append((point(key, g), g))
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for family, gs in families.items():
-        bits = [[math.log2(r["perplexity"]) for r in g["runs"]] for g in gs]
-        psnr = [[r["psnr"] for r in g["runs"]] for g in gs]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
-        ax.errorbar([statistics.mean(b) for b in bits], [statistics.mean(p) for p in psnr],
-                    xerr=[sd(b) for b in bits], yerr=[sd(p) for p in psnr], marker="o", capsize=3,
-                    label=f"{family} ({'/'.join(str(g['K']) for g in gs)})")
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+    for fam, points in families.items():
+        bits = [[math.log2(r["perplexity"]) for r in g["runs"]] for _, g in points]
+        psnr = [[r["psnr"] for r in g["runs"]] for _, g in points]
+        by_rate = sorted(range(len(points)), key=lambda i: statistics.mean(bits[i]))   # the line runs along the rate
+        ax.errorbar([statistics.mean(bits[i]) for i in by_rate], [statistics.mean(psnr[i]) for i in by_rate],
+                    xerr=[sd(bits[i]) for i in by_rate], yerr=[sd(psnr[i]) for i in by_rate], marker="o", capsize=3,
+                    label=f"{fam} ({', '.join(points[i][0] for i in by_rate)})")
     ax.set_xlabel("rate: H(code marginal), bits per latent position")
     ax.set_ylabel("validation PSNR (dB)")
     ax.set_title(f"Equal-rate frontier, reduced protocol ({', '.join(str(r) for r in roots)})")
