@@ -2,6 +2,7 @@
 the rate it reports (log2 of the validation perplexity), and the lines of its plot."""
 import importlib.util
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -61,3 +62,21 @@ def test_the_plot_is_written(tmp_path):
     out = tmp_path / "frontier.png"
     frontier_table.plot(found, [tmp_path], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equal_rate_difference_interpolates_the_reference_linearly_in_rate_with_its_standard_error(tmp_path):
+    # reference frontier: 20 dB at 4 bits (perplexity 16, SE 1), 23 dB at 6 bits (64, SE 2); means over two seeds
+    for s, psnr in enumerate([19.0, 21.0]):
+        fake_run(tmp_path, f"vq_ema_best_vq_ema_k64_s{s}", "vq_ema", 64, psnr, 16.0)
+    for s, psnr in enumerate([21.0, 25.0]):
+        fake_run(tmp_path, f"vq_ema_best_vq_ema_k512_s{s}", "vq_ema", 512, psnr, 64.0)
+    # a group at 5 bits (t = 1/2): the reference there is 21.5 dB with SE hypot(1/2 * 1, 1/2 * 2); its own SE is 1/2
+    for s, psnr in enumerate([22.0, 23.0]):
+        fake_run(tmp_path, f"fsq_8x5x5_fsq_k200_s{s}", "fsq", 200, psnr, 32.0)
+    fake_run(tmp_path, "ibq_ibq_k1024_s0", "ibq", 1024, 19.0, 128.0)     # 7 bits: outside the reference's range
+    found, _ = frontier_table.groups([tmp_path])
+    text = frontier_table.equal_rate(found, "vq_ema_best_vq_ema")
+    assert f"| `fsq_8x5x5_fsq_k200` (2) | 5.00 | 22.50 | 21.50 | +1.00 ± {math.hypot(0.5, math.hypot(0.5, 1.0)):.2f} |" in text
+    rows = text.splitlines()[2:]
+    assert len(rows) == 1 and "ibq" not in text                        # the reference's own groups are not rows
+    assert frontier_table.at_rate(frontier_table.frontier(found, "vq_ema_best_vq_ema"), 4.5) == (20.75, math.hypot(0.75 * 1, 0.25 * 2))

@@ -21,8 +21,8 @@ run --config configs/reduced_vq_ema_best.yaml --codebook_size $K --name vq_ema_b
 run --config configs/reduced_ba_vq_best.yaml --codebook_size $K --name ba_vq_best
 # IBQ
 run --config configs/reduced.yaml --quantizer ibq --codebook_size 64 256 512 1024 --name ibq
-# FSQ: the levels set K (the FSQ paper's sets for about 2^6 .. 2^10 codes)
-for levels in "4 4 4" "8 5 5" "8 8 8" "8 5 5 5"; do
+# FSQ: the levels set K (the FSQ paper's sets for about 2^6 .. 2^12 codes)
+for levels in "4 4 4" "8 5 5" "8 8 8" "8 5 5 5" "7 5 5 5 5"; do
     run --config configs/reduced.yaml --quantizer fsq --fsq_levels $levels --codebook_size $(( ${levels// /*} )) \
         --name "fsq_${levels// /x}"
 done

@@ -13,6 +13,7 @@ rate_distortion.json (``python evaluate.py RUN --rate_distortion``), a second ta
 its latents (docs/method.md): the run's squared quantization error per position (also over the latents' total
 variance, the trace of their covariance, which compares models whose latents differ in scale), and its rate gaps to the R(D)
 curve with its own codebook and with the richer k-means alphabet (bits per position at the run's distortion).
+A third table sets every group against the vq_ema_best frontier at the group's own rate (``equal_rate``).
 """
 from __future__ import annotations
 
@@ -100,6 +101,49 @@ def table(found: dict, unfinished: int, positions: int = 64) -> str:
     return text
 
 
+def frontier(found: dict, fam: str) -> list:
+    """The measured points of a family as (mean bits, mean PSNR, standard error of the PSNR mean), by rate."""
+    pts = []
+    for key, g in found.items():
+        if family(key) == fam:
+            psnr = [r["psnr"] for r in g["runs"]]
+            se = statistics.stdev(psnr) / math.sqrt(len(psnr)) if len(psnr) > 1 else float("nan")
+            pts.append((statistics.mean(math.log2(r["perplexity"]) for r in g["runs"]), statistics.mean(psnr), se))
+    return sorted(pts)
+
+
+def at_rate(points: list, bits: float):
+    """(PSNR, its standard error) of a frontier at ``bits`` by linear interpolation between the two measured
+    points around it (weights 1 - t and t, so SE = sqrt((1 - t)^2 SE_a^2 + t^2 SE_b^2)); None outside its range."""
+    for (b0, p0, s0), (b1, p1, s1) in zip(points, points[1:]):
+        if b0 <= bits <= b1:
+            t = (bits - b0) / (b1 - b0) if b1 > b0 else 0.0
+            return p0 + t * (p1 - p0), math.hypot((1 - t) * s0, t * s1)
+    return None
+
+
+def equal_rate(found: dict, reference: str) -> str:
+    """Every group's PSNR against the reference family's frontier at the group's own rate: the difference of the
+    means, with the standard error of that difference (the group's and the interpolated reference's, independent
+    seeds). Groups of the reference family and groups outside its range of rates are left out."""
+    ref = frontier(found, reference)
+    lines = [f"| runs (seeds) | bits / position | PSNR dB | `{reference}` at that rate | difference ± SE |",
+             "|---|---|---|---|---|"]
+    for key, g in in_order(found):
+        if family(key) == reference:
+            continue
+        psnr = [r["psnr"] for r in g["runs"]]
+        bits = statistics.mean(math.log2(r["perplexity"]) for r in g["runs"])
+        there = at_rate(ref, bits)
+        if there is None:
+            continue
+        se = statistics.stdev(psnr) / math.sqrt(len(psnr)) if len(psnr) > 1 else float("nan")
+        diff = statistics.mean(psnr) - there[0]
+        lines.append(f"| `{key}` ({len(psnr)}) | {bits:.2f} | {statistics.mean(psnr):.2f} | {there[0]:.2f} | "
+                     f"{diff:+.2f} ± {math.hypot(se, there[1]):.2f} |")
+    return "\n".join(lines)
+
+
 def plot(found: dict, roots: list, path: Path) -> None:
     """PSNR against bits per latent position, one line per family of runs (``family``), a point per K, FSQ level
     set or beta range (``point``), in order of rate, at the mean over seeds with the sample standard deviation as error bars in both directions."""
@@ -138,6 +182,11 @@ if __name__ == "__main__":
     roots = [Path(a) for a in args] or [Path("experiments/frontier")]
     found, unfinished = groups(roots)
     print(table(found, unfinished))
+    reference = "vq_ema_best_vq_ema"
+    if len(frontier(found, reference)) > 1:
+        print(f"\nAt equal rate: each group against the `{reference}` frontier, linearly interpolated in bits per "
+              f"position between its measured points (groups outside its range of rates left out):\n")
+        print(equal_rate(found, reference))
     if out is not None:
         plot(found, roots, out)
         print(f"\nplot written to {out}")
