@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The equal-rate frontier of issue 23 on the reduced protocol (configs/reduced*.yaml, 2-core CPU, 3 seeds):
 # PSNR against rate for each quantizer, varying what sets its rate. Every line is a resumable grid: run this
-# script again after an interruption and finished runs are skipped (an interrupted run restarts: the reduced
-# configs keep no checkpoints). About 90 runs of 2-8 minutes each: several sessions. Take no timing while it runs.
+# script again after an interruption and finished runs are skipped (a run stopped by Ctrl-C or SIGTERM resumes from the
+# checkpoint it wrote on stopping; a killed one restarts: the reduced configs keep no periodic checkpoints).
+# 90 runs; on a 2-core CPU each took 50-140 s with this version (BA-VQ at K=512: 119-141 s; its K sweep ran on an
+# older, slower BA pass), about 3 hours in all. Take no timing while it runs.
 #
 #   bash tools/frontier.sh DATA_DIR [OUT_DIR]        # DATA_DIR: CIFAR-10 in ImageFolder layout (the JPEG copy)
 #
 # Then, per run, the R(D) analysis of its latents (docs/method.md):
-#   python evaluate.py OUT_DIR --rate_distortion
+#   python evaluate.py OUT_DIR/RUN --data_dir DATA_DIR --rate_distortion      # 15-40 s per run
 set -euo pipefail
 DATA=${1:?give the CIFAR-10 folder (ImageFolder layout), e.g. /tmp/cifar}
 OUT=${2:-experiments/frontier}
