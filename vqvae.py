@@ -3255,10 +3255,12 @@ def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: i
     g_rate = gaussian_rate_distortion(eig, run["distortion"])
     out["gaps"]["gaussian"] = {"rate_bits": run["rate_bits"] - g_rate,
                                "distortion": run["distortion"] - gaussian_distortion_rate(eig, run["rate_bits"])}
-    d_lo = min(min(p["distortion"] for p in c[0]) for c in curves.values() if c)
+    d_lo, total = min(min(p["distortion"] for p in c[0]) for c in curves.values() if c), float(eig.sum())
+    # latents without variance (an encoder collapsed to one output): R(D) = 0 at every D >= 0, one point
     out["curves"]["gaussian"] = [{"rate_bits": gaussian_rate_distortion(eig, D), "distortion": D}
-                                 for D in torch.logspace(math.log10(max(d_lo, 1e-12)), math.log10(float(eig.sum())), 40,
-                                                         dtype=torch.float64).tolist()]
+                                 for D in torch.logspace(math.log10(max(d_lo, 1e-12)), math.log10(total), 40,
+                                                         dtype=torch.float64).tolist()] if total > 0 else \
+                                [{"rate_bits": 0.0, "distortion": 0.0}]
     out["covariance_eigenvalues"] = eig.flip(0).tolist()
     out["seconds"] = time.perf_counter() - started
     return out

@@ -220,6 +220,34 @@ def test_the_run_distortion_is_the_commitment_mse_times_the_channels():
     assert set(out["gaps"]) == {"codebook", "gaussian"} and out["positions"] == 512
 
 
+class ConstantEncoder(torch.nn.Module):
+    """An encoder collapsed to one output: every latent position of every image is the same vector."""
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        self.register_buffer("z", z)                                          # (D,)
+
+    def forward(self, x):
+        return self.z[None, :, None, None].expand(x.shape[0], -1, x.shape[2] // 4, x.shape[3] // 4)
+
+
+@pytest.mark.parametrize("z", ["zeros", "a vector"])
+def test_latents_collapsed_to_one_vector_are_a_source_of_zero_rate(z):
+    """A source of one letter: every curve is at rate 0, the run's rate is 0, its distortion is the squared
+    distance to its code, and the Gaussian reference (zero covariance) is the point (0 bits, 0)."""
+    m = small_model("vq_ema")
+    torch.manual_seed(1)
+    vec = torch.zeros(16) if z == "zeros" else torch.randn(16)
+    m.encoder = ConstantEncoder(vec)
+    out = vqvae.latent_rate_distortion(m, vqvae._fake_images(40, 1), positions=512, alphabet_size=16, kmeans_iters=2)
+    nearest = vqvae.squared_distances(vec[None], m.quantizer.codebook).min()
+    assert out["run"]["rate_bits"] == 0 and out["run"]["distortion"] == pytest.approx(float(nearest), rel=1e-5)
+    assert out["gaps"]["codebook"]["rate_bits"] == 0 and out["gaps"]["codebook"]["distortion"] == pytest.approx(0, abs=1e-6)
+    assert all(p["rate_bits"] == 0 for name in ("codebook", "kmeans") for p in out["curves"][name])
+    assert max(out["covariance_eigenvalues"]) < 1e-12
+    if z == "zeros":                                                          # exactly zero variance
+        assert out["curves"]["gaussian"] == [{"rate_bits": 0.0, "distortion": 0.0}]
+
+
 def test_draws_of_positions_report_their_spread():
     m = small_model("ba_vq")
     out = vqvae.latent_rate_distortion(m, vqvae._fake_images(40, 1), positions=600, alphabet_size=64, repeats=3,
