@@ -123,3 +123,35 @@ def test_every_snippet_runs(doc, tmp_path, monkeypatch, zygote):
         ran += 1
     if ran == 0:
         pytest.skip(f"{doc.name} has no runnable block")
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(path: Path) -> set:
+    """The anchors GitHub gives the headings of a Markdown file (outside fenced blocks): lower case, punctuation
+    but hyphens and underscores dropped, spaces to hyphens, a repeated heading with -1, -2, ..."""
+    seen, out = {}, set()
+    for line in BLOCK.sub("", path.read_text()).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"\s", "-", re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()))
+        out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_relative_link_reaches_a_file_and_its_heading(doc):
+    broken = []
+    for target in LINK.findall(BLOCK.sub("", doc.read_text())):
+        if re.match(r"^[a-z]+:", target):                          # http:, https:, mailto: are not checked here
+            continue
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
+        if not path.exists():
+            broken.append(f"{target}: no file {path}")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(f"{target}: no heading with that anchor in {path.name}")
+    assert not broken, f"{doc.name} has broken links:\n" + "\n".join(broken)

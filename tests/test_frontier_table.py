@@ -15,12 +15,12 @@ frontier_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(frontier_table)
 
 
-def fake_run(root: Path, name: str, quantizer: str, K: int, psnr: float, perplexity: float, finished=True):
+def fake_run(root: Path, name: str, quantizer: str, K: int, psnr: float, perplexity: float, finished=True, **metrics):
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"quantizer": quantizer, "codebook_size": K}))
     if finished:
-        (run / "final_metrics.json").write_text(json.dumps({"psnr": psnr, "perplexity": perplexity}))
+        (run / "final_metrics.json").write_text(json.dumps({"psnr": psnr, "perplexity": perplexity, **metrics}))
 
 
 @pytest.mark.parametrize("key, fam, pt", [
@@ -52,6 +52,21 @@ def test_seeds_are_pooled_across_folders_and_the_rate_is_log2_of_the_perplexity(
     assert f"| 9.00 ± {statistics.stdev(bits):.2f} | 576.00 ± {64 * statistics.stdev(bits):.2f} |" in row
     assert "| `ibq_ibq_k64` (1) | ibq | 64 | 19.00 | 32.00 | 5.00 | 320.00 |" in text
     assert "4 finished runs, 1 unfinished." in text
+
+
+def test_bits_per_image_are_the_runs_own_when_recorded(tmp_path):
+    # a run of 16 latent positions per image (a 4 x 4 grid): 5 bits per position are 80 bits per image, not 320
+    fake_run(tmp_path, "fsq_4x4x4_fsq_k64_s0", "fsq", 64, 20.0, 32.0, bits_per_image=80.0)
+    found, _ = frontier_table.groups([tmp_path])
+    assert "| 5.00 | 80.00 |" in frontier_table.table(found, 0)
+
+
+def test_the_share_of_variance_leaves_out_a_run_whose_latents_do_not_vary():
+    rd = lambda distortion, eig: {"run": {"distortion": distortion}, "covariance_eigenvalues": eig}
+    assert frontier_table.share_of_variance([rd(1.0, [3.0, 1.0]), rd(2.0, [4.0])]) == "0.38 ± 0.18"
+    assert frontier_table.share_of_variance([rd(1.0, [3.0, 1.0]), rd(1e-5, [0.0, 0.0])]) == \
+        "0.25 (1 of 2 without latent variance)"
+    assert frontier_table.share_of_variance([rd(1e-5, [0.0])]) == "(1 of 1 without latent variance)"
 
 
 def test_the_plot_is_written(tmp_path):

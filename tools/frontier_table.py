@@ -7,7 +7,7 @@ standard deviation over the seeds.
     python tools/frontier_table.py experiments/frontier --plot results/frontier_reduced.png   # and the figure
 
 Rate: H(code marginal) of the validation codes in bits per latent position (log2 of the validation perplexity,
-which is 2^H), and that times the latent positions per image (8 x 8 = 64 for 32 x 32 images) in bits per image.
+which is 2^H), and in bits per image (the run's bits_per_image: that times its latent positions per image).
 Runs without final_metrics.json (unfinished) are left out and counted. Where runs of a group also have
 rate_distortion.json (``python evaluate.py RUN --rate_distortion``), a second table gives the R(D) analysis of
 its latents (docs/method.md): the run's squared quantization error per position (also over the latents' total
@@ -70,7 +70,22 @@ def mean_sd(values: list) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(found: dict, unfinished: int, positions: int = 64) -> str:
+def per_image(run: dict, positions: int = 64) -> float:
+    """Bits per image of a run: its own ``bits_per_image`` (rate x latent positions per image), or, for runs that
+    predate that metric, the rate x ``positions`` (8 x 8 for 32 x 32 images)."""
+    return run.get("bits_per_image", math.log2(run["perplexity"]) * positions)
+
+
+def share_of_variance(rds: list) -> str:
+    """Mean ± sd of distortion / total latent variance over the runs whose latents vary; an encoder collapsed to
+    one output has none (the ratio is infinite), and the cell says how many runs it left out."""
+    shares = [rd["run"]["distortion"] / sum(rd["covariance_eigenvalues"]) for rd in rds if sum(rd["covariance_eigenvalues"]) > 0]
+    if len(shares) == len(rds):
+        return mean_sd(shares)
+    return (mean_sd(shares) + " " if shares else "") + f"({len(rds) - len(shares)} of {len(rds)} without latent variance)"
+
+
+def table(found: dict, unfinished: int) -> str:
     """The frontier table (and the R(D) table) of ``groups``' result."""
     lines = ["| runs (seeds) | quantizer | K | PSNR dB | perplexity | bits / position | bits / image |",
              "|---|---|---|---|---|---|---|"]
@@ -79,7 +94,7 @@ def table(found: dict, unfinished: int, positions: int = 64) -> str:
         bits = [math.log2(r["perplexity"]) for r in runs]
         lines.append(f"| `{key}` ({len(runs)}) | {g['quantizer']} | {g['K']} | {mean_sd([r['psnr'] for r in runs])} | "
                      f"{mean_sd([r['perplexity'] for r in runs])} | {mean_sd(bits)} | "
-                     f"{mean_sd([b * positions for b in bits])} |")
+                     f"{mean_sd([per_image(r) for r in runs])} |")
     rd_lines = ["| runs (seeds) | K | R(D) positions | rate bits | distortion | distortion / latent variance | "
                 "own-codebook rate gap | k-means rate gap | k-means distortion gap |", "|---|---|---|---|---|---|---|---|---|"]
     for key, g in in_order(found):
@@ -90,7 +105,7 @@ def table(found: dict, unfinished: int, positions: int = 64) -> str:
         rd_lines.append(
             f"| `{key}` ({len(rds)}) | {g['K']} | {rds[0]['positions']} | {mean_sd([rd['run_measured']['rate_bits'] for rd in rds])} | "
             f"{mean_sd([rd['run_measured']['distortion'] for rd in rds])} | "
-            f"{mean_sd([rd['run']['distortion'] / sum(rd['covariance_eigenvalues']) for rd in rds])} | "
+            f"{share_of_variance(rds)} | "
             f"{mean_sd([rd['gaps']['codebook']['rate_bits'] for rd in rds])} | "
             f"{mean_sd([rd['gaps']['kmeans']['rate_bits'] for rd in rds])} | "
             f"{mean_sd([rd['gaps']['kmeans']['distortion'] for rd in rds])} |")
@@ -163,8 +178,15 @@ def plot(found: dict, roots: list, path: Path) -> None:
                     xerr=[sd(bits[i]) for i in by_rate], yerr=[sd(psnr[i]) for i in by_rate], marker="o", capsize=3,
                     label=f"{fam} ({', '.join(points[i][0] for i in by_rate)})")
     ax.set_xlabel("rate: H(code marginal), bits per latent position")
+    ratios = {round(per_image(r) / math.log2(r["perplexity"]), 2) for g in found.values() for r in g["runs"]
+              if r["perplexity"] > 1.01}                        # float32 metrics: the ratio is 64 to ~1e-6
+    if len(ratios) == 1:                                      # one latent grid for every run: a bits-per-image axis
+        n = ratios.pop()
+        top = ax.secondary_xaxis("top", functions=(lambda b: b * n, lambda i: i / n))
+        top.set_xlabel(f"bits per image ({n:g} latent positions)")
     ax.set_ylabel("validation PSNR (dB)")
-    ax.set_title(f"Equal-rate frontier, reduced protocol ({', '.join(str(r) for r in roots)})")
+    ax.set_title(f"Equal-rate frontier: {sum(len(g['runs']) for g in found.values())} runs in "
+                 f"{', '.join(Path(r).name for r in roots)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
