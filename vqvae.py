@@ -3256,11 +3256,12 @@ def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: i
     out["gaps"]["gaussian"] = {"rate_bits": run["rate_bits"] - g_rate,
                                "distortion": run["distortion"] - gaussian_distortion_rate(eig, run["rate_bits"])}
     d_lo, total = min(min(p["distortion"] for p in c[0]) for c in curves.values() if c), float(eig.sum())
-    # latents without variance (an encoder collapsed to one output): R(D) = 0 at every D >= 0, one point
-    out["curves"]["gaussian"] = [{"rate_bits": gaussian_rate_distortion(eig, D), "distortion": D}
-                                 for D in torch.logspace(math.log10(max(d_lo, 1e-12)), math.log10(total), 40,
-                                                         dtype=torch.float64).tolist()] if total > 0 else \
-                                [{"rate_bits": 0.0, "distortion": 0.0}]
+    if total > 0:
+        out["curves"]["gaussian"] = [{"rate_bits": gaussian_rate_distortion(eig, D), "distortion": D} for D in
+                                     torch.logspace(math.log10(max(d_lo, 1e-12)), math.log10(total), 40,
+                                                    dtype=torch.float64).tolist()]
+    else:            # latents without variance (an encoder collapsed to one output): R(D) = 0 at every D >= 0
+        out["curves"]["gaussian"] = [{"rate_bits": 0.0, "distortion": 0.0}]
     out["covariance_eigenvalues"] = eig.flip(0).tolist()
     out["seconds"] = time.perf_counter() - started
     return out

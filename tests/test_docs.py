@@ -1,6 +1,7 @@
 """Every command and Python snippet in README.md and docs/*.md runs as written, offline and on small
 settings, or its first line says what it needs (`# needs: CIFAR-10`, `# needs: network`, `# needs: a CUDA
 GPU`, ...) and it is only shown."""
+import functools
 import os
 import re
 import shutil
@@ -128,6 +129,7 @@ def test_every_snippet_runs(doc, tmp_path, monkeypatch, zygote):
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+@functools.cache
 def anchors(path: Path) -> set:
     """The anchors GitHub gives the headings of a Markdown file (outside fenced blocks): lower case, punctuation
     but hyphens and underscores dropped, spaces to hyphens, a repeated heading with -1, -2, ..."""

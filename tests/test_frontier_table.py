@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 spec = importlib.util.spec_from_file_location("frontier_table", ROOT / "tools" / "frontier_table.py")
 frontier_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(frontier_table)

@@ -79,7 +79,8 @@ def per_image(run: dict, positions: int = 64) -> float:
 def share_of_variance(rds: list) -> str:
     """Mean ± sd of distortion / total latent variance over the runs whose latents vary; an encoder collapsed to
     one output has none (the ratio is infinite), and the cell says how many runs it left out."""
-    shares = [rd["run"]["distortion"] / sum(rd["covariance_eigenvalues"]) for rd in rds if sum(rd["covariance_eigenvalues"]) > 0]
+    variances = [(rd["run"]["distortion"], sum(rd["covariance_eigenvalues"])) for rd in rds]
+    shares = [distortion / variance for distortion, variance in variances if variance > 0]
     if len(shares) == len(rds):
         return mean_sd(shares)
     return (mean_sd(shares) + " " if shares else "") + f"({len(rds) - len(shares)} of {len(rds)} without latent variance)"
@@ -116,15 +117,16 @@ def table(found: dict, unfinished: int) -> str:
     return text
 
 
+def summary(g: dict) -> tuple:
+    """(mean bits per position, mean PSNR, standard error of the PSNR mean; NaN for one seed) of a group."""
+    psnr = [r["psnr"] for r in g["runs"]]
+    se = statistics.stdev(psnr) / math.sqrt(len(psnr)) if len(psnr) > 1 else float("nan")
+    return statistics.mean(math.log2(r["perplexity"]) for r in g["runs"]), statistics.mean(psnr), se
+
+
 def frontier(found: dict, fam: str) -> list:
-    """The measured points of a family as (mean bits, mean PSNR, standard error of the PSNR mean), by rate."""
-    pts = []
-    for key, g in found.items():
-        if family(key) == fam:
-            psnr = [r["psnr"] for r in g["runs"]]
-            se = statistics.stdev(psnr) / math.sqrt(len(psnr)) if len(psnr) > 1 else float("nan")
-            pts.append((statistics.mean(math.log2(r["perplexity"]) for r in g["runs"]), statistics.mean(psnr), se))
-    return sorted(pts)
+    """The measured points of a family as ``summary`` tuples, by rate."""
+    return sorted(summary(g) for key, g in found.items() if family(key) == fam)
 
 
 def at_rate(points: list, bits: float):
@@ -147,15 +149,12 @@ def equal_rate(found: dict, reference: str) -> str:
     for key, g in in_order(found):
         if family(key) == reference:
             continue
-        psnr = [r["psnr"] for r in g["runs"]]
-        bits = statistics.mean(math.log2(r["perplexity"]) for r in g["runs"])
+        bits, psnr, se = summary(g)
         there = at_rate(ref, bits)
         if there is None:
             continue
-        se = statistics.stdev(psnr) / math.sqrt(len(psnr)) if len(psnr) > 1 else float("nan")
-        diff = statistics.mean(psnr) - there[0]
-        lines.append(f"| `{key}` ({len(psnr)}) | {bits:.2f} | {statistics.mean(psnr):.2f} | {there[0]:.2f} | "
-                     f"{diff:+.2f} ± {math.hypot(se, there[1]):.2f} |")
+        lines.append(f"| `{key}` ({len(g['runs'])}) | {bits:.2f} | {psnr:.2f} | {there[0]:.2f} | "
+                     f"{psnr - there[0]:+.2f} ± {math.hypot(se, there[1]):.2f} |")
     return "\n".join(lines)
 
 
