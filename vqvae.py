@@ -1988,34 +1988,53 @@ def _linear_sums_by_default(device: torch.device, kernels) -> bool:
     return kernels is None and device.type == "cpu"
 
 
-def _ba_backward_chunk(A_c, lse_c, log_q_prev, col_t, E, gq, gzq, acc, acc_b, first: bool, ws=None):
-    """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there): adds this
-    iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or writes
-    them there when ``first`` (the first iteration the backward visits: no zero fill), and returns
-    (P^T u (K, 2), the colsum of the direct term (K,) or None, P^T g_zq (K, D) or None).
-    ``ws``: three (C, K) work buffers (``_work``)."""
+def _column_shift(log_cols: torch.Tensor, N: int) -> torch.Tensor:
+    """shift (..., K): -col for the columns whose total mass N Q_t = exp(col) is below tau = N e tiny / eps, else 0.
+    The backward works with P' = P e^shift: P_t itself in every other column (so P(k|x) is exactly 1 where the
+    forward's is), and W_t = P_t / (N Q_t) (the softmax over x, at most 1) in the shifted ones, whose every
+    P(k|x) may lie below float range's reach. Entries of P' below exp's floor are 0 (``exp_normal_``): what goes
+    missing from a column of W is then below N e tiny / tau = eps of it in an unshifted column, and below
+    N e tiny in a shifted one."""
+    info = torch.finfo(log_cols.dtype)
+    tau = math.log(N) + 1.0 + math.log(info.tiny) - math.log(info.eps)
+    return torch.where(log_cols < tau, -log_cols, torch.zeros_like(log_cols))
+
+
+def _ba_backward_chunk(A_c, lse_c, offset, E, h, scale, gzq, acc, acc_b, first: bool, ws=None):
+    """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there). ``offset`` (K,) =
+    log Q_{t-1} + shift (``_column_shift``), ``h`` (K, 2) = gq e^-shift / (N Q_t), ``scale`` (K,) = e^-shift.
+    Adds this iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or
+    writes them there when ``first`` (the first iteration the backward visits: no zero fill), and returns
+    (P'^T [u, 1] (K, 3) with u the row sums of dL per path, the colsum of the direct term (K,) or None, P^T g_zq
+    (K, D) or None). ``ws``: three (C, K) work buffers (``_work``)."""
     c, K = A_c.shape
-    # W_t = exp(A + log Q_{t-1} - col_t - lse_t): a column then a row broadcast, then exp
-    W = exp_normal_(torch.add(A_c, log_q_prev - col_t, out=_work(ws, 0, A_c, c, K)).sub_(lse_c[:, None]))  # W_t (c, K)
-    nq = col_t.exp()                                                                 # N Q_t (K,): P_t = W_t N Q_t
-    u = W @ gq                                                                       # W gq (c, 2): u_a, u_b
-    for target, g, v in ((acc_b, gq[:, 1], u[:, 1:2]), (acc, gq.sum(1), u.sum(1, keepdim=True))):
+    # P' = P e^shift = exp(A + log Q_{t-1} + shift - lse_t): P_t itself in every unshifted column, bit for bit
+    # the forward's rounding of A + log Q_{t-1} (P(k|x) = 1 exactly where the forward's is), W_t in the shifted ones
+    Pp = exp_normal_(torch.add(A_c, offset, out=_work(ws, 0, A_c, c, K)).sub_(lse_c[:, None]))
+    u = Pp @ h                                                                       # (c, 2): rowsum(dL_p) = sum_k W g_p
+    col = []
+    for target, hp, up in ((acc_b, h[:, 1], u[:, 1:2]), (acc, h.sum(1), u.sum(1, keepdim=True))):
         if target is None:
+            col.append(torch.zeros_like(hp))
             continue
-        G = torch.addcmul(g[None, :], v, nq[None, :], value=-1.0, out=_work(ws, 1, A_c, c, K))  # gq - u N Q_t
-        if first:                                                                    # dS = W * G = W gq - P u
-            torch.mul(W, G, out=target)
-        else:
-            target.addcmul_(W, G)
+        # dS = P' * (h - u e^-shift): where P(k|x) = 1 and the row's other entries are 0, u = h_k exactly and dS = 0
+        # exactly, as in autograd's log_softmax backward (no product W * N Q that rounds near 1). Its column sums
+        # (dlogQ_{t-1}) are summed from these entries: where they cancel, h colsum(P') - P'^T u would not.
+        dS = torch.addcmul(hp[None, :], up, scale[None, :], value=-1.0,
+                           out=target if first else _work(ws, 1, A_c, c, K)).mul_(Pp)
+        col.append(dS.sum(0))
+        if not first:
+            target.add_(dS)
+    col_b, col_ab = col
     m_col = g_direct = None
     if gzq is not None:                                                              # z_q = P E at t = T
-        P = torch.mul(W, nq, out=_work(ws, 1, A_c, c, K))                            # P_T
+        P = torch.mul(Pp, (scale == 1).to(Pp.dtype), out=_work(ws, 1, A_c, c, K))  # P_T (shifted columns: 0)
         M = torch.mm(gzq, E.t(), out=_work(ws, 2, A_c, c, K)).mul_(P)                # P * V, V = g_zq E^T
         M.addcmul_(P, M.sum(1, keepdim=True), value=-1.0)                            # dS_direct = P (V - rowsum(P V))
         m_col = M.sum(0)
         acc.add_(M)
         g_direct = P.t() @ gzq                                                       # (K, D)
-    return (u.t() @ W).t() * nq[:, None], m_col, g_direct                           # P^T u = N Q_t (W^T u)
+    return torch.stack([col_ab - col_b, col_b], 1), m_col, g_direct
 
 
 class _FusedBA(torch.autograd.Function):
@@ -2030,14 +2049,27 @@ class _FusedBA(torch.autograd.Function):
     and iteration, ``_ba_forward_chunk_sums``) or from column logsumexps (``_ba_forward_chunk``: two exps
     and no device synchronisation: the GPU and the compiled kernels); both are tested against autograd.
 
-    Backward (exact, derived by hand; P_t and W_t are rebuilt per chunk from A, log Q_{t-1}, lse_t and col_t):
-      L_t = A + log Q_{t-1} - lse_t,  col_t = logsumexp_x L_t = log Q_t + log N
-      dlogQ_t/dL_t(x, k) = W_t(x, k) = exp(L_t(x, k) - col_t(k))   (softmax over x);  P_t = W_t N Q_t
+    Backward (exact, derived by hand; P_t is rebuilt per chunk from A, log Q_{t-1} and lse_t):
+      L_t = A + log Q_{t-1} - lse_t = log P_t,  col_t = logsumexp_x L_t = log Q_t + log N
+      dlogQ_t/dL_t(x, k) = W_t(x, k) = P_t(x, k) / (N Q_t(k))   (softmax over x)
       dL_t -> dS_t = dL_t - P_t * rowsum(dL_t);  dA += dS_t;  dlogQ_{t-1} = colsum(dS_t)
       d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
-    With u = W_t gq (the row sums of dL = W_t * gq), dS_t = W_t * (gq - u N Q_t): one (C, K) factor per path,
-    so each chunk and iteration is one exp (W_t), two thin products (W_t gq, W_t^T u) and one update of each
-    accumulator. The rows of dS sum to 0, so the row shift of A carries no gradient.
+    With h = gq / (N Q_t) and u = P_t h (the row sums of dL = W_t * gq), dS_t = P_t * (h - u): one (C, K)
+    factor per path, so each chunk and iteration is one exp (P_t), one thin product (P_t h), one update of
+    each accumulator and the column sums of dS_t. Three choices keep float32 as accurate as autograd's at any
+    beta (tested against float64 from beta 0.5 to 2000):
+      - P_t is exp(L_t) with L_t rounded as the forward rounds it, so a row that is one-hot in the forward
+        (P = 1 exactly) gives u = h_k and dS = 0 exactly, as autograd's log_softmax backward does; forming
+        W_t from shifted logs and P_t as W_t N Q_t instead left rounding errors that beta 200-2000
+        multiplied into the codebook gradient (errors 10-1e5 x autograd's);
+      - colsum(dS_t), the next dlogQ, and colsum(dA), rowsum(dA_b) in dE and dz are summed from the
+        stored entries, not taken as gq - P^T u or 0 from the columns of W summing to 1 and the rows of
+        dS summing to 0: where the entries cancel, those identities leave their rounding behind;
+      - a column whose mass N Q_t is below float range's reach of its entries (a far or dead code) is
+        computed as W_t = P_t e^shift instead (``_column_shift``), so its dlogQ still reaches z and E.
+    Entries of P below e x the smallest normal float are 0 (``exp_normal_``, for speed): gradients below about
+    1e-36 (float32) that only they carry are lost, where autograd keeps them as subnormal floats.
+    The rows of dS sum to 0, so the row shift of A carries no gradient.
     Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
     reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
     Per chunk and iteration the backward adds dS_t to dA (and dS_b,t to dA_b) in place (the first
@@ -2129,33 +2161,42 @@ class _FusedBA(torch.autograd.Function):
         ws_keep = ctx.workspace if ctx.workspace is not None and A.device.type == "cpu" else BAWorkspace()
         acc = ws_keep.get("dA", A)                                    # dA = sum_t dS_t, both paths, (N, K)
         acc_b = ws_keep.get("dA_b", A) if use_b else None             # dA_b = sum_t dS_b,t (entropy path)
-        colsum_dA = torch.zeros(K, dtype=A.dtype, device=A.device)
+        shifts = _column_shift(log_cols, N)                                          # (T+1, K)
         for t in range(T, 0, -1):
-            # Per row chunk, with P = P_t and W = W_t, and u_p = W gq_p (row sums of dL_p = W * gq_p):
-            #   dS_p = W * gq_p - P * u_p               (log_softmax backward; rows of dS_p sum to 0)
-            #   colsum(dS_p) = gq_p - P^T u_p           (columns of W sum to 1 over all rows)
-            # dS is added to dA (and dS_b to dA_b) in place, so the iterations form no D-wide product:
-            # dA^T z and dA_b E are formed once, after the loop. P^T u is thin (K, 2). At t = T the
-            # codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
+            # Per row chunk, with P = P_t, W = W_t = P / (N Q_t), g_p = gq[:, p] and u_p = W g_p (the row sums of
+            # dL_p = W * g_p, the logsumexp_x backward):
+            #   dS_p = W * g_p - P * u_p      (log_softmax backward; rows of dS_p sum to 0)
+            #        = P' * (h_p - u_p e^-shift),  P' = P e^shift, h_p = g_p e^-shift / (N Q_t)   (``_column_shift``)
+            #   colsum(dS_p): summed from the entries of dS_p (``_ba_backward_chunk``)
+            # dS is added to dA (and dS_b to dA_b) in place, so the iterations form no D-wide product: dA^T z and
+            # dA_b E are formed once, after the loop, with the exact column and row sums of dA and dA_b. At t = T
+            # the codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
             # dS_direct = P * (V - rowsum(P * V)) (one (C, K) matrix and two D-wide products per chunk).
             direct = use_a and t == T
-            next_gq = gq.clone()                                                     # gq_p - sum P^T u_p
+            shift = shifts[t]
+            scale = exp_normal(-shift)                                               # e^-shift (K,)
+            h = gq * exp_normal(-shift - log_cols[t])[:, None]                       # (K, 2)
+            offset = log_qs[t - 1] + shift                           # (K,)
+            next_gq = torch.zeros_like(gq)
             for s in range(0, N, C):
-                PTu, m_col, g_direct = bwd_chunk(
-                    A[s:s + C], lses[t - 1, s:s + C], log_qs[t - 1], log_cols[t], E, gq,
+                col, m_col, g_direct = bwd_chunk(
+                    A[s:s + C], lses[t - 1, s:s + C], offset, E, h, scale,
                     g_zq[s:s + C] if direct else None, acc[s:s + C], acc_b[s:s + C] if use_b else None,
                     t == T, ws)
-                next_gq -= PTu
+                next_gq += col                                                       # colsum(dS_t) per path
                 if direct:
                     next_gq[:, 0] += m_col
                     g_E += g_direct                                                  # z_q = P E, direct
-            colsum_dA += next_gq.sum(1)                                              # colsum(dS_t), both paths
             gq = next_gq
         # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dA:  dE = -2 beta (E colsum(dA) - dA^T z),
-        # dz = 2 beta dA_b E (rowsum(dA_b) = 0; only the entropy path reaches z)
-        g_E -= (2.0 * beta) * (E * colsum_dA[:, None] - acc.t() @ z)
+        # dz = 2 beta (dA_b E - z rowsum(dA_b)) (only the entropy path reaches z). The column and row sums are
+        # those of the stored dA and dA_b, so that where dS cancels exactly (P(k|x) = 1) these differences do too.
+        ones = torch.ones(N, 1, dtype=A.dtype, device=A.device)
+        zt = acc.t() @ torch.cat([z, ones], 1)                                       # [dA^T z, colsum(dA)] (K, D+1)
+        g_E -= (2.0 * beta) * (E * zt[:, -1:] - zt[:, :-1])
         if use_b:
-            g_z = (2.0 * beta) * (acc_b @ E)
+            eb = acc_b @ torch.cat([E, torch.ones(K, 1, dtype=A.dtype, device=A.device)], 1)   # [dA_b E, rowsum]
+            g_z = (2.0 * beta) * (eb[:, :-1] - z * eb[:, -1:])
         return g_z, g_E, None, None, None, None, None, None, None, None
 
 

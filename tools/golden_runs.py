@@ -4,31 +4,35 @@ Trains a fixed set of tiny runs on generated data (every quantizer and the main 
 public API (``vqvae.train``, ``vqvae.evaluate_run``) and compares, exactly, their final metrics, their
 history (without timing) and the bits of their final weights with a recorded set.
 
-    python tools/golden_runs.py compare            # after a refactor: must print "all N runs identical"
+    python tools/golden_runs.py compare --against main   # any machine: main's runs recorded here, then compared
+    python tools/golden_runs.py compare            # against the committed record (its machine only, below)
     python tools/golden_runs.py record             # only in a commit that names the behaviour it changes
     python tools/golden_runs.py compare --only vq_ema ba_vq_options   # a subset, by run name
 
-Exact equality holds on the machine, PyTorch version and thread count the record was made with (the
-file stores them, and `compare` says when they differ): float summation order differs between CPUs
-and BLAS builds. Elsewhere, record on the unchanged code first (to a scratch file with --file), then
-compare after the change against that file.
+Exact equality holds only where float rounding is the same: the same CPU model and instruction set that
+PyTorch's kernels use, the same BLAS, the same PyTorch build and the same thread count. The record stores
+all of them (``environment``), and `compare` says which differ. `--against REV` needs no record: it copies the
+git revision REV (``git archive``) to a temporary folder, trains the runs with REV's library on this machine
+into a temporary record, then trains them with the working tree's library and compares the two; the run
+settings are this script's, so a run that REV's library cannot train is reported as such.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import vqvae  # noqa: E402
+vqvae = None                                   # imported by main(), from the working tree or from --tree
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "golden" / "cpu_2threads.json"
 THREADS = 2
@@ -98,9 +102,51 @@ def _differences(a, b, path="") -> list:
     return [] if a == b else [f"{path}: {a!r} (record) != {b!r} (now)"]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what platform reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas() -> str:
+    """The BLAS that PyTorch was built with, from its build configuration (e.g. 'mkl 2024.2')."""
+    config = torch.__config__.show()
+    found = re.search(r"BLAS_INFO=([^,\s]+)", config)
+    info = found.group(1) if found else "unknown"
+    found = re.search(r"Math Kernel Library Version ([^ ]+)", config)
+    mkl = found.group(1) if found else ""
+    return f"{info} {mkl}".strip()
+
+
+# what decides float rounding: exact equality is expected only where all of these agree
+ROUNDING = ("torch", "threads", "machine", "cpu", "cpu_capability", "blas")
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor(), "python": platform.python_version()}
+            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "blas": blas(),
+            "python": platform.python_version()}
+
+
+def record_revision(rev: str, names: list, out: Path, work: Path) -> None:
+    """Train the runs ``names`` with the library of git revision ``rev`` on this machine into ``out``."""
+    tree = work / "tree"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"[golden] git archive {rev} failed: {archive.stderr.decode().strip()}. Name a commit, "
+                         "branch or tag of this repository (e.g. --against main or --against HEAD~1).")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    print(f"[golden] recording {len(names)} runs with the library of {rev} (in {tree})", flush=True)
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "record", "--tree", str(tree),
+                        "--file", str(out), "--only", *names], env={**os.environ, "WANDB_MODE": "disabled"})
+    if r.returncode != 0:
+        raise SystemExit(f"[golden] recording with {rev}'s library failed (exit {r.returncode}); see above")
 
 
 def main(argv=None) -> int:
@@ -108,17 +154,35 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=["record", "compare"])
     p.add_argument("--file", type=Path, default=DEFAULT_FILE, help="the recorded runs (JSON)")
     p.add_argument("--only", nargs="+", default=None, metavar="RUN", help=f"run names: {', '.join(RUNS)}")
+    p.add_argument("--against", metavar="REV", default=None,
+                   help="compare: record git revision REV's runs on this machine first and compare with those")
+    p.add_argument("--tree", type=Path, default=None, help=argparse.SUPPRESS)   # the library's folder (--against)
     args = p.parse_args(argv)
+    global vqvae
+    sys.path.insert(0, str((args.tree or ROOT).resolve()))
+    import vqvae
     torch.set_num_threads(THREADS)
     names = args.only or list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         p.error(f"unknown run name(s) {unknown}; choose from {', '.join(RUNS)}")
-    results = {}
+    if args.against and args.action != "compare":
+        p.error("--against goes with compare")
+    results, against = {}, None
     with tempfile.TemporaryDirectory() as tmp:
+        if args.against:
+            args.file = Path(tmp) / "against.json"
+            record_revision(args.against, names, args.file, Path(tmp))
+            against = json.loads(args.file.read_text())
         for name in names:
             print(f"[golden] {name}", flush=True)
-            results[name] = run_one(name, Path(tmp))
+            try:
+                results[name] = run_one(name, Path(tmp) / "runs")
+            except Exception as e:                       # a run this library cannot train (an older revision)
+                if args.action != "record" or args.tree is None:
+                    raise
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[golden] {name}: {results[name]['error']}", flush=True)
     if args.action == "record":
         args.file.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(args.file.read_text())["runs"] if args.file.exists() and args.only else {}
@@ -126,15 +190,21 @@ def main(argv=None) -> int:
                                          "runs": {**old, **results}}, indent=1) + "\n")
         print(f"[golden] recorded {len(results)} runs in {args.file}")
         return 0
-    record = json.loads(args.file.read_text())
+    record = against if args.against else json.loads(args.file.read_text())
     env_now, env_then = environment(), record["environment"]
-    if {k: env_now[k] for k in ("torch", "threads", "machine")} != {k: env_then[k] for k in ("torch", "threads", "machine")}:
-        print(f"[golden] note: recorded with {env_then}, running with {env_now}: exact equality is not expected "
-              "across machines or PyTorch versions (see this script's docstring).")
+    differ = [k for k in ROUNDING if env_now.get(k) != env_then.get(k)]
+    if differ:
+        print("[golden] note: the record differs from this machine in what decides float rounding: "
+              + "; ".join(f"{k} {env_then.get(k)!r} (record) vs {env_now.get(k)!r} (now)" for k in differ)
+              + ". Exact equality is not expected; compare with --against REV (see this script's docstring).")
     failed = 0
     for name, now in results.items():
         if name not in record["runs"]:
             print(f"[golden] {name}: not in the record ({args.file})")
+            failed += 1
+            continue
+        if "error" in record["runs"][name]:
+            print(f"[golden] {name}: the reference library could not train it ({record['runs'][name]['error']})")
             failed += 1
             continue
         diffs = _differences(record["runs"][name], now, name)
