@@ -428,8 +428,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]; same as ToTensor() + Normalize(0.5, 0.5)."""
-    return images_u8.float().div_(127.5).sub_(1.0)
+    """uint8 [0, 255] -> float [-1, 1] (torch's default float dtype); same as ToTensor() + Normalize(0.5, 0.5)."""
+    return images_u8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)      # float32 unless a test sets float64
 
 
 def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
@@ -2272,10 +2272,10 @@ class FSQQuantizer(Quantizer):
         return given
 
     def _half_width(self):
-        return (self.levels // 2).float()
+        return (self.levels // 2).to(self.proj_out.weight.dtype)
 
     def bound(self, h: torch.Tensor) -> torch.Tensor:
-        L = self.levels.float()
+        L = self.levels.to(h.dtype)
         half = (L - 1) * (1 + 1e-3) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
@@ -2288,7 +2288,7 @@ class FSQQuantizer(Quantizer):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         digits = (indices[..., None] // self.basis) % self.levels                   # (..., d)
-        return (digits.float() - self._half_width()) / self._half_width()
+        return (digits.to(self.proj_out.weight.dtype) - self._half_width()) / self._half_width()
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.indices_to_codes(indices)).permute(0, 3, 1, 2)   # (B, H, W) -> (B, D, H, W)
@@ -2509,7 +2509,7 @@ class LFQQuantizer(Quantizer):
         self.proj_out = nn.Linear(d, embedding_dim)
         self.register_buffer("basis", 2 ** torch.arange(d))                                 # (d,) 1, 2, 4, ...
         bits = (torch.arange(num_embeddings)[:, None] // self.basis) % 2                    # (K, d)
-        self.register_buffer("codes", bits.float() * 2 - 1)                                  # c_k in {-1, +1}^d
+        self.register_buffer("codes", bits.to(torch.get_default_dtype()) * 2 - 1)              # c_k in {-1, +1}^d
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
@@ -3358,7 +3358,8 @@ def perplexity_per_batch(indices: torch.Tensor, K: int, images_per_batch: int = 
     batches of ``images_per_batch`` images (the last partial batch included, shuffle off), p = the
     batch's code histogram / its positions, perplexity_b = exp(-sum_k p_k log(p_k + 1e-7)); the plain
     mean over batches. ``indices`` (N, ...) in test-set order. It depends on the batch size: K codes
-    used uniformly read about K (1 - e^(-n/K)) at n positions per batch, not K. Indices (N, S, H, W)
+    used uniformly read about K exp(-(K - 1) / (2 n)) at n positions per batch (the plug-in entropy's bias,
+    Miller 1955), not K. Indices (N, S, H, W)
     of S codebooks of K / S codes: stage s's codes count as s K / S + k (the layout of code_counts)."""
     if indices.dim() == 4:
         S = indices.shape[1]

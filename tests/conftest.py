@@ -53,6 +53,34 @@ def record_code_indices(model: vqvae.VQVAE) -> list:
     return seen
 
 
+class Float64Runtime(vqvae.Runtime):
+    """The plain runtime with every batch in float64 (the model made float64 with ``.double()``): two paths that
+    sum in other orders then differ near 1e-16, far below anything that a few training steps can turn into a
+    different code, so that comparing them exactly does not depend on the CPU's float32 rounding."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return super().prepare(x.double())
+
+
+@pytest.fixture
+def float64():
+    """The test runs with torch's default float dtype set to float64: models built in it, and images from
+    ``vqvae.to_float``, are float64. For comparisons of two computations that sum in other orders (batch sizes,
+    processes, code paths): their differences stay near 1e-16, so that the same codes and metrics to 1e-9 hold
+    on any CPU, where in float32 a latent within a few ulps of a tie may pick another code."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(before)
+
+
+def record_inputs(model: vqvae.VQVAE) -> list:
+    """A list to which every forward of the model's encoder appends a copy of its input (the images it sees)."""
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
 def fsq_levels_for(K: int) -> list:
     """FSQ levels whose product is K (K a power of two >= 2): 32 -> [4, 8], 16 -> [4, 4]."""
     levels = []

@@ -2,7 +2,8 @@
 (one train(cfg) per config, all in this process group) and saves what every process ends with, so
 the test can compare processes: <out_dir>/<name>.rank<R>.pt (model state) and .json (final metrics).
 With BAVQ_TEST_FAIL_RANK=R, process R raises in its third training step (a crash on one process); with
-BAVQ_TEST_STOP_RANK=R, process R alone gets a stop request (as from a signal) before its fifth batch."""
+BAVQ_TEST_STOP_RANK=R, process R alone gets a stop request (as from a signal) before its fifth batch; with
+BAVQ_TEST_FLOAT64=1, everything runs in float64 (torch's default dtype; see conftest's ``float64`` fixture)."""
 import json
 import os
 import sys
@@ -15,6 +16,8 @@ import vqvae  # noqa: E402
 import vqvae_experiment  # noqa: E402
 
 rank = int(os.environ.get("RANK", "0"))
+if os.environ.get("BAVQ_TEST_FLOAT64") == "1":
+    torch.set_default_dtype(torch.float64)
 fail_rank = os.environ.get("BAVQ_TEST_FAIL_RANK")
 real_finish = vqvae_experiment._finish
 

@@ -85,14 +85,16 @@ def test_frechet_distance_matches_the_numpy_scipy_reference():
     assert vqvae.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_reconstruction_fid_end_to_end_with_a_small_random_feature_network():
+def test_reconstruction_fid_end_to_end_with_a_small_random_feature_network(float64):
     """The rFID pipeline (test images vs their eval-mode reconstructions as uint8, features, Frechet
     distance) with a tiny randomly initialised feature network in place of Inception, against the
-    NumPy/SciPy formula on features computed independently."""
+    NumPy/SciPy formula on features computed independently (in float64: the pipeline reconstructs in batches of
+    32, the reference in one of 90, and a pixel that lies a few float32 ulps from a rounding boundary of uint8
+    could round the other way on another CPU)."""
     torch.manual_seed(0)
     feat = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(), torch.nn.Flatten(),
                                torch.nn.Linear(8 * 8 * 8, 5))
-    net = lambda u8: feat(u8.float() / 255.0)                                           # noqa: E731
+    net = lambda u8: feat(u8.to(torch.float64) / 255.0)                                 # noqa: E731
     model = vqvae.VQVAE("vq_ema", codebook_size=16, latent_dim=8, hidden_dim=8).eval()
     images = vqvae._fake_images(90, seed=4)
     ours = vqvae.reconstruction_fid(model, images, net, batch_size=32)

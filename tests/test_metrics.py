@@ -51,9 +51,11 @@ def test_psnr_is_mean_of_per_image_values():
 
 
 @pytest.mark.parametrize("name", ["vq_ema", "vq", "ba_vq"])
-def test_validate_uses_the_whole_set_and_hard_codes(name):
+def test_validate_uses_the_whole_set_and_hard_codes(name, float64):
     """validate() == per-image PSNR of hard-code reconstructions averaged over every image, and
-    perplexity/usage over every code index, whatever the batch size (N not a multiple of it)."""
+    perplexity/usage over every code index, whatever the batch size (N not a multiple of it). In float64: the
+    encoder's output for a batch of 32 and of 70 images may differ in the last bits, which in float32 could
+    move a latent within a few ulps of a tie to the other code."""
     torch.manual_seed(0)
     model = vqvae.VQVAE(name, codebook_size=32, latent_dim=8, hidden_dim=8)
     images = vqvae._fake_images(70, seed=3)
@@ -71,7 +73,7 @@ def test_validate_uses_the_whole_set_and_hard_codes(name):
             q = model.quantizer
             log_p = torch.log_softmax(q.log_q_bar.double() - q.beta.double() * d.double(), dim=1)
             idx = log_p.argmax(1)
-            x_soft = model.decoder((log_p.exp() @ q.codebook.double()).float().reshape(70, 8, 8, 8).permute(0, 3, 1, 2))
+            x_soft = model.decoder((log_p.exp() @ q.codebook.double()).reshape(70, 8, 8, 8).permute(0, 3, 1, 2))
             assert m["psnr_soft"] == pytest.approx(float(psnr_per_image(x, x_soft).mean()), rel=1e-5)
             h_q = -(q.log_q_bar.double().exp() * q.log_q_bar.double()).sum()
             h_p = -(log_p.exp() * log_p).sum(1).mean()
@@ -107,9 +109,11 @@ def test_ba_validation_reports_soft_psnr_separately():
     assert m["beta"] == pytest.approx(0.5)
 
 
-def test_ba_validation_does_not_depend_on_the_validation_batch_size():
+def test_ba_validation_does_not_depend_on_the_validation_batch_size(float64):
     """BA-VQ evaluates each latent with its running marginal: the same code histogram and (to float
-    rounding of the sums) the same metrics for validation batches of 1, 7 and 1024 images."""
+    rounding of the sums) the same metrics for validation batches of 1, 7 and 1024 images. In float64: a
+    batch of 1 changes the encoder's output in the last bits, and in float32 one latent of this case lies
+    one ulp from a tie."""
     from conftest import tiny_config
     cfg = tiny_config(quantizer="ba_vq", batch_size=32)
     train_u8, val_u8 = vqvae.load_dataset(cfg)
@@ -121,7 +125,7 @@ def test_ba_validation_does_not_depend_on_the_validation_batch_size():
         assert torch.equal(m["code_counts"], runs[0]["code_counts"])
         for k in ("psnr", "psnr_soft", "loss", "recon_loss", "commitment_loss", "codebook_loss", "entropy_loss",
                   "perplexity"):
-            assert m[k] == pytest.approx(runs[0][k], rel=1e-5), k
+            assert m[k] == pytest.approx(runs[0][k], rel=1e-6), k              # sums kept in float32
         assert m["mutual_information_bits"] == pytest.approx(runs[0]["mutual_information_bits"], abs=1e-7)
 
 
@@ -192,11 +196,15 @@ def test_sqvae_perplexity_by_hand_and_its_batch_size_dependence():
     idx = torch.tensor([[0, 0], [1, 1], [2, 2]])
     assert vqvae.perplexity_per_batch(idx, 4, images_per_batch=2) == pytest.approx(1.5, abs=1e-6)
     assert vqvae.compute_perplexity(idx, 4) == pytest.approx(3.0)     # ours: one histogram of the whole set
-    # K = 512 codes used uniformly at random: ~K (1 - e^(-n/K)) at n positions per batch
+    # K = 512 codes used uniformly at random: ~K exp(-(K - 1) / (2 n)) at n positions per batch (the plug-in
+    # entropy's bias), not K (1 - e^(-n/K)), the expected number of distinct codes (502.6 and 511.8)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 512, (3200, 8, 8), generator=g)
-    assert vqvae.perplexity_per_batch(idx, 512) == pytest.approx(448, rel=0.01)               # 2,048 positions
-    assert vqvae.perplexity_per_batch(idx, 512, images_per_batch=64) == pytest.approx(480, rel=0.01)
+    for images, n in ((32, 2048), (64, 4096)):
+        expected = 512 * math.exp(-511 / (2 * n))                                            # 452.0, 481.0
+        assert vqvae.perplexity_per_batch(idx, 512, images_per_batch=images) == pytest.approx(expected, rel=0.01)
+        distinct = [torch.unique(b).numel() for b in idx.split(images)]                      # 3,200 images: whole batches
+        assert sum(distinct) / len(distinct) == pytest.approx(512 * (1 - math.exp(-n / 512)), rel=0.01)
     assert vqvae.compute_perplexity(idx, 512) == pytest.approx(512, rel=0.01)
 
 

@@ -99,9 +99,10 @@ def test_simvq_coefficients_change_behaviour(param, value, key):
 
 
 @pytest.mark.slow
-def test_simvq_uses_more_codes_than_plain_vq_in_a_collapse_prone_setting():
+def test_simvq_uses_more_codes_than_plain_vq_in_a_collapse_prone_setting(float64):
     """Fake images, K=64: plain VQ with codes drawn N(0, 1), far from the encoder's small ReLU outputs,
     collapses to one code (only chosen codes get a gradient); SimVQ, whose codes all move with W, uses
-    several (measured: 1 vs 3 codes after 3 epochs; the literature's claim, at toy scale)."""
+    more (the literature's claim, at toy scale). In float64, so that the count is the same on any CPU:
+    measured 1 vs 2 codes after 3 epochs (in float32 on one CPU: 1 vs 3, a count that rounding moves)."""
     vq, simvq = _usage_after_training("vq", init="normal"), _usage_after_training("simvq")
-    assert vq == 1 / 64 and simvq >= 3 / 64, (vq, simvq)
+    assert vq == 1 / 64 and simvq >= 2 / 64, (vq, simvq)
