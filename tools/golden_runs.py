@@ -1,8 +1,10 @@
 """Golden runs: prove that a refactor changed no behaviour.
 
 Trains a fixed set of tiny runs on generated data (every quantizer and the main remedies) through the
-public API (``vqvae.train``, ``vqvae.evaluate_run``) and compares, exactly, their final metrics, their
-history (without timing) and the bits of their final weights with a recorded set.
+public API (``vqvae.train``, ``vqvae.evaluate_run`` with the papers' metric conventions and, where the quantizer
+has an explicit alphabet, the R(D) analysis of its latents) and compares, exactly, their final metrics, their
+history (without timing), the bits of their final weights, their evaluation and R(D) analysis, and (when every
+run is compared) the frontier tables of all of them (``tools/frontier_table.py``), with a recorded set.
 
     python tools/golden_runs.py compare --against main   # any machine: main's runs recorded here, then compared
     python tools/golden_runs.py compare            # against the committed record (its machine only, below)
@@ -38,6 +40,7 @@ DEFAULT_FILE = Path(__file__).resolve().parent / "golden" / "cpu_2threads.json"
 THREADS = 2
 # history fields that are not computed by the model: wall-clock seconds
 UNTIMED = ("time_s",)
+FRONTIER = "frontier_tables"                   # the record's entry for the frontier tables of all the runs
 
 BASE = dict(dataset="fake", train_subset=192, val_subset=64, hidden_dim=16, latent_dim=16, codebook_size=32,
             batch_size=64, epochs=2, wandb=False, progress=False, device="cpu", checkpoint_every=1, seed=3)
@@ -72,18 +75,54 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:20]
 
 
+# the evaluation compared: the papers' metric conventions, and the R(D) analysis of the latents (small: every
+# validation position, a 32-letter k-means alphabet) where the quantizer has an explicit alphabet
+PAPER_METRICS = ["psnr", "ssim", "perplexity_sqvae", "psnr_cvqvae", "ssim_cvqvae"]
+RATE_DISTORTION = dict(positions=4096, alphabet_size=32, kmeans_iters=3)
+
+
 def run_one(name: str, out_dir: Path) -> dict:
-    """Train run ``name`` in ``out_dir``, evaluate it, and return what is compared."""
+    """Train run ``name`` in ``out_dir``, evaluate it (with the papers' conventions and, where the quantizer allows
+    it, the R(D) analysis), and return what is compared."""
     cfg = vqvae.make_config({**BASE, **RUNS[name], "name": name, "out_dir": str(out_dir)}).validate()
     final = vqvae.train(cfg)
     run_dir = out_dir / name
     history = [{k: v for k, v in json.loads(line).items() if k not in UNTIMED}
                for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
     state = torch.load(run_dir / "final_model.pt", map_location="cpu", weights_only=True)
-    evaluated = vqvae.evaluate_run(run_dir, device="cpu")
+    try:
+        evaluated = vqvae.evaluate_run(run_dir, device="cpu", eval_metrics=PAPER_METRICS,
+                                       rate_distortion=RATE_DISTORTION)
+        rd = json.loads((run_dir / "rate_distortion.json").read_text())
+    except vqvae.BavqError:                                   # no explicit alphabet (residual VQ): refused
+        evaluated = vqvae.evaluate_run(run_dir, device="cpu", eval_metrics=PAPER_METRICS)
+        rd = None
     return {"final_metrics": json.loads(json.dumps(final)), "history": history,
             "weights": {k: _digest(v) for k, v in state.items()},
-            "evaluation": {k: v for k, v in json.loads(json.dumps(evaluated)).items() if k not in ("run", "written_to")}}   # paths
+            "evaluation": {k: v for k, v in json.loads(json.dumps(evaluated)).items()
+                           if k not in ("run", "written_to", "rate_distortion")},   # paths; R(D) below, whole
+            "rate_distortion": _comparable(rd)}
+
+
+def _comparable(value):
+    """A JSON value without the entries that differ between a record and now for no reason of the maths: the
+    files and folders it names, and wall-clock seconds."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()
+                if k not in ("run", "written_to", "plot", "path", "seconds", *UNTIMED)}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def frontier_tables(tree: Path, runs_dir: Path) -> str:
+    """The frontier tables (``tools/frontier_table.py`` of the library's tree: PSNR and rate per run, the R(D)
+    table) of the golden runs, as text; runs in another process, as a user would."""
+    script = tree / "tools" / "frontier_table.py"
+    if not script.exists():
+        return "(no tools/frontier_table.py in this tree)"
+    r = subprocess.run([sys.executable, str(script), str(runs_dir)], capture_output=True, text=True, cwd=tree)
+    return r.stdout if r.returncode == 0 else f"(frontier_table.py failed: {r.stderr.strip()[-500:]})"
 
 
 def _differences(a, b, path="") -> list:
@@ -183,6 +222,8 @@ def main(argv=None) -> int:
                     raise
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"[golden] {name}: {results[name]['error']}", flush=True)
+        if args.only is None:                            # the tables of every run together
+            results[FRONTIER] = {"text": frontier_tables((args.tree or ROOT).resolve(), Path(tmp) / "runs")}
     if args.action == "record":
         args.file.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(args.file.read_text())["runs"] if args.file.exists() and args.only else {}
@@ -214,7 +255,8 @@ def main(argv=None) -> int:
     if failed:
         print(f"[golden] {failed} of {len(results)} runs differ")
         return 1
-    print(f"[golden] all {len(results)} runs identical (final metrics, history, final weights, evaluation)")
+    print(f"[golden] all {len(results)} runs identical (final metrics, history, final weights, evaluation, R(D)"
+          f"{', frontier tables' if FRONTIER in results else ''})")
     return 0
 
 
