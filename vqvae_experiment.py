@@ -803,17 +803,23 @@ def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int, t
     shown 3x enlarged, with ``title`` (run, epoch, PSNR) on top."""
     plt = _pyplot()
     x, x_recon = recon_rows(model, images_u8, n)
-    rows = {"original": x, "reconstruction": x_recon}
-    fig, axes = plt.subplots(2, x.shape[0], figsize=(1.1 * x.shape[0] + 1.2, 3.0), dpi=100, squeeze=False)
-    for r, (label, imgs) in enumerate(rows.items()):
-        for c in range(x.shape[0]):
-            ax = axes[r][c]
-            ax.imshow(imgs[c].add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(label, fontsize=9)
+    # one image of the two rows, 2-pixel white gaps, drawn in one axes (16 axes took 4x as long to draw)
+    n_img, gap = x.shape[0], 2
+    size = x.shape[-1]
+    grid = torch.ones(2 * size + gap, n_img * (size + gap) - gap, 3)                  # (H, W, 3) in [0, 1]
+    for r, imgs in enumerate((x, x_recon)):
+        for c in range(n_img):
+            top, left = r * (size + gap), c * (size + gap)
+            grid[top:top + size, left:left + size] = imgs[c].add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu()
+    fig, ax = plt.subplots(figsize=(1.1 * n_img + 1.2, 3.0), dpi=100)
+    ax.imshow(grid.numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([size / 2, size + gap + size / 2], ["original", "reconstruction"], fontsize=9)
+    ax.tick_params(left=False)
+    for side in ax.spines.values():
+        side.set_visible(False)
     fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.12, right=0.99, bottom=0.02, top=0.86, wspace=0.05, hspace=0.08)
+    fig.subplots_adjust(left=0.12, right=0.99, bottom=0.02, top=0.86)
     return _write_figure(plt, fig, path)
 
 
@@ -835,7 +841,7 @@ def save_usage_plot(train_counts: torch.Tensor | None, val_counts: torch.Tensor,
     ax.set_xlim(0.5, len(val_counts) + 0.5)
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")         # sorted by frequency: the curves fall away from that corner
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
     return _write_figure(plt, fig, path)
 
