@@ -2005,8 +2005,8 @@ def _ba_backward_chunk(A_c, lse_c, offset, E, h, scale, gzq, acc, acc_b, first: 
     log Q_{t-1} + shift (``_column_shift``), ``h`` (K, 2) = gq e^-shift / (N Q_t), ``scale`` (K,) = e^-shift.
     Adds this iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or
     writes them there when ``first`` (the first iteration the backward visits: no zero fill), and returns
-    (P'^T [u, 1] (K, 3) with u the row sums of dL per path, the colsum of the direct term (K,) or None, P^T g_zq
-    (K, D) or None). ``ws``: three (C, K) work buffers (``_work``)."""
+    (the column sums of the chunk's dS per path (K, 2): [codebook path a, entropy path b], the colsum of the
+    direct term (K,) or None, P^T g_zq (K, D) or None). ``ws``: three (C, K) work buffers (``_work``)."""
     c, K = A_c.shape
     # P' = P e^shift = exp(A + log Q_{t-1} + shift - lse_t): P_t itself in every unshifted column, bit for bit
     # the forward's rounding of A + log Q_{t-1} (P(k|x) = 1 exactly where the forward's is), W_t in the shifted ones

@@ -803,18 +803,15 @@ def save_recon_grid(model: VQVAE, images_u8: torch.Tensor, path: Path, n: int, t
     shown 3x enlarged, with ``title`` (run, epoch, PSNR) on top."""
     plt = _pyplot()
     x, x_recon = recon_rows(model, images_u8, n)
-    # one image of the two rows, 2-pixel white gaps, drawn in one axes (16 axes took 4x as long to draw)
-    n_img, gap = x.shape[0], 2
-    size = x.shape[-1]
-    grid = torch.ones(2 * size + gap, n_img * (size + gap) - gap, 3)                  # (H, W, 3) in [0, 1]
-    for r, imgs in enumerate((x, x_recon)):
-        for c in range(n_img):
-            top, left = r * (size + gap), c * (size + gap)
-            grid[top:top + size, left:left + size] = imgs[c].add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu()
+    from torchvision.utils import make_grid
+    # the two rows as one image with 2-pixel white gaps, drawn in one axes (2n axes took 4x as long to draw)
+    n_img, size, gap = x.shape[0], x.shape[-1], 2
+    grid = make_grid(torch.cat([x, x_recon]).add(1).div(2).clamp(0, 1).cpu(), nrow=n_img, padding=gap,
+                     pad_value=1.0)                                                   # (3, H, W) in [0, 1]
     fig, ax = plt.subplots(figsize=(1.1 * n_img + 1.2, 3.0), dpi=100)
-    ax.imshow(grid.numpy(), interpolation="nearest")
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([size / 2, size + gap + size / 2], ["original", "reconstruction"], fontsize=9)
+    ax.set_yticks([gap + size / 2, 2 * gap + 1.5 * size], ["original", "reconstruction"], fontsize=9)
     ax.tick_params(left=False)
     for side in ax.spines.values():
         side.set_visible(False)
