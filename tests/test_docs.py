@@ -1,6 +1,7 @@
 """Every command and Python snippet in README.md and docs/*.md runs as written, offline and on small
 settings, or its first line says what it needs (`# needs: CIFAR-10`, `# needs: network`, `# needs: a CUDA
-GPU`, ...) and it is only shown."""
+GPU`, ...) and it is only shown. A command written inline in the prose is shown in such a block too, or is
+allowed with its reason (test_every_inline_command_is_in_a_fenced_block_or_allowed)."""
 import functools
 import os
 import re
@@ -58,6 +59,115 @@ def test_the_block_reader_sees_runnable_and_marked_blocks(tmp_path):
     blocks = code_blocks(md)
     assert [(lang, needs(code), line) for lang, code, line in blocks] == [
         ("bash", None, 2), ("python", "network", 6), ("yaml", None, 10)]
+
+
+# Inline commands in prose: the rule is test_every_inline_command_is_in_a_fenced_block_or_allowed's docstring.
+PROGRAMS = {"python", "python3", "torchrun", "bash", "sh", "pip", "pip3", "pytest", "jupyter", "sbatch", "srun",
+            "wandb", "git", "tar", "make", "docker"}
+INLINE_ALLOWED = {   # command: why it is only mentioned, not in a block
+    "wandb sync": "W&B's own tool: uploads an offline run, needs the network and a W&B account",
+    "pip install jupyterlab": "needs the network (the package registry)",
+    "BAVQ_EXPERIMENTS_DIR=runs/grid1 jupyter lab analyze.ipynb": "interactive: needs jupyterlab and a browser",
+}
+SPAN = re.compile(r"(?<!`)(`+)(?!`)((?:(?!\n[ \t]*\n).)+?)(?<!`)\1(?!`)", re.S)
+ENV = re.compile(r"""^[A-Za-z_][A-Za-z0-9_]*=("[^"]*"|'[^']*'|\S*)(\s+|$)""")
+
+
+def normalised(text: str) -> str:
+    """One line: backslash continuations joined, whitespace runs as one space."""
+    return " ".join(re.sub(r"\\\n", " ", text).split())
+
+
+def is_command(span: str) -> bool:
+    """Whether an inline code span is a command a user would copy into a shell (the rule above)."""
+    rest, assigned = normalised(span), False
+    while m := ENV.match(rest):
+        rest, assigned = rest[m.end():], True
+    words = rest.split()
+    if words and words[-1] in ("...", "…"):                       # `python train.py ...`: more arguments
+        words = words[:-1]
+    if not words:
+        return False
+    if assigned or words[0].startswith("./"):
+        return True
+    if words[0] in PROGRAMS:
+        return len(words) > 1
+    path = ROOT / words[0]
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def inline_commands(path: Path) -> list:
+    """(command, line number) of every inline code span outside the fenced blocks that is a command."""
+    text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), path.read_text())   # blocks out, lines kept
+    return [(normalised(m.group(2)), text[:m.start()].count("\n") + 1) for m in SPAN.finditer(text)
+            if is_command(m.group(2))]
+
+
+def block_command_lines(docs=DOCS) -> list:
+    """The words of every command line of every bash block of the docs: continuations joined, comments dropped."""
+    lines = []
+    for doc in docs:
+        for lang, code, _ in code_blocks(doc):
+            if lang == "bash":
+                for line in re.sub(r"\\\n", " ", code).splitlines():
+                    words = re.sub(r"(^|\s)#.*$", "", line).split()
+                    if words:
+                        lines.append(words)
+    return lines
+
+
+def in_a_block(command: str, lines: list) -> bool:
+    """Whether the command's words are a run of whole words of one block line (a trailing `...` matches more)."""
+    words = command.split()
+    if words and words[-1] in ("...", "…"):
+        words = words[:-1]
+    n = len(words)
+    return any(line[i:i + n] == words for line in lines for i in range(len(line) - n + 1))
+
+
+def test_the_inline_command_reader_tells_commands_from_words(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("Run `python train.py --epochs 2 \\\n    --quantizer vq` or `bash gpu_check.sh DIR`; set\n"
+                  "`--epochs 2`, `python`, `WANDB_MODE=disabled`, `PARTS=\"a b\"`, `tools/frontier_table.py`;\n"
+                  "`OUT=/tmp/x bash gpu_check.sh` and `tools/frontier.sh` and `.ci/run` and ``./x.sh y``.\n"
+                  "```bash\npython not_inline.py --x\n```\n")
+    assert inline_commands(md) == [("python train.py --epochs 2 --quantizer vq", 1), ("bash gpu_check.sh DIR", 2),
+                                   ("OUT=/tmp/x bash gpu_check.sh", 4), ("tools/frontier.sh", 4), (".ci/run", 4),
+                                   ("./x.sh y", 4)]
+    block = tmp_path / "b.md"
+    block.write_text("```bash\n# needs: a GPU\npython train.py --a 1 \\\n    --b 2   # note\nbash x.sh DIR\n```\n")
+    lines = block_command_lines([block])
+    assert lines == [["python", "train.py", "--a", "1", "--b", "2"], ["bash", "x.sh", "DIR"]]
+    assert in_a_block("python train.py --a 1", lines) and in_a_block("--a 1 --b 2", lines)
+    assert in_a_block("python train.py --a 1 ...", lines) and in_a_block("x.sh", lines)
+    assert not in_a_block("python train.py --a 12", lines) and not in_a_block("--b 2 bash", lines)
+
+
+def test_every_inline_command_is_in_a_fenced_block_or_allowed():
+    """Every command written inline in README.md or docs/*.md is shown in a fenced bash block, which is run
+    (test_every_snippet_runs) or says what it needs, or is one of the few INLINE_ALLOWED, each with its reason.
+
+    An inline code span (outside fenced blocks; whitespace-normalised: a backslash line continuation joined,
+    every run of whitespace one space, a trailing `...` read as "more arguments") is a command when it is
+      * NAME=value assignments followed by anything (`OUT=/tmp/x bash gpu_check.sh DIR`); assignments alone
+        (`WANDB_MODE=disabled`) are a setting, not a command;
+      * a program of PROGRAMS followed by at least one argument (`python train.py --epochs 2`, `pip install -e .`);
+        a program's name alone (`python`, `torchrun`) is a word;
+      * anything starting with `./`, or a path to an executable file of the checkout, with or without
+        arguments (`.ci/run`, `tools/frontier.sh`, `gpu_check.sh`).
+    A flag alone (`--epochs 2`), a file that is not executable (`tools/frontier_table.py`) or a Python
+    expression is not a command. A command is shown in a block when its words are a run of whole words of one
+    command line of a bash block (continuations joined, comments dropped) of any of the docs. Entries of
+    INLINE_ALLOWED that no doc uses any more are reported too."""
+    lines, seen, problems = block_command_lines(), set(), []
+    for doc in DOCS:
+        for command, line in inline_commands(doc):
+            seen.add(command)
+            if command not in INLINE_ALLOWED and not in_a_block(command, lines):
+                problems.append(f"{doc.name}:{line}: `{command}` is in no fenced bash block (put it in one, run or "
+                                f"marked '# needs: ...', say it in words, or allow it in INLINE_ALLOWED with a reason)")
+    problems += [f"INLINE_ALLOWED['{c}'] occurs in no doc: remove it" for c in INLINE_ALLOWED if c not in seen]
+    assert problems == [], "\n".join(problems)
 
 
 @pytest.fixture(scope="module")
