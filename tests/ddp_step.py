@@ -1,7 +1,6 @@
 """One float64 training step of a config, as one process or as one of several under torchrun: the shared
-code of tests/test_torchrun.py (the 1-process reference, in the test) and of its workers (run as
-`python -m torch.distributed.run ... tests/ddp_step.py OUT CONFIG_JSON...`), so both run exactly the same
-steps. Saves <OUT>/<name>.rank<R>.pt: the gradients after the all-reduce, and the state after the step."""
+code of tests/test_torchrun.py (the 1-process reference, in the test) and of its workers (tests/ddp_worker.py,
+for a config with ``_step_out``), so both run exactly the same steps."""
 import json
 import os
 import sys
@@ -38,17 +37,3 @@ def float64_step(cfg: vqvae.Config, dp=None) -> dict:
                       0, 2, rt=rt, after_backward=after_backward)
     return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
-
-if __name__ == "__main__":
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
-    dp = vqvae_experiment.DataParallel(dist.get_rank(), dist.get_world_size())
-    for overrides in map(json.loads, sys.argv[2:]):
-        cfg = vqvae.make_config(overrides).validate()
-        torch.save(float64_step(cfg, dp), out / f"{cfg.name}.rank{dist.get_rank()}.pt")
-    dist.barrier()                               # every result is on disk; then leave without tearing gloo down:
-    sys.stdout.flush()                           # its teardown at exit sometimes aborts the process ("terminate
-    sys.stderr.flush()                           # called without an active exception") after the work is done
-    os._exit(0)

@@ -48,6 +48,9 @@ STEP_CASES = {
 
 
 F64 = {"BAVQ_TEST_FLOAT64": "1"}          # the workers in float64 (tests/ddp_worker.py)
+E2E = ("vq_ema", "ba_vq")                 # the end-to-end runs: the flagship pair with remedies
+CUT = {**BASE, "quantizer": "ba_vq", "epochs": 3, **REMEDIES}    # trained by 1 process, resumed by 2
+STOP = {**BASE, "quantizer": "vq", "epochs": 3, "progress_every": 2, "name": "cut"}
 
 
 def torchrun(configs, tmp_path, env_extra=None, timeout=600):
@@ -57,86 +60,105 @@ def torchrun(configs, tmp_path, env_extra=None, timeout=600):
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_one_float64_step_on_two_processes_is_the_one_process_step(tmp_path):
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """One torchrun launch (2 processes, float64) for every test below, since each launch costs seconds of
+    start-up: the float64 steps, the end-to-end runs, the resume as 2 processes of a run that 1 process wrote
+    and cut short, a run that process 1 alone is asked to stop, and last a run that crashes on process 1
+    (which ends the job). Returns (the finished launch, its wall-clock seconds, its folder)."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)                  # the 1-process run to be resumed, as the workers run
+    try:
+        for name in ("ref", "cut"):
+            vqvae.train(vqvae.make_config({**CUT, "name": name, "out_dir": str(tmp / "resume")}))
+    finally:
+        torch.set_default_dtype(before)
+    cut = tmp / "resume" / "cut"
+    for p in ("final_metrics.json", "final_model.pt", "checkpoint_epoch2.pt", "checkpoint_epoch3.pt"):
+        (cut / p).unlink()
+    (tmp / "step").mkdir()
+    configs = [{**STEP, **extra, "name": name, "_step_out": str(tmp / "step")} for name, extra in STEP_CASES.items()]
+    configs += [{**BASE, "quantizer": q, "name": q, "out_dir": str(tmp / "two"), **CASES[q]} for q in E2E]
+    configs += [{"resume": str(cut), "overwrite": True, "wandb": False, "progress": False}]
+    configs += [{**STOP, "out_dir": str(tmp / "stop"), "_stop_rank": 1}]
+    configs += [{**BASE, "quantizer": "vq_ema", "name": "x", "out_dir": str(tmp / "crash"), "epochs": 50,
+                 "_fail_rank": 1}]
+    t0 = time.time()
+    r = torchrun(configs, tmp, F64)
+    return r, time.time() - t0, tmp
+
+
+def test_one_float64_step_on_two_processes_is_the_one_process_step(launch, float64):
     """Gradients after the all-reduce, and weights and buffers after the step, equal the 1-process step to
     1e-12 (measured: at most 3e-15) for every quantizer and stateful remedy; the processes agree exactly."""
-    configs = [{**STEP, **extra, "name": name} for name, extra in STEP_CASES.items()]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), *map(json.dumps, configs)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for c in configs:
+    r, _, tmp = launch
+    for name, extra in STEP_CASES.items():
+        c = {**STEP, **extra, "name": name}
+        assert (tmp / "step" / f"{name}.rank1.pt").exists(), r.stdout[-3000:] + r.stderr[-3000:]
         ref = float64_step(vqvae.make_config(c).validate())
-        two = [torch.load(tmp_path / f"{c['name']}.rank{rank}.pt") for rank in (0, 1)]
+        two = [torch.load(tmp / "step" / f"{name}.rank{rank}.pt") for rank in (0, 1)]
         for k in ref["state"]:
-            assert torch.equal(two[0]["state"][k], two[1]["state"][k]), (c["name"], k)   # every process alike
+            assert torch.equal(two[0]["state"][k], two[1]["state"][k]), (name, k)   # every process alike
         assert set(two[0]["grads"]) == set(ref["grads"])
         for k, g in ref["grads"].items():
             assert g.dtype == torch.float64 and two[0]["grads"][k].dtype == torch.float64
             err = float((two[0]["grads"][k] - g).abs().max())
-            assert err <= 1e-12 * max(float(g.abs().max()), 1.0), (c["name"], k, err)
+            assert err <= 1e-12 * max(float(g.abs().max()), 1.0), (name, k, err)
         for k, v in ref["state"].items():
             if v.is_floating_point():
                 err = float((two[0]["state"][k].double() - v.double()).abs().max())
-                assert err <= 1e-12 * max(float(v.abs().max()), 1.0), (c["name"], k, err)
+                assert err <= 1e-12 * max(float(v.abs().max()), 1.0), (name, k, err)
             else:
-                assert torch.equal(two[0]["state"][k], v), (c["name"], k)
+                assert torch.equal(two[0]["state"][k], v), (name, k)
 
 
 @pytest.mark.slow
 def test_a_short_two_process_run_ends_alike_everywhere_with_the_one_process_metrics_and_resumes_anyhow(
-        tmp_path, float64):
-    """End to end (train, validate, checkpoints, files), for the flagship pair with remedies, in one torchrun
-    launch, in float64 (BAVQ_TEST_FLOAT64; the 1-process runs under the ``float64`` fixture). Every process ends
-    bit-identical, and against the 1-process run every validation code is the same and the metrics agree to
-    1e-6 (they are summed in float32): the encoder's arithmetic on 2 blocks differs from 1 in the last bits,
-    and in float32 8 Adam steps turned that into up to 2 of 2,560 codes flipped here and weights moved 10x
-    further on another CPU; in float64 those differences stay near 1e-13, on any CPU.
-    In the same launch a 3-epoch BA-VQ run is trained twice (ref, cut); cut, its last epochs deleted, resumes
-    as 1 process and then as 2, and ends as ref: the same codes, the same PSNR to 1e-6."""
-    configs = [{**BASE, "quantizer": q, "name": q, "out_dir": str(tmp_path / "two"), **CASES[q]} for q in ("vq_ema", "ba_vq")]
-    cut_cfg = {**BASE, "quantizer": "ba_vq", "epochs": 3, "out_dir": str(tmp_path / "resume"), **REMEDIES}
-    r = torchrun(configs + [{**cut_cfg, "name": "ref"}, {**cut_cfg, "name": "cut"}], tmp_path, F64)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for c in configs:
-        q = c["quantizer"]
-        one = vqvae.train(vqvae.make_config({**c, "out_dir": str(tmp_path / "one")}))
-        a = torch.load(tmp_path / "two" / f"{q}.rank0.pt")
-        b = torch.load(tmp_path / "two" / f"{q}.rank1.pt")
+        launch, float64):
+    """End to end (train, validate, checkpoints, files), for the flagship pair with remedies, in float64
+    (BAVQ_TEST_FLOAT64; the 1-process runs under the ``float64`` fixture). Every process ends bit-identical,
+    and against the 1-process run every validation code is the same and the metrics agree to 1e-6 (they are
+    summed in float32): the encoder's arithmetic on 2 blocks differs from 1 in the last bits, and in float32
+    8 Adam steps turned that into up to 2 of 2,560 codes flipped here and weights moved 10x further on another
+    CPU; in float64 those differences stay near 1e-13, on any CPU.
+    Resumes at another world size: a 3-epoch BA-VQ run that 1 process wrote (ref, and cut with its last epochs
+    deleted) resumed as 2 processes ends as ref; the 2-process BA-VQ run, its last epoch deleted, resumed as
+    1 process ends as the 1-process run: the same codes, the same PSNR to 1e-6."""
+    r, _, tmp = launch
+    for q in E2E:
+        c = {**BASE, "quantizer": q, "name": q, "out_dir": str(tmp / "two"), **CASES[q]}
+        assert (tmp / "two" / f"{q}.rank1.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+        one = vqvae.train(vqvae.make_config({**c, "out_dir": str(tmp / "one")}))
+        a = torch.load(tmp / "two" / f"{q}.rank0.pt")
+        b = torch.load(tmp / "two" / f"{q}.rank1.pt")
         assert all(torch.equal(a[k], b[k]) for k in a), q                # identical on every process
-        two = json.loads((tmp_path / "two" / f"{q}.rank0.json").read_text())
-        assert two == json.loads((tmp_path / "two" / f"{q}.rank1.json").read_text())
+        two = json.loads((tmp / "two" / f"{q}.rank0.json").read_text())
+        assert two == json.loads((tmp / "two" / f"{q}.rank1.json").read_text())
         assert two["val_code_counts"] == one["val_code_counts"], q
         for k in ("psnr", "ssim", "loss", "recon_loss"):
             assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), (q, k)
-        run = tmp_path / "two" / q                                       # written once, by process 0
+        run = tmp / "two" / q                                            # written once, by process 0
         history = (run / "history.jsonl").read_text().splitlines()
         assert [json.loads(l)["epoch"] for l in history] == [1, 2]
         assert r.stdout.count(f"run '{q}'") == 1
     assert not list(Path("/tmp").glob("bavq_rank*"))                      # the scratch directories are gone
-    # resumes at another world size: as 1 process, then as 2
-    ref = json.loads((tmp_path / "resume" / "ref" / "final_metrics.json").read_text())
-    cut = tmp_path / "resume" / "cut"
-    for p in ("final_metrics.json", "final_model.pt", "checkpoint_epoch2.pt", "checkpoint_epoch3.pt"):
-        (cut / p).unlink()
-    one = vqvae.train(vqvae.resume_config(cut, {"overwrite": True}))    # as 1 process
-    assert one["psnr"] == pytest.approx(ref["psnr"], rel=1e-6) and one["val_code_counts"] == ref["val_code_counts"]
-    for p in ("final_metrics.json", "final_model.pt", "checkpoint_epoch2.pt", "checkpoint_epoch3.pt"):
-        (cut / p).unlink()
-    r = torchrun([{"resume": str(cut), "overwrite": True, "wandb": False, "progress": False}], tmp_path, F64)
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = json.loads((cut / "final_metrics.json").read_text())
+    ref = json.loads((tmp / "resume" / "ref" / "final_metrics.json").read_text())
+    two = json.loads((tmp / "resume" / "cut" / "final_metrics.json").read_text())    # resumed as 2 processes
     assert two["psnr"] == pytest.approx(ref["psnr"], rel=1e-6) and two["val_code_counts"] == ref["val_code_counts"]
+    run = tmp / "two" / "ba_vq"                                          # written by 2, resumed as 1
+    for p in ("final_metrics.json", "final_model.pt", "checkpoint_epoch2.pt"):
+        (run / p).unlink()
+    resumed = vqvae.train(vqvae.resume_config(run, {"overwrite": True}))
+    assert resumed["psnr"] == pytest.approx(one["psnr"], rel=1e-6) and resumed["val_code_counts"] == one["val_code_counts"]
 
 
 @pytest.mark.slow
-def test_a_crash_on_one_process_ends_the_job(tmp_path):
-    t0 = time.time()
-    r = torchrun([{**BASE, "quantizer": "vq_ema", "name": "x", "out_dir": str(tmp_path), "epochs": 50}], tmp_path,
-                 env_extra={"BAVQ_TEST_FAIL_RANK": "1"}, timeout=300)
+def test_a_crash_on_one_process_ends_the_job(launch):
+    r, seconds, tmp = launch
     assert r.returncode != 0 and "simulated crash on process 1" in r.stdout + r.stderr
-    assert time.time() - t0 < 120                                          # bounded, not a hang
+    assert seconds < 180                                                  # bounded, not a hang
+    assert not (tmp / "crash" / "x" / "final_metrics.json").exists()
 
 
 def test_a_global_batch_that_the_processes_cannot_share_is_refused_before_anything(tmp_path, monkeypatch):
@@ -150,17 +172,17 @@ def test_a_global_batch_that_the_processes_cannot_share_is_refused_before_anythi
 
 
 @pytest.mark.slow
-def test_a_stop_request_on_one_process_stops_all_at_the_same_step_and_saves_once(tmp_path, float64):
+def test_a_stop_request_on_one_process_stops_all_at_the_same_step_and_saves_once(launch, float64):
     """Process 1 alone is asked to stop before its 5th batch; the processes agree at every second poll
     (progress_every 2), so both stop before the 6th batch (step 5: epoch 2, batch 1), process 0 saves
     checkpoint_interrupted.pt, and the run resumed as one process ends as the uninterrupted run (in float64,
     as above: the same codes, the same PSNR to 1e-6)."""
-    cfg = {**BASE, "quantizer": "vq", "epochs": 3, "progress_every": 2, "out_dir": str(tmp_path), "name": "cut"}
-    r = torchrun([cfg], tmp_path, env_extra={"BAVQ_TEST_STOP_RANK": "1", **F64})
-    assert r.returncode != 0 and "--resume" in r.stdout + r.stderr
-    ck = vqvae.load_checkpoint(tmp_path / "cut" / "checkpoint_interrupted.pt")
+    r, _, tmp = launch
+    out = r.stdout + r.stderr
+    assert out.count("[process 0] ") == 1 and out.count("[process 1] ") == 1 and "--resume" in out
+    ck = vqvae.load_checkpoint(tmp / "stop" / "cut" / "checkpoint_interrupted.pt")
     assert ck["step"] == 5 and ck["epoch"] == 1 and ck["partial_epoch"]["batch"] == 1   # 4 batches per epoch
-    resumed = vqvae.train(vqvae.resume_config(tmp_path / "cut"))
-    ref = vqvae.train(vqvae.make_config({**cfg, "name": "ref"}))
+    resumed = vqvae.train(vqvae.resume_config(tmp / "stop" / "cut"))
+    ref = vqvae.train(vqvae.make_config({**STOP, "out_dir": str(tmp / "stop"), "name": "ref"}))
     assert resumed["psnr"] == pytest.approx(ref["psnr"], rel=1e-6) and resumed["val_code_counts"] == ref["val_code_counts"]
     assert not list(Path("/tmp").glob("bavq_rank*"))
