@@ -157,11 +157,14 @@ def test_run_status_tells_running_stopped_and_failed_runs_apart(tmp_path):
 # --------------------------------------------------------------------------- --jobs: several runs at once
 
 
-def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, capsys, monkeypatch):
+def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time_and_report_a_failed_run(tmp_path, capsys,
+                                                                                         monkeypatch):
     """--jobs 2: every run once, in its own directory, with the final metrics of the same grid run one at a
     time with the workers' thread count (cpu_count // 2: the same ops in the same order, so the same bits on
-    any CPU; another thread count sums in another order); the job logs hold each run's output; a second
-    invocation skips them all without starting a worker."""
+    any CPU; another thread count sums in another order); the job logs hold each run's output. A run that
+    cannot start (its directory holds another experiment's run) is FAILED in the table and left alone, the
+    others finish, exit 1. A grid whose runs have all finished, run again with --jobs 2, skips them without
+    starting a worker."""
     grid = ["--quantizer", "vq_ema", "ba_vq", "--name", "g"]
     seq, par = tmp_path / "seq", tmp_path / "par"
     threads = torch.get_num_threads()
@@ -170,10 +173,13 @@ def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, caps
         assert cli.main([*TINY, *grid, "--out_dir", str(seq)]) == 0              # one at a time, in this process
     finally:
         torch.set_num_threads(threads)
-    r = run_cli([*TINY, *grid, "--out_dir", str(par), "--jobs", "2"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    (par / "g_vq_k16_s0").mkdir(parents=True)
+    (par / "g_vq_k16_s0" / "config.yaml").write_text("lr: 0.05\n")               # another experiment's run
+    r = run_cli([*TINY, "--quantizer", "vq_ema", "ba_vq", "vq", "--name", "g", "--out_dir", str(par), "--jobs", "2"],
+                cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
     names = sorted(p.name for p in seq.iterdir() if not p.name.startswith("."))
-    assert sorted(p.name for p in par.iterdir() if not p.name.startswith(".")) == names
+    assert sorted(p.name for p in par.iterdir() if not p.name.startswith(".")) == sorted(names + ["g_vq_k16_s0"])
     for n in names:
         a, b = final_of(seq / n), final_of(par / n)
         assert a["val_code_counts"] == b["val_code_counts"] and a["psnr"] == b["psnr"]
@@ -182,21 +188,11 @@ def test_jobs_run_the_grid_at_once_with_the_runs_of_one_at_a_time(tmp_path, caps
     assert all("sweep run" in logs and f"-> {par / n}" in logs for n in names)
     table = r.stdout[r.stdout.index("run "):]
     assert all(next(l for l in table.splitlines() if l.startswith(n)).rstrip().endswith("finished") for n in names)
-    r = cli_in_process([*TINY, *grid, "--out_dir", str(par), "--jobs", "2"], capsys, tmp_path, monkeypatch)
+    assert "FAILED" in next(l for l in table.splitlines() if l.startswith("g_vq_k16_s0"))
+    assert (par / "g_vq_k16_s0" / "config.yaml").read_text() == "lr: 0.05\n"      # left alone
+    r = cli_in_process([*TINY, *grid, "--out_dir", str(seq), "--jobs", "2"], capsys, tmp_path, monkeypatch)
     assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 2 * 2   # its event line and the table
     assert "at a time on one device" not in r.stdout                              # no worker started
-
-
-def test_jobs_report_a_failed_run_and_finish_the_others(tmp_path):
-    args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
-    (tmp_path / "vq_ema_k16_s0").mkdir()
-    (tmp_path / "vq_ema_k16_s0" / "config.yaml").write_text("lr: 0.05\n")        # another experiment's run
-    r = run_cli([*args, "--jobs", "2"], cwd=tmp_path)
-    assert r.returncode == 1
-    table = r.stdout[r.stdout.index("run "):]
-    assert "FAILED" in next(l for l in table.splitlines() if l.startswith("vq_ema_k16_s0"))
-    assert final_of(tmp_path / "vq_ema_k16_s1")
-    assert (tmp_path / "vq_ema_k16_s0" / "config.yaml").read_text() == "lr: 0.05\n"   # left alone
 
 
 def test_jobs_must_be_positive(tmp_path, capsys, monkeypatch):
