@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 import vqvae
+import vqvae_analysis
+import vqvae_experiment
+import vqvae_grid
 
 
 def run_dirs(path: Path) -> list:
@@ -27,7 +30,7 @@ def run_dirs(path: Path) -> list:
     return sorted(p.parent for p in path.rglob("config.yaml") if (p.parent / "final_model.pt").is_file())
 
 
-RD_DEFAULTS = {k: v.default for k, v in inspect.signature(vqvae.latent_rate_distortion).parameters.items()
+RD_DEFAULTS = {k: v.default for k, v in inspect.signature(vqvae_analysis.latent_rate_distortion).parameters.items()
                if k in ("positions", "alphabet_size")}
 
 
@@ -82,16 +85,16 @@ def main(argv=None) -> int:
             raise vqvae.BavqError("--checkpoint names one checkpoint; pass the run directory it belongs to.")
         rows = []
         for d in dirs:
-            m = vqvae.evaluate_run(d, args.checkpoint, args.device, args.data_dir, eval_metrics=args.eval_metrics,
+            m = vqvae_experiment.evaluate_run(d, args.checkpoint, args.device, args.data_dir, eval_metrics=args.eval_metrics,
                                    rate_distortion=rd)
-            cfg = vqvae.load_run(d, args.checkpoint)[1]
+            cfg = vqvae.load_yaml_config(d / "config.yaml")               # the run's settings, for the table
             print(f"[bavq] {d}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, perplexity {m['perplexity']:.1f}, "
                   f"usage {m['usage_rate'] * 100:.1f}% -> {m['written_to']}", flush=True)
             if rd is not None:
                 print(rate_distortion_line(m["rate_distortion"]), flush=True)
-            rows.append((d.name, cfg.quantizer, cfg.codebook_size, cfg.seed, m, "evaluated"))
+            rows.append((d.name, cfg["quantizer"], cfg["codebook_size"], cfg["seed"], m, "evaluated"))
         if len(rows) > 1:
-            print("\n" + vqvae.summary_table(rows))
+            print("\n" + vqvae_grid.summary_table(rows))
     except vqvae.BavqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

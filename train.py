@@ -1,4 +1,4 @@
-"""Command-line interface: parse arguments, build the Config, call vqvae.train(cfg).
+"""Command-line interface: parse arguments, build the Config, call vqvae_experiment.train(cfg).
 
     python train.py --quantizer ba_vq --codebook_size 512 --epochs 100 --name ba_k512
     python train.py --config config_mac.yaml --quantizer vq_ema --no_wandb
@@ -13,11 +13,14 @@ flag of the same name; a boolean field `x` has `--x` and `--no_x`. Giving severa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import typing
 
 import vqvae
+import vqvae_experiment
+import vqvae_grid
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {"type": typ, "default": argparse.SUPPRESS, "help": f"{comments.get(name, '')} (default: {default!r})"}
         if typing.get_origin(typ) is list:   # --fsq_levels 8 5 5 5, --eval_metrics psnr ssim fid
             kwargs.update(type=typing.get_args(typ)[0], nargs="+")
-        if name in vqvae.SWEEP_KEYS:
+        if name in vqvae_grid.SWEEP_KEYS:
             kwargs["nargs"] = "+"
             kwargs["help"] += "; several values run a grid"
         if name in choices:
@@ -79,18 +82,30 @@ def configs_from_args(argv=None) -> tuple[list[vqvae.Config], bool]:
     values = vqvae.load_yaml_config(config_path) if config_path else {}
     source = f"config file '{config_path}'" if config_path else "defaults"
     # a YAML file may give lists for the sweep keys too
-    grid = {k: values.pop(k) for k in vqvae.SWEEP_KEYS if isinstance(values.get(k), list)}
-    grid.update({k: args.pop(k) for k in vqvae.SWEEP_KEYS if k in args})
+    grid = {k: values.pop(k) for k in vqvae_grid.SWEEP_KEYS if isinstance(values.get(k), list)}
+    grid.update({k: args.pop(k) for k in vqvae_grid.SWEEP_KEYS if k in args})
     grid = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
     if args.get("resume"):
         if any(len(v) > 1 for v in grid.values()):
             raise vqvae.BavqError("--resume continues one run; it cannot be combined with several values of "
-                                  f"{', '.join(vqvae.SWEEP_KEYS)}. Re-run the sweep command instead: it resumes "
+                                  f"{', '.join(vqvae_grid.SWEEP_KEYS)}. Re-run the sweep command instead: it resumes "
                                   "interrupted runs of the grid by itself.")
+        if values:                                        # --config with --resume: only what a resume may change
+            run = vqvae_experiment.resume_config(args["resume"])
+            may = vqvae_experiment.RESUME_MAY_CHANGE + vqvae_experiment.RESUME_RECOVERY
+            file_cfg = vqvae.make_config({**dataclasses.asdict(run), **values}, source=source)
+            clash = vqvae_experiment.config_differences(dataclasses.asdict(run), file_cfg, may)
+            if clash:
+                shown = ", ".join(k for k in may if k not in ("resume", "out_dir", "name", "overwrite"))
+                raise vqvae.BavqError(
+                    f"--config {config_path} sets {'; '.join(clash)} (the run's value -> the file's), but a resumed run "
+                    f"keeps its own settings; only {shown} may change. Nothing was changed. Drop --config when "
+                    "resuming and give the settings that may change as flags, or start a new run under another "
+                    "--name with this file.")
         overrides = {**values, **args, **{k: v[0] for k, v in grid.items() if v}}
-        return [vqvae.resume_config(args["resume"], overrides).validate()], False
+        return [vqvae_experiment.resume_config(args["resume"], overrides).validate()], False
     vqvae.make_config(values, source=source)              # the file's keys and types, named in any error
-    return vqvae.grid_configs({**values, **args}, grid)     # only what was given: defaults and derived values fill the rest
+    return vqvae_grid.grid_configs({**values, **args}, grid)     # only what was given: defaults and derived values fill the rest
 
 
 def config_from_args(argv=None) -> vqvae.Config:
@@ -108,19 +123,19 @@ def main(argv=None) -> int:
         grid_name = getattr(extra, "name", values.get("name", ""))          # the grid's runs: <name>_<q>_k<K>_s<seed>
         if extra.summarize:
             out_dir = getattr(extra, "out_dir", values.get("out_dir", vqvae.Config.out_dir))
-            print(vqvae.grid_summary(out_dir, grid_name)[0])
+            print(vqvae_grid.grid_summary(out_dir, grid_name)[0])
             return 0
         configs, sweep = configs_from_args(argv)
-        shard = vqvae.parse_shard(extra.shard, {} if not sweep and not extra.shard else None)
+        shard = vqvae_grid.parse_shard(extra.shard, {} if not sweep and not extra.shard else None)
         if extra.jobs < 1:
             raise vqvae.BavqError(f"--jobs {extra.jobs}: give the number of runs to run at once, 1 or more.")
         if sweep:
-            return vqvae.run_sweep(configs, shard, grid_name, jobs=extra.jobs)
+            return vqvae_grid.run_sweep(configs, shard, grid_name, jobs=extra.jobs)
         if shard is not None and shard != (1, 1):
             raise vqvae.BavqError(f"--shard {extra.shard} splits a grid, but this command runs one run. Give several "
-                                  f"values of {', '.join(vqvae.SWEEP_KEYS)} to run a grid.")
-        vqvae.train(configs[0])
-    except vqvae.TrainingInterrupted as e:
+                                  f"values of {', '.join(vqvae_grid.SWEEP_KEYS)} to run a grid.")
+        vqvae_experiment.train(configs[0])
+    except vqvae_experiment.TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
     except vqvae.BavqError as e:

@@ -2,19 +2,23 @@
 
 This module is the method; read it top to bottom:
 
-    config       the Config dataclass (every setting, its allowed values and one comment each), its
-                 checking, YAML files
-    data         CIFAR-10 / image folder / generated images as uint8 tensors
+    config       the Config dataclass: every setting with its rules (allowed values, bounds, its own check)
+                 and one comment each
     model        ResidualBlock, Encoder, Decoder, VQVAE
-    quantizers   the Quantizer contract; the codebook remedies (init, restarts, CVQ, affine map); VQ-EMA,
-                 VQ, BA-VQ (reference Blahut-Arimoto, then its fused fast path), FSQ, SimVQ, SQ-VAE, LFQ,
-                 residual VQ; the QUANTIZERS registry
+    quantizers   the Quantizer contract (with the remedies' hooks); the codebook remedies (init, restarts,
+                 CVQ, affine map); VQ-EMA, VQ, BA-VQ (the reference Blahut-Arimoto iteration), FSQ, SimVQ,
+                 SQ-VAE, LFQ, IBQ, residual VQ; the QUANTIZERS registry
     metrics      perplexity, usage rate, PSNR, SSIM, rate (code entropy), Frechet distance
     training     train_epoch (one step in ~25 lines), validate, model/optimizer set-up
+    data         CIFAR-10 / image folder / generated images as uint8 tensors
+    config checking and YAML
+                 the rules across fields, make_config (types), YAML files
 
-Running experiments is beside it: vqvae_experiment.py (run directories, checkpoints and resume, the
-run lock, stop signals, torchrun, W&B, pictures, ``train(cfg)``, ``load_run``, ``evaluate_run``) and
-vqvae_grid.py (grids of runs, shards, summaries). Their public names are reachable as ``vqvae.NAME``.
+Beside it: vqvae_fused.py (BA-VQ's fused fast path, the same maths as the reference here),
+vqvae_experiment.py (run directories, checkpoints and resume, the run lock, stop signals, torchrun, W&B,
+pictures, ``train(cfg)``, ``load_run``, ``evaluate_run``), vqvae_grid.py (grids of runs, shards, summaries)
+and vqvae_analysis.py (what only evaluation uses: the R(D) analysis, the papers' metric conventions, the
+equal-rate frontier). The public names of the last three are reachable as ``vqvae.NAME``.
 
 Conventions
 -----------
@@ -29,14 +33,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import io
 import math
 import os
 import random
 import socket
-import statistics
 import sys
-import time
 import typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vqvae_fused import BAWorkspace, ba_chunk_rows, ba_soft_quantize, compiled_ba_kernels, distance_sums, exp_normal
 
 
 class BavqError(Exception):
@@ -57,12 +60,15 @@ class BavqError(Exception):
 # =============================================================================
 
 
-def setting(default, *, choices=None, at_least=None, above=None, below=None, at_most=None):
-    """A Config field with its allowed values next to it: ``choices`` (a tuple, or a function giving one
-    for a registry defined further down), and numeric bounds at_least <= v, above < v, v < below,
-    v <= at_most. ``config_problems`` checks them all."""
+def setting(default, *, choices=None, at_least=None, above=None, below=None, at_most=None, rule=None):
+    """A Config field with every rule of its own value next to it: ``choices`` (a tuple, or a function giving
+    one for a registry defined further down), numeric bounds at_least <= v, above < v, v < below, v <= at_most,
+    and ``rule``: a function of the value giving the problem (a sentence) or None. A list ``default`` is a
+    fresh copy per Config. ``field_problems`` checks one field; rules across fields are in ``config_problems``."""
     rules = {k: v for k, v in dict(choices=choices, at_least=at_least, above=above, below=below,
-                                     at_most=at_most).items() if v is not None}
+                                     at_most=at_most, rule=rule).items() if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rules)
     return field(default=default, metadata=rules)
 
 
@@ -73,12 +79,12 @@ class Config:
     coefficients are passed to the quantizer's constructor by name (``VQVAE.from_config``)."""
 
     # --- experiment -------------------------------------------------------------------------
-    name: str = ""                            # run name; "" -> "<quantizer>_k<K>_s<seed>"
+    name: str = setting("", rule=lambda v: _name_problem(v))  # run name; "" -> "<quantizer>_k<K>_s<seed>"
     out_dir: str = "experiments"              # runs are written to <out_dir>/<name>/
     overwrite: bool = False                   # replace an existing run of the same name (its files are deleted)
     resume: str = ""                          # run dir or checkpoint to continue (see resume_config); "" = new run
     seed: int = setting(0, at_least=0, below=2**63)  # seeds model init, codebook init and data order
-    device: str = "auto"                      # auto (MPS > CUDA > CPU) | cpu | cuda | cuda:N | mps
+    device: str = setting("auto", rule=lambda v: _device_problem(v))  # auto (MPS > CUDA > CPU) | cpu | cuda | cuda:N | mps
     # --- data -------------------------------------------------------------------------------
     dataset: str = setting("cifar10", choices=("cifar10", "folder", "fake"))  # cifar10 (torchvision download) | folder (ImageFolder) | fake
     data_dir: str = "./data"                  # cifar10: download/cache dir; folder: DIR with train/ and test/ (or val/)
@@ -98,12 +104,12 @@ class Config:
     ema_init_count: float = setting(0.0, at_least=0)  # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see docs/method.md)
     ema_smoothing: str = setting("overwrite", choices=("overwrite", "copy"))  # VQ-EMA and BA-VQ's --ba_codebook_update ema: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8])  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
+    fsq_levels: list[int] = setting([8, 8, 8], rule=lambda v: _levels_problem(v))  # levels per channel; K = their product (paper: 8 6 5 | 8 5 5 5 | 7 5 5 5 5 | 8 8 8 6 5)
     # --- SQ-VAE (Takida et al. 2022; sony/sqvae) --------------------------------------------
     sq_log_var_init: float = math.log(20.0)   # s at the start; variance sigma^2 = 1 + exp(s) (sony/sqvae: log 20 for CIFAR-10 at every D; no formula in D)
-    sq_temperature_init: float = 1.0          # Gumbel-softmax temperature tau_0; tau = max(tau_0 exp(-r n), tau_min) at step n
-    sq_temperature_decay: float = 1e-5        # r, per training step (sony/sqvae)
-    sq_temperature_min: float = 0.0           # tau_min (sony/sqvae)
+    sq_temperature_init: float = setting(1.0, above=0)  # Gumbel-softmax temperature tau_0; tau = max(tau_0 exp(-r n), tau_min) at step n
+    sq_temperature_decay: float = setting(1e-5, at_least=0)  # r, per training step (sony/sqvae)
+    sq_temperature_min: float = setting(0.0, at_least=0)  # tau_min (sony/sqvae)
     sq_arelbo: bool = True                    # ar-ELBO reconstruction term 0.5 log(mse) (sony/sqvae on CIFAR-10); off: mse
     # --- LFQ (Yu et al. 2023, MAGVIT-v2) ----------------------------------------------------
     lfq_entropy_cost: float = setting(0.1, at_least=0)  # weight of the entropy loss E_x[H(p)] - gamma H(E_x[p]) (nats)
@@ -156,7 +162,7 @@ class Config:
     alternate_momentum: float = setting(0.9, at_least=0)  # --alternate_lr: SGD momentum of that inner step
     alternate_commitment: bool = False        # --alternate_lr: keep the commitment term (our variant; vqtorch's in-place mode has none, beta = 1)
     grad_clip: float = setting(0.0, at_least=0)  # clip the global gradient norm to this (0 = off)
-    explode_factor: float = setting(100.0, at_least=0)  # stop when a step's recon_loss exceeds this x its minimum over the previous explode_window steps (0 = off)
+    explode_factor: float = setting(100.0, at_least=0, rule=lambda v: _explode_problem(v))  # stop when a step's recon_loss exceeds this x its minimum over the previous explode_window steps (0 = off)
     explode_window: int = setting(1000, at_least=1)  # steps in that window (the check runs every min(progress_every, this) steps)
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = setting(100, at_least=1)    # passes over the training set
@@ -176,7 +182,7 @@ class Config:
     wandb_group: str = ""                     # W&B group (a grid's runs: its name, set by the grid); "" = none
     checkpoint_every: int = setting(10, at_least=0)  # write checkpoint_epoch{N}.pt (+ recon.png, usage.png) every N epochs (0 = never)
     keep_checkpoints: int = setting(0, at_least=0)  # keep only the N latest checkpoint_epoch{N}.pt (0 = keep all)
-    eval_metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt) perplexity_sqvae psnr_cvqvae ssim_cvqvae (papers' conventions, docs/metrics.md)
+    eval_metrics: list[str] = setting(["psnr", "ssim"], rule=lambda v: _metrics_problem(v))  # final metrics: psnr ssim (always) lpips fid (requirements-eval.txt) perplexity_sqvae psnr_cvqvae ssim_cvqvae (papers' conventions, docs/metrics.md)
     eval_every: int = setting(0, at_least=0)  # also compute lpips/fid every N epochs (0 = only at the end of the run)
     recon_images: int = setting(8, at_least=1)  # validation images shown in recon.png
     progress: bool = True                     # show tqdm progress bars
@@ -186,420 +192,19 @@ class Config:
     def resolved_name(self) -> str:
         return self.name or f"{self.quantizer}_k{self.codebook_size}_s{self.seed}"
 
-    def validate(self) -> "Config":
+    def validate(self, fix: str = "Fix these values in your YAML file or on the command line (python train.py "
+                                  "--help lists every option).") -> "Config":
         """Check every value (types are checked when the config is built); see ``config_problems``.
-        Raises BavqError listing all problems; returns self."""
+        Raises BavqError listing all problems and ``fix``; returns self."""
         problems = config_problems(self)
         if problems:
-            raise BavqError("Invalid configuration: " + "; ".join(problems) + ". Fix these values in your "
-                            "YAML file or on the command line (python train.py --help lists every option).")
+            raise BavqError("Invalid configuration: " + "; ".join(problems) + ". " + fix)
         return self
-
-
-
-# ----------------------------------------------------------------------------- config checking
-
-DEVICES = ("auto", "cpu", "cuda", "mps")            # and cuda:N
-
-
-def known_device(name: str) -> bool:
-    """One of DEVICES, or cuda:N (config checking and evaluate.py's --device)."""
-    return name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 def declared_choices(name: str) -> tuple:
     """The ``choices`` a Config field declares (a fixed tuple; registries go through ``field_choices``)."""
     return Config.__dataclass_fields__[name].metadata["choices"]
-
-
-def field_choices() -> dict:
-    """{Config field: its allowed values} for every field declared with ``choices``; config checking
-    and the CLI (train.py) both read this."""
-    out = {}
-    for f in fields(Config):
-        options = f.metadata.get("choices")
-        if options is not None:
-            out[f.name] = tuple(options() if callable(options) else options)
-    return out
-
-
-def field_bounds() -> dict:
-    """{Config field: its numeric bounds} ({'at_least': 0, 'below': 1}, ...) as declared with ``setting``."""
-    return {f.name: {k: v for k, v in f.metadata.items() if k != "choices"} for f in fields(Config)
-            if set(f.metadata) - {"choices"}}
-
-
-def _bound_problem(key: str, value, b: dict) -> str | None:
-    """The sentence for a value outside its declared bounds, or None."""
-    low = ("at_least", b["at_least"]) if "at_least" in b else ("above", b["above"]) if "above" in b else None
-    high = ("below", b["below"]) if "below" in b else ("at_most", b["at_most"]) if "at_most" in b else None
-    ok = ((low is None or (value >= low[1] if low[0] == "at_least" else value > low[1]))
-          and (high is None or (value < high[1] if high[0] == "below" else value <= high[1])))
-    if ok:
-        return None
-    if high is None:
-        return f"{key} must be {'>=' if low[0] == 'at_least' else '>'} {low[1]} (got {value})"
-    lo = "[" if low and low[0] == "at_least" else "("
-    hi = ")" if high[0] == "below" else "]"
-    return f"{key} must be in {lo}{low[1] if low else '-inf'}, {high[1] if high[1] != 2**63 else '2**63'}{hi} (got {value})"
-
-
-def config_problems(cfg: Config) -> list:
-    """Every problem of ``cfg``'s values, one sentence each (``Config.validate`` raises them)."""
-    problems = []
-
-    def need(ok, msg):
-        if not ok:
-            problems.append(msg)
-
-    for key, options in field_choices().items():
-        value = getattr(cfg, key)
-        need(value in options, f"{key} '{value}' is unknown (choose from {', '.join(options)})")
-    need(known_device(cfg.device), f"device '{cfg.device}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)")
-    for key, bounds in field_bounds().items():
-        value = getattr(cfg, key)
-        problems += [p for p in [_bound_problem(key, value, bounds)] if p]
-    need(not (cfg.cosine and cfg.affine_reparam != "off"), "affine_reparam and cosine do not combine (the affine "
-         "map acts on Euclidean codes and would be undone by the normalisation); choose one")
-    need(cfg.beta_end >= cfg.beta_start,
-         f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
-    need(all(m in EVAL_METRICS for m in cfg.eval_metrics),
-         f"eval_metrics {cfg.eval_metrics} has unknown names (choose from {', '.join(EVAL_METRICS)})")
-    need(not cfg.pretrain_epochs or cfg.init in DATA_INITS,
-         f"pretrain_epochs {cfg.pretrain_epochs} needs --init kmeans or --init data (after the pretraining the "
-         f"codebook is initialised from the trained encoder's outputs; got --init {cfg.init})")
-    need(cfg.pretrain_epochs < cfg.epochs, f"pretrain_epochs ({cfg.pretrain_epochs}) must be fewer than epochs "
-         f"({cfg.epochs}), or no epoch trains the quantizer")
-    need(cfg.explode_factor == 0 or cfg.explode_factor > 1, f"explode_factor must be 0 (off) or above 1 (got "
-         f"{cfg.explode_factor}: at or below 1 an ordinary step would count as an explosion)")
-    need(len(cfg.fsq_levels) >= 1 and all(l >= 2 for l in cfg.fsq_levels),
-         f"fsq_levels must be one or more integers >= 2 (got {cfg.fsq_levels})")
-    if cfg.quantizer in QUANTIZERS:
-        problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
-    need("/" not in cfg.resolved_name() and cfg.resolved_name() not in (".", ".."),
-         f"name '{cfg.name}' must be a plain directory name (no '/')")
-    need(cfg.name == cfg.name.strip() and (cfg.name == "" or cfg.name.strip() != ""),
-         f"name {cfg.name!r} must not be blank or start or end with spaces")
-    need(len(cfg.resolved_name().encode()) <= 200, f"name is {len(cfg.resolved_name().encode())} bytes long; "
-         "use at most 200 (file systems allow 255 per folder name)")
-    for f_name, f_type in config_fields().items():
-        if f_type is float and not math.isfinite(getattr(cfg, f_name)):
-            problems.append(f"{f_name} must be a finite number (got {getattr(cfg, f_name)})")
-    return problems
-
-
-def _they(names: list, one: str, many: str) -> str:
-    """'init applies' / 'init, cosine apply': the names and the verb that agrees with them."""
-    return f"{', '.join(names)} {one if len(names) == 1 else many}"
-
-
-def _a(word: str) -> str:
-    """'an int', 'a float'."""
-    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
-
-
-def _quantizer_problems(cfg: Config, qcls: type) -> list:
-    """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
-    problems = []
-    if not qcls.has_codebook:
-        used = remedies_in_use(cfg)
-        if used:
-            with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
-            problems.append(f"{_they(used, 'applies', 'apply')} to codebook quantizers ({with_codebook}; the docs' "
-                            f"remedy table says which takes which), not to {cfg.quantizer}, {qcls.remedies_note}; "
-                            "leave them at their defaults")
-    if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
-        problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
-    return problems + qcls.config_problems(cfg)
-
-
-def config_comments() -> dict:
-    """{field name: its comment in the Config dataclass} (the CLI's --help text)."""
-    import re
-    out = {}
-    for line in inspect.getsource(Config).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
-        if m and m.group(1) in {f.name for f in fields(Config)}:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def config_fields() -> dict:
-    """{field name: python type} for every Config field."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
-
-
-def _coerce(key: str, value, typ, source: str):
-    """Check one config value against its declared type. Raises BavqError."""
-    def bad():
-        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
-                         f"{value!r} ({type(value).__name__}). Change it to {_a(typ.__name__)} value, e.g. "
-                         f"{key}: {getattr(Config(), key)!r}.")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad()
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if typing.get_origin(typ) is list:   # list[int] (fsq_levels), list[str] (eval_metrics)
-        elem = typing.get_args(typ)[0]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value):
-            return list(value)
-        raise bad()
-    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
-
-
-def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
-    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
-    overrides = dict(overrides or {})
-    known = config_fields()
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
-                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
-                        "as the command-line flags do).")
-    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
-    qcls = QUANTIZERS.get(values.get("quantizer", Config.quantizer))
-    if qcls is not None:                              # settings a quantizer derives from the others given
-        values = qcls.complete_config(values)
-    return Config(**values)
-
-
-def load_yaml_config(path: str | os.PathLike) -> dict:
-    """Read a YAML config file into a dict of overrides (validated by make_config)."""
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
-                        "config.yaml or config_mac.yaml with --config.")
-    class UniqueKeys(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node, deep=False):
-        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
-        if dup:
-            raise BavqError(f"Config file '{path}' gives {', '.join(map(repr, dup))} more than once (line "
-                            f"{node.start_mark.line + 1} on). Keep one line per key; nothing was run.")
-        return loader.construct_mapping(node, deep=deep)
-    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        data = yaml.load(path.read_text(), Loader=UniqueKeys)
-    except yaml.YAMLError as e:
-        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
-                        "Fix the syntax: one 'key: value' per line.") from None
-    if data is None:
-        raise BavqError(f"Config file '{path}' is empty (or only comments), so it sets nothing. Put 'key: value' "
-                        "lines in it (e.g. quantizer: ba_vq), or drop --config to use the defaults.")
-    if not isinstance(data, dict):
-        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
-                        f"{type(data).__name__}.")
-    return data
-
-
-def config_to_yaml(cfg: Config) -> str:
-    import yaml
-    return yaml.safe_dump(asdict(cfg), sort_keys=False)
-
-
-# =============================================================================
-# data
-# =============================================================================
-
-DATASETS = declared_choices("dataset")
-IMAGE_SIZE = 32                     # the architecture is drawn for 32x32 inputs
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1] (torch's default float dtype); same as ToTensor() + Normalize(0.5, 0.5)."""
-    return images_u8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)      # float32 unless a test sets float64
-
-
-def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
-    """Indices of ``n`` items spread evenly over ``n_total`` (covers every class of a sorted folder)."""
-    if n <= 0 or n >= n_total:
-        return torch.arange(n_total)
-    return torch.linspace(0, n_total - 1, n, dtype=torch.float64).round().long()
-
-
-def _fake_images(n: int, seed: int) -> torch.Tensor:
-    """Deterministic smooth colour images (N, 3, 32, 32) uint8: low-frequency noise upsampled,
-    so a small autoencoder can learn them and PSNR rises with training."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 4, 4, generator=g)
-    img = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) uint8 tensors of shape (N, 3, 32, 32) on the CPU."""
-    if cfg.dataset == "fake":
-        return _fake_images(cfg.train_subset or 2048, seed=0), _fake_images(cfg.val_subset or 512, seed=1)
-    root = Path(cfg.data_dir).expanduser()
-    if cfg.dataset == "cifar10":
-        train_u8, val_u8 = _load_cifar10(root)
-        train_u8 = train_u8[evenly_spaced(len(train_u8), cfg.train_subset)]
-        val_u8 = val_u8[evenly_spaced(len(val_u8), cfg.val_subset)]
-        return train_u8, val_u8
-    if cfg.dataset == "folder":
-        if not root.is_dir():
-            raise BavqError(f"Data directory '{root}' does not exist. --dataset folder needs --data_dir DIR with "
-                            "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/), "
-                            "e.g. 'tar -xzf cifar10-jpg.tar.gz -C DIR'.")
-        val_split = "test" if (root / "test").is_dir() else "val"
-        if not (root / "train").is_dir() or not (root / val_split).is_dir():
-            raise BavqError(f"Data directory '{root}' must contain 'train/' and 'test/' (or 'val/') folders of "
-                            f"class subfolders with images; it contains: "
-                            f"{', '.join(sorted(p.name for p in root.iterdir())[:10]) or 'nothing'}. "
-                            "Point --data_dir at the folder that holds train/ and test/.")
-        return (_load_folder_split(root, "train", cfg.train_subset, cfg.num_workers, cfg.skip_bad_images),
-                _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers, cfg.skip_bad_images))
-    raise BavqError(f"dataset '{cfg.dataset}' is unknown (choose from {', '.join(DATASETS)}).")
-
-
-def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    import shutil
-    import torchvision
-    created = not data_dir.exists()
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
-    try:
-        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
-        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
-    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
-        if created:                                   # leave nothing behind when nothing could be downloaded
-            shutil.rmtree(data_dir, ignore_errors=True)
-        raise BavqError(
-            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to have no "
-            "network access to the CIFAR-10 server. Either run where there is network, or copy the CIFAR-10 python "
-            "archive (cifar-10-python.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar.html) into that folder, or "
-            "use images already on disk with '--dataset folder --data_dir DIR', where DIR holds "
-            "train/<class>/<images> and test/<class>/<images> (any format PIL reads).") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
-    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
-    return to_t(tr.data), to_t(te.data)
-
-
-def _list_images(split_dir: Path) -> list[Path]:
-    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return files
-
-
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        """(image (3, 32, 32) uint8, whether it could be read); an unreadable file gives zeros, False."""
-        from PIL import Image
-        try:
-            with Image.open(self.paths[i]) as im:
-                im = _to_rgb8(im)
-                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8).copy()
-        except Exception:                                  # truncated, corrupt, not an image
-            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
-        return torch.from_numpy(arr).permute(2, 0, 1), True   # (3, 32, 32)
-
-
-DECODE_VERSION = "rgb8-v2"       # changes whenever _to_rgb8 or the resizing changes (part of the cache key)
-
-
-def _to_rgb8(im):
-    """Any mode PIL opens -> 8-bit RGB. 16-bit and 32-bit integer grayscale (I;16*, I) are scaled from
-    0..65535 to 0..255 (PIL's own convert clips them to 255, i.e. nearly white); float grayscale (F)
-    is taken as 0..1 if its maximum is <= 1, else as 0..255; palette, CMYK, RGBA, LA, L and 1 use PIL's
-    conversion (alpha is dropped, as torchvision's ImageFolder does)."""
-    from PIL import Image
-    if im.mode.startswith("I"):
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
-    elif im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        a = a * 255.0 if np.nanmax(a) <= 1.0 else a
-        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
-    return im.convert("RGB")
-
-
-def _decode_files(paths: list[Path], num_workers: int, skip_bad: bool = False) -> torch.Tensor:
-    """Decode ``paths`` to (N, 3, 32, 32) uint8 in ``num_workers`` processes (capped at the CPU count).
-    A file PIL cannot read is an error naming it, or, with ``skip_bad``, left out with a count."""
-    if not paths:
-        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
-                                         num_workers=min(num_workers, os.cpu_count() or 1))
-    images, ok = map(torch.cat, zip(*loader))
-    bad = [paths[i] for i in (~ok).nonzero().flatten().tolist()]
-    if bad and not skip_bad:
-        raise BavqError(f"{len(bad)} image file(s) cannot be read, e.g. '{bad[0]}'"
-                        f"{' and ' + repr(str(bad[1])) if len(bad) > 1 else ''}. Replace or delete them, or pass "
-                        "--skip_bad_images to train without them (the count is printed).")
-    if bad:
-        print(f"[bavq] skipped {len(bad)} unreadable image file(s) (e.g. '{bad[0]}').", file=sys.stderr)
-    return images[ok]
-
-
-def _load_folder_split(root: Path, split: str, subset: int, num_workers: int, skip_bad: bool = False) -> torch.Tensor:
-    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
-    A full split is decoded once and cached next to the data as a .pt file keyed by the decode settings
-    and every file's path, size and modification time (ns)."""
-    split_dir = root / split
-    paths = _list_images(split_dir)
-    if not paths:
-        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
-                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
-                        f"check --data_dir (now '{root}').")
-    if subset and subset < len(paths):
-        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
-        return _decode_files(chosen, num_workers, skip_bad)
-    key = hashlib.sha1(f"{DECODE_VERSION} {IMAGE_SIZE} bicubic".encode())    # the decode settings
-    for p in paths:                                 # and what changes when a file's content changes
-        st = p.stat()
-        key.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}".encode())
-    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
-    if cache.is_file():
-        try:
-            images = torch.load(cache, map_location="cpu", weights_only=True)
-            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
-                return images
-        except Exception:
-            pass  # a corrupt cache is rebuilt below
-    images = _decode_files(paths, num_workers, skip_bad)
-    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")     # write, then rename: never a truncated cache
-    try:
-        torch.save(images, tmp)
-        os.replace(tmp, cache)
-    except OSError as e:                                          # read-only data folder, disk full, ...
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror or type(e).__name__}); they "
-              "will be decoded again next run.", file=sys.stderr)
-    return images
 
 
 # =============================================================================
@@ -667,14 +272,18 @@ class VQVAE(nn.Module):
     def __init__(self, quantizer_type: str = "vq_ema", codebook_size: int = 512, latent_dim: int = 256,
                  hidden_dim: int = 128, in_channels: int = 3, **quantizer_kwargs):
         super().__init__()
-        if quantizer_type not in QUANTIZERS:
-            raise BavqError(f"quantizer_type '{quantizer_type}' is unknown (choose from {', '.join(QUANTIZERS)}).")
+        known = Config.__dataclass_fields__                  # every rule of these settings, as for a run
+        Config(quantizer=quantizer_type, codebook_size=codebook_size, latent_dim=latent_dim, hidden_dim=hidden_dim,
+               **{k: v for k, v in quantizer_kwargs.items() if k in known}).validate(
+            "Fix these arguments of VQVAE(...) (their rules: the Config fields of the same names).")
         self.encoder = Encoder(in_channels, hidden_dim, latent_dim)
         self.quantizer = QUANTIZERS[quantizer_type](codebook_size, latent_dim, **quantizer_kwargs)
         self.quantizer.image_values_per_position = in_channels * Encoder.downsample ** 2
         self.decoder = Decoder(in_channels, hidden_dim, latent_dim)
         self.compiled = False                  # set by setup_model when encoder/decoder are torch.compile'd
         self.bypass_quantizer = False          # two-stage training, stage 1: the decoder gets z itself
+        self.batch_split = None                # one run over several processes (vqvae_experiment.DataParallel):
+                                               # its mine(x) / gather(block, n), used by forward
 
     def mark_step(self) -> None:
         """Before each training step or evaluation batch of a compiled model: tells CUDA graphs
@@ -693,11 +302,8 @@ class VQVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, 32, 32) in [-1, 1] -> code indices (B, 8, 8) (residual VQ: (B, S, 8, 8)), as in
         evaluation (no state changes)."""
-        was_training = self.training
-        self.eval()
-        indices = self.quantizer(self.encoder(x))[2]["code_indices"]
-        self.train(was_training)
-        return indices
+        with evaluating(self):
+            return self.quantizer(self.encoder(x))[2]["code_indices"]
 
     @torch.no_grad()
     def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
@@ -715,13 +321,20 @@ class VQVAE(nn.Module):
         return z, loss_dict, info
 
     def forward(self, x):
-        z = self.encoder(x)                                   # (B, D, 8, 8)
+        split, n = self.batch_split, x.shape[0]
+        if split is None:
+            z = self.encoder(x)                               # (B, D, 8, 8)
+        else:                                                 # several processes: each encodes its block of the
+            z = split.gather(self.encoder(split.mine(x)), n)  # batch; the latents of all B images, on every one
         if self.bypass_quantizer:                             # the quantizer only reports what it would do
             z_q, loss_dict, info = self._bypassed(z)
         else:
-            z_q, loss_dict, info = self.quantizer(z)          # (B, D, 8, 8)
-        x_recon = self.decoder(z_q)                           # (B, 3, 32, 32)
-        recon_loss = F.mse_loss(_at_least_f32(x_recon), _at_least_f32(x))
+            z_q, loss_dict, info = self.quantizer(z)          # (B, D, 8, 8): the whole batch, on every process
+        if split is None:
+            x_recon = self.decoder(z_q)                       # (B, 3, 32, 32)
+        else:                                                 # each decodes its block; all B reconstructions
+            x_recon = split.gather(self.decoder(split.mine(z_q)), n)
+        recon_loss = F.mse_loss(at_least_f32(x_recon), at_least_f32(x))
         return x_recon, recon_loss, loss_dict, info
 
 
@@ -731,7 +344,7 @@ class VQVAE(nn.Module):
 # =============================================================================
 
 
-def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
+def at_least_f32(t: torch.Tensor) -> torch.Tensor:
     """Half / bfloat16 -> float32; float32 and float64 stay as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -739,7 +352,7 @@ def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
 def _flatten_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (B*H*W, D), at least float32 (distances are never computed in half precision)."""
     B, D, H, W = z.shape
-    return _at_least_f32(z.permute(0, 2, 3, 1).reshape(B * H * W, D))
+    return at_least_f32(z.permute(0, 2, 3, 1).reshape(B * H * W, D))
 
 
 def _unflatten_latents(z_flat: torch.Tensor, shape) -> torch.Tensor:
@@ -819,14 +432,19 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torc
 
 GRADIENT_ESTIMATORS = {"ste": straight_through, "rotation": rotation_trick}
 
-# The codebook remedies, and when a config turns each on (config checks name the ones a quantizer cannot
-# honour). Every remedy reaches a quantizer by one of two paths, both named in the Quantizer contract:
+# The library's codebook remedies, and when a config turns each on (config checks name the ones a quantizer
+# cannot honour). Every remedy reaches a quantizer by one of two paths, both named in the Quantizer contract:
 #   * inside its forward, from its constructor coefficients (cosine, gradient_estimator, cvq, affine_reparam,
 #     sync_nu, alternate_lr: CodebookQuantizer and its subclasses);
-#   * from train_epoch, the only caller of the two codebook hooks: ``init_from_latents`` via init_from_data just
-#     before the first quantized step (--init kmeans|data) and ``restart_dead_codes`` every dead_code_every
-#     steps (--dead_code_threshold). The codebook init itself (--init uniform|normal|unit_sphere) is
-#     init_codebook, in the constructor.
+#   * from train_epoch, the only caller of the two hooks that ``Quantizer`` declares (no-ops by default):
+#     ``init_from_latents`` via init_from_data just before the first quantized step (--init kmeans|data) and
+#     ``restart_dead_codes`` every dead_code_every steps (--dead_code_threshold); residual VQ passes both on to
+#     each stage. The codebook init itself (--init uniform|normal|unit_sphere) is init_codebook, in the
+#     constructor.
+# A quantizer's own published mechanisms are part of its algorithm, not library remedies, and stay in its
+# forward: residual VQ's encodec k-means on the first batch and its per-step expiry (rvq_kmeans_iters,
+# rvq_dead_code_threshold) run between one stage's assignment and its EMA update, which no hook between
+# steps can reproduce.
 REMEDY_ON = {"init": lambda c: c.init != "uniform", "dead_code_threshold": lambda c: c.dead_code_threshold > 0,
              "cosine": lambda c: c.cosine, "gradient_estimator": lambda c: c.gradient_estimator != "ste",
              "cvq": lambda c: c.cvq, "affine_reparam": lambda c: c.affine_reparam != "off",
@@ -840,13 +458,6 @@ def remedies_in_use(cfg: "Config", names=tuple(REMEDY_ON)) -> list:
     return [n for n in names if REMEDY_ON[n](cfg)]
 
 
-# the choices of the quantizers' Config fields (declared next to the fields), by the names the code uses
-BA_IMPLS, EMA_SMOOTHINGS, BA_PRIORS = map(declared_choices, ("ba_impl", "ema_smoothing", "ba_prior"))
-BA_TEMPERATURES, BA_DECODER_INPUTS = map(declared_choices, ("ba_temperature", "ba_decoder_input"))
-BA_CODEBOOK_LOSSES, BA_CODEBOOK_UPDATES = map(declared_choices, ("ba_codebook_loss", "ba_codebook_update"))
-CODEBOOK_INITS, CVQ_ANCHORS, AFFINE_MODES = map(declared_choices, ("init", "cvq_anchor", "affine_reparam"))
-
-
 def cosine_schedule(start: float, end: float, t: float) -> float:
     """Cosine interpolation from ``start`` (t = 0) to ``end`` (t = 1)."""
     t = min(max(t, 0.0), 1.0)
@@ -858,7 +469,9 @@ class Quantizer(nn.Module):
     and Config fields named like its constructor's coefficients.
 
     ``__init__(num_embeddings, embedding_dim, **coefficients)``: K codes of dimension D; every other
-    argument is filled from the Config field of the same name (``VQVAE.from_config``).
+    argument is filled from the Config field of the same name (``VQVAE.from_config``). Constructors trust
+    their arguments: ``VQVAE(...)`` and ``Config.validate`` check them by the fields' rules (``setting``) and
+    the quantizer's ``config_problems``, so a rule is written once.
 
     ``forward(z)``, z the encoder's latents (B, D, H, W), returns ``(z_q, loss_dict, info)``:
       z_q        (B, D, H, W), what the decoder sees, with the gradient path to the encoder;
@@ -877,8 +490,8 @@ class Quantizer(nn.Module):
     batch_dependent_codes: bool = False  # a latent's code depends on the rest of its batch: validate at
                                          # the training batch size
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
-                                         # gradient_estimator); train_epoch then calls the codebook hooks
-                                         # init_from_latents (--init kmeans|data) and restart_dead_codes (see
+                                         # gradient_estimator): config checking allows them, and the hooks
+                                         # init_from_latents and restart_dead_codes below do something (see
                                          # CodebookQuantizer and the note above REMEDY_ON)
     eval_metrics: tuple = ()             # 0-dim tensors in info that validation reports (sample-weighted mean)
     train_metrics: tuple = ()            # 0-dim tensors in info that training epochs report (sample-weighted
@@ -927,6 +540,18 @@ class Quantizer(nn.Module):
 
     def compile_kernels(self) -> None:
         """``--compile``: compile the quantizer's own kernels, if it has any."""
+
+    # --- the codebook remedies' hooks: train_epoch calls them when the config turns the remedy on (config
+    # checking refuses these remedies where ``has_codebook`` is False, so the defaults do nothing)
+    def init_from_latents(self, z_flat: torch.Tensor, fit) -> None:
+        """--init kmeans|data, just before the first quantized step (``init_from_data``): ``fit(x, K)`` gives
+        (K codes fitted to the vectors x, their counts per training step) for the encoder outputs z_flat (N, D)."""
+
+    def restart_dead_codes(self, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """--dead_code_threshold, every dead_code_every steps: restart the codes whose usage fell below the
+        threshold; a codebook learned by gradient also clears ``optimizer``'s moments of the restarted rows
+        (their history belongs to the old code). Returns the (num_embeddings,) bool mask of restarted codes."""
+        return torch.zeros(self.num_embeddings, dtype=torch.bool)
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
@@ -1065,15 +690,11 @@ class CodebookQuantizer(Quantizer):
     ema_codes = False                     # the forward rewrites the codebook after using it (BA-VQ's soft EMA)
 
     def _setup_cvq(self, cvq: bool, anchor: str, decay: float, gain: float, offset: float) -> None:
-        if anchor not in CVQ_ANCHORS:
-            raise BavqError(f"cvq_anchor '{anchor}' is unknown (choose from {', '.join(CVQ_ANCHORS)}).")
         self.cvq, self.cvq_anchor, self.cvq_decay, self.cvq_gain, self.cvq_offset = cvq, anchor, decay, gain, offset
         if cvq:
             self.register_buffer("cvq_usage", torch.zeros(self.num_embeddings))    # p_k, share of assignments (K,)
 
     def _setup_affine(self, affine_reparam: str, momentum: float, lr: float) -> None:
-        if affine_reparam not in AFFINE_MODES:
-            raise BavqError(f"affine_reparam '{affine_reparam}' is unknown (choose from {', '.join(AFFINE_MODES)}).")
         self.affine, self.affine_momentum, self.affine_lr = affine_reparam, momentum, lr
         D = self.embedding_dim
         if affine_reparam == "ema":                  # running statistics of the latents z and the raw codes e
@@ -1091,14 +712,14 @@ class CodebookQuantizer(Quantizer):
         if self.affine == "ema":
             scale = (self.affine_z_var / (self.affine_e_var + 1e-8)).sqrt()
             return scale, self.affine_z_mean - scale * self.affine_e_mean
-        return 1.0 + self.affine_lr * _at_least_f32(self.affine_s), self.affine_lr * _at_least_f32(self.affine_b)
+        return 1.0 + self.affine_lr * at_least_f32(self.affine_s), self.affine_lr * at_least_f32(self.affine_b)
 
     @torch.no_grad()
     def _affine_track(self, z_flat: torch.Tensor) -> None:
         """Training forward, before the distances: update the running statistics (``ema`` only)."""
         if self.affine != "ema":
             return
-        e, m = _at_least_f32(self.codebook), self.affine_momentum
+        e, m = at_least_f32(self.codebook), self.affine_momentum
         new = (z_flat.mean(0), z_flat.var(0, unbiased=False), e.mean(0), e.var(0, unbiased=False))
         for buf, x in zip((self.affine_z_mean, self.affine_z_var, self.affine_e_mean, self.affine_e_var), new):
             buf.copy_(torch.where(self.affine_started, m * x + (1.0 - m) * buf, x))
@@ -1128,15 +749,10 @@ class CodebookQuantizer(Quantizer):
         else:                       # probrandom: a draw from softmax over the batch, by Gumbel-max (no host sync)
             pick = (sim.t().log_softmax(1) + gumbel_noise(sim.t())).argmax(1)
         alpha = torch.exp(-self.cvq_usage * K * self.cvq_gain / (1.0 - self.cvq_decay) - self.cvq_offset)[:, None]
-        raw = _at_least_f32(self.codebook)
+        raw = at_least_f32(self.codebook)
         self.codebook.copy_((raw * (1.0 - alpha) + self._to_raw(z[pick]) * alpha).to(self.codebook.dtype))
 
     def _setup(self, num_embeddings, embedding_dim, init, cosine, gradient_estimator, dead_code_threshold, decay):
-        if init not in CODEBOOK_INITS:
-            raise BavqError(f"init '{init}' is unknown (choose from {', '.join(CODEBOOK_INITS)}).")
-        if gradient_estimator not in GRADIENT_ESTIMATORS:
-            raise BavqError(f"gradient_estimator '{gradient_estimator}' is unknown "
-                            f"(choose from {', '.join(GRADIENT_ESTIMATORS)}).")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.init, self.cosine, self.gradient_estimator = init, cosine, gradient_estimator
         self.dead_code_threshold, self.decay = dead_code_threshold, decay
@@ -1152,7 +768,7 @@ class CodebookQuantizer(Quantizer):
     def _codes(self) -> torch.Tensor:
         """The codes in use (K, D): the codebook, reparameterised (affine) and normalised (cosine) when
         asked; a copy with CVQ, whose update after the forward must not change what the backward sees."""
-        E = _at_least_f32(self.codebook)                              # (K, D)
+        E = at_least_f32(self.codebook)                              # (K, D)
         if self.cvq or self.ema_codes:
             E = E.clone()                 # CVQ / the soft EMA rewrite the codebook in place after the forward
         if self.affine != "off":
@@ -1178,9 +794,10 @@ class CodebookQuantizer(Quantizer):
         return self.usage
 
     @torch.no_grad()
-    def restart_dead_codes(self) -> torch.Tensor:
+    def restart_dead_codes(self, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """Replace codes whose usage is below the threshold by random latents of the last training
-        batch (sampled with replacement). Returns the boolean mask (K,) of restarted codes.
+        batch (sampled with replacement); a codebook learned by gradient also loses ``optimizer``'s Adam
+        moments of those rows. Returns the boolean mask (K,) of restarted codes.
         No host sync: the mask is applied with torch.where."""
         if self._last_z is None or self.dead_code_threshold <= 0:
             return torch.zeros(self.num_embeddings, dtype=torch.bool, device=self.codebook.device)
@@ -1188,9 +805,15 @@ class CodebookQuantizer(Quantizer):
         dead = self.usage_per_step() < self.dead_code_threshold                    # (K,)
         pick = torch.randint(0, z.shape[0], (self.num_embeddings,), device=z.device)
         new = z[pick]                                                                # (K, D)
-        self.codebook.data.copy_(torch.where(dead[:, None], self._to_raw(new), _at_least_f32(self.codebook.data))
+        self.codebook.data.copy_(torch.where(dead[:, None], self._to_raw(new), at_least_f32(self.codebook.data))
                                  .to(self.codebook.dtype))
         self._reset_usage(dead, new)
+        if optimizer is not None and self.codebook.requires_grad:                  # learned by gradient
+            state = optimizer.state.get(self.codebook, {})
+            keep = (~dead)[:, None].to(self.codebook.dtype)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].mul_(keep)
         return dead
 
     def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
@@ -1224,9 +847,10 @@ class CodebookQuantizer(Quantizer):
         codebook = self.ema_w / smoothed[:, None]
         self.codebook.copy_(F.normalize(codebook, dim=1) if self.cosine else codebook)
 
-    def _reset_ema(self, dead: torch.Tensor, new: torch.Tensor) -> None:
-        """Restarted codes: EMA count T, EMA sum T x code, so the next update starts from the code."""
-        T = self.dead_code_threshold
+    def _reset_ema(self, dead: torch.Tensor, new: torch.Tensor, T: float | None = None) -> None:
+        """Restarted codes: EMA count T, EMA sum T x code, so the next update starts from the code (T: the
+        dead-code threshold, or residual VQ's expiry threshold)."""
+        T = self.dead_code_threshold if T is None else T
         self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, T), self.ema_cluster_size))
         self.ema_w.copy_(torch.where(dead[:, None], new * T, self.ema_w))
 
@@ -1279,8 +903,6 @@ class VQEMAQuantizer(CodebookQuantizer):
                  gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, ema_init_count: float = 0.0,
                  ema_smoothing: str = "overwrite"):
         super().__init__()
-        if ema_smoothing not in EMA_SMOOTHINGS:
-            raise BavqError(f"ema_smoothing '{ema_smoothing}' is unknown (choose from {', '.join(EMA_SMOOTHINGS)}).")
         self.ema_smoothing = ema_smoothing
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
@@ -1440,7 +1062,12 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int,
     where Q is the mean of the returned P. ``beta`` may be a float or a 0-dim tensor.
 
     This is the reference implementation (``--ba_impl autograd``). The default fast path,
-    ``_FusedBA`` below BAQuantizer, computes the same thing: change both (see the note there).
+    ``vqvae_fused._FusedBA``, computes the same thing: change both (see the note there).
+    The R(D) analysis runs the same alternation in another form (``vqvae_analysis.rate_distortion_curve``:
+    any source weights, Blahut's exp domain in float64, iterated to a convergence certificate), because it
+    needs certified points of a curve where training needs a fixed number of log-space steps that autograd
+    differentiates and that never underflow; tests/test_rate_distortion.py checks that the two forms give
+    the same Q and the same (R, D) after the same number of steps. Change the maths in both.
     """
     N, K = distances.shape
     neg_beta_d = -beta * distances                                                   # (N, K)
@@ -1523,7 +1150,7 @@ class BAQuantizer(CodebookQuantizer):
     and lets autograd differentiate it (the reference); ``fused`` (the default) runs ``_FusedBA``
     below, one pass with a hand-written backward. To change the maths: edit ``blahut_arimoto`` (and
     this forward's autograd branch), train with ``--ba_impl autograd``, then port the change to
-    ``_FusedBA`` and run ``pytest tests/test_ba_vq.py tests/test_ba_vq_options.py -k fused`` (fused == autograd in float64).
+    ``_FusedBA`` (vqvae_fused.py) and run ``pytest tests/test_ba_fused.py`` (fused == autograd in float64).
     """
     loss_names = ("commitment_loss", "entropy_loss", "codebook_loss")
     train_metrics = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
@@ -1554,14 +1181,6 @@ class BAQuantizer(CodebookQuantizer):
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
                  affine_momentum: float = 0.1, affine_lr: float = 1.0, ema_smoothing: str = "overwrite"):
         super().__init__()
-        for name, value, options in (("ba_impl", ba_impl, BA_IMPLS), ("ba_prior", ba_prior, BA_PRIORS),
-                                     ("ema_smoothing", ema_smoothing, EMA_SMOOTHINGS),
-                                     ("ba_temperature", ba_temperature, BA_TEMPERATURES),
-                                     ("ba_decoder_input", ba_decoder_input, BA_DECODER_INPUTS),
-                                     ("ba_codebook_loss", ba_codebook_loss, BA_CODEBOOK_LOSSES),
-                                     ("ba_codebook_update", ba_codebook_update, BA_CODEBOOK_UPDATES)):
-            if value not in options:
-                raise BavqError(f"{name} '{value}' is unknown (choose from {', '.join(options)}).")
         self.ba_impl, self.ba_chunk_rows, self.ba_prior, self.marginal_decay = ba_impl, ba_chunk_rows, ba_prior, marginal_decay
         self.ba_temperature, self.ba_decoder_input, self.ba_codebook_loss = ba_temperature, ba_decoder_input, ba_codebook_loss
         self.ba_codebook_update, self.epsilon, self.ema_smoothing = ba_codebook_update, epsilon, ema_smoothing
@@ -1768,7 +1387,7 @@ class BAQuantizer(CodebookQuantizer):
         cond_entropy: mean_x H(P(.|x)) in nats (0-dim, float64), counts, sums (only for the expected
         codebook term, else None), diag (as ``_ba``)}."""
         N = z_flat.shape[0]
-        C = _ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows, z_flat.device)
+        C = ba_chunk_rows(N, E.shape[0], self.ba_chunk_rows, z_flat.device)
         log_q_bar = self.log_q_bar.to(z_flat.dtype)
         expected = self._expected_term
         parts = []
@@ -1794,14 +1413,6 @@ def mean_pair_distance(z_flat: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
             + (z_bar - e_bar).pow(2).sum())
 
 
-def distance_sums(d: torch.Tensor, two: torch.Tensor | None = None) -> torch.Tensor:
-    """(3,): over the rows of d (c, K), the sums of sum_k d, min_k d and the gap d_(2) - d_(1) between
-    the nearest and second-nearest code (BA-VQ's diagnostics); ``two``: those two distances per row
-    (c, 2) when the caller has them."""
-    two = d.topk(2, dim=1, largest=False).values if two is None else two            # (c, 2)
-    return torch.stack([d.sum(), two[:, 0].sum(), (two[:, 1] - two[:, 0]).sum()])
-
-
 def assignment_sums(log_p: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """(2,): over the rows of log P (c, K), the sums of H(P(.|x)) (nats) and of max_k P(k|x);
     ``p``: P itself when the caller has it (else exp(log P))."""
@@ -1816,413 +1427,6 @@ def expected_distortion(z: torch.Tensor, E: torch.Tensor, counts: torch.Tensor, 
     the latents softly assigned to it: the codebook step of Blahut-Arimoto / deterministic annealing
     (Rose 1998, the centroid condition), and by the envelope theorem the gradient of the BA objective at fixed P."""
     return (z.pow(2).sum() + (counts * E.pow(2).sum(1)).sum() - 2.0 * (E * sums).sum()) / z.numel()
-
-
-# ----------------------------------------------------------------------------- BA-VQ's fast path
-# The same maths as ``blahut_arimoto`` + autograd, in one pass with a hand-written exact backward
-# (``--ba_impl fused``, the default). The reference above is what to edit: change
-# ``blahut_arimoto`` (and BAQuantizer's autograd branch), check training with --ba_impl autograd,
-# port the change here (both forward chunks, backward chunk, and the maths in _FusedBA's docstring), then
-# run ``pytest tests/test_ba_vq.py tests/test_ba_vq_options.py -k fused``: fused == autograd in float64, gradients included.
-
-def _ba_chunk_rows(N: int, K: int, chunk_rows: int, device: torch.device | None = None) -> int:
-    """Rows per chunk: ``chunk_rows`` if > 0, else about 2**24 matrix elements (64 MB in float32) on a
-    GPU (fewer, larger kernels) and 2**22 (16 MB) elsewhere (chunks that stay in the CPU's caches: the
-    fused pass, forward and backward at N = 16384, K = 8192, D = 256, 5 iterations, took 7.85 s in
-    2048-row chunks and 5.51 s in 512-row chunks on the 2-core CPU; 5.5-5.7 s with 64-256 rows)."""
-    if chunk_rows > 0:
-        return chunk_rows
-    return max(1, (1 << (24 if device is not None and device.type == "cuda" else 22)) // max(K, 1))
-
-
-def exp_normal(L: torch.Tensor) -> torch.Tensor:
-    """exp(L), with 0 for every argument at or below log(e x smallest normal float): the same as exp up to
-    3.2e-38 per entry in float32 (6e-308 in float64), but on the CPU exp is 10-30x slower for
-    arguments near or below log(smallest normal) (measured: 220 ms vs 8 ms for 4M float32 values in
-    [-100, -88]), and any product with a value near the smallest normal float is subnormal, which makes
-    a matmul about 90x slower (measured on the 2-core CPU: (8192, 1024) x (1024, 64) took 375 ms with a
-    sharp P whose small entries were 3.2e-38 and 4.2 ms with them at 0). A sharp P (beta d spread over more
-    than 87 nats) has such entries in most places. A NaN stays NaN."""
-    floor = _exp_floor(L.dtype)
-    return L.clamp_min(floor).exp().masked_fill_(L < floor, 0.0)
-
-
-def _exp_floor(dtype: torch.dtype) -> float:
-    """log(e x smallest normal float): below it exp gives subnormal values (slow on the CPU)."""
-    return math.log(torch.finfo(dtype).tiny) + 1.0
-
-
-def exp_normal_(L: torch.Tensor) -> torch.Tensor:
-    """``exp_normal`` in place (L is overwritten), in two passes over memory instead of four: arguments at or
-    below the floor become -inf (exp(-inf) = 0 is fast), then exp. Unlike ``exp_normal`` a NaN becomes 0: in
-    the fused BA pass a NaN latent still shows, through its row's maximum, in lse and log Q."""
-    return F.threshold_(L, _exp_floor(L.dtype), -math.inf).exp_()
-
-
-def exp_normal_to(L: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``exp_normal`` of L written into ``out`` (L unchanged)."""
-    return exp_normal_(out.copy_(L))
-
-
-def logsumexp_rows(L: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """logsumexp over dim 0 of L (c, K) (K,), through ``exp_normal_`` of L minus its column maxima in
-    ``out`` (c, K) (a new tensor when None; torch.logsumexp takes the slow exp path). A column of -inf
-    gives -inf."""
-    m = L.amax(dim=0)                                                                # (K,) column max
-    finite = torch.isfinite(m)
-    X = exp_normal_(torch.sub(L, torch.where(finite, m, torch.zeros_like(m)), out=out))
-    return torch.where(finite, X.sum(0).log() + m, m)
-
-
-class BAWorkspace:
-    """Tensors that the fused BA backward keeps from one training step to the next (its two (N, K)
-    accumulators; they hold nothing between steps: every backward writes them before reading). On the CPU
-    a new 512 MB tensor costs its page faults every step (0.2 s of a 2.8 s backward at N = 16384, K = 8192
-    on the 2-core CPU); on a GPU the caching allocator already reuses memory, so the backward keeps
-    nothing there (kept tensors would only stop the forward from reusing it). A copy or a pickle of the
-    model starts empty."""
-
-    def __init__(self):
-        self._kept = {}
-
-    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor of ``like``'s shape, dtype and device, the same one as last time if
-        those match."""
-        t = self._kept.get(name)
-        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
-            self._kept[name] = t = torch.empty_like(like)
-        return t
-
-    def clear(self) -> None:
-        self._kept.clear()
-
-    def __deepcopy__(self, memo):
-        return BAWorkspace()
-
-    def __getstate__(self):
-        return {"_kept": {}}
-
-
-def _work(ws, i: int, like: torch.Tensor, c: int, K: int) -> torch.Tensor:
-    """Rows [:c] of work buffer ``i`` (C, K) of the fused BA pass, or a new (c, K) tensor without buffers
-    (the compiled kernels). On the CPU a new 64 MB tensor per operation costs as much as the operation
-    (page faults: measured 33 ms vs 14 ms for one exp over 2048 x 8192 floats), so each pass allocates its
-    buffers once and every (c, K) operation writes into them."""
-    return ws[i][:c] if ws is not None else torch.empty(c, K, dtype=like.dtype, device=like.device)
-
-
-def _ba_forward_chunk(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool,
-                      z_c: torch.Tensor | None = None, ws=None):
-    """One BA iteration on a row chunk: L = log P_t = log_softmax(S), S = A + log Q_{t-1} (c, K); returns
-    its column logsumexp (K,) and the row logsumexp of S (c,) (what the backward needs to rebuild P_t
-    without a log_softmax); at the last iteration also z_q = P_T E (c, D), argmax_k P_T (c,), the chunk's
-    ``assignment_sums`` (2,) and, when ``z_c`` is given, P_T^T z_c (K, D). ``ws``: two (C, K) work
-    buffers (``_work``)."""
-    c, K = A_c.shape
-    S = torch.add(A_c, log_q, out=_work(ws, 0, A_c, c, K))                          # (c, K)
-    L = torch.log_softmax(S, dim=1, out=_work(ws, 1, A_c, c, K))                    # (c, K)
-    if last:
-        top, idx = L.max(dim=1)                                                      # one pass: argmax and max
-    else:
-        top = L.amax(dim=1)                                                          # (amax: a third of max's time)
-    lse = S.amax(dim=1) - top                        # logsumexp_k S: S - L at their common argmax, (c,)
-    col = logsumexp_rows(L, out=_work(ws, 0, A_c, c, K))                            # logsumexp_x L, (K,)
-    if last:
-        P = exp_normal_to(L, _work(ws, 0, A_c, c, K))                               # P_T (over the spent buffer)
-        sums = torch.stack([-torch.dot(P.flatten(), L.flatten()), top.exp().sum()])  # assignment_sums(L, P)
-        return col, lse, P @ E, idx, sums, (P.t() @ z_c if z_c is not None else None)
-    return col, lse, None, None, None, None
-
-
-def _ba_forward_chunk_sums(A_c: torch.Tensor, log_q: torch.Tensor, E: torch.Tensor, last: bool,
-                           z_c: torch.Tensor | None = None, ws=None):
-    """``_ba_forward_chunk`` with one exp instead of two (the CPU path, where passes over memory are the
-    cost): X = exp(S - max_k S), r = rowsum X, P_t = X / r, lse = max_k S + log r. Returns the chunk's
-    column sums of P_t (K,) in linear space, not their log: the caller takes the log and recomputes in
-    log space the columns whose total is too small for that (``_log_column_sums``). The rest as
-    ``_ba_forward_chunk``: lse (c,), and at the last iteration z_q, argmax, ``assignment_sums`` and P_T^T z_c."""
-    c, K = A_c.shape
-    Y = torch.add(A_c, log_q, out=_work(ws, 0, A_c, c, K))                          # S = A + log Q_{t-1} (c, K)
-    if last:
-        m, idx = Y.max(dim=1, keepdim=True)                                          # (c, 1): argmax_k P = argmax_k S
-    else:
-        m = Y.amax(dim=1, keepdim=True)                                              # (c, 1)
-    Y.sub_(m)                                                                        # S - max_k S <= 0
-    X = exp_normal_to(Y, _work(ws, 1, A_c, c, K)) if last else exp_normal_(Y)        # in (0, 1], 1 at the max
-    r = X.sum(1)                                                                     # (c,), in [1, K]
-    lse = m[:, 0] + r.log()                                                          # logsumexp_k S
-    inv_r = r.reciprocal()
-    if not last:
-        return inv_r @ X, lse, None, None, None, None                                # sum_x P_t = sum_x X / r
-    P = X.mul_(inv_r[:, None])                                                       # P_T (c, K)
-    # assignment_sums: H(P(.|x)) = log r - sum_k P (S - max S) (rows of P sum to 1), max_k P = 1 / r
-    sums = torch.stack([r.log().sum() - torch.dot(P.flatten(), Y.flatten()), inv_r.sum()])
-    return P.sum(0), lse, P @ E, idx[:, 0], sums, (P.t() @ z_c if z_c is not None else None)
-
-
-def _log_column_sums(total: torch.Tensor, A: torch.Tensor, log_q: torch.Tensor, lse: torch.Tensor,
-                     C: int) -> torch.Tensor:
-    """log sum_x P_t(k|x) (K,) from the column sums ``total`` of ``_ba_forward_chunk_sums``, exact where
-    linear space is not: an entry of P below float range's reach (3.2e-38 in float32) is 0 after
-    ``exp_normal_`` (at most N x 3.2e-38 missing from a column), and a code whose every P(k|x) underflows (a
-    dead or far code at a large beta) would get log Q = -inf instead of its true value (-1000, say), which
-    the next iteration would use as its prior. So columns whose total is under tau = 2^40 N floor (what is
-    missing then below 2^-40 of it) are recomputed in log space, logsumexp_x (A + log Q_{t-1} - lse), from A.
-    (On the CPU the test of which columns needs no device synchronisation; the GPU path stays in log space.)"""
-    floor = math.exp(_exp_floor(total.dtype))
-    col = total.log()
-    small = (total < 2.0 ** 40 * A.shape[0] * floor).nonzero()[:, 0]                # rare: far or dead codes
-    if small.numel():
-        part = torch.full(small.shape, -math.inf, dtype=A.dtype, device=A.device)
-        for s in range(0, A.shape[0], C):
-            L = A[s:s + C].index_select(1, small).add_(log_q[small]).sub_(lse[s:s + C, None])  # (c, #small)
-            part = torch.logaddexp(part, logsumexp_rows(L))
-        col[small] = part
-    return col
-
-
-def _linear_sums_by_default(device: torch.device, kernels) -> bool:
-    """Whether the fused forward sums the columns of P in linear space (``_ba_forward_chunk_sums``): on the
-    CPU without compiled kernels, where picking the columns for the log-space fallback (a host read) is free;
-    elsewhere it stays in log space, with no device synchronisation."""
-    return kernels is None and device.type == "cpu"
-
-
-def _column_shift(log_cols: torch.Tensor, N: int) -> torch.Tensor:
-    """shift (..., K): -col for the columns whose total mass N Q_t = exp(col) is below tau = N e tiny / eps, else 0.
-    The backward works with P' = P e^shift: P_t itself in every other column (so P(k|x) is exactly 1 where the
-    forward's is), and W_t = P_t / (N Q_t) (the softmax over x, at most 1) in the shifted ones, whose every
-    P(k|x) may lie below float range's reach. Entries of P' below exp's floor are 0 (``exp_normal_``): what goes
-    missing from a column of W is then below N e tiny / tau = eps of it in an unshifted column, and below
-    N e tiny in a shifted one."""
-    info = torch.finfo(log_cols.dtype)
-    tau = math.log(N) + 1.0 + math.log(info.tiny) - math.log(info.eps)
-    return torch.where(log_cols < tau, -log_cols, torch.zeros_like(log_cols))
-
-
-def _ba_backward_chunk(A_c, lse_c, offset, E, h, scale, gzq, acc, acc_b, first: bool, ws=None):
-    """One BA iteration of ``_FusedBA.backward`` on a row chunk (see the maths there). ``offset`` (K,) =
-    log Q_{t-1} + shift (``_column_shift``), ``h`` (K, 2) = gq e^-shift / (N Q_t), ``scale`` (K,) = e^-shift.
-    Adds this iteration's dS (both paths) to ``acc`` (c, K) and dS_b (entropy path) to ``acc_b`` (or None), or
-    writes them there when ``first`` (the first iteration the backward visits: no zero fill), and returns
-    (the column sums of the chunk's dS per path (K, 2): [codebook path a, entropy path b], the colsum of the
-    direct term (K,) or None, P^T g_zq (K, D) or None). ``ws``: three (C, K) work buffers (``_work``)."""
-    c, K = A_c.shape
-    # P' = P e^shift = exp(A + log Q_{t-1} + shift - lse_t): P_t itself in every unshifted column, bit for bit
-    # the forward's rounding of A + log Q_{t-1} (P(k|x) = 1 exactly where the forward's is), W_t in the shifted ones
-    Pp = exp_normal_(torch.add(A_c, offset, out=_work(ws, 0, A_c, c, K)).sub_(lse_c[:, None]))
-    u = Pp @ h                                                                       # (c, 2): rowsum(dL_p) = sum_k W g_p
-    col = []
-    for target, hp, up in ((acc_b, h[:, 1], u[:, 1:2]), (acc, h.sum(1), u.sum(1, keepdim=True))):
-        if target is None:
-            col.append(torch.zeros_like(hp))
-            continue
-        # dS = P' * (h - u e^-shift): where P(k|x) = 1 and the row's other entries are 0, u = h_k exactly and dS = 0
-        # exactly, as in autograd's log_softmax backward (no product W * N Q that rounds near 1). Its column sums
-        # (dlogQ_{t-1}) are summed from these entries: where they cancel, h colsum(P') - P'^T u would not.
-        dS = torch.addcmul(hp[None, :], up, scale[None, :], value=-1.0,
-                           out=target if first else _work(ws, 1, A_c, c, K)).mul_(Pp)
-        col.append(dS.sum(0))
-        if not first:
-            target.add_(dS)
-    col_b, col_ab = col
-    m_col = g_direct = None
-    if gzq is not None:                                                              # z_q = P E at t = T
-        P = torch.mul(Pp, (scale == 1).to(Pp.dtype), out=_work(ws, 1, A_c, c, K))  # P_T (shifted columns: 0)
-        M = torch.mm(gzq, E.t(), out=_work(ws, 2, A_c, c, K)).mul_(P)                # P * V, V = g_zq E^T
-        M.addcmul_(P, M.sum(1, keepdim=True), value=-1.0)                            # dS_direct = P (V - rowsum(P V))
-        m_col = M.sum(0)
-        acc.add_(M)
-        g_direct = P.t() @ gzq                                                       # (K, D)
-    return torch.stack([col_ab - col_b, col_b], 1), m_col, g_direct
-
-
-class _FusedBA(torch.autograd.Function):
-    """Blahut-Arimoto soft quantization with a hand-written, row-chunked backward.
-
-    Forward (same maths as ``blahut_arimoto``): A = -beta (d(z, E) - min_k d) is materialised once (N, K)
-    (a per-row shift leaves every P_t and Q_t unchanged and keeps the logits near the best code small,
-    so float32 rounds them finely); each iteration sweeps the rows in chunks, keeping only the K-vectors
-    log Q_t and the N-vectors lse_t = logsumexp_k (A + log Q_{t-1}). Outputs z_q_soft = P_T E (N, D),
-    log Q_T (K,) and argmax_k P_T (N,). log Q_t = log sum_x P_t(k|x) - log N comes from column sums in
-    linear space with an exact log-space fallback for columns too small for it (the CPU: one exp per entry
-    and iteration, ``_ba_forward_chunk_sums``) or from column logsumexps (``_ba_forward_chunk``: two exps
-    and no device synchronisation: the GPU and the compiled kernels); both are tested against autograd.
-
-    Backward (exact, derived by hand; P_t is rebuilt per chunk from A, log Q_{t-1} and lse_t):
-      L_t = A + log Q_{t-1} - lse_t = log P_t,  col_t = logsumexp_x L_t = log Q_t + log N
-      dlogQ_t/dL_t(x, k) = W_t(x, k) = P_t(x, k) / (N Q_t(k))   (softmax over x)
-      dL_t -> dS_t = dL_t - P_t * rowsum(dL_t);  dA += dS_t;  dlogQ_{t-1} = colsum(dS_t)
-      d = ||z||^2 + ||e||^2 - 2 z.e:  dz = 2 z rowsum(dd) - 2 dd E,  dE = 2 E colsum(dd) - 2 dd^T z
-    With h = gq / (N Q_t) and u = P_t h (the row sums of dL = W_t * gq), dS_t = P_t * (h - u): one (C, K)
-    factor per path, so each chunk and iteration is one exp (P_t), one thin product (P_t h), one update of
-    each accumulator and the column sums of dS_t. Three choices keep float32 as accurate as autograd's at any
-    beta (tested against float64 from beta 0.5 to 2000):
-      - P_t is exp(L_t) with L_t rounded as the forward rounds it, so a row that is one-hot in the forward
-        (P = 1 exactly) gives u = h_k and dS = 0 exactly, as autograd's log_softmax backward does; forming
-        W_t from shifted logs and P_t as W_t N Q_t instead left rounding errors that beta 200-2000
-        multiplied into the codebook gradient (errors 10-1e5 x autograd's);
-      - colsum(dS_t), the next dlogQ, and colsum(dA), rowsum(dA_b) in dE and dz are summed from the
-        stored entries, not taken as gq - P^T u or 0 from the columns of W summing to 1 and the rows of
-        dS summing to 0: where the entries cancel, those identities leave their rounding behind;
-      - a column whose mass N Q_t is below float range's reach of its entries (a far or dead code) is
-        computed as W_t = P_t e^shift instead (``_column_shift``), so its dlogQ still reaches z and E.
-    Entries of P below e x the smallest normal float are 0 (``exp_normal_``, for speed): gradients below about
-    1e-36 (float32) that only they carry are lost, where autograd keeps them as subnormal floats.
-    The rows of dS sum to 0, so the row shift of A carries no gradient.
-    Contract: the gradient of log Q_T reaches z and E (entropy term); the gradient of z_q_soft
-    reaches E only, directly and through P (the codebook term uses sg[z], so that path is cut).
-    Per chunk and iteration the backward adds dS_t to dA (and dS_b,t to dA_b) in place (the first
-    iteration it visits writes them: no zero fill); dA^T z and dA_b E are formed once at the end. So the
-    whole backward has four D-wide products (those two, and g_zq E^T and P_T^T g_zq of the direct
-    z_q = P_T E term), where the first version had four per iteration; the rest of its cost is passes
-    over (C, K) chunks.
-    Memory: A (N, K) in the forward, A, dA and dA_b (3 x (N, K)) in the backward (on the CPU dA and dA_b
-    are kept between steps in the quantizer's ``BAWorkspace``: no page faults), plus two (forward)
-    or three (backward) chunk-sized (C, K) work buffers allocated once per pass (``_work``), instead of
-    several (N, K) matrices per iteration kept by autograd. Distances clamped at 0 are treated as exact in
-    the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, z, E, beta, iterations: int, chunk_rows: int, kernels=None, log_q0=None, centroid_sums=False,
-                workspace=None, linear_sums=None):
-        fwd_chunk, _ = kernels or (_ba_forward_chunk, _ba_backward_chunk)
-        N, K = z.shape[0], E.shape[0]
-        C = _ba_chunk_rows(N, K, chunk_rows, z.device)
-        log_n = math.log(N)
-        A = torch.empty(N, K, dtype=z.dtype, device=z.device)
-        diag = torch.zeros(5, dtype=z.dtype, device=z.device)    # distance_sums, then assignment_sums
-        e2 = E.pow(2).sum(1)                                                         # (K,)
-        for s in range(0, N, C):
-            # d = ||e||^2 - 2 z.e + ||z||^2 written into A's rows (as squared_distances, without its
-            # three (C, K) temporaries), then A = -beta (d - min_k d): row shifts leave P and Q unchanged
-            d_c = torch.addmm(e2[None, :], z[s:s + C], E.t(), alpha=-2.0, out=A[s:s + C])
-            d_c.add_(z[s:s + C].pow(2).sum(1, keepdim=True)).clamp_min_(0.0)         # (C, K)
-            two = d_c.topk(2, dim=1, largest=False).values                           # (C, 2) nearest two
-            diag[:3] += distance_sums(d_c, two)
-            d_c.sub_(two[:, :1]).mul_(-beta)                                         # -beta (d - min_k d), (C, K)
-        log_qs = [torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device) if log_q0 is None
-                  else log_q0.detach().to(z.dtype)]                  # Q_0: uniform, or Q-bar (no gradient)
-        cols = [log_qs[0]]                                   # unshifted logsumexp_x L_t (= log Q_t + log N)
-        lses = torch.empty(iterations, N, dtype=z.dtype, device=z.device)  # logsumexp_k (A + log Q_{t-1}), per t
-        z_q = torch.empty(N, E.shape[1], dtype=z.dtype, device=z.device)
-        indices = torch.empty(N, dtype=torch.long, device=z.device)
-        sums = torch.zeros(E.shape if centroid_sums else (0,), dtype=z.dtype, device=z.device)   # P_T^T z
-        ws = None if kernels else [torch.empty(min(C, N), K, dtype=z.dtype, device=z.device) for _ in range(2)]
-        if linear_sums is None:
-            linear_sums = _linear_sums_by_default(z.device, kernels)
-        if linear_sums:
-            fwd_chunk = _ba_forward_chunk_sums
-        for t in range(1, iterations + 1):
-            # sum_x P_t(k|x) over the chunks: in linear space (linear_sums) or as a logsumexp
-            col = torch.full((K,), 0.0 if linear_sums else -math.inf, dtype=z.dtype, device=z.device)
-            for s in range(0, N, C):
-                last = t == iterations
-                col_c, lse_c, zq_c, idx_c, a_c, m_c = fwd_chunk(A[s:s + C], log_qs[-1], E, last,
-                                                                z[s:s + C] if last and centroid_sums else None, ws)
-                col = col.add_(col_c) if linear_sums else torch.logaddexp(col, col_c)
-                lses[t - 1, s:s + C] = lse_c
-                if last:
-                    z_q[s:s + C] = zq_c                                             # P_T E
-                    indices[s:s + C] = idx_c
-                    diag[3:] += a_c
-                    if centroid_sums:
-                        sums += m_c
-            if linear_sums:
-                col = _log_column_sums(col, A, log_qs[-1], lses[t - 1], C)
-            log_qs.append(col - log_n)
-            cols.append(col)
-        log_qs = torch.stack(log_qs)                                                 # (T+1, K)
-        log_cols = torch.stack(cols)
-        ctx.save_for_backward(z, E, A, log_qs, log_cols, lses,
-                              beta.to(z.dtype) if torch.is_tensor(beta) else torch.tensor(beta, dtype=z.dtype))
-        ctx.iterations, ctx.C, ctx.kernels, ctx.workspace = iterations, C, kernels, workspace
-        ctx.mark_non_differentiable(indices, diag, sums)
-        ctx.set_materialize_grads(False)                     # codebook_cost 0: no z_q_soft gradient to chase
-        return z_q, log_qs[-1].clone(), indices, diag, sums
-
-    @staticmethod
-    def backward(ctx, g_zq, g_lq, _g_idx, _g_diag, _g_sums):
-        z, E, A, log_qs, log_cols, lses, beta = ctx.saved_tensors
-        T, C = ctx.iterations, ctx.C
-        _, bwd_chunk = ctx.kernels or (_ba_forward_chunk, _ba_backward_chunk)
-        N, K = A.shape
-        use_a, use_b = g_zq is not None, g_lq is not None    # codebook path (E only), entropy path (z and E)
-        if not (use_a or use_b):
-            return None, None, None, None, None, None, None, None, None, None
-        g_z, g_E = None, torch.zeros_like(E)                     # g_z: entropy path only, formed at the end
-        # dlogQ_t of both paths as the columns of one (K, 2) matrix: [codebook path a, entropy path b]
-        gq = torch.zeros(K, 2, dtype=A.dtype, device=A.device)
-        if use_b:
-            gq[:, 1] = g_lq
-        ws = None if ctx.kernels else [torch.empty(min(C, N), K, dtype=A.dtype, device=A.device)
-                                       for _ in range(3)]
-        ws_keep = ctx.workspace if ctx.workspace is not None and A.device.type == "cpu" else BAWorkspace()
-        acc = ws_keep.get("dA", A)                                    # dA = sum_t dS_t, both paths, (N, K)
-        acc_b = ws_keep.get("dA_b", A) if use_b else None             # dA_b = sum_t dS_b,t (entropy path)
-        shifts = _column_shift(log_cols, N)                                          # (T+1, K)
-        for t in range(T, 0, -1):
-            # Per row chunk, with P = P_t, W = W_t = P / (N Q_t), g_p = gq[:, p] and u_p = W g_p (the row sums of
-            # dL_p = W * g_p, the logsumexp_x backward):
-            #   dS_p = W * g_p - P * u_p      (log_softmax backward; rows of dS_p sum to 0)
-            #        = P' * (h_p - u_p e^-shift),  P' = P e^shift, h_p = g_p e^-shift / (N Q_t)   (``_column_shift``)
-            #   colsum(dS_p): summed from the entries of dS_p (``_ba_backward_chunk``)
-            # dS is added to dA (and dS_b to dA_b) in place, so the iterations form no D-wide product: dA^T z and
-            # dA_b E are formed once, after the loop, with the exact column and row sums of dA and dA_b. At t = T
-            # the codebook path also has z_q = P E directly: dL = P * V with V = g_zq E^T,
-            # dS_direct = P * (V - rowsum(P * V)) (one (C, K) matrix and two D-wide products per chunk).
-            direct = use_a and t == T
-            shift = shifts[t]
-            scale = exp_normal(-shift)                                               # e^-shift (K,)
-            h = gq * exp_normal(-shift - log_cols[t])[:, None]                       # (K, 2)
-            offset = log_qs[t - 1] + shift                           # (K,)
-            next_gq = torch.zeros_like(gq)
-            for s in range(0, N, C):
-                col, m_col, g_direct = bwd_chunk(
-                    A[s:s + C], lses[t - 1, s:s + C], offset, E, h, scale,
-                    g_zq[s:s + C] if direct else None, acc[s:s + C], acc_b[s:s + C] if use_b else None,
-                    t == T, ws)
-                next_gq += col                                                       # colsum(dS_t) per path
-                if direct:
-                    next_gq[:, 0] += m_col
-                    g_E += g_direct                                                  # z_q = P E, direct
-            gq = next_gq
-        # d = ||z||^2 + ||e||^2 - 2 z.e, dd = -beta dA:  dE = -2 beta (E colsum(dA) - dA^T z),
-        # dz = 2 beta (dA_b E - z rowsum(dA_b)) (only the entropy path reaches z). The column and row sums are
-        # those of the stored dA and dA_b, so that where dS cancels exactly (P(k|x) = 1) these differences do too.
-        ones = torch.ones(N, 1, dtype=A.dtype, device=A.device)
-        zt = acc.t() @ torch.cat([z, ones], 1)                                       # [dA^T z, colsum(dA)] (K, D+1)
-        g_E -= (2.0 * beta) * (E * zt[:, -1:] - zt[:, :-1])
-        if use_b:
-            eb = acc_b @ torch.cat([E, torch.ones(K, 1, dtype=A.dtype, device=A.device)], 1)   # [dA_b E, rowsum]
-            g_z = (2.0 * beta) * (eb[:, :-1] - z * eb[:, -1:])
-        return g_z, g_E, None, None, None, None, None, None, None, None
-
-
-def ba_soft_quantize(z_flat: torch.Tensor, E: torch.Tensor, beta, iterations: int, chunk_rows: int = 0,
-                     kernels=None, log_q0: torch.Tensor | None = None, full: bool = False,
-                     centroid_sums: bool = False, workspace: "BAWorkspace | None" = None,
-                     linear_sums: bool | None = None):
-    """(z_q_soft = P.E (N, D), log Q (K,), argmax_k P (N,)) by ``_FusedBA`` (see its contract).
-    ``kernels``: (forward chunk, backward chunk) functions, e.g. from ``compiled_ba_kernels``;
-    ``log_q0``: the starting log Q (uniform when None), treated as a constant. ``full``: also the
-    diagnostics' sums (5,) (``distance_sums`` of d, ``assignment_sums`` of P_T) and P_T^T z (K, D)
-    (``centroid_sums``; else an empty tensor), both without gradient. ``workspace``: a ``BAWorkspace``
-    whose (N, K) accumulators the CPU backward reuses from call to call (None: new ones each time).
-    ``linear_sums``: the forward's column sums of P in linear space with an exact log-space fallback
-    (``_ba_forward_chunk_sums``; one exp per entry and iteration) or in log space (``_ba_forward_chunk``;
-    two exps, no device synchronisation); None: linear on the CPU without ``kernels``, else log space."""
-    out = _FusedBA.apply(z_flat, E, beta, iterations, chunk_rows, kernels, log_q0, centroid_sums, workspace,
-                         linear_sums)
-    return out if full else out[:3]
-
-
-def compiled_ba_kernels() -> tuple:
-    """torch.compile'd ``_ba_forward_chunk`` / ``_ba_backward_chunk`` (``--compile``): the
-    log_softmax / logsumexp / exp passes over each (C, K) chunk fuse into a few kernels. Always the
-    default mode: CUDA graphs would reuse output buffers between the chunk calls of one step."""
-    return torch.compile(_ba_forward_chunk), torch.compile(_ba_backward_chunk)
 
 
 # The FSQ paper's recommended levels (Mentzer et al. 2023, Sec. 4.1) for codebooks of about 2^8 .. 2^16 codes
@@ -2243,11 +1447,7 @@ class FSQQuantizer(Quantizer):
     def __init__(self, num_embeddings: int, embedding_dim: int, fsq_levels: list | tuple = (8, 8, 8)):
         super().__init__()
         levels = torch.tensor(list(fsq_levels), dtype=torch.long)
-        K = int(levels.prod())
-        if K != num_embeddings or (levels < 2).any():
-            raise BavqError(f"FSQ levels {list(fsq_levels)} give K = {K} codes, but codebook_size is "
-                            f"{num_embeddings}; every level must be >= 2 and codebook_size must equal their "
-                            f"product (e.g. --fsq_levels 8 8 8 --codebook_size 512).")
+        K = int(levels.prod())                     # = num_embeddings (config_problems)
         self.num_embeddings, self.embedding_dim = K, embedding_dim
         self.register_buffer("levels", levels)
         self.register_buffer("basis", torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), levels[:-1]]), 0))
@@ -2339,7 +1539,7 @@ class SimVQQuantizer(Quantizer):
 
     def codes(self) -> torch.Tensor:
         """e = C W^T + b, (K, D), differentiable in W and b."""
-        return F.linear(self.frozen_codebook, _at_least_f32(self.proj.weight), _at_least_f32(self.proj.bias))
+        return F.linear(self.frozen_codebook, at_least_f32(self.proj.weight), at_least_f32(self.proj.bias))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.codes()[indices].permute(0, 3, 1, 2)              # (B, H, W) -> (B, D, H, W)
@@ -2418,19 +1618,9 @@ class SQVAEQuantizer(Quantizer):
         self.log_var = nn.Parameter(torch.tensor(float(sq_log_var_init)))              # s
         self.register_buffer("temperature", torch.tensor(float(sq_temperature_init)))  # tau of the current step
 
-    @classmethod
-    def config_problems(cls, cfg: Config) -> list:
-        out = []
-        if not cfg.sq_temperature_init > 0:
-            out.append(f"sq_temperature_init must be > 0 (got {cfg.sq_temperature_init})")
-        if cfg.sq_temperature_decay < 0 or cfg.sq_temperature_min < 0:
-            out.append("sq_temperature_decay and sq_temperature_min must be >= 0 (got "
-                       f"{cfg.sq_temperature_decay}, {cfg.sq_temperature_min})")
-        return out
-
     def variance(self) -> torch.Tensor:
         """sigma^2 = 1 + exp(s), 0-dim."""
-        return 1.0 + _at_least_f32(self.log_var).exp()
+        return 1.0 + at_least_f32(self.log_var).exp()
 
     def set_schedule(self, t: float, step: int = 0) -> None:
         """tau = max(tau_0 exp(-r n), tau_min) for the n-th step, n = step + 1 (sony/sqvae counts from 1)."""
@@ -2443,17 +1633,17 @@ class SQVAEQuantizer(Quantizer):
         return {"sq_variance": float(self.variance().detach()), "sq_temperature": float(self.temperature)}
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return _at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)          # (B, H, W) -> (B, D, H, W)
+        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)          # (B, H, W) -> (B, D, H, W)
 
     def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The latents and the codebook (evaluation assigns the nearest code)."""
-        return _flatten_latents(z), _at_least_f32(self.codebook)
+        return _flatten_latents(z), at_least_f32(self.codebook)
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
         with _autocast_off(z.device.type):
             z_flat = _flatten_latents(z)                                  # (N, D)
-            E = _at_least_f32(self.codebook)                              # (K, D)
+            E = at_least_f32(self.codebook)                              # (K, D)
             var = self.variance()
             log_p = (-squared_distances(z_flat, E) / (2.0 * var)).log_softmax(1)   # (N, K), log P(k|z)
             if self.training:
@@ -2498,10 +1688,7 @@ class LFQQuantizer(Quantizer):
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  lfq_entropy_cost: float = 0.1, lfq_diversity_gamma: float = 1.0, lfq_inv_temperature: float = 100.0):
         super().__init__()
-        d = num_embeddings.bit_length() - 1
-        if num_embeddings < 2 or 2 ** d != num_embeddings:
-            raise BavqError(f"lfq needs codebook_size to be a power of two (K = 2^d codes for d binary values); "
-                            f"got {num_embeddings}. Use e.g. --codebook_size 512 (d = 9).")
+        d = num_embeddings.bit_length() - 1       # K = 2^d (config_problems)
         self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, d
         self.commitment_cost, self.entropy_cost = commitment_cost, lfq_entropy_cost
         self.diversity_gamma, self.inv_temperature = lfq_diversity_gamma, lfq_inv_temperature
@@ -2715,9 +1902,6 @@ class ResidualVQQuantizer(Quantizer):
                  dead_code_threshold: float = 0.0, rvq_kmeans_iters: int = 50, rvq_dead_code_threshold: float = 2.0,
                  rvq_codebook: str = "encodec"):
         super().__init__()
-        if rvq_codebook not in declared_choices("rvq_codebook"):
-            raise BavqError(f"rvq_codebook '{rvq_codebook}' is unknown (choose from "
-                            f"{', '.join(declared_choices('rvq_codebook'))}).")
         self.codes_per_stage, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings = rvq_stages * num_embeddings                       # histogram size, S x K
         self.commitment_cost, self.cosine = commitment_cost, False
@@ -2733,8 +1917,8 @@ class ResidualVQQuantizer(Quantizer):
 
     # --- the codebook hooks of the training loop, stage by stage
     @torch.no_grad()
-    def restart_dead_codes(self) -> torch.Tensor:
-        return torch.cat([stage.restart_dead_codes() for stage in self.stages])     # (S K,)
+    def restart_dead_codes(self, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        return torch.cat([stage.restart_dead_codes(optimizer) for stage in self.stages])     # (S K,)
 
     @torch.no_grad()
     def init_from_latents(self, z_flat: torch.Tensor, fit) -> None:
@@ -2787,9 +1971,7 @@ class ResidualVQQuantizer(Quantizer):
         new = encodec_sample_vectors(r, self.codes_per_stage)                        # (K, D)
         stage.codebook.copy_(torch.where(dead[:, None], new, stage.codebook))
         if self.fixed:
-            stage.ema_cluster_size.copy_(torch.where(dead, torch.full_like(stage.ema_cluster_size, T),
-                                                     stage.ema_cluster_size))
-            stage.ema_w.copy_(torch.where(dead[:, None], new * T, stage.ema_w))
+            stage._reset_ema(dead, new, T)
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -2799,7 +1981,7 @@ class ResidualVQQuantizer(Quantizer):
                 self._kmeans_done = bool(self.kmeans_done)
             kmeans_now = not self._kmeans_done
         with _autocast_off(z.device.type):
-            r = _flatten_latents(_at_least_f32(z))                            # r_0 = z, (N, D), N = B*H*W
+            r = _flatten_latents(at_least_f32(z))                            # r_0 = z, (N, D), N = B*H*W
             total = torch.zeros_like(r)
             commitment, indices, counts = 0.0, [], []
             for stage in self.stages:
@@ -2893,8 +2075,8 @@ def ssim_per_image(x: torch.Tensor, x_recon: torch.Tensor, window: int = 11, sig
     ('valid'), the SSIM map averaged over positions and channels. This is scikit-image's
     structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
     (a test checks it). Float32 at least; (B,) out."""
-    a = _at_least_f32(x).add(1).div(2)
-    b = _at_least_f32(x_recon).add(1).div(2).clamp(0, 1)
+    a = at_least_f32(x).add(1).div(2)
+    b = at_least_f32(x_recon).add(1).div(2).clamp(0, 1)
     C = a.shape[1]
     r = (window - 1) // 2
     g = torch.exp(-(torch.arange(window, dtype=a.dtype, device=a.device) - r) ** 2 / (2 * sigma ** 2))
@@ -2910,418 +2092,6 @@ def ssim_per_image(x: torch.Tensor, x_recon: torch.Tensor, window: int = 11, sig
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return ssim_map.flatten(1).mean(1)
-
-
-@torch.no_grad()
-def rate_distortion_curve(distances: torch.Tensor, betas, weights: torch.Tensor | None = None,
-                          tol: float = 1e-10, max_iterations: int = 10000, rate_tol_bits: float | None = None,
-                          log_q0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64) -> list[dict]:
-    """The rate-distortion curve of a discrete source against a reproduction alphabet by Blahut-Arimoto
-    (Blahut 1972; Cover & Thomas, Sec. 10.8), one point per slope parameter beta.
-
-    Source: the N rows of ``distances`` (N, K) with probabilities ``weights`` (N,) (uniform when None: an
-    empirical source such as a set of latents); reproduction alphabet: the K columns; d(x, k) any
-    distortion (squared error for latents, Hamming for the binary tests). For each beta the alternation
-
-        P(k|x) = Q(k) exp(-beta d(x,k)) / Z(x),    Q'(k) = sum_x p(x) P(k|x)
-
-    runs until max |Q' - Q| < ``tol`` or, with ``rate_tol_bits``, until the certificate below is under it
-    (at most ``max_iterations``); warm-started from the previous beta's Q (give the betas in increasing
-    order; ``log_q0`` starts the first, else uniform). The point is (rate I(X; K) in bits, distortion E d)
-    of the last P with its own marginal Q': an achievable pair, on the R(D) curve of that source and
-    alphabet once converged, where the curve's slope is dR/dD = -beta / ln 2 bits per unit of distortion.
-
-    Certificates, valid after any number of iterations. With F(Q) = -sum_x p(x) log Z(x) (nats), the point
-    has R + beta D <= F(Q) and min over channels of (R + beta D) = min_Q F >= F(Q) - log max_k Q'(k)/Q(k)
-    (Jensen; Blahut's c_k = Q'(k)/Q(k)). Hence
-      ``excess_bits`` = log2 max_k c_k: the point lies at most this far above R(D) at its own distortion;
-      ``intercept_bits`` = (F(Q) - log max_k c_k) / ln 2: R(D) >= intercept_bits - beta D / ln 2 for every D
-      (a line below the whole curve; ``curve_rate_at`` takes the best of them as its lower bound).
-
-    Returns [{"beta", "rate_bits", "distortion", "iterations", "excess_bits", "intercept_bits", "log_q"}, ...]
-    (log_q: the final log Q' (K,), to warm-start a later call). Computed in the exp domain (Blahut's form:
-    A = exp(-beta (d - min_k d)) once per beta, then two products with A per iteration); the point's rate
-    from scalars, I = F - beta D - KL(Q' || Q). ``dtype``: float64 by default (float32's rounding can keep
-    the certificate above a tight ``rate_tol_bits``).
-    ``blahut_arimoto`` above is the same alternation for a fixed number of iterations and a uniform source, as
-    BA-VQ runs it inside a training step; change both together."""
-    d = distances.to(dtype)
-    N, K = d.shape
-    w = (torch.full((N,), 1.0 / N, dtype=dtype, device=d.device) if weights is None
-         else weights.to(dtype) / weights.to(dtype).sum())                            # (N,), p(x)
-    q = (torch.full((K,), 1.0 / K, dtype=dtype, device=d.device) if log_q0 is None
-         else log_q0.to(dtype=dtype, device=d.device).softmax(0))                    # (K,), Q
-    d_min = d.min(1).values                                                          # (N,)
-    base = float((w * d_min).sum())                                                  # sum_x p(x) min_k d(x, k)
-    points = []
-    for beta in betas:
-        # exp domain (Blahut's form): A = exp(-beta (d - d_min)) (N, K), each row's largest entry 1, so
-        # Z(x) = exp(-beta d_min(x)) (A Q)(x) and an iteration is two products with A, no exp or log
-        A = torch.exp(-beta * (d - d_min[:, None]))
-        for it in range(1, max_iterations + 1):
-            z = (A @ q).clamp_min(torch.finfo(dtype).tiny)                            # (N,), Z(x) e^(beta d_min(x))
-            c = A.t() @ (w / z)                                                       # (K,), c_k = Q'(k) / Q(k)
-            new = q * c                                                               # Q'
-            log_c_max = math.log(float(c.max()))
-            done = (log_c_max / math.log(2) < rate_tol_bits if rate_tol_bits is not None
-                    else bool((new - q).abs().max() < tol))
-            if done or it == max_iterations:
-                break
-            q = new / new.sum()
-        # the point: P(k|x) = Q(k) A(x,k) / z(x) from this Q, with its own marginal Q' = new
-        D = float(q @ ((A * d).t() @ (w / z)))                                        # sum_x p(x) sum_k P d
-        F = beta * base - float((w * z.log()).sum())                                  # -sum_x p(x) log Z(x), nats
-        kl = float(torch.where(new > 0, new * c.log(), torch.zeros_like(new)).sum())  # KL(Q' || Q) = sum Q' log c
-        rate = (F - beta * D - kl) / math.log(2)                                      # I(X; K) in bits
-        points.append({"beta": float(beta), "rate_bits": max(rate, 0.0), "distortion": D, "iterations": it,
-                       "excess_bits": max(log_c_max, 0.0) / math.log(2),
-                       "intercept_bits": (F - max(log_c_max, 0.0)) / math.log(2),
-                       "log_q": (new / new.sum()).log()})
-        q = new / new.sum()
-    return points
-
-
-def trace_rate_distortion(distances: torch.Tensor, rate_tol_bits: float = 1e-3, points_per_octave: int = 4,
-                          end_tol: float = 1e-3, max_points: int = 120, max_iterations: int = 2000,
-                          dtype: torch.dtype = torch.float64, refine_distortions=(), refine_rates=(),
-                          refine_bits: float = 0.01, max_refinements: int = 10) -> list[dict]:
-    """The whole R(D) curve of the empirical source (rows of ``distances`` (N, K), equally likely) against
-    its K-letter alphabet, from end to end, for squared error or any other distortion:
-
-      * beta = 0: rate 0 at D_max = min_k mean_x d(x, k) (the best single letter), exact;
-      * betas growing geometrically (``points_per_octave`` per doubling) from 1 / (2 D_max), at or below the
-        beta at which the rate leaves 0 for a Gaussian-like source (1 / (2 lambda_max) >= 1 / (2 D_max)),
-        each warm-started from the last (``rate_distortion_curve``: at most ``max_iterations``, fewer once
-        within ``rate_tol_bits``), until the distortion is within ``end_tol`` (D_max - D_nn) of D_nn;
-      * beta = infinity: the nearest-letter assignment, rate H(marginal of the nearest letters), distortion
-        D_nn = mean_x min_k d(x, k), the smallest the alphabet allows, exact (ties broken by the lowest index);
-      * refinement: for each distortion in ``refine_distortions`` (each rate in ``refine_rates``), betas
-        between the two around it (geometric mean; twice the last finite beta next to the infinite end) until
-        ``curve_rate_at`` (``curve_distortion_at``, in bits of rate slack: width x the slope) brackets it within
-        ``refine_bits``, at most ``max_refinements`` each.
-
-    Points in the order computed, each {"beta", "rate_bits", "distortion", "iterations", "excess_bits",
-    "intercept_bits"} (beta = inf for the end). Cost: about 4 passes over (N, K) per BA iteration."""
-    d = distances.to(dtype)
-    N, K = d.shape
-    d_max = float(d.sum(0, dtype=torch.float64).min()) / N                           # min_k mean_x d(x, k)
-    nearest = d.argmin(1)                                                            # (N,)
-    d_nn = float(d.gather(1, nearest[:, None]).double().mean())
-    r_nn = float(entropy_bits(torch.bincount(nearest, minlength=K)))
-    points = [{"beta": 0.0, "rate_bits": 0.0, "distortion": d_max, "iterations": 0, "excess_bits": 0.0,
-               "intercept_bits": 0.0},
-              {"beta": math.inf, "rate_bits": r_nn, "distortion": d_nn, "iterations": 0, "excess_bits": 0.0,
-               "intercept_bits": None}]
-    if d_max <= d_nn:                                                # one letter, or all letters alike
-        return points
-    starts = {}                                                      # beta -> its final log Q (warm starts)
-
-    def add(beta, log_q):
-        if log_q is not None:        # warm start, mixed with 1e-6 of uniform: a letter the last beta all but
-            log_q = torch.logaddexp(log_q + math.log1p(-1e-6), torch.full_like(log_q, math.log(1e-6 / K)))
-        p = rate_distortion_curve(d, [beta], rate_tol_bits=rate_tol_bits, max_iterations=max_iterations,
-                                  log_q0=log_q, dtype=dtype)[0]                 # dropped can come back in few steps
-        starts[beta] = p.pop("log_q")
-        points.insert(-1, p)
-        return p
-
-    beta, factor = 1.0 / (2.0 * d_max), 2.0 ** (1.0 / points_per_octave)
-    while len(points) < max_points:
-        p = add(beta, starts.get(beta / factor))
-        if p["distortion"] - d_nn <= end_tol * (d_max - d_nn):
-            break
-        beta *= factor
-
-    def around(key, value):                    # the computed betas just below and above the target on the hull
-        hull = _lower_hull(points)
-        for a, b in zip(hull, hull[1:]):       # hull in increasing distortion = decreasing rate
-            if (key == "distortion" and a["distortion"] <= value <= b["distortion"]) or \
-               (key == "rate_bits" and b["rate_bits"] <= value <= a["rate_bits"]):
-                return min(a["beta"], b["beta"]), max(a["beta"], b["beta"])
-        return None
-
-    for key, targets in (("distortion", refine_distortions), ("rate_bits", refine_rates)):
-        for value in targets:
-            for _ in range(max_refinements):
-                width = (curve_rate_at(points, value) or {}).get("interpolation_bits", 0.0) if key == "distortion" \
-                    else curve_distortion_at(points, value)["interpolation_bits"]
-                pair = around(key, value)
-                if width <= refine_bits or pair is None:
-                    break
-                lo, hi = pair
-                beta = 2.0 * lo if math.isinf(hi) else (lo * hi) ** 0.5 if lo > 0 else hi / 2.0
-                if beta in starts:
-                    break
-                add(beta, starts.get(lo))
-    return points
-
-
-def _lower_hull(points: list[dict]) -> list[dict]:
-    """The lower convex hull of the achieved (distortion, rate) points, in increasing distortion: every
-    mixture of achievable assignments is achievable (time sharing), so R(D) lies on or below it."""
-    pts = sorted(points, key=lambda p: (p["distortion"], p["rate_bits"]))
-    hull = []
-    for p in pts:
-        while len(hull) >= 2:
-            (a, b) = hull[-2], hull[-1]
-            cross = ((b["distortion"] - a["distortion"]) * (p["rate_bits"] - a["rate_bits"])
-                     - (b["rate_bits"] - a["rate_bits"]) * (p["distortion"] - a["distortion"]))
-            if cross <= 0:                     # b lies on or above the segment a-p
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    end = min(range(len(hull)), key=lambda i: (hull[i]["rate_bits"], -hull[i]["distortion"]))
-    return hull[:end + 1]                      # beyond the first rate-0 point the curve is flat at 0
-
-
-def _lines(points: list[dict]) -> list:
-    """(intercept, slope) in bits of the certified lines R(D) >= intercept - slope D (``rate_distortion_curve``)."""
-    return [(p["intercept_bits"], p["beta"] / math.log(2)) for p in points if p.get("intercept_bits") is not None]
-
-
-def curve_rate_at(points: list[dict], D: float) -> dict | None:
-    """R(D) of a swept curve (``trace_rate_distortion``) at distortion D, bracketed: the lower convex hull
-    of the achieved points (an upper bound: they are achievable, and so are their mixtures) and the best of
-    the certified lines below the curve, max_i intercept_i - beta_i / ln 2 D (a lower bound, clipped at 0;
-    see ``rate_distortion_curve``). {"rate_bits": the upper bound, "interpolation_bits": upper - lower}, the
-    certified uncertainty, from the spacing of the points and from iterations stopped early. None when D
-    lies below the curve's smallest distortion D_nn (no assignment to this alphabet reaches it)."""
-    hull = _lower_hull(points)
-    if D < hull[0]["distortion"] * (1 - 1e-9):              # (1e-9: the distances' expansion rounds)
-        return None
-    if D <= hull[0]["distortion"] * (1 + 1e-9) and (hull[0]["beta"] is None or math.isinf(hull[0]["beta"])):
-        # at D_nn every channel puts all its mass on the nearest letters: R(D_nn) = H(nearest) exactly
-        # (for latents without ties, which continuous values have with probability 1)
-        return {"rate_bits": hull[0]["rate_bits"], "interpolation_bits": 0.0}
-    if D >= hull[-1]["distortion"]:
-        return {"rate_bits": 0.0, "interpolation_bits": 0.0}
-    for a, b in zip(hull, hull[1:]):
-        if a["distortion"] <= D <= b["distortion"]:
-            t = 0.0 if b["distortion"] == a["distortion"] else (D - a["distortion"]) / (b["distortion"] - a["distortion"])
-            upper = a["rate_bits"] + t * (b["rate_bits"] - a["rate_bits"])
-            break
-    lower = max([0.0] + [c - s * D for c, s in _lines(points)])
-    return {"rate_bits": upper, "interpolation_bits": max(upper - lower, 0.0)}
-
-
-def curve_distortion_at(points: list[dict], R: float) -> dict:
-    """D(R) of a swept curve at rate R bits, bracketed as ``curve_rate_at``: the hull's distortion at R (an
-    upper bound; D_nn, the curve's end, for any R at or above its end's rate: all the alphabet allows) and
-    the lower bound from the lines, D >= (intercept_i - R) ln 2 / beta_i. {"distortion": the upper bound,
-    "interpolation": upper - lower, "interpolation_bits": that width times the slope of the hull there, in
-    bits of rate}."""
-    hull = _lower_hull(points)
-    if R >= hull[0]["rate_bits"]:
-        return {"distortion": hull[0]["distortion"], "interpolation": 0.0, "interpolation_bits": 0.0}
-    for a, b in zip(hull, hull[1:]):
-        if b["rate_bits"] <= R <= a["rate_bits"]:
-            t = 0.0 if a["rate_bits"] == b["rate_bits"] else (a["rate_bits"] - R) / (a["rate_bits"] - b["rate_bits"])
-            upper = a["distortion"] + t * (b["distortion"] - a["distortion"])
-            slope = (a["rate_bits"] - b["rate_bits"]) / max(b["distortion"] - a["distortion"], 1e-300)
-            break
-    lower = max([0.0] + [(c - R) / s for c, s in _lines(points) if s > 0])
-    width = max(upper - lower, 0.0)
-    return {"distortion": upper, "interpolation": width, "interpolation_bits": width * slope}
-
-
-def gaussian_rate_distortion(eigenvalues: torch.Tensor, D: float) -> float:
-    """R(D) in bits of a Gaussian vector with covariance eigenvalues lambda_i under squared error summed
-    over its components, by reverse water-filling (Cover & Thomas, Thm. 10.3.3): D = sum_i min(theta, lambda_i),
-    R = sum_i max(0, 1/2 log2(lambda_i / theta)); theta found by bisection (float64). It bounds from above
-    the R(D) of every source with that covariance (the Gaussian is the hardest to compress)."""
-    lam = eigenvalues.double().clamp_min(0)
-    if D >= float(lam.sum()):
-        return 0.0
-    if D <= 0:
-        return math.inf
-    lo, hi = 0.0, float(lam.max())
-    for _ in range(200):
-        theta = 0.5 * (lo + hi)
-        lo, hi = (theta, hi) if float(torch.minimum(lam, torch.tensor(theta, dtype=lam.dtype)).sum()) < D else (lo, theta)
-    theta = 0.5 * (lo + hi)
-    return float(0.5 * torch.log2(lam[lam > theta] / theta).sum())
-
-
-def gaussian_distortion_rate(eigenvalues: torch.Tensor, R: float) -> float:
-    """D(R) of the same Gaussian (the inverse of ``gaussian_rate_distortion``): theta by bisection on
-    sum_i max(0, 1/2 log2(lambda_i / theta)) = R, D = sum_i min(theta, lambda_i)."""
-    lam = eigenvalues.double().clamp_min(0)
-    if R <= 0:
-        return float(lam.sum())
-    lo, hi = 0.0, float(lam.max())                                  # rate(theta) falls from inf to 0
-    pos = lam[lam > 0]
-    for _ in range(200):
-        theta = 0.5 * (lo + hi)
-        rate = float(0.5 * torch.log2(pos[pos > theta] / theta).sum()) if theta > 0 else math.inf
-        lo, hi = (theta, hi) if rate > R else (lo, theta)
-    theta = 0.5 * (lo + hi)
-    return float(torch.minimum(lam, torch.tensor(theta, dtype=lam.dtype)).sum())
-
-
-@torch.no_grad()
-def check_rate_distortion(model: "VQVAE") -> None:
-    """Raise BavqError unless the model's quantizer has an explicit alphabet (``rate_distortion_source``)."""
-    q = model.quantizer
-    p = next(model.parameters())
-    if q.rate_distortion_source(torch.zeros(1, q.embedding_dim, 1, 1, dtype=p.dtype, device=p.device)) is None:
-        supported = [n for n, c in QUANTIZERS.items() if c.rate_distortion_source is not Quantizer.rate_distortion_source]
-        raise BavqError(f"The rate-distortion analysis needs an explicit alphabet of decoder inputs (K vectors, one "
-                        f"per code, that the decoder can receive), and this model's quantizer has none: "
-                        f"{q.alphabet_note}. It is defined for {', '.join(supported)}.")
-
-
-@torch.no_grad()
-def latent_rate_distortion(model: "VQVAE", images_u8: torch.Tensor, positions: int = 4096, alphabet_size: int = 2048,
-                           kmeans_iters: int = 10, repeats: int = 1, seed: int = 0, batch_size: int = 500,
-                           rate_tol_bits: float = 1e-2, points_per_octave: int = 2, max_iterations: int = 100,
-                           refine_bits: float = 0.01, dtype: torch.dtype = torch.float64,
-                           rt: "Runtime | None" = None) -> dict:
-    """Where a trained model's quantizer sits on the rate-distortion plane of its own encoder's latents.
-
-    The source: the latents of ``images_u8`` (the validation set) in the space where the quantizer measures
-    distortion (``Quantizer.rate_distortion_source``: the encoder output; its normalised direction with
-    --cosine; FSQ's bounded and LFQ's projected values), every latent position one letter, equally likely.
-    Distortion d(x, k) = ||x - a_k||^2 summed over the d channels, per position; rates in bits per position
-    (x positions per image for bits per image).
-
-      run        the model's own operating point over every position: rate = H of its eval code
-                 marginal, distortion = mean ||x - a_code||^2 (exact, all images);
-      codebook   R(D) with the run's own alphabet a_1..a_K (``trace_rate_distortion``): what an optimal,
-                 rate-aware assignment to the same codes could reach;
-      kmeans     R(D) with a richer alphabet, the own codes plus ``alphabet_size`` k-means centroids
-                 (k-means++ and ``kmeans_iters`` Lloyd steps) fitted on other positions than the ones
-                 measured: the estimate of the source's R(D);
-      gaussian   R(D) of a Gaussian with the latents' covariance (all positions), reverse water-filling:
-                 the classical reference, an upper bound on the R(D) of any source with that covariance.
-
-    The two curves are computed on ``positions`` latent positions drawn at random (``seed``) without
-    replacement; with ``repeats`` > 1 on that many disjoint draws, and the spread of each gap over the draws
-    is reported as the error the subsample adds. The gaps compare like with like: the run's point on the
-    same positions (``run_measured``: its codes' entropy and mean distortion there) against each curve:
-    ``rate_bits`` = R_run - R(D_run) (bits of rate slack at the run's distortion) and ``distortion`` =
-    D_run - D(R_run) (distortion slack at its rate), each with its certified uncertainty
-    (``rate_uncertainty_bits``, ``distortion_uncertainty``: ``curve_rate_at`` / ``curve_distortion_at``; the
-    sweep is refined around the run's point until the rate is bracketed within ``refine_bits``). The Gaussian
-    gaps use the point over all positions. BA iterations: at most ``max_iterations`` per beta, stopped at
-    ``rate_tol_bits``; ``dtype`` of the (positions, letters) passes (float64; float32 gives the same gaps to
-    1e-3 bits but took twice as long, its rounding keeping the certificate from reaching the tolerance).
-    Raises BavqError for a quantizer without an explicit alphabet of decoder inputs."""
-    q = model.quantizer
-    check_rate_distortion(model)
-    was_training = model.training
-    model.eval()
-    rt = rt or Runtime(images_u8.device)
-    started = time.perf_counter()
-    per_image = q.rate_distortion_source(model.encoder(rt.prepare(to_float(images_u8[:1]))))[0].shape[0]
-    total = images_u8.shape[0] * per_image
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(total, generator=g)
-    measured = min(positions, total // repeats)
-    if measured < 1:
-        raise BavqError(f"{images_u8.shape[0]} images give {total} latent positions, too few for {repeats} disjoint "
-                        f"draws of positions; give more images or fewer repeats.")
-    # k-means is fitted on up to 4 x alphabet_size other positions; where fewer than alphabet_size are left,
-    # on the measured ones (then the kmeans curve is optimistic: its centroids have seen the positions measured)
-    n_fit = min(total - repeats * measured, 4 * alphabet_size)
-    fit_on_measured = alphabet_size > 0 and n_fit < alphabet_size
-    chosen = order[:repeats * measured + (0 if fit_on_measured else n_fit)]
-    slot = torch.full((total,), -1, dtype=torch.long)
-    slot[chosen] = torch.arange(chosen.numel())
-    K = q.num_embeddings
-    counts = torch.zeros(K, dtype=torch.float64)
-    dist_sum, x_sum, xx_sum, kept = 0.0, None, None, []
-    for start in range(0, images_u8.shape[0], batch_size):
-        x_img = rt.prepare(to_float(images_u8[start:start + batch_size]))
-        with rt.autocast():
-            z = model.encoder(x_img)
-        z = _at_least_f32(z)
-        x, alphabet = q.rate_distortion_source(z)                                      # (B*H*W, d), (K, d)
-        idx = q(z)[2]["code_indices"].reshape(-1)                                      # (B*H*W,) eval codes
-        x64 = x.double()
-        counts += torch.bincount(idx, minlength=K).double().cpu()
-        dist_sum += float((x - alphabet[idx]).pow(2).sum())
-        x_sum = x64.sum(0) if x_sum is None else x_sum + x64.sum(0)
-        xx_sum = x64.t() @ x64 if xx_sum is None else xx_sum + x64.t() @ x64          # (d, d)
-        s = slot[start * per_image:start * per_image + x.shape[0]].to(x.device)
-        keep = s >= 0
-        kept.append((s[keep].cpu(), x[keep].double().cpu(), idx[keep].cpu()))
-    model.train(was_training)
-    order_kept = torch.cat([k[0] for k in kept]).argsort()
-    X = torch.cat([k[1] for k in kept])[order_kept]                                  # (chosen, d), in draw order
-    codes = torch.cat([k[2] for k in kept])[order_kept]                              # (chosen,), the run's codes
-    own = alphabet.double().cpu()                                                    # (K, d)
-    mean = x_sum.cpu() / total
-    cov = xx_sum.cpu() / total - mean[:, None] * mean[None, :]                       # (d, d), biased
-    eig = torch.linalg.eigvalsh(cov).clamp_min(0)
-    run = {"rate_bits": float(entropy_bits(counts)), "distortion": dist_sum / total}
-    fit = X[:measured] if fit_on_measured else X[repeats * measured:]
-    rich = own
-    if alphabet_size:
-        centres, _ = kmeans_codebook(fit.float(), min(alphabet_size, fit.shape[0]), kmeans_iters, generator=g)
-        rich = torch.cat([own, centres.double()])
-    curves = {"codebook": [], "kmeans": []}
-    gaps = {"codebook": [], "kmeans": []}
-    drawn = []
-    for r in range(repeats):
-        xs, cs = X[r * measured:(r + 1) * measured], codes[r * measured:(r + 1) * measured]
-        point = {"rate_bits": float(entropy_bits(torch.bincount(cs, minlength=K))),    # the run on these positions
-                 "distortion": float((xs - own[cs]).pow(2).sum(1).mean())}
-        drawn.append(point)
-        for name, alpha in (("codebook", own), ("kmeans", rich)):
-            if name == "kmeans" and not alphabet_size:
-                continue
-            pts = trace_rate_distortion(squared_distances(xs, alpha), rate_tol_bits, points_per_octave,
-                                        max_iterations=max_iterations, dtype=dtype,
-                                        refine_distortions=[point["distortion"]], refine_rates=[point["rate_bits"]],
-                                        refine_bits=refine_bits)
-            curves[name].append(sorted(pts, key=lambda p: p["beta"]))
-            at, dr = curve_rate_at(pts, point["distortion"]), curve_distortion_at(pts, point["rate_bits"])
-            gaps[name].append({
-                "rate_bits": None if at is None else point["rate_bits"] - at["rate_bits"],
-                "rate_uncertainty_bits": None if at is None else at["interpolation_bits"],
-                "distortion": point["distortion"] - dr["distortion"], "distortion_uncertainty": dr["interpolation"]})
-    out = {"positions": measured, "positions_total": total, "positions_per_image": per_image, "repeats": repeats,
-           "seed": seed, "latent_channels": int(own.shape[1]), "codebook_size": K,
-           "alphabet_size": int(rich.shape[0]), "kmeans_iters": kmeans_iters, "kmeans_positions": int(fit.shape[0]) if alphabet_size else 0,
-           "kmeans_fit_on_measured": fit_on_measured,
-           "rate_tol_bits": rate_tol_bits, "run": {**run, "bits_per_image": run["rate_bits"] * per_image},
-           "run_measured": drawn[0] if repeats == 1 else drawn, "curves": {}, "gaps": {}}
-    for name in ("codebook", "kmeans"):
-        if not curves[name]:
-            continue
-        # beta None = infinity, the nearest-letter end (JSON has no infinity); curve_rate_at reads either
-        out["curves"][name] = [{**p, "beta": None if math.isinf(p["beta"]) else p["beta"]} for p in curves[name][0]]
-        out["gaps"][name] = _mean_gap(gaps[name])
-    g_rate = gaussian_rate_distortion(eig, run["distortion"])
-    out["gaps"]["gaussian"] = {"rate_bits": run["rate_bits"] - g_rate,
-                               "distortion": run["distortion"] - gaussian_distortion_rate(eig, run["rate_bits"])}
-    d_lo, total = min(min(p["distortion"] for p in c[0]) for c in curves.values() if c), float(eig.sum())
-    if total > 0:
-        out["curves"]["gaussian"] = [{"rate_bits": gaussian_rate_distortion(eig, D), "distortion": D} for D in
-                                     torch.logspace(math.log10(max(d_lo, 1e-12)), math.log10(total), 40,
-                                                    dtype=torch.float64).tolist()]
-    else:            # latents without variance (an encoder collapsed to one output): R(D) = 0 at every D >= 0
-        out["curves"]["gaussian"] = [{"rate_bits": 0.0, "distortion": 0.0}]
-    out["covariance_eigenvalues"] = eig.flip(0).tolist()
-    out["seconds"] = time.perf_counter() - started
-    return out
-
-
-def _mean_gap(per_draw: list) -> dict:
-    """Gaps over the draws of positions: their mean, and with several draws their standard deviation
-    (``*_spread``, n - 1) and the per-draw values."""
-    out = {}
-    for key in per_draw[0]:
-        vals = [g[key] for g in per_draw]
-        if any(v is None for v in vals):
-            out[key] = None
-            continue
-        out[key] = sum(vals) / len(vals)
-        if len(vals) > 1:
-            out[key + "_spread"] = statistics.stdev(vals)
-            out[key + "_draws"] = vals
-    return out
 
 
 def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
@@ -3342,125 +2112,15 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)
 
 
-# ----------------------------------------------------------------------------- the papers' metric conventions
-# Each computes what a paper's own evaluation code computes, so that our runs can sit in its table; the
-# library's metrics above stay the defined ones (docs/metrics.md states both and their measured difference).
-# Asked for by name in --eval_metrics (the protocol configs do), computed by ``paper_metrics`` at the end of
-# a run and by evaluate.py.
-
-SQVAE_TEST_BATCH = 32        # sony/sqvae: cfgs.train.bs (32) serves the test loader too (main.py, get_loader)
-CVQVAE_JPEG_QUALITY = 75     # lyndonzheng/CVQ-VAE: imageio.imwrite(.jpg) -> Pillow's default quality
-
-
-def perplexity_per_batch(indices: torch.Tensor, K: int, images_per_batch: int = SQVAE_TEST_BATCH,
-                         eps: float = 1e-7) -> float:
-    """sony/sqvae's test perplexity (vision/quantizer.py, trainer.py ``_test_sub``): for consecutive
-    batches of ``images_per_batch`` images (the last partial batch included, shuffle off), p = the
-    batch's code histogram / its positions, perplexity_b = exp(-sum_k p_k log(p_k + 1e-7)); the plain
-    mean over batches. ``indices`` (N, ...) in test-set order. It depends on the batch size: K codes
-    used uniformly read about K exp(-(K - 1) / (2 n)) at n positions per batch (the plug-in entropy's bias,
-    Miller 1955), not K. Indices (N, S, H, W)
-    of S codebooks of K / S codes: stage s's codes count as s K / S + k (the layout of code_counts)."""
-    if indices.dim() == 4:
-        S = indices.shape[1]
-        indices = indices + (torch.arange(S, device=indices.device) * (K // S))[None, :, None, None]
-    flat = indices.reshape(indices.shape[0], -1)                                   # (N, positions)
-    values = []
-    for start in range(0, flat.shape[0], images_per_batch):
-        c = torch.bincount(flat[start:start + images_per_batch].flatten(), minlength=K).double()
-        p = c / c.sum()
-        values.append(torch.exp(-(p * torch.log(p + eps)).sum()))
-    return float(torch.stack(values).mean())
-
-
-def to_uint8_truncated(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> uint8 as CVQ-VAE's ``tensor2im``: ((x + 1) / 2).clamp(0, 1) * 255, truncated
-    (numpy's astype(uint8)), not rounded."""
-    return (_at_least_f32(x).add(1).div(2).clamp(0, 1) * 255).to(torch.uint8)
-
-
-def jpeg_roundtrip(images_u8: torch.Tensor, quality: int = CVQVAE_JPEG_QUALITY) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> the same images written as JPEG by Pillow at ``quality`` (its default
-    chroma subsampling) and read back as RGB, on the CPU."""
-    from PIL import Image
-    out = []
-    for img in images_u8.cpu().permute(0, 2, 3, 1).numpy():
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
-    return torch.stack(out).permute(0, 3, 1, 2)
-
-
-def ssim_uniform_per_image(a01: torch.Tensor, b01: torch.Tensor, window: int = 11) -> torch.Tensor:
-    """scikit-image 0.19's structural_similarity(a, b, multichannel=True, data_range=1, win_size=11),
-    CVQ-VAE's call: per channel, local means and sample (co)variances (factor n / (n - 1), n = 121)
-    under a uniform 11 x 11 window, K1 = 0.01, K2 = 0.03, the SSIM map cropped by (win - 1) / 2 on each
-    side (so only windows inside the image count), averaged over positions, then over channels.
-    Images (B, C, H, W) already in [0, 1]; float64; (B,) out."""
-    a, b = a01.double(), b01.double()
-    mean = lambda t: F.avg_pool2d(t, window, stride=1)                              # noqa: E731, (B, C, H-10, W-10)
-    n = window * window
-    ux, uy = mean(a), mean(b)
-    cov_norm = n / (n - 1)
-    vx, vy = cov_norm * (mean(a * a) - ux * ux), cov_norm * (mean(b * b) - uy * uy)
-    vxy = cov_norm * (mean(a * b) - ux * uy)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    S = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
-    return S.mean(dim=(2, 3)).mean(1)
-
-
-def cvqvae_image_metrics(x: torch.Tensor, x_recon: torch.Tensor) -> dict:
-    """CVQ-VAE's test.py + evaluation.py on a batch of [-1, 1] images: both the input and the
-    reconstruction go through ``to_uint8_truncated`` and a JPEG file (quality 75), are read back /255,
-    and scored per image: ``psnr_cvqvae`` = skimage peak_signal_noise_ratio(data_range=1) (one MSE over
-    all values), ``ssim_cvqvae`` = ``ssim_uniform_per_image``. (B,) tensors on the CPU."""
-    a = jpeg_roundtrip(to_uint8_truncated(x)).double() / 255
-    b = jpeg_roundtrip(to_uint8_truncated(x_recon)).double() / 255
-    mse = (a - b).pow(2).flatten(1).mean(1)
-    return {"psnr_cvqvae": 10 * torch.log10(1.0 / mse), "ssim_cvqvae": ssim_uniform_per_image(a, b)}
-
-
-PAPER_METRICS = ("perplexity_sqvae", "psnr_cvqvae", "ssim_cvqvae")
-
-
-@torch.no_grad()
-def paper_metrics(model: VQVAE, images_u8: torch.Tensor, names, batch_size: int, rt: Runtime | None = None) -> dict:
-    """The papers' conventions among ``names`` (PAPER_METRICS) on ``images_u8`` in their order: one eval
-    pass at ``batch_size`` (the validation batch size: BA-VQ's codes depend on it)."""
-    names = [n for n in PAPER_METRICS if n in names]
-    if not names:
-        return {}
-    was_training = model.training
-    model.eval()
-    rt = rt or Runtime(images_u8.device)
-    indices, per_image = [], {"psnr_cvqvae": [], "ssim_cvqvae": []}
-    for start in range(0, images_u8.shape[0], batch_size):
-        x = rt.prepare(to_float(images_u8[start:start + batch_size]))
-        with rt.autocast():
-            x_recon, _, _, info = model(x)
-        indices.append(info["code_indices"])
-        if "psnr_cvqvae" in names or "ssim_cvqvae" in names:
-            for k, v in cvqvae_image_metrics(x, x_recon.float()).items():
-                per_image[k].append(v)
-    model.train(was_training)
-    out = {}
-    if "perplexity_sqvae" in names:
-        out["perplexity_sqvae"] = perplexity_per_batch(torch.cat(indices), model.quantizer.num_embeddings)
-    for k in ("psnr_cvqvae", "ssim_cvqvae"):
-        if k in names:
-            out[k] = float(torch.cat(per_image[k]).mean())
-    return out
-
-
-EVAL_METRICS = ("psnr", "ssim", "lpips", "fid") + PAPER_METRICS   # psnr, ssim: every validation; lpips, fid:
-                                                                    # optional packages; the papers' conventions
-
-
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> uint8 [0, 255] (clipped, rounded), as they would be saved."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
+
+
+PAPER_METRICS = ("perplexity_sqvae", "psnr_cvqvae", "ssim_cvqvae")   # the papers' conventions (vqvae_analysis)
+EVAL_METRICS = ("psnr", "ssim", "lpips", "fid") + PAPER_METRICS   # psnr, ssim: every validation; lpips, fid:
+                                                                    # optional packages; the papers' conventions
 
 
 # =============================================================================
@@ -3547,6 +2207,28 @@ def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, 
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """The block runs with ``model`` in eval mode and without gradients; its mode is restored after it (also
+    when the block raises). Every evaluation uses it (validate, the analysis, the pictures, rFID, LPIPS)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_batches(model: VQVAE, images_u8: torch.Tensor, batch_size: int, rt: Runtime):
+    """The loop of every evaluation pass: (start, x) for consecutive batches of ``images_u8``, x (b, 3, 32, 32) on
+    the [-1, 1] scale as ``rt`` prepares it, each after the model's ``mark_step`` (CUDA graphs). Use it inside
+    ``evaluating(model)``; run the model under ``rt.autocast()``."""
+    for start in range(0, images_u8.shape[0], batch_size):
+        model.mark_step()
+        yield start, rt.prepare(to_float(images_u8[start:start + batch_size]))
+
+
 def init_from_data(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     """--init kmeans | data, before quantized training: the encoder outputs of ``kmeans_batches``
     training batches (a random draw seeded by ``cfg.seed``, separate from the data order); kmeans:
@@ -3557,13 +2239,11 @@ def init_from_data(model: VQVAE, images: torch.Tensor, cfg: Config) -> None:
     n = min(images.shape[0], cfg.kmeans_batches * cfg.batch_size)
     idx = torch.randperm(images.shape[0], generator=g)[:n].to(images.device)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     zs = []
-    for s in range(0, n, cfg.batch_size):
-        model.mark_step()                  # clone: with CUDA graphs the next call may reuse the output's memory
-        zs.append(_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device)))).clone())
-    model.train(was_training)
+    with evaluating(model):
+        for s in range(0, n, cfg.batch_size):
+            model.mark_step()              # clone: with CUDA graphs the next call may reuse the output's memory
+            zs.append(_flatten_latents(model.encoder(to_float(images[idx[s:s + cfg.batch_size]].to(device)))).clone())
     z = torch.cat(zs)                                                          # (n*H*W, D)
     q = model.quantizer
     kmeans = cfg.init == "kmeans"
@@ -3612,7 +2292,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
 
     Hooks for whoever runs the loop (the experiment module uses them; both default to nothing):
     ``should_stop()`` is polled before each batch (it should be a Python flag, no device sync); when it
-    is true, ``_StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it
+    is true, ``StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it
     had not stopped. ``after_backward(model)`` runs between backward and gradient clipping (e.g. an
     all-reduce of the gradients over processes).
     """
@@ -3624,8 +2304,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     warmup_steps = cfg.vq_loss_warmup_epochs * n_steps
     q_start = cfg.pretrain_epochs * n_steps                               # the first quantized step
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    restarts_on = cfg.dead_code_threshold > 0 and q.has_codebook
-    data_init = cfg.init in DATA_INITS and q.has_codebook
+    restarts_on = cfg.dead_code_threshold > 0
+    data_init = cfg.init in DATA_INITS
     guard = guard or LossGuard(cfg.explode_factor, cfg.explode_window, device)
     stats = _EpochStats(q.num_embeddings, device, generator, resume_from, guard)
     check_every = min(cfg.progress_every, cfg.explode_window)
@@ -3636,7 +2316,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     for i in range(stats.start, n_steps):
         if should_stop is not None and should_stop():
             stats.check(bar)                                              # never checkpoint a diverged state
-            raise _StopRequested(stats.state(i), step)
+            raise StopRequested(stats.state(i), step)
         x = rt.prepare(to_float(next(batches)))                           # (b, 3, 32, 32) in [-1, 1]
         qs = step - q_start                                               # quantized steps so far (< 0: stage 1)
         model.bypass_quantizer = qs < 0
@@ -3652,7 +2332,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         loss = q.reconstruction_objective(recon_loss) + w * sum(loss_dict.values())
         grad_norm = _backward_and_step(loss, model, optimizer, rt, clip, after_backward)  # norm before clipping
         if restarts_on and qs >= 0 and (qs + 1) % cfg.dead_code_every == 0:
-            stats.restarts += _restart_dead_codes(q, optimizer)
+            stats.restarts += q.restart_dead_codes(optimizer).sum()
         stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt,
                        {k: info[k] for k in q.train_metrics})
         guard.add(step, recon_loss)
@@ -3697,19 +2377,6 @@ def _backward_and_step(loss, model, optimizer, rt: Runtime, clip: float, after_b
     return grad_norm
 
 
-def _restart_dead_codes(q: Quantizer, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """Restart the quantizer's dead codes; a gradient-trained codebook also loses the Adam moments
-    of the restarted rows (their history belongs to the old code). Returns how many (0-dim)."""
-    dead = q.restart_dead_codes()                                         # (K,) bool
-    if isinstance(getattr(q, "codebook", None), nn.Parameter):
-        state = optimizer.state.get(q.codebook, {})
-        keep = (~dead)[:, None].to(q.codebook.dtype)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key].mul_(keep)
-    return dead.sum()
-
-
 class _Accumulator:
     """Sample-weighted sums of scalar tensors kept on the device; read once with ``means()``."""
 
@@ -3736,13 +2403,13 @@ class _Accumulator:
         return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "n": self.n}
 
 
-class _NonFinite(Exception):
+class NonFiniteLoss(Exception):
     def __init__(self, step: int, terms: list):
         super().__init__(f"non-finite {terms} at step {step}")
         self.step, self.terms = step, terms
 
 
-class _Exploded(Exception):
+class LossExploded(Exception):
     """The loss of ``step`` was ``ratio`` x the minimum of the ``window`` steps before it (> ``factor``)."""
 
     def __init__(self, step: int, ratio: float, factor: float, window: int):
@@ -3750,7 +2417,7 @@ class _Exploded(Exception):
         self.step, self.ratio, self.factor, self.window = step, ratio, factor, window
 
 
-class _StopRequested(Exception):
+class StopRequested(Exception):
     """Raised inside train_epoch at a batch boundary when a stop was requested; ``partial_epoch``
     is what ``train_epoch(resume_from=...)`` needs to finish the epoch."""
 
@@ -3868,7 +2535,7 @@ class _EpochStats:
         self.counts += code_counts
 
     def check(self, bar=None) -> None:
-        """Raise _NonFinite naming the first non-finite step and its terms, or _Exploded naming the
+        """Raise NonFiniteLoss naming the first non-finite step and its terms, or LossExploded naming the
         first step the loss guard tripped on, whichever came first (one host sync)."""
         g = self.guard
         bad, tripped = (torch.stack([self.bad_step, g.tripped]).tolist() if g is not None and g.on
@@ -3878,8 +2545,8 @@ class _EpochStats:
         if bar is not None:
             bar.close()
         if bad >= 0 and (tripped < 0 or bad <= tripped):
-            raise _NonFinite(bad, [n for n, b in zip(self.names, self.bad_terms.tolist()) if b])
-        raise _Exploded(tripped, float(g.tripped_ratio), g.factor, g.window)
+            raise NonFiniteLoss(bad, [n for n, b in zip(self.names, self.bad_terms.tolist()) if b])
+        raise LossExploded(tripped, float(g.tripped_ratio), g.factor, g.window)
 
     def state(self, batch: int) -> dict:
         return {"gen_state": self.gen_state, "batch": batch, "acc": self.acc.state(), "counts": self.counts.cpu(),
@@ -3935,47 +2602,47 @@ class _ProgressBar:
 
 @torch.no_grad()
 def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool = False,
-             rt: Runtime | None = None) -> dict:
+             rt: Runtime | None = None, observe=None) -> dict:
     """Whole-set validation in eval mode (hard codes for every quantizer); restores the mode.
 
     Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
     ``mse`` (same as recon_loss), perplexity, usage and dead codes over *all* code indices of the
     set, ``code_counts`` (K,) (a CPU tensor), ``psnr_soft`` when the quantizer returns ``z_q_soft``
     (BA-VQ: the reconstruction from P.E), the quantizer's ``eval_metrics`` and ``extra_metrics``.
+    ``observe``: called with (x, x_recon, info) of every batch, so that other metrics need no second pass
+    (e.g. ``vqvae_analysis.PaperMetrics.add``).
     """
-    was_training = model.training
-    model.eval()
     rt = rt or Runtime(images.device)
     acc = _Accumulator()
     q = model.quantizer
     counts = torch.zeros(q.num_embeddings, dtype=torch.long, device=images.device)
     all_indices = []
     bar = _ProgressBar(math.ceil(images.shape[0] / batch_size), "val", progress)
-    for start in range(0, images.shape[0], batch_size):
-        model.mark_step()
-        x = rt.prepare(to_float(images[start:start + batch_size]))
-        with rt.autocast():
-            x_recon, recon_loss, loss_dict, info = model(x)
-        values = {"loss": q.reconstruction_objective(recon_loss) + sum(loss_dict.values()), "recon_loss": recon_loss,
-                  **loss_dict}
-        # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
-        values["psnr"] = psnr_per_image(x, x_recon).mean()
-        values["ssim"] = ssim_per_image(x, x_recon).mean()
-        if "z_q_soft" in info:                                            # a second decoder input (BA-VQ: P.E)
+    with evaluating(model):
+        for _, x in eval_batches(model, images, batch_size, rt):
             with rt.autocast():
-                x_soft = model.decoder(info["z_q_soft"])
-            values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
-        values.update({k: info[k] for k in model.quantizer.eval_metrics})
-        acc.add(values, x.shape[0])
-        counts += info["code_counts"]
-        all_indices.append(info["code_indices"])
-        bar.update()
-    bar.close()
-    metrics = acc.means()
-    metrics["mse"] = metrics["recon_loss"]
-    metrics.update(_histogram_metrics(counts, images.shape[0]), **q.histogram_metrics(counts, images.shape[0]))
-    metrics.update(q.code_set_metrics(torch.cat(all_indices)), **q.extra_metrics())
-    model.train(was_training)
+                x_recon, recon_loss, loss_dict, info = model(x)
+            values = {"loss": q.reconstruction_objective(recon_loss) + sum(loss_dict.values()),
+                      "recon_loss": recon_loss, **loss_dict}
+            # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
+            values["psnr"] = psnr_per_image(x, x_recon).mean()
+            values["ssim"] = ssim_per_image(x, x_recon).mean()
+            if "z_q_soft" in info:                                        # a second decoder input (BA-VQ: P.E)
+                with rt.autocast():
+                    x_soft = model.decoder(info["z_q_soft"])
+                values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
+            values.update({k: info[k] for k in model.quantizer.eval_metrics})
+            if observe is not None:
+                observe(x, x_recon, info)
+            acc.add(values, x.shape[0])
+            counts += info["code_counts"]
+            all_indices.append(info["code_indices"])
+            bar.update()
+        bar.close()
+        metrics = acc.means()
+        metrics["mse"] = metrics["recon_loss"]
+        metrics.update(_histogram_metrics(counts, images.shape[0]), **q.histogram_metrics(counts, images.shape[0]))
+        metrics.update(q.code_set_metrics(torch.cat(all_indices)), **q.extra_metrics())
     return metrics
 
 
@@ -4010,26 +2677,464 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# ----------------------------------------------------------------------------- running experiments
-# Run directories, checkpoints, resume, the run lock, stop signals, torchrun, W&B, pictures and
-# ``train(cfg)`` live in vqvae_experiment.py; grids of runs in vqvae_grid.py. Their public names are
-# reachable from here too (``vqvae.train``, ``vqvae.load_run``, ``vqvae.evaluate_run``, ``vqvae.run_sweep``).
+# =============================================================================
+# data
+# =============================================================================
 
-_RUNNING_MODULES = ("vqvae_experiment", "vqvae_grid")
+DATASETS = declared_choices("dataset")
+IMAGE_SIZE = 32                     # the architecture is drawn for 32x32 inputs
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (torch's default float dtype); same as ToTensor() + Normalize(0.5, 0.5)."""
+    return images_u8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)      # float32 unless a test sets float64
+
+
+def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
+    """Indices of ``n`` items spread evenly over ``n_total`` (covers every class of a sorted folder)."""
+    if n <= 0 or n >= n_total:
+        return torch.arange(n_total)
+    return torch.linspace(0, n_total - 1, n, dtype=torch.float64).round().long()
+
+
+def _fake_images(n: int, seed: int) -> torch.Tensor:
+    """Deterministic smooth colour images (N, 3, 32, 32) uint8: low-frequency noise upsampled,
+    so a small autoencoder can learn them and PSNR rises with training."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    img = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def load_dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) uint8 tensors of shape (N, 3, 32, 32) on the CPU."""
+    if cfg.dataset == "fake":
+        return _fake_images(cfg.train_subset or 2048, seed=0), _fake_images(cfg.val_subset or 512, seed=1)
+    root = Path(cfg.data_dir).expanduser()
+    if cfg.dataset == "cifar10":
+        train_u8, val_u8 = _load_cifar10(root)
+        train_u8 = train_u8[evenly_spaced(len(train_u8), cfg.train_subset)]
+        val_u8 = val_u8[evenly_spaced(len(val_u8), cfg.val_subset)]
+        return train_u8, val_u8
+    if cfg.dataset == "folder":
+        if not root.is_dir():
+            raise BavqError(f"Data directory '{root}' does not exist. --dataset folder needs --data_dir DIR with "
+                            "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/), "
+                            "e.g. 'tar -xzf cifar10-jpg.tar.gz -C DIR'.")
+        val_split = "test" if (root / "test").is_dir() else "val"
+        if not (root / "train").is_dir() or not (root / val_split).is_dir():
+            raise BavqError(f"Data directory '{root}' must contain 'train/' and 'test/' (or 'val/') folders of "
+                            f"class subfolders with images; it contains: "
+                            f"{', '.join(sorted(p.name for p in root.iterdir())[:10]) or 'nothing'}. "
+                            "Point --data_dir at the folder that holds train/ and test/.")
+        return (_load_folder_split(root, "train", cfg.train_subset, cfg.num_workers, cfg.skip_bad_images),
+                _load_folder_split(root, val_split, cfg.val_subset, cfg.num_workers, cfg.skip_bad_images))
+    raise BavqError(f"dataset '{cfg.dataset}' is unknown (choose from {', '.join(DATASETS)}).")
+
+
+def _load_cifar10(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import shutil
+    import torchvision
+    created = not data_dir.exists()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a firewalled network fails instead of hanging forever
+    try:
+        tr = torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+        te = torchvision.datasets.CIFAR10(str(data_dir), train=False, download=True)
+    except Exception as e:  # URLError, socket timeout, corrupt archive, ...
+        if created:                                   # leave nothing behind when nothing could be downloaded
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise BavqError(
+            f"Could not download CIFAR-10 into '{data_dir}' ({type(e).__name__}: {e}). This machine seems to have no "
+            "network access to the CIFAR-10 server. Either run where there is network, or copy the CIFAR-10 python "
+            "archive (cifar-10-python.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar.html) into that folder, or "
+            "use images already on disk with '--dataset folder --data_dir DIR', where DIR holds "
+            "train/<class>/<images> and test/<class>/<images> (any format PIL reads).") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    # torchvision keeps CIFAR-10 as a (N, 32, 32, 3) uint8 numpy array
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return to_t(tr.data), to_t(te.data)
+
+
+def _list_images(split_dir: Path) -> list[Path]:
+    files = [p for p in sorted(split_dir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return files
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes image files to uint8 (3, 32, 32), resizing when they are not 32x32."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        """(image (3, 32, 32) uint8, whether it could be read); an unreadable file gives zeros, False."""
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = _to_rgb8(im)
+                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except Exception:                                  # truncated, corrupt, not an image
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False
+        return torch.from_numpy(arr).permute(2, 0, 1), True   # (3, 32, 32)
+
+
+DECODE_VERSION = "rgb8-v2"       # changes whenever _to_rgb8 or the resizing changes (part of the cache key)
+
+
+def _to_rgb8(im):
+    """Any mode PIL opens -> 8-bit RGB. 16-bit and 32-bit integer grayscale (I;16*, I) are scaled from
+    0..65535 to 0..255 (PIL's own convert clips them to 255, i.e. nearly white); float grayscale (F)
+    is taken as 0..1 if its maximum is <= 1, else as 0..255; palette, CMYK, RGBA, LA, L and 1 use PIL's
+    conversion (alpha is dropped, as torchvision's ImageFolder does)."""
+    from PIL import Image
+    if im.mode.startswith("I"):
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
+
+
+def _decode_files(paths: list[Path], num_workers: int, skip_bad: bool = False) -> torch.Tensor:
+    """Decode ``paths`` to (N, 3, 32, 32) uint8 in ``num_workers`` processes (capped at the CPU count).
+    A file PIL cannot read is an error naming it, or, with ``skip_bad``, left out with a count."""
+    if not paths:
+        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths), batch_size=512, shuffle=False,
+                                         num_workers=min(num_workers, os.cpu_count() or 1))
+    images, ok = map(torch.cat, zip(*loader))
+    bad = [paths[i] for i in (~ok).nonzero().flatten().tolist()]
+    if bad and not skip_bad:
+        raise BavqError(f"{len(bad)} image file(s) cannot be read, e.g. '{bad[0]}'"
+                        f"{' and ' + repr(str(bad[1])) if len(bad) > 1 else ''}. Replace or delete them, or pass "
+                        "--skip_bad_images to train without them (the count is printed).")
+    if bad:
+        print(f"[bavq] skipped {len(bad)} unreadable image file(s) (e.g. '{bad[0]}').", file=sys.stderr)
+    return images[ok]
+
+
+def _load_folder_split(root: Path, split: str, subset: int, num_workers: int, skip_bad: bool = False) -> torch.Tensor:
+    """All (or ``subset`` evenly spaced) images under ``root/split`` as (N, 3, 32, 32) uint8.
+    A full split is decoded once and cached next to the data as a .pt file keyed by the decode settings
+    and every file's path, size and modification time (ns)."""
+    split_dir = root / split
+    paths = _list_images(split_dir)
+    if not paths:
+        raise BavqError(f"No images found under '{split_dir}'. --dataset folder expects the ImageFolder layout "
+                        f"DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ is accepted for test/); "
+                        f"check --data_dir (now '{root}').")
+    if subset and subset < len(paths):
+        chosen = [paths[i] for i in evenly_spaced(len(paths), subset).tolist()]
+        return _decode_files(chosen, num_workers, skip_bad)
+    key = hashlib.sha1(f"{DECODE_VERSION} {IMAGE_SIZE} bicubic".encode())    # the decode settings
+    for p in paths:                                 # and what changes when a file's content changes
+        st = p.stat()
+        key.update(f"{p.relative_to(root)} {st.st_size} {st.st_mtime_ns}".encode())
+    cache = root / f".bavq_{split}_{len(paths)}_{key.hexdigest()[:12]}.pt"
+    if cache.is_file():
+        try:
+            images = torch.load(cache, map_location="cpu", weights_only=True)
+            if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[0] == len(paths):
+                return images
+        except Exception:
+            pass  # a corrupt cache is rebuilt below
+    images = _decode_files(paths, num_workers, skip_bad)
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")     # write, then rename: never a truncated cache
+    try:
+        torch.save(images, tmp)
+        os.replace(tmp, cache)
+    except OSError as e:                                          # read-only data folder, disk full, ...
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        print(f"[bavq] note: could not cache decoded images at '{cache}' ({e.strerror or type(e).__name__}); they "
+              "will be decoded again next run.", file=sys.stderr)
+    return images
+
+
+# =============================================================================
+# config checking and YAML
+# =============================================================================
+# One place for each rule: a field's own rules (choices, bounds, its ``rule``) are declared with the field
+# (``setting``) and checked by ``field_problems``; rules across fields are ``config_problems``' own; a
+# quantizer's rules are its ``config_problems``. ``Config.validate`` (every run) and ``VQVAE(...)`` (a model
+# built in a notebook) both raise them; no constructor checks a setting again.
+
+DEVICES = ("auto", "cpu", "cuda", "mps")            # and cuda:N
+
+
+def known_device(name: str) -> bool:
+    """One of DEVICES, or cuda:N (config checking and evaluate.py's --device)."""
+    return name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())
+
+
+def _device_problem(v: str) -> str | None:
+    return None if known_device(v) else f"device '{v}' is unknown (choose from {', '.join(DEVICES)}, or cuda:N)"
+
+
+def _name_problem(v: str) -> str | None:
+    if "/" in v or v in (".", ".."):
+        return f"name '{v}' must be a plain directory name (no '/')"
+    if v != v.strip() or (v != "" and v.strip() == ""):
+        return f"name {v!r} must not be blank or start or end with spaces"
+    return None
+
+
+def _levels_problem(v: list) -> str | None:
+    return None if len(v) >= 1 and all(l >= 2 for l in v) else f"fsq_levels must be one or more integers >= 2 (got {v})"
+
+
+def _explode_problem(v: float) -> str | None:
+    return None if v == 0 or v > 1 else (f"explode_factor must be 0 (off) or above 1 (got {v}: at or below 1 an "
+                                         "ordinary step would count as an explosion)")
+
+
+def _metrics_problem(v: list) -> str | None:
+    return None if all(m in EVAL_METRICS for m in v) else (f"eval_metrics {v} has unknown names (choose from "
+                                                           f"{', '.join(EVAL_METRICS)})")
+
+
+def field_choices() -> dict:
+    """{Config field: its allowed values} for every field declared with ``choices``; config checking
+    and the CLI (train.py) both read this."""
+    out = {}
+    for f in fields(Config):
+        options = f.metadata.get("choices")
+        if options is not None:
+            out[f.name] = tuple(options() if callable(options) else options)
+    return out
+
+
+BOUNDS = ("at_least", "above", "below", "at_most")
+
+
+def field_bounds() -> dict:
+    """{Config field: its numeric bounds} ({'at_least': 0, 'below': 1}, ...) as declared with ``setting``."""
+    out = {f.name: {k: v for k, v in f.metadata.items() if k in BOUNDS} for f in fields(Config)}
+    return {k: v for k, v in out.items() if v}
+
+
+def _bound_problem(key: str, value, b: dict) -> str | None:
+    """The sentence for a value outside its declared bounds, or None."""
+    low = ("at_least", b["at_least"]) if "at_least" in b else ("above", b["above"]) if "above" in b else None
+    high = ("below", b["below"]) if "below" in b else ("at_most", b["at_most"]) if "at_most" in b else None
+    ok = ((low is None or (value >= low[1] if low[0] == "at_least" else value > low[1]))
+          and (high is None or (value < high[1] if high[0] == "below" else value <= high[1])))
+    if ok:
+        return None
+    if high is None:
+        return f"{key} must be {'>=' if low[0] == 'at_least' else '>'} {low[1]} (got {value})"
+    lo = "[" if low and low[0] == "at_least" else "("
+    hi = ")" if high[0] == "below" else "]"
+    return f"{key} must be in {lo}{low[1] if low else '-inf'}, {high[1] if high[1] != 2**63 else '2**63'}{hi} (got {value})"
+
+
+def field_problems(key: str, value) -> list:
+    """The problems of one field's value by the rules declared with it (``setting``): its choices, its bounds,
+    its own ``rule``, and for a float, that it is finite."""
+    f = Config.__dataclass_fields__[key]
+    rules, out = f.metadata, []
+    if "choices" in rules:
+        options = tuple(rules["choices"]() if callable(rules["choices"]) else rules["choices"])
+        if value not in options:
+            out.append(f"{key} '{value}' is unknown (choose from {', '.join(options)})")
+    if isinstance(value, float) and not math.isfinite(value):
+        return out + [f"{key} must be a finite number (got {value})"]
+    bounds = {k: v for k, v in rules.items() if k in BOUNDS}
+    if bounds:
+        out += [p for p in [_bound_problem(key, value, bounds)] if p]
+    if "rule" in rules:
+        out += [p for p in [rules["rule"](value)] if p]
+    return out
+
+
+def config_problems(cfg: Config) -> list:
+    """Every problem of ``cfg``'s values, one sentence each (``Config.validate`` raises them): each field's own
+    rules (``field_problems``), then the rules across fields, then the chosen quantizer's."""
+    problems = [p for f in fields(Config) for p in field_problems(f.name, getattr(cfg, f.name))]
+
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+
+    need(not (cfg.cosine and cfg.affine_reparam != "off"), "affine_reparam and cosine do not combine (the affine "
+         "map acts on Euclidean codes and would be undone by the normalisation); choose one")
+    need(cfg.beta_end >= cfg.beta_start,
+         f"beta_end must be >= beta_start (got beta_start={cfg.beta_start}, beta_end={cfg.beta_end})")
+    need(not cfg.pretrain_epochs or cfg.init in DATA_INITS,
+         f"pretrain_epochs {cfg.pretrain_epochs} needs --init kmeans or --init data (after the pretraining the "
+         f"codebook is initialised from the trained encoder's outputs; got --init {cfg.init})")
+    need(cfg.pretrain_epochs < cfg.epochs, f"pretrain_epochs ({cfg.pretrain_epochs}) must be fewer than epochs "
+         f"({cfg.epochs}), or no epoch trains the quantizer")
+    need(len(cfg.resolved_name().encode()) <= 200, f"name is {len(cfg.resolved_name().encode())} bytes long; "
+         "use at most 200 (file systems allow 255 per folder name)")
+    if cfg.quantizer in QUANTIZERS:
+        problems += _quantizer_problems(cfg, QUANTIZERS[cfg.quantizer])
+    return problems
+
+
+def _they(names: list, one: str, many: str) -> str:
+    """'init applies' / 'init, cosine apply': the names and the verb that agrees with them."""
+    return f"{', '.join(names)} {one if len(names) == 1 else many}"
+
+
+def _a(word: str) -> str:
+    """'an int', 'a float'."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def _quantizer_problems(cfg: Config, qcls: type) -> list:
+    """Settings that the chosen quantizer cannot honour (asked of its class), and its own checks."""
+    problems = []
+    if not qcls.has_codebook:
+        used = remedies_in_use(cfg)
+        if used:
+            with_codebook = ", ".join(n for n, c in QUANTIZERS.items() if c.has_codebook)
+            problems.append(f"{_they(used, 'applies', 'apply')} to codebook quantizers ({with_codebook}; the docs' "
+                            f"remedy table says which takes which), not to {cfg.quantizer}, {qcls.remedies_note}; "
+                            "leave them at their defaults")
+    if not qcls.loss_names and cfg.vq_loss_warmup_epochs != 0:
+        problems.append(f"vq_loss_warmup_epochs has no effect with {cfg.quantizer}, which has no quantizer loss")
+    return problems + qcls.config_problems(cfg)
+
+
+def config_comments() -> dict:
+    """{field name: its comment in the Config dataclass} (the CLI's --help text)."""
+    import re
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m and m.group(1) in {f.name for f in fields(Config)}:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def config_fields() -> dict:
+    """{field name: python type} for every Config field."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def _coerce(key: str, value, typ, source: str):
+    """Check one config value against its declared type. Raises BavqError."""
+    def bad():
+        return BavqError(f"Config key '{key}' from {source} must be of type {typ.__name__}, but got "
+                         f"{value!r} ({type(value).__name__}). Change it to {_a(typ.__name__)} value, e.g. "
+                         f"{key}: {getattr(Config(), key)!r}.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typing.get_origin(typ) is list:   # list[int] (fsq_levels), list[str] (eval_metrics)
+        elem = typing.get_args(typ)[0]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise bad()
+    raise TypeError(f"unsupported config type {typ}")  # pragma: no cover - a bug in Config
+
+
+def make_config(overrides: dict | None = None, source: str = "arguments") -> Config:
+    """Defaults < ``overrides``. Unknown keys and wrong types are BavqErrors that list the valid keys."""
+    overrides = dict(overrides or {})
+    known = config_fields()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise BavqError(f"Unknown config key(s) {', '.join(repr(k) for k in unknown)} in {source}. "
+                        f"Valid keys are: {', '.join(known)}. Check the spelling (keys use underscores, "
+                        "as the command-line flags do).")
+    values = {k: _coerce(k, v, known[k], source) for k, v in overrides.items()}
+    qcls = QUANTIZERS.get(values.get("quantizer", Config.quantizer))
+    if qcls is not None:                              # settings a quantizer derives from the others given
+        values = qcls.complete_config(values)
+    return Config(**values)
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    """Read a YAML config file into a dict of overrides (validated by make_config)."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise BavqError(f"Config file '{path}' does not exist. Pass the path of a YAML file such as "
+                        "config.yaml or config_mac.yaml with --config.")
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if dup:
+            raise BavqError(f"Config file '{path}' gives {', '.join(map(repr, dup))} more than once (line "
+                            f"{node.start_mark.line + 1} on). Keep one line per key; nothing was run.")
+        return loader.construct_mapping(node, deep=deep)
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        data = yaml.load(path.read_text(), Loader=UniqueKeys)
+    except yaml.YAMLError as e:
+        raise BavqError(f"Config file '{path}' is not valid YAML ({str(e).splitlines()[0]}). "
+                        "Fix the syntax: one 'key: value' per line.") from None
+    if data is None:
+        raise BavqError(f"Config file '{path}' is empty (or only comments), so it sets nothing. Put 'key: value' "
+                        "lines in it (e.g. quantizer: ba_vq), or drop --config to use the defaults.")
+    if not isinstance(data, dict):
+        raise BavqError(f"Config file '{path}' must hold a mapping of 'key: value' lines, not a "
+                        f"{type(data).__name__}.")
+    return data
+
+
+def config_to_yaml(cfg: Config) -> str:
+    import yaml
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- beside the method
+# Running experiments lives in vqvae_experiment.py (run directories, checkpoints, resume, the run lock, stop
+# signals, torchrun, W&B, pictures, ``train(cfg)``, ``load_run``, ``evaluate_run``), grids of runs in
+# vqvae_grid.py, the analysis that only evaluation uses in vqvae_analysis.py (R(D), the papers' metric
+# conventions, the frontier), BA-VQ's fused fast path in vqvae_fused.py. For notebooks, the public names of
+# the first three (each module's ``__all__``) are reachable from here too (``vqvae.train``, ``vqvae.load_run``,
+# ``vqvae.evaluate_run``, ``vqvae.run_sweep``, ``vqvae.latent_rate_distortion``); the library's own scripts
+# and modules import them from where they are defined.
+
+_BESIDE = ("vqvae_experiment", "vqvae_grid", "vqvae_analysis")
 
 
 def __getattr__(name: str):
-    """``vqvae.NAME`` for the public names of the experiment and grid modules (imported on first use)."""
-    if not name.startswith("_"):
+    """``vqvae.NAME`` for the public names (``__all__``) of the modules beside the method, imported on first use."""
+    if not name.startswith("_"):                   # never for dunders (the import system asks for __path__)
         import importlib
-        for module in _RUNNING_MODULES:
+        for module in _BESIDE:
             m = importlib.import_module(module)
-            if name in vars(m):
-                return vars(m)[name]
+            if name in m.__all__:
+                return getattr(m, name)
     raise AttributeError(f"module 'vqvae' has no attribute '{name}'")
 
 
 def __dir__():
     import importlib
-    public = {n for module in _RUNNING_MODULES for n in vars(importlib.import_module(module)) if not n.startswith("_")}
-    return sorted(set(globals()) | public)
+    return sorted(set(globals()) | {n for module in _BESIDE for n in importlib.import_module(module).__all__})

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -34,10 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqvae import (BavqError, Config, LossGuard, Runtime, VQVAE, _Exploded, _NonFinite, _StopRequested, build_model,
-                   check_rate_distortion, config_fields, config_to_yaml, default_val_batch_size, evenly_spaced,
-                   frechet_distance, latent_rate_distortion, load_dataset, make_config, make_runtime, paper_metrics, perplexity_from_counts, pick_device,
-                   seed_everything, setup_model, to_float, to_uint8, train_epoch, usage_from_counts, validate)
+from vqvae import (BavqError, Config, LossGuard, Runtime, VQVAE, LossExploded, NonFiniteLoss, StopRequested, build_model,
+                   eval_batches, evaluating,
+                   config_fields, config_to_yaml, default_val_batch_size, evenly_spaced, frechet_distance, load_dataset,
+                   make_config, make_runtime, perplexity_from_counts, pick_device, seed_everything, setup_model, to_float,
+                   to_uint8, train_epoch, usage_from_counts, validate)
+from vqvae_analysis import PaperMetrics, check_rate_distortion, latent_rate_distortion
+
+# the names this module hands out (also as vqvae.NAME)
+__all__ = ["atomic_write_bytes", "WriteError", "atomic_torch_save", "atomic_write_text", "TrainingInterrupted",
+           "NonFiniteError", "SHAPE_KEYS", "CHECKPOINT_FORMAT", "checkpoint_epoch_number", "run_files", "run_dir_at", "run_dir_of",
+           "check_run_dir", "prepare_run_dir", "remove_stale_temporaries", "load_checkpoint", "latest_checkpoint",
+           "resolve_resume_path", "resume_config", "RESUME_MAY_CHANGE", "RESUME_RECOVERY", "config_differences",
+           "check_resumable", "DataParallel", "data_parallel_from_env", "CLAIM_FILE", "CLAIM_HEARTBEAT_S",
+           "CLAIM_STALE_S", "RunClaim", "init_wandb", "recon_rows", "save_recon_grid", "save_usage_plot",
+           "save_rate_distortion_plot", "train", "inception_features", "reconstruction_fid", "reconstruction_lpips",
+           "METRIC_PACKAGES", "check_metric_packages", "perceptual_metrics", "load_run", "evaluate_run"]
+
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -100,7 +114,7 @@ class NonFiniteError(BavqError):
     training stopped and nothing from after the last checkpoint was saved."""
 
 
-def _diverged_message(e: _NonFinite | _Exploded, run_dir: Path, steps_per_epoch: int) -> str:
+def _diverged_message(e: NonFiniteLoss | LossExploded, run_dir: Path, steps_per_epoch: int) -> str:
     good = sorted(run_dir.glob("checkpoint_epoch*.pt"), key=lambda p: p.stat().st_mtime)
     last = (f"The last good checkpoint, '{good[-1]}', is kept; resume from it with "
             f"'python train.py --resume {good[-1]} --lr <lower>' (or --grad_clip <norm>)."
@@ -108,7 +122,7 @@ def _diverged_message(e: _NonFinite | _Exploded, run_dir: Path, steps_per_epoch:
             "lower --lr or set --grad_clip and start again with --overwrite.")
     where = (f"in epoch {e.step // steps_per_epoch + 1}, step {e.step} (batch {e.step % steps_per_epoch + 1} of "
              f"the epoch)")
-    if isinstance(e, _Exploded):
+    if isinstance(e, LossExploded):
         what = (f"the loss exploded {where}: its reconstruction loss was {e.ratio:.3g} times its minimum over "
                 f"the previous {e.window} steps (the limit, --explode_factor, is {e.factor:g}; if such a jump is "
                 "normal for your setup, allow it with a larger --explode_factor, or turn the check off with 0)")
@@ -117,7 +131,7 @@ def _diverged_message(e: _NonFinite | _Exploded, run_dir: Path, steps_per_epoch:
     return f"Training stopped: {what}. Nothing from after that step was saved. {last}"
 
 
-def _interrupted_message(epoch: int, s: _StopRequested, path: Path, run_dir: Path) -> str:
+def _interrupted_message(epoch: int, s: StopRequested, path: Path, run_dir: Path) -> str:
     return (f"Training stopped in epoch {epoch} after {s.partial_epoch['batch']} batches (step {s.step}); "
             f"a checkpoint was saved to '{path}'. Resume with: python train.py --resume {run_dir}")
 
@@ -132,20 +146,26 @@ _RUN_FILES = ("final_model.pt", "final_metrics.json", "history.jsonl", "config.y
               "checkpoint_interrupted.pt")
 
 
-def _checkpoint_epoch(p: Path) -> int | None:
+def checkpoint_epoch_number(p: Path) -> int | None:
     """N for a file named checkpoint_epoch{N}.pt, else None."""
     n = p.stem[len("checkpoint_epoch"):]
     return int(n) if p.suffix == ".pt" and p.stem.startswith("checkpoint_epoch") and n.isdigit() else None
 
 
-def _run_files(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.iterdir() if p.name in _RUN_FILES or _checkpoint_epoch(p) is not None]
+def run_files(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name in _RUN_FILES or checkpoint_epoch_number(p) is not None]
+
+
+def run_dir_at(out_dir: str | os.PathLike, name: str) -> Path:
+    """Where the run ``name`` of ``out_dir`` lives: <out_dir>/<name>/ (the one place the layout is written;
+    ``run_dir_of`` for a config, grid summaries and the golden runs for a name)."""
+    return Path(out_dir) / name
 
 
 def run_dir_of(cfg: Config) -> Path:
-    """The run directory of ``cfg``: <out_dir>/<name>/, or, when resuming, the folder of the checkpoint
-    it resumes (``resume_config`` makes the two agree). The one place where it is derived."""
-    return resolve_resume_path(cfg.resume).parent if cfg.resume else Path(cfg.out_dir) / cfg.resolved_name()
+    """The run directory of ``cfg``: ``run_dir_at(out_dir, name)``, or, when resuming, the folder of the
+    checkpoint it resumes (``resume_config`` makes the two agree)."""
+    return resolve_resume_path(cfg.resume).parent if cfg.resume else run_dir_at(cfg.out_dir, cfg.resolved_name())
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -153,7 +173,7 @@ def check_run_dir(cfg: Config) -> Path:
     unless ``overwrite``."""
     run_dir = run_dir_of(cfg)
     if run_dir.exists():
-        existing = _run_files(run_dir)
+        existing = run_files(run_dir)
         if existing and not cfg.overwrite:
             finished = "finished" if (run_dir / "final_metrics.json").exists() else "unfinished"
             hint = "" if finished == "finished" else f", or continue it with --resume {run_dir}"
@@ -168,7 +188,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     deleted first so no stale checkpoint survives."""
     run_dir = check_run_dir(cfg)
     if run_dir.exists():
-        for p in _run_files(run_dir):
+        for p in run_files(run_dir):
             p.unlink()
         if cfg.overwrite and (run_dir / "wandb").is_dir():      # an old offline W&B run would be synced later
             import shutil
@@ -206,11 +226,13 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a training checkpoint; a corrupt, truncated or foreign file is a BavqError."""
+def load_checkpoint(path: Path, peek: bool = False) -> dict:
+    """Load a training checkpoint; a corrupt, truncated or foreign file is a BavqError. ``peek``: only its
+    config and counters are needed, so its tensors are memory-mapped, not read (a resume reads the file once,
+    in ``train``; ``resume_config`` and ``latest_checkpoint`` only peek)."""
     path = Path(path)
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
     except FileNotFoundError:
         raise BavqError(f"Checkpoint '{path}' does not exist. Pass a run directory or one of its "
                         "checkpoint_epoch<N>.pt files (to --resume, or to evaluate.py --checkpoint).") from None
@@ -242,12 +264,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint furthest into training: checkpoint_epoch{N}.pt with the largest N, or
     checkpoint_interrupted.pt when it was written inside a later epoch."""
     run_dir = Path(run_dir)
-    epochs = sorted((_checkpoint_epoch(p), p) for p in run_dir.glob("checkpoint_epoch*.pt")
-                    if _checkpoint_epoch(p) is not None)
+    epochs = sorted((checkpoint_epoch_number(p), p) for p in run_dir.glob("checkpoint_epoch*.pt")
+                    if checkpoint_epoch_number(p) is not None)
     best = epochs[-1] if epochs else None
     interrupted = run_dir / "checkpoint_interrupted.pt"
     if interrupted.is_file():
-        ck = load_checkpoint(interrupted)
+        ck = load_checkpoint(interrupted, peek=True)
         if best is None or ck["epoch"] >= best[0]:
             return interrupted
     if best is None:
@@ -272,9 +294,9 @@ def resume_config(path: str | os.PathLike, overrides: dict | None = None) -> Con
     config, with ``overrides`` (e.g. the flags given on the command line) on top. Changing the
     model shape is caught by ``train``. The run continues in the checkpoint's directory."""
     ck_path = resolve_resume_path(path)
-    ck = load_checkpoint(ck_path)
+    ck = load_checkpoint(ck_path, peek=True)
     here = ck_path.parent.resolve()
-    asked = (Path((overrides or {}).get("out_dir", ck_path.parent.parent)) / (overrides or {}).get("name", ck_path.parent.name))
+    asked = run_dir_at((overrides or {}).get("out_dir", ck_path.parent.parent), (overrides or {}).get("name", ck_path.parent.name))
     if asked.resolve() != here:
         raise BavqError(f"--resume continues the run where its checkpoint is ('{ck_path.parent}'), but --out_dir/--name "
                         f"point to '{asked}'. Nothing was changed. Drop --out_dir and --name when resuming (to continue "
@@ -378,8 +400,8 @@ def _later_results(run_dir: Path, ck_path: Path, epoch: int) -> list[Path]:
     an interrupted checkpoint other than ``ck_path`` itself."""
     out = []
     finished = (run_dir / "final_metrics.json").exists()
-    for p in _run_files(run_dir):
-        n = _checkpoint_epoch(p)
+    for p in run_files(run_dir):
+        n = checkpoint_epoch_number(p)
         later = n is not None and n > epoch
         # a final_model.pt without final_metrics.json is a finish that was cut off: not a result
         final = p.name == "final_metrics.json" or (p.name == "final_model.pt" and finished)
@@ -464,20 +486,10 @@ class DataParallel:
         return _GatherRows.apply(x_mine, self.sizes(n), self.rank)
 
     def install(self, model: VQVAE) -> None:
-        """Make ``model``'s forward this process's share of a data-parallel forward (see the class): forward
-        hooks on the encoder and the decoder give each of them this process's block of the batch and return
-        the whole batch's output, gathered. The model's parameters and state_dict are unchanged."""
-        rows = {}
-
-        def split(module, args):                  # (B, ...) -> this process's block
-            rows[module] = args[0].shape[0]
-            return (self.mine(args[0]), *args[1:])
-
-        def gather(module, args, out):            # this process's block of the output -> (B, ...)
-            return self.gather(out, rows.pop(module))
-        for part in (model.encoder, model.decoder):
-            part.register_forward_pre_hook(split)
-            part.register_forward_hook(gather)
+        """Make ``model``'s forward this process's share of a data-parallel forward (see the class and
+        ``VQVAE.forward``, which gives its encoder and decoder this process's block of the batch and gathers
+        their outputs). The model's parameters and state_dict are unchanged."""
+        model.batch_split = self
 
     @torch.no_grad()
     def average_gradients(self, model: torch.nn.Module) -> None:
@@ -770,12 +782,10 @@ def _wandb_images(wb, paths: dict) -> None:
 @torch.no_grad()
 def recon_rows(model: VQVAE, images_u8: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(``n`` evenly spaced images, their eval-mode reconstructions), both on the [-1, 1] scale."""
-    was_training = model.training
-    model.eval()
     x = to_float(images_u8[evenly_spaced(images_u8.shape[0], n).to(images_u8.device)])
-    model.mark_step()
-    x_recon = model(x)[0].float()
-    model.train(was_training)
+    with evaluating(model):
+        model.mark_step()
+        x_recon = model(x)[0].float()
     return x, x_recon
 
 
@@ -924,6 +934,7 @@ class _Run:
     partial_epoch: dict | None = None              # an interrupted epoch to finish first (train_epoch's resume_from)
     train_metrics: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
+    final_paper_metrics: dict = field(default_factory=dict)   # the papers' conventions of the last validation
     wandb_id: str | None = None
     pictures_step: int = -1                        # the step at which recon.png/usage.png were last drawn
     guard: LossGuard | None = None                 # the loss-explosion watch (its window spans epochs)
@@ -1001,7 +1012,7 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParal
     ``resumed``: the (checkpoint path, checkpoint) already read and checked, if any."""
     ck_path, ck = resumed or (_checked_resume(cfg) if cfg.resume else (None, None))
     run_dir = scratch or (ck_path.parent if ck is not None else run_dir_of(cfg))
-    if scratch is None and run_dir.is_dir() and (ck is not None or cfg.overwrite or not _run_files(run_dir)):
+    if scratch is None and run_dir.is_dir() and (ck is not None or cfg.overwrite or not run_files(run_dir)):
         remove_stale_temporaries(run_dir)
     if ck is None and scratch is None:
         check_run_dir(cfg)                                    # before any download or decoding
@@ -1138,17 +1149,22 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
             run.model, run.optimizer, run.train_u8, cfg, run.generator, run.step, cfg.epochs * run.steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}", resume_from=run.partial_epoch, should_stop=stop, rt=run.rt,
             after_backward=run.after_backward, guard=run.guard)
-    except (_NonFinite, _Exploded) as e:
+    except (NonFiniteLoss, LossExploded) as e:
         raise NonFiniteError(_diverged_message(e, run.run_dir, run.steps_per_epoch)) from None
-    except _StopRequested as s:
+    except StopRequested as s:
         path = run.run_dir / "checkpoint_interrupted.pt"
         _save_run(run, path, epoch - 1, s.step, partial_epoch=s.partial_epoch)
         raise TrainingInterrupted(_interrupted_message(epoch, s, path, run.run_dir)) from None
     run.partial_epoch = None
-    run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt)
-    if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < cfg.epochs:     # the last epoch: in _finish
-        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt,
-                                                     default_val_batch_size(cfg)))
+    evaluated = epoch == cfg.epochs or bool(cfg.eval_every and epoch % cfg.eval_every == 0)
+    pm = PaperMetrics(cfg.eval_metrics if evaluated else [], run.model.quantizer.num_embeddings)
+    run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt,
+                               observe=pm.add if pm.names else None)
+    if epoch == cfg.epochs:                                                       # reported by _finish
+        run.final_paper_metrics = pm.result()
+    elif evaluated:
+        run.val_metrics.update(pm.result())
+        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
     record = _history_record(run, epoch, time.time() - t0)
     run.history.append(record)
     with open(run.run_dir / "history.jsonl", "a") as f:
@@ -1186,7 +1202,7 @@ def _prune_checkpoints(run_dir: Path, keep: int) -> None:
     """--keep_checkpoints N: delete all but the N latest checkpoint_epoch{N}.pt (0 = keep all)."""
     if keep <= 0:
         return
-    epochs = sorted((n, p) for p in run_dir.glob("checkpoint_epoch*.pt") if (n := _checkpoint_epoch(p)) is not None)
+    epochs = sorted((n, p) for p in run_dir.glob("checkpoint_epoch*.pt") if (n := checkpoint_epoch_number(p)) is not None)
     for _, p in epochs[:-keep]:
         p.unlink(missing_ok=True)
 
@@ -1207,11 +1223,13 @@ def _finish(run: _Run) -> dict:
     """final_model.pt, the final pictures and final_metrics.json; returns the final metrics."""
     cfg, tr = run.cfg, run.train_metrics
     if not run.val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
+        pm = PaperMetrics(cfg.eval_metrics, run.model.quantizer.num_embeddings)
         run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress,
-                                   rt=run.rt)
+                                   rt=run.rt, observe=pm.add if pm.names else None)
+        run.final_paper_metrics = pm.result()
     atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
-    run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt,
-                                                     default_val_batch_size(cfg)))
+    run.val_metrics.update(run.final_paper_metrics)
+    run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
     final = {"epoch": cfg.epochs, **_plain(run.val_metrics),
              "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
              "val_code_counts": run.val_metrics["code_counts"].tolist(),
@@ -1242,18 +1260,14 @@ def reconstruction_fid(model: VQVAE, images_u8: torch.Tensor, feature_net, batch
                        rt: Runtime | None = None) -> float:
     """rFID: Frechet distance between the features of ``images_u8`` (the whole test set) and of their
     eval-mode reconstructions, both as uint8 images (reconstructions clipped and rounded)."""
-    was_training = model.training
-    model.eval()
     rt = rt or Runtime(images_u8.device)
     real, fake = [], []
-    for s in range(0, images_u8.shape[0], batch_size):
-        x_u8 = images_u8[s:s + batch_size]
-        model.mark_step()
-        with rt.autocast():
-            x_recon = model(rt.prepare(to_float(x_u8)))[0]
-        real.append(feature_net(x_u8).double().cpu())
-        fake.append(feature_net(to_uint8(x_recon)).double().cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for s, x in eval_batches(model, images_u8, batch_size, rt):
+            with rt.autocast():
+                x_recon = model(x)[0]
+            real.append(feature_net(images_u8[s:s + batch_size]).double().cpu())
+            fake.append(feature_net(to_uint8(x_recon)).double().cpu())
     return frechet_distance(torch.cat(real), torch.cat(fake))
 
 
@@ -1265,18 +1279,14 @@ def reconstruction_lpips(model: VQVAE, images_u8: torch.Tensor, batch_size: int 
     (reconstructions clipped to it)."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
     metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, reduction="sum").to(images_u8.device)
-    was_training = model.training
-    model.eval()
     rt = rt or Runtime(images_u8.device)
     total = 0.0
-    for s in range(0, images_u8.shape[0], batch_size):
-        x = to_float(images_u8[s:s + batch_size])
-        model.mark_step()
-        with rt.autocast():
-            x_recon = model(rt.prepare(x))[0]
-        total += float(metric(x_recon.float().clamp(-1, 1), x))
-        metric.reset()
-    model.train(was_training)
+    with evaluating(model):
+        for s, x in eval_batches(model, images_u8, batch_size, rt):
+            with rt.autocast():
+                x_recon = model(x)[0]
+            total += float(metric(x_recon.float().clamp(-1, 1), to_float(images_u8[s:s + batch_size])))
+            metric.reset()
     return total / images_u8.shape[0]
 
 
@@ -1296,12 +1306,11 @@ def check_metric_packages(names) -> None:
                         "or leave lpips/fid out of --eval_metrics. Nothing was run or written.")
 
 
-def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None,
-                       batch_size: int = 1024) -> dict:
-    """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for, and the
-    papers' conventions (``paper_metrics``, at ``batch_size``, the validation batch size). A metric
-    whose package or weights are missing is skipped with one printed line saying why."""
-    out = paper_metrics(model, images_u8, names, batch_size, rt)
+def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None) -> dict:
+    """``lpips`` and/or ``fid`` (rFID) of the model on ``images_u8`` for the names asked for (the papers'
+    conventions come from the validation pass: ``PaperMetrics``). A metric whose package or weights are
+    missing is skipped with one printed line saying why."""
+    out = {}
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)              # a weight download behind a firewall fails instead of hanging
     try:
@@ -1340,8 +1349,9 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
                         "train.py wrote, e.g. experiments/<name>.")
     values = {k: v for k, v in (yaml.safe_load(stored.read_text()) or {}).items() if k in config_fields()}
     checkpoints = ", ".join(sorted(p.name for p in run_dir.glob("checkpoint_*.pt"))) or "none"
+    weights = run_dir / "final_model.pt"
     if checkpoint is not None:
-        ck_path = _checkpoint_of_run(run_dir, checkpoint, checkpoints)
+        ck_path = weights = _checkpoint_of_run(run_dir, checkpoint, checkpoints)
         ck = load_checkpoint(ck_path)
         cfg, state = make_config(ck["config"], source=f"checkpoint '{ck_path}'"), ck["model_state_dict"]
         theirs = config_differences(values, cfg, _settings_a_run_may_change(ck, run_dir, ck_path))
@@ -1350,7 +1360,6 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
                             f"from the run's config.yaml ({'; '.join(theirs)}). Nothing was read or written. Pass "
                             "the run directory the checkpoint was written in.")
     else:
-        weights = run_dir / "final_model.pt"
         if not weights.is_file():
             raise BavqError(f"'{run_dir}' has no final_model.pt (the run has not finished). Pass one of its "
                             f"checkpoints with --checkpoint NAME (from Python: checkpoint=NAME): {checkpoints}.")
@@ -1359,7 +1368,12 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise BavqError(_misfit_message(run_dir, e)) from None
+        written_by = re.search(r"^# device used: .*bavq code: (.*)$", stored.read_text(), re.M)
+        raise BavqError(f"The weights in '{weights}' do not fit the model that '{stored}' describes "
+                        f"({str(e).splitlines()[0][:200]}): the run was written by another version of bavq (its "
+                        f"config.yaml says: {written_by.group(1) if written_by else 'no version recorded'}), or its "
+                        "config.yaml was edited since. Evaluate it with the bavq version that wrote it, or restore "
+                        "its config.yaml; nothing was written.") from None
     return model.to(pick_device(device)).eval(), cfg
 
 
@@ -1394,9 +1408,11 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     val_u8 = val_u8.to(dev)
     amp = "off" if cfg.amp == "fp16" and dev.type != "cuda" else cfg.amp    # fp16 runs evaluate in float32 off CUDA
     rt = make_runtime(dataclasses.replace(cfg, device=str(dev), amp=amp), dev)
-    metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt)
-    metrics.update(perceptual_metrics(model, val_u8, cfg.eval_metrics if eval_metrics is None else eval_metrics, rt,
-                                      default_val_batch_size(cfg)))
+    names = cfg.eval_metrics if eval_metrics is None else eval_metrics
+    pm = PaperMetrics(names, model.quantizer.num_embeddings)
+    metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt, observe=pm.add if pm.names else None)
+    metrics.update(pm.result())
+    metrics.update(perceptual_metrics(model, val_u8, names, rt))
     run_dir = Path(run_dir)
     try:
         return _write_evaluation(model, cfg, val_u8, metrics, run_dir, checkpoint, out_name, rate_distortion, rt)

@@ -16,8 +16,13 @@ import sys
 from pathlib import Path
 
 from vqvae import BavqError, Config, make_config
-from vqvae_experiment import (RunClaim, TrainingInterrupted, WriteError, _checkpoint_epoch, _run_files, atomic_write_text,
-                              config_differences, resume_config, run_dir_of, train)
+from vqvae_experiment import (RunClaim, TrainingInterrupted, WriteError, checkpoint_epoch_number, run_files, atomic_write_text,
+                              config_differences, resume_config, run_dir_at, run_dir_of, train)
+
+# the names this module hands out (also as vqvae.NAME)
+__all__ = ["SWEEP_KEYS", "grid_configs", "run_sweep", "job_log_path", "grid_manifest_path", "grid_failure_path",
+           "parse_shard", "shard_configs", "write_grid_manifest", "grid_summary", "summary_table"]
+
 
 
 # ---------------------------------------------------------------------------- sweeps
@@ -260,7 +265,7 @@ def _sweep_member(cfg: Config) -> tuple[Config, dict, str]:
     if final_path.is_file() and not cfg.overwrite:
         print(f"[bavq] {run_dir} already finished; skipped.")
         return cfg, json.loads(final_path.read_text()), "skipped (finished)"
-    if not (run_dir.is_dir() and not cfg.overwrite and _run_files(run_dir)):
+    if not (run_dir.is_dir() and not cfg.overwrite and run_files(run_dir)):
         return cfg, train(cfg), "finished"
     if any(run_dir.glob("checkpoint_*.pt")):
         # resume from the latest checkpoint; a corrupt one is an error, never a restart
@@ -289,8 +294,12 @@ def parse_shard(text: str | None, env=None) -> tuple[int, int] | None:
             i, n = (int(v) for v in text.split("/"))
         except ValueError:
             raise BavqError(f"--shard takes I/N, the I-th of N parts of the grid (e.g. --shard 2/4); got '{text}'.") from None
+    if n < 1:
+        raise BavqError(f"{source} splits the grid into {n} parts; give at least 1 part (I/N with N >= 1, e.g. "
+                        "--shard 1/4 for the first of four).")
     if not 1 <= i <= n:
-        raise BavqError(f"{source} asks for part {i} of {n}; the part must be between 1 and {n}.")
+        raise BavqError(f"{source} asks for part {i} of {n}; the part must be between 1 and {n} (parts count "
+                        f"from 1: --shard 1/{n} is the first).")
     return i, n
 
 
@@ -337,7 +346,7 @@ def _run_status(run_dir: Path, failure: Path | None = None) -> tuple[dict, str]:
         return {}, "FAILED: " + (failure.read_text().strip().splitlines() or [""])[0][:120]
     if not run_dir.is_dir():
         return {}, "missing"
-    done = [e for e in (_checkpoint_epoch(p) for p in run_dir.glob("checkpoint_*.pt")) if e is not None]
+    done = [e for e in (checkpoint_epoch_number(p) for p in run_dir.glob("checkpoint_*.pt")) if e is not None]
     return {}, f"stopped after epoch {max(done)} (resumable)" if done else "stopped before its first checkpoint"
 
 
@@ -352,7 +361,7 @@ def grid_summary(out_dir: str | os.PathLike, name: str = "") -> tuple[str, int]:
                            f"{', '.join(SWEEP_KEYS)}, e.g. --quantizer vq_ema ba_vq --name grid."))
     rows, open_runs = [], 0
     for run in json.loads(path.read_text())["runs"]:
-        final, state = _run_status(Path(out_dir) / run["name"], grid_failure_path(out_dir, name, run["name"]))
+        final, state = _run_status(run_dir_at(out_dir, run["name"]), grid_failure_path(out_dir, name, run["name"]))
         rows.append((run["name"], run["quantizer"], run["codebook_size"], run["seed"], final, state))
         open_runs += state != "finished"
     return summary_table(rows), open_runs

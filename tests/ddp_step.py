@@ -1,8 +1,6 @@
 """One float64 training step of a config, as one process or as one of several under torchrun: the shared
 code of tests/test_torchrun.py (the 1-process reference, in the test) and of its workers (tests/ddp_worker.py,
 for a config with ``_step_out``), so both run exactly the same steps."""
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -10,7 +8,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import vqvae  # noqa: E402
-import vqvae_experiment  # noqa: E402
 
 
 def float64_step(cfg: vqvae.Config, dp=None) -> dict:

@@ -246,36 +246,6 @@ def test_unknown_option_values_are_refused(option):
         vqvae.make_config({"quantizer": "ba_vq", option: "bogus"}).validate()
 
 
-# --------------------------------------------------------------------------- fused == reference
-
-
-@pytest.mark.parametrize("temperature", ["absolute", "relative"])
-@pytest.mark.parametrize("cb_loss", ["mixture", "expected"])
-@pytest.mark.parametrize("decoder_input", ["soft", "anneal"])
-@pytest.mark.parametrize("chunk_rows", [0, 7])
-def test_fused_equals_autograd_with_the_options(temperature, cb_loss, decoder_input, chunk_rows):
-    """Float64: outputs, codes, losses, diagnostics and the gradients of z and the codebook agree."""
-    out = {}
-    for impl in ("autograd", "fused"):
-        q = quantizer(K=12, D=5, ba_impl=impl, ba_iterations=4, ba_chunk_rows=chunk_rows, ba_temperature=temperature,
-                      ba_codebook_loss=cb_loss, ba_decoder_input=decoder_input, entropy_cost=0.3).double().train()
-        q.set_schedule(0.4)
-        z = latents(D=5, H=3, W=5, dtype=torch.float64).requires_grad_(True)
-        z_q, losses, info = q(z)
-        w = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        ((w * z_q).sum() + sum(losses.values())).backward()
-        out[impl] = (z_q.detach(), losses, info, z.grad.clone(), q.codebook.grad.clone())
-    (zq_a, L_a, i_a, gz_a, ge_a), (zq_f, L_f, i_f, gz_f, ge_f) = out["autograd"], out["fused"]
-    torch.testing.assert_close(zq_f, zq_a)
-    assert torch.equal(i_f["code_indices"], i_a["code_indices"])
-    for k in L_a:
-        torch.testing.assert_close(L_f[k].detach(), L_a[k].detach())
-    for k in DIAGNOSTICS:
-        torch.testing.assert_close(i_f[k].double(), i_a[k].double(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gz_f, gz_a)
-    torch.testing.assert_close(ge_f, ge_a)
-
-
 # --------------------------------------------------------------------------- diagnostics reach the history
 
 

@@ -22,7 +22,8 @@ BLOCK = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 RUN = {"python", "bash"}                                        # fenced languages that are executed
 SHOWN = {"yaml", "text", "json", "console", "csv", "ini", "toml", ""}   # shown only (no commands)
 # what a snippet's folder holds: the scripts, modules and configs a user runs from a checkout
-CHECKOUT = ("train.py", "evaluate.py", "benchmark.py", "vqvae.py", "vqvae_experiment.py", "vqvae_grid.py",
+CHECKOUT = ("train.py", "evaluate.py", "benchmark.py", "vqvae.py", "vqvae_fused.py", "vqvae_experiment.py", "vqvae_grid.py",
+            "vqvae_analysis.py",
             "config.yaml", "config_mac.yaml", "configs", "tools", "analyze.ipynb", "gpu_check.sh")
 
 

@@ -252,3 +252,23 @@ def test_a_write_that_fails_tells_evaluation_and_grid_users_what_to_run_again(tm
     assert cli.main([*TINY, "--out_dir", str(tmp_path / "g"), "--quantizer", "vq_ema", "ba_vq"]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "run the same command again" in err and "--resume" not in err
+
+
+def test_weights_that_do_not_fit_the_runs_model_are_one_paragraph_that_names_both_files(tmp_path):
+    """A run whose config.yaml no longer describes its weights (edited, or another bavq version): load_run says
+    which weights and which config disagree, what the run was written by, and what to do; nothing is written."""
+    from conftest import one_paragraph
+    cfg = tiny_config(out_dir=str(tmp_path), name="r", epochs=1, checkpoint_every=0)
+    vqvae.train(cfg)
+    run = tmp_path / "r"
+    text = (run / "config.yaml").read_text()
+    assert "latent_dim: 16" in text
+    (run / "config.yaml").write_text(text.replace("latent_dim: 16", "latent_dim: 12"))
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae_experiment.load_run(run)
+    msg = str(e.value)
+    one_paragraph(msg)
+    assert f"'{run / 'final_model.pt'}' do not fit the model that '{run / 'config.yaml'}' describes" in msg
+    assert "bavq code: " not in msg and "git " in msg and "restore its config.yaml" in msg
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -18,7 +18,7 @@ from PIL import Image
 import train as cli
 import vqvae
 import vqvae_experiment
-from conftest import ROOT, TINY, cli_in_process, final_of, one_paragraph as _one_paragraph, run_cli, snapshot, tiny_config
+from conftest import ROOT, TINY, cli_in_process, final_of, one_paragraph as _one_paragraph, snapshot, tiny_config
 
 
 # --------------------------------------------------------------------------- outputs
@@ -191,9 +191,14 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(tiny_cfg, monkeypatch):
     assert not (run / "final_metrics.json").exists()
     monkeypatch.undo()
     assert vqvae.latest_checkpoint(run).name == "checkpoint_interrupted.pt"
-    resumed = vqvae.train(vqvae.resume_config(run))
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append((Path(a[0]).name, kw.get("mmap"))) or real_load(*a, **kw))
+    resumed = vqvae.train(vqvae.resume_config(run))                # the run directory, as the CLI's --resume RUN
+    monkeypatch.undo()
     assert resumed == ref
     assert not (run / "checkpoint_interrupted.pt").exists()     # superseded and removed at the end
+    # the checkpoint is read once; finding the latest one and the config only peek (its tensors memory-mapped)
+    assert [r for r in reads if not r[1]] == [("checkpoint_interrupted.pt", False)], reads
 
 
 def test_an_epoch_checkpoint_after_a_resume_supersedes_the_interrupted_one(tiny_cfg, monkeypatch):
@@ -532,3 +537,25 @@ def test_the_tests_ignore_the_users_wandb_settings(tmp_path):
 def test_no_wandb_never_imports_wandb(tiny_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)       # any import of wandb would raise
     vqvae.train(tiny_cfg(name="nowb", wandb=False))
+
+
+@pytest.mark.slow
+def test_config_file_with_resume_names_the_settings_it_would_change(finished_run, tmp_path, capsys):
+    """--resume RUN --config FILE: the file's settings that a resume may not change and that differ from the run's
+    are named with the file, one paragraph, nothing written; a file that only changes what a resume may change
+    (here --epochs, to extend the run) is applied."""
+    d, run = finished_run
+    before = snapshot(run)
+    bad = tmp_path / "server.yaml"
+    bad.write_text("commitment_cost: 0.5\nbatch_size: 16\nepochs: 3\ndevice: cpu\n")
+    r = cli_in_process(["--resume", str(run), "--config", str(bad), "--no_progress", "--overwrite"], capsys)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    msg = r.stderr
+    _one_paragraph(msg.removeprefix("error: ").strip())
+    assert f"--config {bad} sets" in msg and "commitment_cost: 0.25 -> 0.5" in msg and "batch_size: 32 -> 16" in msg
+    assert "epochs" not in msg.split("sets", 1)[1].split("(the run's")[0]          # epochs may change: not named
+    assert snapshot(run) == before
+    good = tmp_path / "longer.yaml"
+    good.write_text("epochs: 2\n")
+    cfg = cli.config_from_args(["--resume", str(run), "--config", str(good), "--overwrite"])
+    assert cfg.epochs == 2 and cfg.lr == 3e-4

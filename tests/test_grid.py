@@ -102,9 +102,13 @@ def test_shards_are_disjoint_deterministic_and_cover_the_grid(tmp_path):
     assert vqvae.parse_shard(None, {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "5",
                                     "SLURM_ARRAY_TASK_COUNT": "4"}) == (4, 4)
     assert vqvae.parse_shard(None, {}) is None
-    for bad in ("0/4", "5/4", "two"):
-        with pytest.raises(vqvae.BavqError, match="--shard"):
+    for bad, why in (("0/4", "between 1 and 4"), ("5/4", "between 1 and 4"), ("two", "takes I/N"),
+                     ("0/0", "at least 1 part"), ("1/0", "at least 1 part"), ("1/-2", "at least 1 part")):
+        with pytest.raises(vqvae.BavqError, match="--shard") as e:
             vqvae.parse_shard(bad)
+        assert why in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(vqvae.BavqError, match="SLURM_ARRAY_TASK_COUNT=0 .* at least 1 part"):
+        vqvae.parse_shard(None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "0"})
     assert {c.wandb_group for c in configs} == {"g"}                   # one W&B group per grid
 
 

@@ -1,5 +1,8 @@
-"""The split into three modules: vqvae.py reads as the method top to bottom and knows nothing of running
-experiments, the public names are reachable as vqvae.NAME, and pyproject installs the three modules."""
+"""The modules: vqvae.py reads as the method top to bottom, in the order its docstring gives, and knows nothing of
+running experiments; beside it vqvae_fused.py (BA-VQ's fast path), vqvae_experiment.py, vqvae_grid.py and
+vqvae_analysis.py; the public names are reachable as vqvae.NAME (and only those); the library's own modules and
+scripts import what they use from where it is defined, no private name across modules; nothing outside a
+quantizer probes a quantizer's class; pyproject installs the five modules."""
 import ast
 import re
 
@@ -9,13 +12,23 @@ import vqvae
 from conftest import ROOT
 
 
+SECTION = re.compile(r"^# =+\n# (.+)\n# =+$", re.M)
+
+
 def test_vqvae_reads_as_the_method_top_to_bottom():
-    """vqvae.py: config -> its checking -> data -> model -> quantizers -> metrics -> training."""
+    """vqvae.py: config -> model (by about line 300) -> quantizers -> metrics -> training -> data -> config checking
+    and YAML, as its sections and its docstring say, each name where its section is."""
     text = (ROOT / "vqvae.py").read_text()
-    order = ["\nclass Config", "\ndef config_problems", "\ndef load_dataset", "\nclass VQVAE", "\nclass Quantizer",
-             "\nQUANTIZERS = {", "\ndef compute_psnr", "\ndef train_epoch", "\ndef validate"]
+    sections = SECTION.findall(text)
+    assert sections == ["config", "model", "quantizers", "metrics", "training", "data", "config checking and YAML"]
+    doc = vqvae.__doc__
+    assert [doc.index(f"\n    {s}") for s in sections] == sorted(doc.index(f"\n    {s}") for s in sections)
+    order = ["\nclass Config", "\nclass VQVAE", "\nclass Quantizer", "\nQUANTIZERS = {", "\ndef compute_psnr",
+             "\ndef train_epoch", "\ndef validate", "\ndef load_dataset", "\ndef config_problems",
+             "\ndef load_yaml_config"]
     pos = [text.index(s) for s in order]
     assert pos == sorted(pos)
+    assert text[:text.index("\nclass VQVAE")].count("\n") < 300
 
 
 PLUMBING = {"wandb", "checkpoint", "checkpoints", "distributed", "torchrun", "signal", "sweep", "grid", "claim",
@@ -77,11 +90,77 @@ def test_an_unknown_name_is_an_attribute_error():
         vqvae.not_a_name
     with pytest.raises(AttributeError):
         vqvae._StopFlag                          # private names of the experiment module are not re-exported
+    with pytest.raises(AttributeError):
+        vqvae.json                               # nor what the modules beside it import
+    with pytest.raises(AttributeError):
+        vqvae.signal
 
 
 def test_pyproject_makes_vqvae_an_installable_module():
     tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads TOML")
     p = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert p["tool"]["setuptools"]["py-modules"] == ["vqvae", "vqvae_experiment", "vqvae_grid"]
+    assert p["tool"]["setuptools"]["py-modules"] == ["vqvae", "vqvae_fused", "vqvae_experiment", "vqvae_grid",
+                                                     "vqvae_analysis"]
     req = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
     assert sorted(p["project"]["dependencies"]) == sorted(r for r in req if r)
+
+
+LIBRARY = ["vqvae.py", "vqvae_fused.py", "vqvae_experiment.py", "vqvae_grid.py", "vqvae_analysis.py"]
+SCRIPTS = ["train.py", "evaluate.py", "benchmark.py", "tools/golden_runs.py", "tools/frontier_table.py"]
+
+
+def _imports_and_uses(path):
+    tree = ast.parse((ROOT / path).read_text())
+    private = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and (n.module or "").startswith("vqvae") for a in n.names if a.name.startswith("_")]
+    via_vqvae = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                 and n.value.id == "vqvae"}
+    return private, via_vqvae
+
+
+@pytest.mark.parametrize("path", LIBRARY[1:] + SCRIPTS)
+def test_the_librarys_own_code_imports_what_it_uses_from_where_it_is_defined(path):
+    """``vqvae.NAME`` only for names vqvae.py defines (the lazy re-export is for notebooks: grep and
+    go-to-definition do not see it), and no private name of another module."""
+    private, via_vqvae = _imports_and_uses(path)
+    assert private == []
+    assert sorted(n for n in via_vqvae if n not in vars(vqvae) and not n.startswith("__")) == []
+
+
+def test_the_import_check_sees_a_hidden_route(tmp_path):
+    (tmp_path / "x.py").write_text("import vqvae\nfrom vqvae_experiment import _StopFlag\nvqvae.train(None)\n")
+    private, via = _imports_and_uses(tmp_path / "x.py")              # ROOT / an absolute path is that path
+    assert private == ["vqvae_experiment._StopFlag"] and "train" in via and "train" not in vars(vqvae)
+
+
+def _class_probes(tree) -> list:
+    """isinstance/issubclass/type() tests against a quantizer class, and comparisons with a quantizer's name
+    (``cfg.quantizer == "ba_vq"``), outside the quantizer classes themselves."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Quantizer"):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Call) and getattr(sub.func, "id", None) in ("isinstance", "issubclass", "type"):
+                names = {getattr(a, "id", getattr(a, "attr", getattr(a, "value", ""))) for a in ast.walk(sub)
+                         if isinstance(a, (ast.Name, ast.Attribute, ast.Constant))}
+                names = {n for n in names if isinstance(n, str)}
+                if any(n.endswith("Quantizer") and n != "Quantizer" for n in names) or "codebook" in names:
+                    found.append(ast.unparse(sub))
+            if isinstance(sub, ast.Compare):
+                sides = [sub.left, *sub.comparators]
+                if (any(isinstance(s, ast.Attribute) and s.attr in ("quantizer", "quantizer_type") for s in sides)
+                        and any(isinstance(s, ast.Constant) and s.value in vqvae.QUANTIZERS for s in sides)):
+                    found.append(ast.unparse(sub))
+    return found
+
+
+@pytest.mark.parametrize("path", LIBRARY + SCRIPTS)
+def test_nothing_outside_a_quantizer_probes_its_class_or_name(path):
+    assert _class_probes(ast.parse((ROOT / path).read_text())) == []
+
+
+def test_the_probe_check_sees_probes():
+    tree = ast.parse("def f(q, cfg):\n    if isinstance(q, BAQuantizer) or cfg.quantizer == 'ba_vq':\n"
+                     "        return isinstance(getattr(q, 'codebook', None), P)\n")
+    assert len(_class_probes(tree)) == 3

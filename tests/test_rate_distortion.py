@@ -9,6 +9,22 @@ import torch
 import vqvae
 
 
+@pytest.mark.parametrize("beta,steps", [(0.3, 1), (1.3, 6), (7.0, 25)])
+def test_the_curve_and_the_training_iteration_are_the_same_alternation(beta, steps):
+    """``rate_distortion_curve`` (exp domain, float64) stopped after ``steps`` alternations (never converged:
+    tol -1) is ``vqvae.blahut_arimoto`` (log space) run for ``steps`` iterations from the uniform Q: the same
+    marginal Q and the same (rate, distortion) of the last P, for a uniform source."""
+    g = torch.Generator().manual_seed(steps)
+    d = torch.rand(50, 7, generator=g, dtype=torch.float64) * 3
+    point = vqvae.rate_distortion_curve(d, [beta], tol=-1.0, max_iterations=steps)[0]
+    assert point["iterations"] == steps
+    log_p, log_q = vqvae.blahut_arimoto(d, beta, steps)
+    torch.testing.assert_close(point["log_q"].exp(), log_q.exp(), rtol=1e-12, atol=1e-14)
+    rate, dist = vqvae.rate_distortion_point(d, log_p)
+    assert point["rate_bits"] == pytest.approx(rate, rel=1e-10, abs=1e-12)
+    assert point["distortion"] == pytest.approx(dist, rel=1e-10)
+
+
 def h2(p):
     return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 

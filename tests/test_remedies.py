@@ -262,8 +262,8 @@ def test_restarted_codes_get_fresh_adam_moments(tmp_path):
     seen = {}
     orig = model.quantizer.restart_dead_codes
 
-    def spy():
-        dead = orig()
+    def spy(optimizer):
+        dead = orig(optimizer)
         seen["dead"] = dead.clone()
         return dead
     model.quantizer.restart_dead_codes = spy
@@ -305,8 +305,8 @@ def test_dead_code_restarts_draw_from_the_current_batch(quantizer):
     q.forward = spy
     orig_restart = q.restart_dead_codes
 
-    def restart():
-        dead = orig_restart()
+    def restart(optimizer):
+        dead = orig_restart(optimizer)
         codebooks.append((len(latents) - 1, q.codebook.detach().clone(), dead.clone()))
         return dead
     q.restart_dead_codes = restart

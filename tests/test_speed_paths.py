@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqvae
+import vqvae_fused
 from conftest import Float64Runtime, record_code_indices, record_inputs, tiny_config
 
 
@@ -183,14 +184,20 @@ def _has_bool_index(obj) -> bool:
     return False
 
 
+METHOD_FILES = (vqvae.__file__, vqvae_fused.__file__)          # the method and its fused fast path
+
+
 def _vqvae_line(frame):
-    """Line of vqvae.py responsible for a call, or None (the call is PyTorch's own)."""
+    """(file, line) of the method (vqvae.py or vqvae_fused.py) responsible for a call, or None (the call is
+    PyTorch's own)."""
     while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR)
                                  or frame.f_code.co_filename == __file__):
         if frame.f_code.co_filename.startswith(os.path.join(TORCH_DIR, "optim")):
             return None
         frame = frame.f_back
-    return frame.f_lineno if frame is not None and frame.f_code.co_filename == vqvae.__file__ else None
+    if frame is None or frame.f_code.co_filename not in METHOD_FILES:
+        return None
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
 class _MethodAudit(torch.overrides.TorchFunctionMode):
@@ -205,8 +212,8 @@ class _MethodAudit(torch.overrides.TorchFunctionMode):
         if name == "cpu" or (name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))):
             # a copy to the host, when vqvae.py asks for it (PyTorch's own .to(device) calls move tensors
             # to their parameters' device, which is the CPU only in this test)
-            if caller.f_code.co_filename == vqvae.__file__:
-                self.calls.append((name, caller.f_lineno))
+            if caller.f_code.co_filename in METHOD_FILES:
+                self.calls.append((name, f"{os.path.basename(caller.f_code.co_filename)}:{caller.f_lineno}"))
         elif name in SYNC_METHODS or (name == "where" and len(args) + len(kwargs) == 1):
             line = _vqvae_line(caller)
             if line is not None:
@@ -230,7 +237,8 @@ class _AtenAudit(TorchDispatchMode):
 
 
 class SyncAudit:
-    """``with SyncAudit() as audit: ...`` then ``audit.calls``: (op, line in vqvae.py) of every host read."""
+    """``with SyncAudit() as audit: ...`` then ``audit.calls``: (op, "file:line" in vqvae.py or vqvae_fused.py) of
+    every host read."""
 
     def __enter__(self):
         self.calls = []
@@ -264,7 +272,7 @@ def test_the_audit_sees_host_reads_in_methods_operators_and_backward_passes():
         vqvae.__file__, "exec")                                      # as if the lines were in vqvae.py
     with SyncAudit() as audit:
         exec(code, {"torch": torch, "x": x, "mask": mask, "ReadsInBackward": ReadsInBackward})
-    assert {line for _, line in audit.calls} == set(range(2, 10)), audit.calls
+    assert {line for _, line in audit.calls} == {f"vqvae.py:{i}" for i in range(2, 10)}, audit.calls
 
 
 SYNC_CASES = {
@@ -297,7 +305,7 @@ def test_training_step_never_reads_the_device_from_the_host(case, monkeypatch):
     cfg = tiny_config(**SYNC_CASES[case], grad_clip=1.0, progress_every=1000, train_subset=6 * 64)
     if case == "ba_vq":
         cpu_three = audited_epoch(cfg, 3 * 64)
-        monkeypatch.setattr(vqvae, "_linear_sums_by_default", lambda device, kernels: False)
+        monkeypatch.setattr(vqvae_fused, "_linear_sums_by_default", lambda device, kernels: False)
         three = audited_epoch(cfg, 3 * 64)
         extra = Counter(cpu_three) - Counter(three)
         assert {op for op, _ in extra} == {"nonzero"} and sum(extra.values()) == 3 * cfg.ba_iterations, extra
@@ -421,9 +429,9 @@ def test_compiled_ba_kernels_equal_the_eager_ones():
     E0 = torch.randn(K, D, generator=g, dtype=torch.float64) * 0.5
     w = torch.randn(N, D, generator=g, dtype=torch.float64)
     out = {}
-    for name, kernels in (("eager", None), ("compiled", vqvae.compiled_ba_kernels())):
+    for name, kernels in (("eager", None), ("compiled", vqvae_fused.compiled_ba_kernels())):
         z, E = z0.clone().requires_grad_(True), E0.clone().requires_grad_(True)
-        zq, lq, idx = vqvae.ba_soft_quantize(z, E, torch.tensor(3.0, dtype=torch.float64), cfg.ba_iterations, 0,
+        zq, lq, idx = vqvae_fused.ba_soft_quantize(z, E, torch.tensor(3.0, dtype=torch.float64), cfg.ba_iterations, 0,
                                              kernels)
         ((w * zq).sum() - (lq.exp() * lq).sum()).backward()
         out[name] = (zq.detach(), lq.detach(), idx, z.grad, E.grad)

@@ -1,7 +1,7 @@
 """Golden runs: prove that a refactor changed no behaviour.
 
 Trains a fixed set of tiny runs on generated data (every quantizer and the main remedies) through the
-public API (``vqvae.train``, ``vqvae.evaluate_run`` with the papers' metric conventions and, where the quantizer
+public API (``vqvae_experiment.train``, ``vqvae_experiment.evaluate_run`` with the papers' metric conventions and, where the quantizer
 has an explicit alphabet, the R(D) analysis of its latents) and compares, exactly, their final metrics, their
 history (without timing), the bits of their final weights, their evaluation and R(D) analysis, and (when every
 run is compared) the frontier tables of all of them (``tools/frontier_table.py``), with a recorded set.
@@ -85,17 +85,17 @@ def run_one(name: str, out_dir: Path) -> dict:
     """Train run ``name`` in ``out_dir``, evaluate it (with the papers' conventions and, where the quantizer allows
     it, the R(D) analysis), and return what is compared."""
     cfg = vqvae.make_config({**BASE, **RUNS[name], "name": name, "out_dir": str(out_dir)}).validate()
-    final = vqvae.train(cfg)
-    run_dir = out_dir / name
+    final = vqvae_experiment.train(cfg)
+    run_dir = vqvae_experiment.run_dir_of(cfg)
     history = [{k: v for k, v in json.loads(line).items() if k not in UNTIMED}
                for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
     state = torch.load(run_dir / "final_model.pt", map_location="cpu", weights_only=True)
     try:
-        evaluated = vqvae.evaluate_run(run_dir, device="cpu", eval_metrics=PAPER_METRICS,
+        evaluated = vqvae_experiment.evaluate_run(run_dir, device="cpu", eval_metrics=PAPER_METRICS,
                                        rate_distortion=RATE_DISTORTION)
         rd = json.loads((run_dir / "rate_distortion.json").read_text())
     except vqvae.BavqError:                                   # no explicit alphabet (residual VQ): refused
-        evaluated = vqvae.evaluate_run(run_dir, device="cpu", eval_metrics=PAPER_METRICS)
+        evaluated = vqvae_experiment.evaluate_run(run_dir, device="cpu", eval_metrics=PAPER_METRICS)
         rd = None
     return {"final_metrics": json.loads(json.dumps(final)), "history": history,
             "weights": {k: _digest(v) for k, v in state.items()},
@@ -197,9 +197,10 @@ def main(argv=None) -> int:
                    help="compare: record git revision REV's runs on this machine first and compare with those")
     p.add_argument("--tree", type=Path, default=None, help=argparse.SUPPRESS)   # the library's folder (--against)
     args = p.parse_args(argv)
-    global vqvae
+    global vqvae, vqvae_experiment
     sys.path.insert(0, str((args.tree or ROOT).resolve()))
     import vqvae
+    import vqvae_experiment
     torch.set_num_threads(THREADS)
     names = args.only or list(RUNS)
     unknown = [n for n in names if n not in RUNS]
