@@ -1,18 +1,20 @@
 """Running an experiment with the bavq method (vqvae.py): everything around a training run that is
 not the method itself.
 
-    run directory   <out_dir>/<name>/, derived in one place (``run_dir_of``); refused if it holds a run
+    run directory   <out_dir>/<name>/, derived in one place (``run_dir_at``); refused if it holds a run
     files           config.yaml (with provenance), history.jsonl, checkpoints, final_model.pt,
                     final_metrics.json, recon.png / usage.png; every write atomic
     resume          ``resume_config`` / ``--resume``: bit-identical continuation (CPU), config checks
     one process     a lock file per run directory (``RunClaim``), taken over from dead processes
     stop            Ctrl-C / SIGTERM save ``checkpoint_interrupted.pt`` at a batch boundary (``_StopFlag``)
-    torchrun        ``DataParallel``: one run over several processes, installed on the model from here
+    torchrun        ``DataParallel``: one run over several processes (``VQVAE.forward`` splits and gathers
+                    through the ``model.batch_split`` it sets)
     W&B             optional, offline without an API key or network
     train(cfg)      the whole run; returns the final validation metrics
-    finished runs   ``load_run``, ``evaluate_run``, and the optional LPIPS / rFID
+    finished runs   ``load_run``, ``evaluate_run`` (with vqvae_analysis's R(D) and the papers' metrics), and the
+                    optional LPIPS / rFID
 
-``vqvae`` re-exports every public name of this module (``vqvae.train``, ``vqvae.load_run``, ...).
+For notebooks, ``vqvae.NAME`` reaches the names in ``__all__`` (``vqvae.train``, ``vqvae.load_run``, ...).
 """
 from __future__ import annotations
 

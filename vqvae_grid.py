@@ -3,7 +3,7 @@ shards for several GPUs or machines (``--shard I/N``, SLURM arrays), with a mani
 of every run's state (``grid_summary``, ``train.py --summarize``). Each run is an ordinary
 ``vqvae_experiment.train`` run in its own directory; finished runs are skipped and interrupted ones resumed.
 
-``vqvae`` re-exports every public name of this module (``vqvae.run_sweep``, ``vqvae.grid_summary``, ...).
+For notebooks, ``vqvae.NAME`` reaches the names in ``__all__`` (``vqvae.run_sweep``, ``vqvae.grid_summary``, ...).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Configuration: defaults, precedence of defaults, YAML and flags, strict keys, types and values, and the
 shipped config files."""
+import re
 import math
 import subprocess
 import sys
@@ -208,3 +209,25 @@ def test_fsq_levels_alone_set_the_codebook_size():
         cli.config_from_args(["--quantizer", "fsq", "--fsq_levels", "4", "4", "2", "--codebook_size", "64"])
     assert vqvae.make_config({"quantizer": "fsq", "fsq_levels": [5, 3]}).codebook_size == 15
     assert cli.config_from_args(["--quantizer", "vq_ema"]).codebook_size == 512     # others: the default K
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(quantizer_type="ba_vq", ba_impl="bogus"), "ba_impl 'bogus' is unknown (choose from fused, autograd)"),
+    (dict(quantizer_type="vq", cvq=True, cvq_anchor="nearest"), "cvq_anchor 'nearest' is unknown"),
+    (dict(quantizer_type="vq_ema", init="zeros"), "init 'zeros' is unknown"),
+    (dict(quantizer_type="rvq", rvq_codebook="lucidrains"), "rvq_codebook 'lucidrains' is unknown"),
+    (dict(quantizer_type="lfq", codebook_size=48), "power of two"),
+    (dict(quantizer_type="fsq", codebook_size=100), "fsq_levels [8, 8, 8] give 512 codes but codebook_size is 100"),
+    (dict(quantizer_type="sq_vae", sq_temperature_init=0.0), "sq_temperature_init must be > 0"),
+    (dict(quantizer_type="vq_ema", decay=1.0), "decay must be in [0, 1)"),
+    (dict(quantizer_type="nope"), "quantizer 'nope' is unknown"),
+])
+def test_a_model_built_in_a_notebook_is_checked_by_the_same_rules_as_a_run(kwargs, says):
+    """VQVAE(...) applies the Config fields' rules (setting) and the quantizer's config_problems, the very rules a
+    run's config is checked by (one place for each rule; constructors do not check again): one paragraph."""
+    with pytest.raises(vqvae.BavqError) as e:
+        vqvae.VQVAE(**{"codebook_size": 16, "latent_dim": 8, "hidden_dim": 8, **kwargs})
+    assert says in str(e.value) and "VQVAE(...)" in str(e.value) and "\n" not in str(e.value)
+    cfg_keys = {"quantizer" if k == "quantizer_type" else k: v for k, v in {"codebook_size": 16, **kwargs}.items()}
+    with pytest.raises(vqvae.BavqError, match=re.escape(says)):
+        vqvae.make_config(cfg_keys).validate()                      # the same sentence for a run

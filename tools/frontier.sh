@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The equal-rate frontier of issue 23 on the reduced protocol (configs/reduced*.yaml, 2-core CPU, 3 seeds):
+# The equal-rate frontier on the reduced protocol (configs/reduced*.yaml, 2-core CPU, 3 seeds):
 # PSNR against rate for each quantizer, varying what sets its rate. Every line is a resumable grid: run this
 # script again after an interruption and finished runs are skipped (a run stopped by Ctrl-C or SIGTERM resumes from the
 # checkpoint it wrote on stopping; a killed one restarts: the reduced configs keep no periodic checkpoints).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 23's two reduced-protocol targets, each decided on 5 seeds (docs/results.md: "The first target ..." and
+# The two targets set for the reduced protocol, each decided on 5 seeds (docs/results.md: "The first target ..." and
 # "The equal-rate frontier ..."):
 #   1. K=512 VQ-EMA at >= 22.7 dB with >= 99% of the codes in use: configs/reduced_vq_ema_full_usage.yaml, chosen
 #      on seed 0 (experiments/target1/*_s0), decided on seeds 1-5.
