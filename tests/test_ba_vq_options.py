@@ -220,7 +220,7 @@ def test_options_are_off_by_default():
     q = vqvae.build_model(vqvae.make_config({"quantizer": "ba_vq", "codebook_size": 8, "latent_dim": 4,
                                              "hidden_dim": 4})).quantizer
     assert (q.ba_temperature, q.ba_decoder_input, q.ba_codebook_loss) == ("absolute", "soft", "mixture")
-    assert "mean_distance" not in dict(q.named_buffers()) and isinstance(q.codebook, torch.nn.Parameter)
+    assert "mean_distance" not in dict(q.named_buffers()) and q.codebook.requires_grad     # learned by gradient
 
 
 @pytest.mark.parametrize("option", list(OPTIONS) + ["anneal"])

@@ -465,17 +465,27 @@ while True:
 
 @pytest.mark.slow
 def test_kill_9_mid_write_never_leaves_a_truncated_checkpoint(tmp_path):
-    path = tmp_path / "checkpoint_epoch1.pt"
-    vqvae.atomic_torch_save({"w": torch.zeros(4_000_000)}, path)
-    for delay in (0.3, 0.55, 0.8):
-        p = subprocess.Popen([sys.executable, "-c", _KILL_WRITER, str(path), str(ROOT)], stdout=subprocess.PIPE,
-                             text=True)
+    """Three writers, each rewriting its own checkpoint in a loop, killed (SIGKILL) after 0.3, 0.55 and 0.8 s,
+    likely mid-write: every file is a complete checkpoint. (Started together: one interpreter start-up's wait.)"""
+    delays = (0.3, 0.55, 0.8)
+    paths = [tmp_path / f"run{i}" / "checkpoint_epoch1.pt" for i in range(len(delays))]
+    procs = []
+    for path in paths:
+        path.parent.mkdir()
+        vqvae.atomic_torch_save({"w": torch.zeros(4_000_000)}, path)
+        procs.append(subprocess.Popen([sys.executable, "-c", _KILL_WRITER, str(path), str(ROOT)],
+                                      stdout=subprocess.PIPE, text=True))
+    for p in procs:
         assert p.stdout.readline().strip() == "ready"
-        time.sleep(delay)
+    start = time.time()
+    for p, delay in zip(procs, delays):
+        time.sleep(max(0.0, start + delay - time.time()))
         p.kill()                                                # SIGKILL, likely mid-write
         p.wait()
+    for path in paths:
         w = torch.load(path, weights_only=True)["w"]            # always a complete file
         assert w.shape == (4_000_000,) and bool((w == w[0]).all())
+        assert sorted(q.name for q in path.parent.iterdir() if not q.name.startswith(".")) == [path.name]
 
 
 @pytest.mark.slow

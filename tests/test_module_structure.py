@@ -133,9 +133,9 @@ def test_the_import_check_sees_a_hidden_route(tmp_path):
     assert private == ["vqvae_experiment._StopFlag"] and "train" in via and "train" not in vars(vqvae)
 
 
-def _class_probes(tree) -> list:
-    """isinstance/issubclass/type() tests against a quantizer class, and comparisons with a quantizer's name
-    (``cfg.quantizer == "ba_vq"``), outside the quantizer classes themselves."""
+def _class_probes(tree, names: bool = True) -> list:
+    """isinstance/issubclass/type() tests against a quantizer class or its codebook's, and (``names``)
+    comparisons with a quantizer's name (``cfg.quantizer == "ba_vq"``), outside the quantizer classes themselves."""
     found = []
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name.endswith("Quantizer"):
@@ -147,7 +147,7 @@ def _class_probes(tree) -> list:
                 names = {n for n in names if isinstance(n, str)}
                 if any(n.endswith("Quantizer") and n != "Quantizer" for n in names) or "codebook" in names:
                     found.append(ast.unparse(sub))
-            if isinstance(sub, ast.Compare):
+            if names and isinstance(sub, ast.Compare):
                 sides = [sub.left, *sub.comparators]
                 if (any(isinstance(s, ast.Attribute) and s.attr in ("quantizer", "quantizer_type") for s in sides)
                         and any(isinstance(s, ast.Constant) and s.value in vqvae.QUANTIZERS for s in sides)):
@@ -158,6 +158,12 @@ def _class_probes(tree) -> list:
 @pytest.mark.parametrize("path", LIBRARY + SCRIPTS)
 def test_nothing_outside_a_quantizer_probes_its_class_or_name(path):
     assert _class_probes(ast.parse((ROOT / path).read_text())) == []
+
+
+def test_no_test_probes_a_quantizers_class():
+    """Tests state behaviour through the contract (a test may still name the quantizer it configures)."""
+    probes = {p.name: _class_probes(ast.parse(p.read_text()), names=False) for p in sorted((ROOT / "tests").glob("*.py"))}
+    assert {k: v for k, v in probes.items() if v} == {}
 
 
 def test_the_probe_check_sees_probes():
