@@ -93,14 +93,14 @@ class Config:
     val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq
     codebook_size: int = setting(512, at_least=2)  # K, number of codes
     latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
     # --- VQ-EMA (van den Oord et al. 2017, App. A.1) ----------------------------------------
-    commitment_cost: float = setting(0.25, at_least=0)  # weight of mse(z, sg[z_q]) (vq_ema, vq, ba_vq, simvq, lfq, rvq)
+    commitment_cost: float = setting(0.25, at_least=0)  # weight of mse(z, sg[z_q]) (vq_ema, ecvq, vq, ba_vq, simvq, lfq, rvq)
     decay: float = setting(0.99, at_least=0, below=1)  # EMA decay of cluster sizes and sums (vq, ba_vq: of code usage), in [0, 1)
-    epsilon: float = setting(1e-5, above=0)   # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ba_vq --ba_codebook_update ema)
+    epsilon: float = setting(1e-5, above=0)   # Laplace smoothing of EMA cluster sizes (> 0; vq_ema, ecvq (also its Q), ba_vq --ba_codebook_update ema)
     ema_init_count: float = setting(0.0, at_least=0)  # VQ-EMA: EMA counts start at c, EMA sums at c x code (0 = the original code; see docs/method.md)
     ema_smoothing: str = setting("overwrite", choices=("overwrite", "copy"))  # VQ-EMA and BA-VQ's --ba_codebook_update ema: overwrite (original code: EMA counts := smoothed) | copy (Sonnet: smooth a copy)
     # --- FSQ (Mentzer et al. 2023) ----------------------------------------------------------
@@ -125,6 +125,8 @@ class Config:
     rvq_kmeans_iters: int = setting(50, at_least=0)  # k-means (random seeds, these Lloyd iterations) of each stage's input on the first training batch (encodec: 50; 0 = off, stages start from --init)
     rvq_dead_code_threshold: float = setting(2.0, at_least=0)  # every step, a stage's codes with EMA count below this are replaced by batch vectors (encodec: 2; 0 = off)
     rvq_codebook: str = setting("encodec", choices=("encodec", "fixed"))  # encodec (its code: k-means leaves EMA sums = centroids; a replacement is overwritten by the same step's EMA) | fixed (sums = count x centroid; a replaced code's EMA restarts from it)
+    # --- ECVQ (Chou, Lookabaugh & Gray 1989) -----------------------------------------------
+    ecvq_lambda: float = setting(0.1, at_least=0)  # lam in argmin_k d(z, e_k) + lam (-ln Q(k)), nats: sets the rate (0 = vq_ema exactly)
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = setting(0.1, above=0) # inverse temperature at the first training step
     beta_end: float = 5.0                     # inverse temperature at the last step (cosine schedule, per step)
@@ -894,8 +896,8 @@ class VQEMAQuantizer(CodebookQuantizer):
         used = remedies_in_use(cfg, GRADIENT_CODEBOOK_REMEDIES)
         if used:
             return [f"{_they(used, 'acts', 'act')} on a codebook learned by gradient (cvq, affine_reparam: vq and ba_vq; "
-                    "sync_nu, alternate_lr: vq), not on vq_ema, whose codes are recomputed from their EMA sums every "
-                    "step; use --quantizer vq, or drop them"]
+                    f"sync_nu, alternate_lr: vq), not on {cfg.quantizer}, whose codes are recomputed from their EMA sums "
+                    "every step; use --quantizer vq, or drop them"]
         return []
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
@@ -931,13 +933,17 @@ class VQEMAQuantizer(CodebookQuantizer):
         sums = torch.zeros_like(self.ema_w).index_add_(0, indices, z_flat)               # sum z_x, (K, D)
         self._ema_codebook_step(counts, sums, overwrite=self.ema_smoothing == "overwrite")
 
+    def _assign(self, d: torch.Tensor) -> torch.Tensor:
+        """The code of each latent from its distances d (N, K) to the codes: the nearest."""
+        return d.argmin(dim=1)
+
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
         with _autocast_off(z.device.type):
             z_flat = self._latents(z)                                     # (N, D), N = B*H*W
             E = self._codes()                                             # (K, D), pre-update codebook
             d = squared_distances(z_flat, E)                              # (N, K)
-            indices = d.argmin(dim=1)                                     # (N,)
+            indices = self._assign(d)                                     # (N,)
             z_q_flat = E[indices]                                         # (N, D), a copy
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
@@ -948,6 +954,87 @@ class VQEMAQuantizer(CodebookQuantizer):
         info = {"code_indices": indices.reshape(B, H, W), **stats}
         return z_q, {"commitment_loss": commitment}, info
 
+
+
+def ecvq_lengths(cluster_sizes: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """ECVQ's code lengths l(k) = -ln Q(k) in nats (K,), Q the Laplace-smoothed running marginal of the hard codes,
+
+        Q(k) = (N_k + eps) / (sum_j N_j + K eps),   N the EMA cluster sizes as stored (VQ-EMA's, decay ``decay``),
+
+    so an unused code has the finite length ln((sum_j N_j + K eps) / eps) (the floor), and with no counts yet
+    every code has ln K."""
+    K = cluster_sizes.shape[0]
+    return torch.log(cluster_sizes.sum() + K * epsilon) - torch.log(cluster_sizes + epsilon)
+
+
+@torch.no_grad()
+def ecvq_batch(x: torch.Tensor, codes: torch.Tensor, lam: float, iterations: int) -> dict:
+    """The ECVQ design algorithm of Chou, Lookabaugh & Gray (1989, Sec. III), on a fixed set of vectors x (N, D):
+    from ``codes`` (K, D) and lengths ln K, repeat (1) assign each x to argmin_k |x - c_k|^2 + lam l(k), (2) move each
+    used code to the centroid of its vectors, (3) set l(k) = -ln(n_k / N) (an unused code's length becomes infinite:
+    the paper drops it). Each pass cannot increase the Lagrangian J = D + lam H (D the mean squared error, H the
+    entropy of the assignment in nats): step 1 minimises d + lam l for fixed codes and lengths, step 2 minimises D
+    for fixed cells, step 3 minimises the mean length, to the entropy, over all lengths that satisfy Kraft's
+    inequality. Returns {"codes", "lengths", "indices", "lagrangian": J after each pass}. (The reference for
+    ``ECVQQuantizer``, which makes the same three steps online: one batch, EMA centroids and EMA counts.)"""
+    c, N, K = codes.clone(), x.shape[0], codes.shape[0]
+    lengths = torch.full((K,), math.log(K), dtype=x.dtype, device=x.device)
+    history = []
+    for _ in range(iterations):
+        d = squared_distances(x, c)                                                   # (N, K)
+        idx = (d + lam * lengths).argmin(dim=1)                                       # step 1
+        n = torch.bincount(idx, minlength=K).to(x.dtype)                              # (K,)
+        used = n > 0
+        sums = torch.zeros_like(c).index_add_(0, idx, x)
+        c = torch.where(used[:, None], sums / n.clamp_min(1)[:, None], c)             # step 2
+        p = n / N
+        lengths = torch.where(used, -torch.log(p.clamp_min(1e-300)), torch.full_like(p, math.inf))   # step 3
+        D = float((x - c[idx]).pow(2).sum(1).mean())
+        H = float(-(p[used] * p[used].log()).sum())
+        history.append(D + lam * H)
+    return {"codes": c, "lengths": lengths, "indices": idx, "lagrangian": history}
+
+
+class ECVQQuantizer(VQEMAQuantizer):
+    """Entropy-constrained VQ (Chou, Lookabaugh & Gray, "Entropy-constrained vector quantization", IEEE Trans.
+    ASSP 37(1), 1989), trained online as VQ-EMA is. The hard assignment minimises distortion plus lam x rate:
+
+        k*(z) = argmin_k [ d(z, e_k) + lam l(k) ],   l(k) = -ln Q(k) (nats, ``ecvq_lengths``),
+
+    d the library's squared distance summed over channels (the cosine one with ``cosine``), Q the running marginal
+    of the hard codes: the EMA cluster sizes N of VQ-EMA (decay, epsilon; ``ema_smoothing`` as there), Laplace-
+    smoothed, so an unused code's length is finite and a restarted code (EMA count := dead_code_threshold T) gets
+    Q(k) = (T + eps) / (sum_j N_j + K eps). The codes are VQ-EMA's EMA centroids of what is assigned to them (the
+    paper's centroid step, online), with the commitment loss and straight-through estimator of VQ-EMA; training
+    and evaluation use the same rule with the Q of the moment (evaluation changes no state). ``ecvq_lambda`` (lam,
+    distortion units per nat) sets the rate: 0 is VQ-EMA bit for bit; larger lam trades distortion for fewer bits.
+    ``ecvq_batch`` is the paper's batch design algorithm (exact centroids, lengths from counts each pass).
+    BA-VQ's evaluation rule argmax_k [ln Q-bar(k) - beta d] is this rule at lam = 1/beta for absolute temperature
+    and the same Q (docs/method.md, "ECVQ", says where the two part).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 decay: float = 0.99, epsilon: float = 1e-5, init: str = "uniform", cosine: bool = False,
+                 gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, ema_init_count: float = 0.0,
+                 ema_smoothing: str = "overwrite", ecvq_lambda: float = 0.1):
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, decay, epsilon, init, cosine,
+                         gradient_estimator, dead_code_threshold, ema_init_count, ema_smoothing)
+        self.lam = ecvq_lambda
+
+    def lengths(self) -> torch.Tensor:
+        """l(k) = -ln Q(k) (K,), nats, from the EMA cluster sizes as they are now."""
+        return ecvq_lengths(self.ema_cluster_size, self.epsilon)
+
+    def _assign(self, d: torch.Tensor) -> torch.Tensor:
+        if self.lam == 0:
+            return d.argmin(dim=1)                                        # VQ-EMA exactly
+        return (d + self.lam * self.lengths().to(d.dtype)[None, :]).argmin(dim=1)   # (N,)
+
+    def extra_metrics(self) -> dict:
+        """H(Q) = sum_k Q(k) l(k), the running marginal's entropy in nats (the mean code length the rule charges),
+        logged with every epoch."""
+        lengths = self.lengths()
+        return {"ecvq_marginal_entropy_nats": float(((-lengths).exp() * lengths).sum())}
 
 
 class VQQuantizer(CodebookQuantizer):
@@ -2022,6 +2109,7 @@ QUANTIZERS = {
     "lfq": LFQQuantizer,
     "rvq": ResidualVQQuantizer,
     "ibq": IBQQuantizer,
+    "ecvq": ECVQQuantizer,
 }
 
 

@@ -189,11 +189,13 @@ def small_model(name: str) -> vqvae.VQVAE:
     m = vqvae.VQVAE.from_config(vqvae.make_config({"quantizer": name, **SMALL, **extra}))
     if name == "ba_vq":         # a running marginal far from uniform: the eval codes are then not the nearest
         m.quantizer.log_q_bar.copy_(torch.randn(64).mul(3).log_softmax(0))
+    if name == "ecvq":          # uneven code lengths: the eval codes are then not the nearest either
+        m.quantizer.ema_cluster_size.copy_(torch.rand(64).mul(3).exp())
     return m.eval()
 
 
 def test_the_analysis_is_defined_for_every_quantizer_with_an_explicit_alphabet():
-    assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq"}
+    assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq", "ecvq"}
 
 
 @pytest.mark.parametrize("name", RD_QUANTIZERS)

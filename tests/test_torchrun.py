@@ -44,6 +44,7 @@ STEP_CASES = {
     "lfq": dict(quantizer="lfq"),
     "rvq": dict(quantizer="rvq", rvq_stages=2),
     "ibq": dict(quantizer="ibq", **STATEFUL),
+    "ecvq": dict(quantizer="ecvq", ecvq_lambda=0.5, **STATEFUL),
 }
 
 
