@@ -748,16 +748,24 @@ def frontier_plot(found: dict, roots: list, path: Path) -> None:
 FRONTIER_REFERENCE = "vq_ema_best_vq_ema"      # the group every other is set against at equal rate
 
 
-def frontier_report(roots: list, plot_path: Path | None = None) -> str:
+def frontier_report(roots: list, plot_path: Path | None = None, reference: str | None = None) -> str:
     """The frontier tables of the finished runs under ``roots`` (folders of run directories): PSNR and rate per
     group of seeds, the R(D) table where the runs have rate_distortion.json, and every group against the
-    ``FRONTIER_REFERENCE`` frontier at equal rate; with ``plot_path``, also the figure there."""
+    ``reference`` family's frontier at equal rate (a family: the run names without _k<K>_s<seed>, e.g.
+    vq_ema_best_vq_ema; None: ``FRONTIER_REFERENCE``, the table left out where it has no runs); with ``plot_path``,
+    also the figure there."""
     found, unfinished = frontier_groups([Path(r) for r in roots])
+    families = sorted({frontier_family(k) for k in found})
+    if reference is not None and reference not in families:
+        raise BavqError(f"No runs of the reference family '{reference}' under {', '.join(map(str, roots))}: the "
+                        f"families there are {', '.join(families)}. Pass one of them as the reference (tools/"
+                        "frontier_table.py --reference NAME), or add the reference's runs to the folders given.")
+    reference = reference or FRONTIER_REFERENCE
     out = [frontier_table(found, unfinished)]
-    if len(frontier_points(found, FRONTIER_REFERENCE)) > 1:
-        out.append(f"\nAt equal rate: each group against the `{FRONTIER_REFERENCE}` frontier, linearly interpolated in "
+    if len(frontier_points(found, reference)) > 1:
+        out.append(f"\nAt equal rate: each group against the `{reference}` frontier, linearly interpolated in "
                    f"bits per position between its measured points (groups outside its range of rates left out):\n")
-        out.append(equal_rate_table(found, FRONTIER_REFERENCE))
+        out.append(equal_rate_table(found, reference))
     if plot_path is not None:
         frontier_plot(found, [Path(r) for r in roots], Path(plot_path))
         out.append(f"\nplot written to {plot_path}")

@@ -107,3 +107,18 @@ def test_the_script_prints_the_librarys_report(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == A.frontier_report([tmp_path / "runs"], tmp_path / "f.png") + "\n"
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_another_reference_family_and_a_missing_one(tmp_path):
+    """--reference NAME sets the family every group is compared with at equal rate; a family that has no runs
+    there is a one-paragraph error naming the families that do (the default reference is simply left out)."""
+    import vqvae
+    for K, psnr, ppl in ((16, 20.0, 8.0), (64, 21.0, 32.0)):
+        fake_run(tmp_path / "runs", f"fsq_fsq_k{K}_s0", "fsq", K, psnr, ppl)
+    fake_run(tmp_path / "runs", "ecvq_lam0.1_ecvq_k64_s0", "ecvq", 64, 20.9, 16.0)
+    text = A.frontier_report([tmp_path / "runs"], reference="fsq_fsq")
+    assert "against the `fsq_fsq` frontier" in text and "| `ecvq_lam0.1_ecvq_k64` (1) |" in text
+    assert "At equal rate" not in A.frontier_report([tmp_path / "runs"])          # the default reference is absent
+    with pytest.raises(vqvae.BavqError, match="No runs of the reference family 'vq_ema_best_vq_ema'.*fsq_fsq") as e:
+        A.frontier_report([tmp_path / "runs"], reference="vq_ema_best_vq_ema")
+    assert "\n" not in str(e.value)
