@@ -52,7 +52,15 @@ def test_published_protocols_say_what_the_papers_used(path, expect):
     assert {k: getattr(cfg, k) for k in expect} == expect
     assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == [   # the protocols, and the reduced one's
         "cvq_vae.yaml", "original_code.yaml", "quickstart.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml",
-        "reduced_vq_ema_best.yaml", "reduced_vq_ema_full_usage.yaml", "vqwae_sqvae.yaml"]
+        "reduced_ecvq.yaml", "reduced_vq_ema_best.yaml", "reduced_vq_ema_full_usage.yaml", "vqwae_sqvae.yaml"]
+
+
+def test_the_ecvq_rung_is_vq_ema_best_plus_the_rate_term():
+    """configs/reduced_ecvq.yaml, the first rung of BA-VQ's gap ladder, changes exactly the quantizer (and sets
+    its lam): every other setting is configs/reduced_vq_ema_best.yaml's."""
+    ecvq, best = (vqvae.load_yaml_config(ROOT / "configs" / f) for f in ("reduced_ecvq.yaml", "reduced_vq_ema_best.yaml"))
+    assert {k: v for k, v in ecvq.items() if k not in ("quantizer", "ecvq_lambda")} == {k: v for k, v in best.items() if k != "quantizer"}
+    assert (ecvq["quantizer"], best["quantizer"]) == ("ecvq", "vq_ema")
 
 
 def test_mac_config_is_quick():
