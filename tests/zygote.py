@@ -62,7 +62,10 @@ def _answer(conn: socket.socket, pid: int) -> None:
 
 def serve(path: str) -> None:
     import importlib
-    for name in ("torch", "vqvae", "vqvae_experiment", "vqvae_grid"):     # the point: imported once, before any fork
+    # the point: imported once, before any fork; torch._dynamo (which the first AdamW step imports, with sympy)
+    # and torchvision (the pictures) cost a child about 1.5 s more when they are left to it
+    for name in ("torch", "torch._dynamo", "torchvision", "matplotlib.pyplot", "yaml", "vqvae", "vqvae_experiment",
+                 "vqvae_grid", "vqvae_analysis"):
         importlib.import_module(name)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path + ".tmp")
