@@ -28,16 +28,23 @@ import yaml
 import vqvae
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    # a flag that sets a Config field has the field's name (several values: the same name, as in train.py's
+    # grids); the older spellings (--quantizers, --codebook_sizes, --train_images, --val_images) still work
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dataset", default="folder", choices=list(vqvae.DATASETS))
     p.add_argument("--data_dir", default="./data")
-    p.add_argument("--quantizers", nargs="+", default=["vq_ema", "ba_vq"], choices=list(vqvae.QUANTIZERS))
-    p.add_argument("--codebook_sizes", nargs="+", type=int, default=[512, 2048, 8192])
+    p.add_argument("--quantizer", "--quantizers", dest="quantizers", nargs="+", default=["vq_ema", "ba_vq"],
+                   choices=list(vqvae.QUANTIZERS))
+    p.add_argument("--codebook_size", "--codebook_sizes", dest="codebook_sizes", nargs="+", type=int,
+                   default=[512, 2048, 8192])
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--train_images", type=int, default=50000, help="images per training epoch (0 = all)")
-    p.add_argument("--val_images", type=int, default=10000, help="images per validation pass (0 = all)")
+    p.add_argument("--train_subset", "--train_images", dest="train_images", type=int, default=50000,
+                   help="images per training epoch (0 = all)")
+    p.add_argument("--val_subset", "--val_images", dest="val_images", type=int, default=10000,
+                   help="images per validation pass (0 = all)")
     p.add_argument("--hidden_dim", type=int, default=128)
     p.add_argument("--latent_dim", type=int, default=256)
     p.add_argument("--warmup_epochs", type=int, default=1, help="untimed epochs first (compilation, autotuning)")
@@ -54,11 +61,17 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, YAML-typed (repeatable)")
     p.add_argument("--out", default="benchmark.json", help="JSON file for the results")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    for name, least in (("epochs", 1), ("repeats", 1), ("batch_size", 1), ("train_images", 0), ("val_images", 0),
-                        ("warmup_epochs", 0), ("profile", 0)):
+    for name, flag, least in (("epochs", "epochs", 1), ("repeats", "repeats", 1), ("batch_size", "batch_size", 1),
+                              ("train_images", "train_subset", 0), ("val_images", "val_subset", 0),
+                              ("warmup_epochs", "warmup_epochs", 0), ("profile", "profile", 0)):
         if getattr(args, name) < least:
-            p.error(f"--{name} must be >= {least} (got {getattr(args, name)})")
+            p.error(f"--{flag} must be >= {least} (got {getattr(args, name)})")
     return args
 
 

@@ -42,7 +42,7 @@ def rate_distortion_line(rd: dict) -> str:
             f"rate above the curve at that distortion (bits): {', '.join(parts)} -> {rd['written_to']}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("path", help="a run directory, or a folder of run directories (a grid)")
@@ -66,7 +66,11 @@ def main(argv=None) -> int:
     p.add_argument("--rd_repeats", type=int, default=1,
                    help="disjoint draws of positions; above 1 the gaps' spread over them is reported (default 1)")
     p.add_argument("--rd_seed", type=int, default=0, help="seed of the draws and of k-means (default 0)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         for flag, value, least in (("--rd_positions", args.rd_positions, 1), ("--rd_alphabet", args.rd_alphabet, 0),
                                    ("--rd_repeats", args.rd_repeats, 1)):

@@ -102,3 +102,41 @@ def test_under_torchrun_only_process_0_prints_a_configuration_error(monkeypatch,
     assert cli.main(["--dataset", "fake", "--lr", "-1"]) == 2          # every process exits 2
     err = capsys.readouterr().err
     assert ("lr must be > 0" in err) == printed and (err == "") != printed
+
+
+# --------------------------------------------------------------------------- one pattern for flag names
+
+
+def _flags(parser) -> dict:
+    """{option string: its argparse action} of a parser."""
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+RUN_CONTROL = {"-h", "--help", "--config", "--shard", "--jobs", "--summarize"}     # train.py's own, not settings
+
+
+def test_one_pattern_for_flag_names():
+    """A flag that sets a Config field has the field's name in every script (several values: the same name with
+    several arguments, as train.py's grids; train.py's booleans also --no_<field>); a script's own flags are named
+    for what they do (evaluate.py's R(D) options with an rd_ prefix). benchmark.py keeps its older spellings
+    (--quantizers, --codebook_sizes, --train_images, --val_images) as aliases of the field names."""
+    import benchmark
+    import train
+    fields = set(vqvae.config_fields())
+    train_flags = set(_flags(train.build_parser()))
+    assert {f for f in train_flags if f[2:] not in fields and f.removeprefix("--no_") not in fields} == RUN_CONTROL
+    bench = _flags(benchmark.build_parser())
+    for field in ("quantizer", "codebook_size", "train_subset", "val_subset", "batch_size", "hidden_dim",
+                  "latent_dim", "device", "dataset", "data_dir", "epochs"):
+        assert f"--{field}" in bench, field
+    for old, new in (("--quantizers", "--quantizer"), ("--codebook_sizes", "--codebook_size"),
+                     ("--train_images", "--train_subset"), ("--val_images", "--val_subset")):
+        assert bench[old] is bench[new]                                   # the same option
+    a = benchmark.parse_args(["--quantizer", "fsq", "lfq", "--codebook_size", "64", "--train_subset", "128"])
+    b = benchmark.parse_args(["--quantizers", "fsq", "lfq", "--codebook_sizes", "64", "--train_images", "128"])
+    assert vars(a) == vars(b) and a.quantizers == ["fsq", "lfq"] and a.codebook_sizes == [64]
+    import evaluate
+    ev = set(_flags(evaluate.build_parser()))
+    assert {f for f in ev if f[2:] not in fields} == {"-h", "--help", "--checkpoint", "--rate_distortion", "--rd_positions",
+                                                     "--rd_alphabet", "--rd_repeats", "--rd_seed"}
+
