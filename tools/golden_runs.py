@@ -68,6 +68,9 @@ RUNS = {
                           ba_codebook_loss="expected", ba_codebook_update="ema", init="kmeans",
                           dead_code_threshold=0.5, dead_code_every=2, beta_start=2.0, beta_end=20.0),
     "ba_vq_anneal_autograd": dict(quantizer="ba_vq", ba_decoder_input="anneal", ba_impl="autograd"),
+    "ibq": dict(quantizer="ibq"),
+    "ecvq_kmeans_restarts": dict(quantizer="ecvq", ecvq_lambda=0.5, init="kmeans", dead_code_threshold=0.5,
+                                 dead_code_every=2),
 }
 
 
