@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqvae import (BavqError, Config, LossGuard, Runtime, VQVAE, LossExploded, NonFiniteLoss, StopRequested, build_model,
-                   eval_batches, evaluating,
-                   config_fields, config_to_yaml, default_val_batch_size, evenly_spaced, frechet_distance, load_dataset,
-                   make_config, make_runtime, perplexity_from_counts, pick_device, seed_everything, setup_model, to_float,
-                   to_uint8, train_epoch, usage_from_counts, validate)
+from vqvae import (BavqError, Config, LossExploded, LossGuard, NonFiniteLoss, Runtime, StopRequested, VQVAE, build_model,
+                   config_fields, config_to_yaml, default_val_batch_size, eval_batches, evaluating, evenly_spaced,
+                   frechet_distance, load_dataset, make_config, make_runtime, perplexity_from_counts, pick_device,
+                   seed_everything, setup_model, to_float, to_uint8, train_epoch, usage_from_counts, validate)
 from vqvae_analysis import PaperMetrics, check_rate_distortion, latent_rate_distortion
 
 # the names this module hands out (also as vqvae.NAME)
