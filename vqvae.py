@@ -6,7 +6,7 @@ This module is the method; read it top to bottom:
                  and one comment each
     model        ResidualBlock, Encoder, Decoder, VQVAE
     quantizers   the Quantizer contract (with the remedies' hooks); the codebook remedies (init, restarts,
-                 CVQ, affine map); VQ-EMA, VQ, BA-VQ (the reference Blahut-Arimoto iteration), FSQ, SimVQ,
+                 CVQ, affine map); VQ-EMA, ECVQ, VQ, BA-VQ (the reference Blahut-Arimoto iteration), FSQ, SimVQ,
                  SQ-VAE, LFQ, IBQ, residual VQ; the QUANTIZERS registry
     metrics      perplexity, usage rate, PSNR, SSIM, rate (code entropy), Frechet distance
     training     train_epoch (one step in ~25 lines), validate, model/optimizer set-up
