@@ -2991,24 +2991,18 @@ def _metrics_problem(v: list) -> str | None:
                                                            f"{', '.join(EVAL_METRICS)})")
 
 
+def _allowed(options) -> tuple:
+    """A field's declared ``choices`` as a tuple (a registry's are a function, called now)."""
+    return tuple(options() if callable(options) else options)
+
+
 def field_choices() -> dict:
-    """{Config field: its allowed values} for every field declared with ``choices``; config checking
-    and the CLI (train.py) both read this."""
-    out = {}
-    for f in fields(Config):
-        options = f.metadata.get("choices")
-        if options is not None:
-            out[f.name] = tuple(options() if callable(options) else options)
-    return out
+    """{Config field: its allowed values} for every field declared with ``choices``; the CLI (train.py)
+    reads this, ``field_problems`` checks them."""
+    return {f.name: _allowed(f.metadata["choices"]) for f in fields(Config) if "choices" in f.metadata}
 
 
-BOUNDS = ("at_least", "above", "below", "at_most")
-
-
-def field_bounds() -> dict:
-    """{Config field: its numeric bounds} ({'at_least': 0, 'below': 1}, ...) as declared with ``setting``."""
-    out = {f.name: {k: v for k, v in f.metadata.items() if k in BOUNDS} for f in fields(Config)}
-    return {k: v for k, v in out.items() if v}
+BOUNDS = ("at_least", "above", "below", "at_most")      # the numeric bounds ``setting`` declares
 
 
 def _bound_problem(key: str, value, b: dict) -> str | None:
@@ -3032,7 +3026,7 @@ def field_problems(key: str, value) -> list:
     f = Config.__dataclass_fields__[key]
     rules, out = f.metadata, []
     if "choices" in rules:
-        options = tuple(rules["choices"]() if callable(rules["choices"]) else rules["choices"])
+        options = _allowed(rules["choices"])
         if value not in options:
             out.append(f"{key} '{value}' is unknown (choose from {', '.join(options)})")
     if isinstance(value, float) and not math.isfinite(value):

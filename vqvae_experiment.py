@@ -45,7 +45,8 @@ from vqvae_analysis import PaperMetrics, check_rate_distortion, latent_rate_dist
 
 # the names this module hands out (also as vqvae.NAME)
 __all__ = ["atomic_write_bytes", "WriteError", "atomic_torch_save", "atomic_write_text", "TrainingInterrupted",
-           "NonFiniteError", "SHAPE_KEYS", "CHECKPOINT_FORMAT", "checkpoint_epoch_number", "run_files", "run_dir_at", "run_dir_of",
+           "NonFiniteError", "SHAPE_KEYS", "CHECKPOINT_FORMAT", "checkpoint_epoch_number", "run_files", "run_dir_at",
+           "run_dir_of",
            "check_run_dir", "prepare_run_dir", "remove_stale_temporaries", "load_checkpoint", "latest_checkpoint",
            "resolve_resume_path", "resume_config", "RESUME_MAY_CHANGE", "RESUME_RECOVERY", "config_differences",
            "check_resumable", "DataParallel", "data_parallel_from_env", "CLAIM_FILE", "CLAIM_HEARTBEAT_S",
@@ -1158,13 +1159,12 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         raise TrainingInterrupted(_interrupted_message(epoch, s, path, run.run_dir)) from None
     run.partial_epoch = None
     evaluated = epoch == cfg.epochs or bool(cfg.eval_every and epoch % cfg.eval_every == 0)
-    pm = PaperMetrics(cfg.eval_metrics if evaluated else [], run.model.quantizer.num_embeddings)
-    run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress, rt=run.rt,
-                               observe=pm.add if pm.names else None)
+    run.val_metrics, paper = _validation_pass(run.model, run.val_u8, cfg, run.rt,
+                                              cfg.eval_metrics if evaluated else [], cfg.progress)
     if epoch == cfg.epochs:                                                       # reported by _finish
-        run.final_paper_metrics = pm.result()
+        run.final_paper_metrics = paper
     elif evaluated:
-        run.val_metrics.update(pm.result())
+        run.val_metrics.update(paper)
         run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
     record = _history_record(run, epoch, time.time() - t0)
     run.history.append(record)
@@ -1224,10 +1224,8 @@ def _finish(run: _Run) -> dict:
     """final_model.pt, the final pictures and final_metrics.json; returns the final metrics."""
     cfg, tr = run.cfg, run.train_metrics
     if not run.val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
-        pm = PaperMetrics(cfg.eval_metrics, run.model.quantizer.num_embeddings)
-        run.val_metrics = validate(run.model, run.val_u8, default_val_batch_size(cfg), progress=cfg.progress,
-                                   rt=run.rt, observe=pm.add if pm.names else None)
-        run.final_paper_metrics = pm.result()
+        run.val_metrics, run.final_paper_metrics = _validation_pass(run.model, run.val_u8, cfg, run.rt,
+                                                                    cfg.eval_metrics, cfg.progress)
     atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
     run.val_metrics.update(run.final_paper_metrics)
     run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
@@ -1305,6 +1303,16 @@ def check_metric_packages(names) -> None:
                         f"{', '.join(p.replace('_', '-') for p in missing)} (not installed). Install them with "
                         "pip install -r requirements-eval.txt (the metric weights are downloaded once, on first use), "
                         "or leave lpips/fid out of --eval_metrics. Nothing was run or written.")
+
+
+def _validation_pass(model: VQVAE, val_u8: torch.Tensor, cfg: Config, rt: Runtime, names,
+                     progress: bool = False) -> tuple[dict, dict]:
+    """(``validate``'s metrics at the run's validation batch size, the papers' conventions among ``names``
+    collected from the same pass): every validation of a run and of its evaluation."""
+    pm = PaperMetrics(names, model.quantizer.num_embeddings)
+    metrics = validate(model, val_u8, default_val_batch_size(cfg), progress=progress, rt=rt,
+                       observe=pm.add if pm.names else None)
+    return metrics, pm.result()
 
 
 def perceptual_metrics(model: VQVAE, images_u8: torch.Tensor, names, rt: Runtime | None = None) -> dict:
@@ -1410,9 +1418,8 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | Non
     amp = "off" if cfg.amp == "fp16" and dev.type != "cuda" else cfg.amp    # fp16 runs evaluate in float32 off CUDA
     rt = make_runtime(dataclasses.replace(cfg, device=str(dev), amp=amp), dev)
     names = cfg.eval_metrics if eval_metrics is None else eval_metrics
-    pm = PaperMetrics(names, model.quantizer.num_embeddings)
-    metrics = validate(model, val_u8, default_val_batch_size(cfg), rt=rt, observe=pm.add if pm.names else None)
-    metrics.update(pm.result())
+    metrics, paper = _validation_pass(model, val_u8, cfg, rt, names)
+    metrics.update(paper)
     metrics.update(perceptual_metrics(model, val_u8, names, rt))
     run_dir = Path(run_dir)
     try:
