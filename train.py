@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N runs of a grid at once on the same device (each with 1/N of the CPU threads; output "
                         "in <out_dir>/.grid_<name>.job<i>.log), for grids of small models that leave the device idle")
+    p.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
+                   help="with a --config file of named groups (its 'groups:' mapping, e.g. configs/frontier_reduced.yaml): "
+                        "run only these groups")
     p.add_argument("--summarize", action="store_true",
                    help="print the table of the grid <out_dir>/<name>_* from its run directories (finished, running, "
                         "stopped, failed, missing runs) and exit; runs nothing")
@@ -78,13 +81,30 @@ def configs_from_args(argv=None) -> tuple[list[vqvae.Config], bool]:
     args = vars(build_parser().parse_args(argv))
     for key in ("shard", "summarize", "jobs"):
         args.pop(key)
-    config_path = args.pop("config")
+    config_path, chosen = args.pop("config"), args.pop("groups")
     values = vqvae.load_yaml_config(config_path) if config_path else {}
     source = f"config file '{config_path}'" if config_path else "defaults"
+    groups = values.pop("groups", None)
+    if chosen is not None:
+        if not isinstance(groups, dict):
+            raise vqvae.BavqError(f"--groups chooses among the named groups of a config file, but {source} has none "
+                                  "('groups:'); drop --groups, or give a file of groups such as "
+                                  "configs/frontier_reduced.yaml with --config.")
+        unknown = [g for g in chosen if g not in groups]
+        if unknown:
+            raise vqvae.BavqError(f"--groups {' '.join(unknown)}: {source} has no such group; its groups are "
+                                  f"{', '.join(groups)}. Nothing was run.")
+        groups = {g: groups[g] for g in groups if g in chosen}
     # a YAML file may give lists for the sweep keys too
     grid = {k: values.pop(k) for k in vqvae_grid.SWEEP_KEYS if isinstance(values.get(k), list)}
-    grid.update({k: args.pop(k) for k in vqvae_grid.SWEEP_KEYS if k in args})
+    flag_keys = tuple(k for k in vqvae_grid.SWEEP_KEYS if k in args)
+    grid.update({k: args.pop(k) for k in flag_keys})
     grid = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
+    if groups is not None:                               # a grid of named groups (the ladder, a frontier)
+        if args.get("resume"):
+            raise vqvae.BavqError(f"--resume continues one run, but {source} is a grid of groups. Re-run the grid "
+                                  "command instead: it resumes the grid's interrupted runs by itself.")
+        return vqvae_grid.group_configs(values, groups, grid, args, source, fixed=flag_keys), True
     if args.get("resume"):
         if any(len(v) > 1 for v in grid.values()):
             raise vqvae.BavqError("--resume continues one run; it cannot be combined with several values of "

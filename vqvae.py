@@ -93,7 +93,7 @@ class Config:
     val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq
     codebook_size: int = setting(512, at_least=2)  # K, number of codes
     latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
@@ -127,6 +127,11 @@ class Config:
     rvq_codebook: str = setting("encodec", choices=("encodec", "fixed"))  # encodec (its code: k-means leaves EMA sums = centroids; a replacement is overwritten by the same step's EMA) | fixed (sums = count x centroid; a replaced code's EMA restarts from it)
     # --- ECVQ (Chou, Lookabaugh & Gray 1989) -----------------------------------------------
     ecvq_lambda: float = setting(0.1, at_least=0)  # lam in argmin_k d(z, e_k) + lam (-ln Q(k)), nats: sets the rate (0 = vq_ema exactly)
+    # --- OptVQ (Zhang et al. 2024; the authors' CIFAR-10 config) ----------------------------
+    optvq_heads: int = setting(4, at_least=1)  # split each latent into this many sub-vectors (heads), each coded from one shared codebook of K codes (their CIFAR-10 config: 4)
+    optvq_epsilon: float = setting(10.0, above=0)  # eps in the Sinkhorn kernel exp(-eps C~), C~ the normalised distance matrix (theirs: 10)
+    optvq_iterations: int = setting(5, at_least=1)  # Sinkhorn iterations (theirs: 5)
+    optvq_eval: str = setting("sinkhorn", choices=("sinkhorn", "nearest"))  # evaluation codes: sinkhorn (the authors': over the eval batch, batch-dependent) | nearest (each latent on its own)
     # --- BA-VQ (Blahut 1972, Arimoto 1972) --------------------------------------------------
     beta_start: float = setting(0.1, above=0) # inverse temperature at the first training step
     beta_end: float = 5.0                     # inverse temperature at the last step (cosine schedule, per step)
@@ -138,7 +143,8 @@ class Config:
     ba_temperature: str = setting("absolute", choices=("absolute", "relative"))  # beta multiplies: absolute d(x,k) (original code) | relative d / d-bar, d-bar the batch's mean distance (scale-free)
     ba_decoder_input: str = setting("soft", choices=("soft", "hard", "anneal"))  # training decoder input: soft P.E (original code) | hard (argmax-P code) | anneal ((1-lam) P.E + lam hard, lam 0 -> 1 like beta)
     ba_codebook_loss: str = setting("mixture", choices=("mixture", "expected"))  # codebook term: mixture mse(sg[z], P.E) | expected sum_k P(k|x) |sg[z] - e_k|^2 / D (BA's centroid step)
-    ba_codebook_update: str = setting("gradient", choices=("gradient", "ema"))  # codebook learned by: gradient (original code) | ema (soft VQ-EMA: EMA of soft counts and sums, decay, epsilon)
+    ba_codebook_update: str = setting("gradient", choices=("gradient", "ema", "ema_hard"))  # codebook learned by: gradient (original code) | ema (soft VQ-EMA: EMA of soft counts and sums, decay, epsilon) | ema_hard (VQ-EMA's update of the argmax codes)
+    ba_assignment: str = setting("soft", choices=("soft", "hard"))  # BA's P(k|x): soft (softmax, the original code) | hard (one-hot argmax_k log Q(k) - beta d, ECVQ's rule at lam = 1/beta; Q the hard histogram)
     ba_impl: str = setting("fused", choices=("fused", "autograd"))  # fused (one pass, exact hand-written backward, row chunks) | autograd (reference)
     ba_chunk_rows: int = setting(0, at_least=0)  # fused BA: rows per chunk of the (N, K) matrices (0 = auto: ~16M elements on a GPU, ~4M elsewhere)
     # --- collapse remedies (off by default; codebook quantizers vq_ema, vq, ba_vq) ---------
@@ -479,16 +485,18 @@ class Quantizer(nn.Module):
       z_q        (B, D, H, W), what the decoder sees, with the gradient path to the encoder;
       loss_dict  {name: 0-dim float32 tensor}, already weighted, keys exactly ``loss_names``; the
                  training loss is recon_loss + w * sum(loss_dict.values()) (w: loss warm-up);
-      info       ``code_indices`` (B, H, W) long (a quantizer with S codes per position: (B, S, H, W)),
+      info       ``code_indices`` (B, H, W) long (S = ``codes_per_position`` > 1: (B, S, H, W)),
                  ``code_counts`` (num_embeddings,) long, the histogram of those indices, ``perplexity`` and
-                 ``usage_rate`` (0-dim tensors, no host sync); optionally ``z_q_soft`` (B, D, H, W),
-                 a second decoder input that validation reports as ``psnr_soft``.
+                 ``usage_rate`` (0-dim tensors, no host sync); optionally, in eval mode,
+                 ``other_decoder_inputs`` {name: (B, D, H, W)}, more decoder inputs that validation reports as
+                 ``psnr_<name>`` (BA-VQ's soft P.E: ``psnr_soft``).
     In eval mode forward changes no state (validation leaves ``state_dict()`` bit-identical).
 
     What the training loop, validation, logging and config checking ask of a quantizer (and nothing
     else: no code outside a quantizer tests its name or class):
     """
     loss_names: tuple = ()               # keys of loss_dict (history and final_metrics get stable columns)
+    codes_per_position: int = 1          # codes that one latent position carries (residual VQ's stages, OptVQ's heads)
     batch_dependent_codes: bool = False  # a latent's code depends on the rest of its batch: validate at
                                          # the training batch size
     has_codebook: bool = False           # the codebook remedies apply (init, dead-code restarts, cosine,
@@ -499,7 +507,7 @@ class Quantizer(nn.Module):
     train_metrics: tuple = ()            # 0-dim tensors in info that training epochs report (sample-weighted
                                          # mean over the epoch's steps), e.g. BA-VQ's regime diagnostics
     remedies_note: str = "which has no codebook"   # why the codebook remedies do not apply (has_codebook False)
-    alphabet_note: str = "it has no explicit alphabet of decoder inputs"   # why rate_distortion_source is None
+    alphabet_note: str = "it has no explicit alphabet of decoder inputs"   # why rate_distortion_source is None ("": it is not)
 
     image_values_per_position: int = 48  # image values (channels x pixels) one latent position stands for;
                                          # set by VQVAE (3 x 4 x 4 for its 4x-downsampling encoder)
@@ -559,6 +567,12 @@ class Quantizer(nn.Module):
     def config_problems(cls, cfg: Config) -> list:
         """Problems of ``cfg`` that only this quantizer knows about (one sentence each)."""
         return []
+
+    @classmethod
+    def batch_dependent(cls, cfg: Config) -> bool:
+        """Whether, under ``cfg``, a latent's evaluation code depends on the rest of its batch (validation then
+        runs at the training batch size, and the frontier marks the run): ``batch_dependent_codes`` by default."""
+        return cls.batch_dependent_codes
 
     @classmethod
     def complete_config(cls, given: dict) -> dict:
@@ -1167,6 +1181,29 @@ def blahut_arimoto(distances: torch.Tensor, beta, iterations: int,
     return log_p, log_q
 
 
+@torch.no_grad()
+def blahut_arimoto_hard(distances: torch.Tensor, beta, iterations: int,
+                        log_q0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blahut_arimoto`` with one-hot P (``--ba_assignment hard``): from Q(k) = 1/K (or exp(``log_q0``)), repeat
+
+        k(x) = argmax_k [log Q(k) - beta d(x,k)]       (ECVQ's rule at lam = 1/beta, lengths -log Q)
+        Q(k) = n_k / N                                  (the batch's histogram of those codes)
+
+    so a code that no row chose gets Q = 0 (infinite length) and cannot be chosen in later iterations (ECVQ's batch
+    algorithm drops such codes too). With ``log_q0`` = log Q-bar and one iteration it is ECVQ's rule with Q-bar as
+    the running marginal. Returns (indices (N,), log Q (K,), -inf for unused codes), no gradient. Ties go to the
+    lowest index (argmax of the first maximum)."""
+    N, K = distances.shape
+    neg_beta_d = -beta * distances                                                   # (N, K)
+    log_q = (torch.full((K,), -math.log(K), dtype=distances.dtype, device=distances.device) if log_q0 is None
+             else log_q0.to(distances.dtype))
+    indices = None
+    for _ in range(iterations):
+        indices = (neg_beta_d + log_q[None, :]).argmax(dim=1)                        # (N,)
+        log_q = torch.log(code_histogram(indices, K).to(distances.dtype) / N)        # (K,), -inf where unused
+    return indices, log_q
+
+
 def rate_distortion_point(distances: torch.Tensor, log_p: torch.Tensor,
                           source_weights: torch.Tensor | None = None) -> tuple[float, float]:
     """(R in bits, D) of the conditional P(k|x) (``log_p``, (N, K)) on a source with probabilities
@@ -1199,7 +1236,7 @@ class BAQuantizer(CodebookQuantizer):
     Eval forward: every latent is assigned on its own, with no statistic of the batch (as batch
     norm uses its running statistics):  P(k|x) = Q-bar(k) exp(-beta d(x,k)) / sum_j (...), hard code
     argmax_k [log Q-bar(k) - beta d(x,k)], z_q = that code, so validation measures the discrete
-    bottleneck; the soft P.E is returned as ``info['z_q_soft']`` and the rate
+    bottleneck; the soft P.E is returned as ``info['other_decoder_inputs']['soft']`` and the rate
     I(X;K) = H(Q-bar) - mean_x H(P(.|x)) (bits) as ``info['mutual_information_bits']``. The eval
     losses use P and H(Q-bar) in place of the batch's.
 
@@ -1252,8 +1289,9 @@ class BAQuantizer(CodebookQuantizer):
             problems.append(f"{_they(used, 'applies', 'apply')} to vq's hard codes, not to ba_vq, whose decoder input is "
                             "the soft P.E")
         used = remedies_in_use(cfg, ("cvq", "affine_reparam"))
-        if cfg.ba_codebook_update == "ema" and used:
-            problems.append(f"{_they(used, 'acts', 'act')} on a codebook learned by gradient, but --ba_codebook_update ema "
+        if cfg.ba_codebook_update != "gradient" and used:
+            problems.append(f"{_they(used, 'acts', 'act')} on a codebook learned by gradient, but --ba_codebook_update "
+                            f"{cfg.ba_codebook_update} "
                             "recomputes the codes from their EMA sums every step (use --ba_codebook_update gradient)")
         return problems
 
@@ -1266,18 +1304,20 @@ class BAQuantizer(CodebookQuantizer):
                  ba_decoder_input: str = "soft", ba_codebook_loss: str = "mixture", ba_codebook_update: str = "gradient",
                  epsilon: float = 1e-5, cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
-                 affine_momentum: float = 0.1, affine_lr: float = 1.0, ema_smoothing: str = "overwrite"):
+                 affine_momentum: float = 0.1, affine_lr: float = 1.0, ema_smoothing: str = "overwrite",
+                 ba_assignment: str = "soft"):
         super().__init__()
+        self.ba_assignment = ba_assignment
         self.ba_impl, self.ba_chunk_rows, self.ba_prior, self.marginal_decay = ba_impl, ba_chunk_rows, ba_prior, marginal_decay
         self.ba_temperature, self.ba_decoder_input, self.ba_codebook_loss = ba_temperature, ba_decoder_input, ba_codebook_loss
         self.ba_codebook_update, self.epsilon, self.ema_smoothing = ba_codebook_update, epsilon, ema_smoothing
-        self.ema_codes = ba_codebook_update == "ema"
+        self.ema_codes = ba_codebook_update != "gradient"
         self.hard_weight = 0.0                                           # lam of --ba_decoder_input anneal
         codebook = self._setup(num_embeddings, embedding_dim, init, cosine, gradient_estimator,
                                dead_code_threshold, decay)
         self.commitment_cost, self.entropy_cost, self.codebook_cost = commitment_cost, entropy_cost, codebook_cost
         self.beta_start, self.beta_end, self.ba_iterations = beta_start, beta_end, ba_iterations
-        if ba_codebook_update == "ema":                                  # E, (K, D), from its EMA sums
+        if self.ema_codes:                                               # E, (K, D), from its EMA sums
             self.register_buffer("codebook", codebook)
             self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))  # N, soft counts (K,): 1 each
             self.register_buffer("ema_w", codebook.clone())                       # m = N x code, (K, D)
@@ -1332,7 +1372,8 @@ class BAQuantizer(CodebookQuantizer):
             else:
                 a = self._assign_each(z_flat, E, beta)
             log_q, indices = a["log_q"], a["indices"]
-            entropy = -(log_q.exp() * log_q).sum()                        # H(Q) (eval: H(Q-bar)), nats
+            entropy = -torch.where(log_q > -math.inf, log_q.exp() * log_q, 0.0).sum()  # H(Q) (eval: H(Q-bar)), nats
+                                                                          # (0 ln 0 = 0: hard Q drops codes)
             z_q_flat = self._decoder_input(a["z_q_soft"], E[indices])     # (N, D), what the decoder sees
             losses = {
                 "commitment_loss": self.commitment_cost * F.mse_loss(z_flat, self._commitment_target(a, z_q_flat)),
@@ -1352,13 +1393,13 @@ class BAQuantizer(CodebookQuantizer):
                 self._track(z_flat, stats["code_counts"])
                 self._cvq_step(z_flat, stats["code_counts"])
                 if self.ema_codes:
-                    self._soft_ema_update(a["counts"], a["sums"])
+                    self._soft_ema_update(*self._ema_counts_sums(a, z_flat, stats["code_counts"]))
             z_q = _unflatten_latents(self._estimate(z_flat, z_q_flat.detach()), z.shape)  # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **stats,
                 "beta": self.beta.detach().clone(), "entropy": entropy.detach(),
                 **self._diagnostics(a["diag"], z_flat.shape[0], E.shape[0], beta, entropy)}
         if not self.training:
-            info["z_q_soft"] = _unflatten_latents(a["z_q_soft"], z.shape)
+            info["other_decoder_inputs"] = {"soft": _unflatten_latents(a["z_q_soft"], z.shape)}
             h_q_bar = -(self.log_q_bar.double().exp() * self.log_q_bar.double()).sum()
             info["mutual_information_bits"] = ((h_q_bar - a["cond_entropy"]) / math.log(2.0)).float()
         return z_q, losses, info
@@ -1378,6 +1419,14 @@ class BAQuantizer(CodebookQuantizer):
         differs in the assignment alone. It is the codebook step of BA / deterministic annealing (each code at
         the centroid of its soft assignments) as a running average; hard P gives VQ-EMA's update."""
         self._ema_codebook_step(counts, sums, overwrite=self.ema_smoothing == "overwrite")
+
+    def _ema_counts_sums(self, a: dict, z_flat: torch.Tensor, code_counts: torch.Tensor) -> tuple:
+        """What the codebook's EMA averages: the soft counts sum_x P(k|x) and sums P^T sg[z] (ema), or the hard
+        counts and sums of the argmax codes (ema_hard: VQ-EMA's update; with --ba_assignment hard the two agree)."""
+        if self.ba_codebook_update == "ema":
+            return a["counts"], a["sums"]
+        sums = torch.zeros_like(self.ema_w).index_add_(0, a["indices"], z_flat.detach().to(self.ema_w.dtype))  # (K, D)
+        return code_counts.to(self.ema_w.dtype), sums
 
     def _reset_usage(self, dead: torch.Tensor, new: torch.Tensor) -> None:
         super()._reset_usage(dead, new)
@@ -1442,12 +1491,15 @@ class BAQuantizer(CodebookQuantizer):
         computed: None, or an empty tensor from the fused pass), diag: the diagnostics' sums (5,)}."""
         log_q0 = self.log_q_bar.to(z_flat.dtype) if self.ba_prior == "ema" else None
         expected = self._expected_term
+        soft_sums = expected or self.ba_codebook_update == "ema"
         N = z_flat.shape[0]
+        if self.ba_assignment == "hard":
+            return self._ba_hard(z_flat, E, beta, log_q0, soft_sums)
         if self.ba_impl == "fused":
             # one BA pass; z_q_soft carries gradient to E only (sg[z]), log Q to z and E
             z_q_soft, log_q, indices, diag, sums = ba_soft_quantize(
                 z_flat, E, beta, self.ba_iterations, self.ba_chunk_rows, self._ba_kernels, log_q0,
-                full=True, centroid_sums=expected or self.ema_codes, workspace=self._ba_workspace)
+                full=True, centroid_sums=soft_sums, workspace=self._ba_workspace)
             counts = (log_q.detach() + math.log(N)).exp()                 # sum_x P_T(k|x) = N Q_T(k)
             return {"z_q_soft": z_q_soft, "z_q_cb": z_q_soft, "log_q": log_q, "indices": indices,
                     "counts": counts, "sums": sums, "diag": diag}
@@ -1464,9 +1516,24 @@ class BAQuantizer(CodebookQuantizer):
             p = log_p.exp()
             diag = torch.cat([distance_sums(d), assignment_sums(log_p, p)])
             counts = p.sum(0)                                             # (K,)
-            sums = p.t() @ z_flat if expected or self.ema_codes else None  # (K, D)
+            sums = p.t() @ z_flat if soft_sums else None                  # (K, D)
         return {"z_q_soft": z_q_soft, "z_q_cb": z_q_cb, "log_q": log_q, "indices": log_p.argmax(dim=1),
                 "counts": counts, "sums": sums, "diag": diag}
+
+    def _ba_hard(self, z_flat: torch.Tensor, E: torch.Tensor, beta, log_q0, sums: bool) -> dict:
+        """--ba_assignment hard: ``blahut_arimoto_hard`` on the batch (no gradient through the assignment), P one-hot.
+        The decoder input and the codebook term's P.E are the chosen codes E[k] (gradient to E only); H(Q) of the
+        histogram has no gradient, so the entropy loss does nothing here. Same returns as ``_ba``."""
+        with torch.no_grad():
+            d = squared_distances(z_flat.detach(), E.detach())                           # (N, K)
+            indices, log_q = blahut_arimoto_hard(d, beta, self.ba_iterations, log_q0)
+            counts = code_histogram(indices, E.shape[0]).to(z_flat.dtype)                 # (K,)
+            N = z_flat.shape[0]
+            diag = torch.cat([distance_sums(d), d.new_tensor([0.0, float(N)])])          # H(P(.|x)) = 0, max P = 1
+            s = torch.zeros_like(E).index_add_(0, indices, z_flat.detach()) if sums else None   # (K, D)
+        z_q = E[indices]                                                                  # (N, D)
+        return {"z_q_soft": z_q, "z_q_cb": z_q, "log_q": log_q, "indices": indices, "counts": counts, "sums": s,
+                "diag": diag}
 
     def _assign_each(self, z_flat: torch.Tensor, E: torch.Tensor, beta):
         """Evaluation: each latent on its own, P(k|x) = softmax_k(log Q-bar(k) - beta d(x,k)), in row
@@ -1481,6 +1548,13 @@ class BAQuantizer(CodebookQuantizer):
         for s in range(0, N, C):
             d = squared_distances(z_flat[s:s + C], E)                                     # (C, K)
             log_p = torch.log_softmax(log_q_bar - beta * d, dim=1)                        # (C, K)
+            if self.ba_assignment == "hard":                                              # P one-hot at the argmax
+                idx = log_p.argmax(dim=1)
+                p = F.one_hot(idx, E.shape[0]).to(d.dtype)                                # (C, K)
+                parts.append((p @ E, idx, d.new_zeros((), dtype=torch.float64),           # H(P(.|x)) = 0
+                              torch.cat([distance_sums(d), d.new_tensor([0.0, float(d.shape[0])])]),
+                              p.sum(0), p.t() @ z_flat[s:s + C] if expected else None))
+                continue
             p = exp_normal(log_p)
             parts.append((p @ E, log_p.argmax(dim=1), -(p * log_p).sum(1).double().sum(),  # float64: I(X;K) is a
                           torch.cat([distance_sums(d), assignment_sums(log_p, p)]),       # small difference of
@@ -1647,6 +1721,195 @@ class SimVQQuantizer(Quantizer):
                       "codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e)}
             z_q = _unflatten_latents(straight_through(z_flat, e.detach()), z.shape)   # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
+OPTVQ_STD_GUARD = 1e-6          # OptVQ's code: added to the std when the distances are z-scored
+OPTVQ_SUM_GUARD = 1e-8          # OptVQ's code: added to every sum that Sinkhorn divides by
+
+
+def optvq_normalized_cost(dist: torch.Tensor) -> torch.Tensor:
+    """OptVQ's cost normalisation (their ``normalize_mode`` "all"): the (N, K) Euclidean distances z-scored over the
+    whole matrix, (C - mean C) / (std C + 1e-6) with the unbiased std, then shifted so that the minimum is 0."""
+    c = (dist - dist.mean()) / (dist.std() + OPTVQ_STD_GUARD)
+    return c - c.min()
+
+
+def optvq_sinkhorn(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """OptVQ's transport plan (their ``sinkhorn``, plain domain as they wrote it) for the cost C (N, K): the Gibbs
+    kernel exp(-eps C), normalised to total mass 1, then ``iterations`` times every code's column scaled to mass 1/K
+    and every latent's row to mass 1/N (each sum + 1e-8); returned times N, so each row sums to 1. The last step fixes
+    the rows, so the codes' marginal is uniform only approximately after a few iterations. (N, K)."""
+    N, K = cost.shape
+    P = torch.exp(-cost * epsilon)                                                    # (N, K)
+    P = P / (P.sum() + OPTVQ_SUM_GUARD)
+    for _ in range(iterations):
+        P = P / (P.sum(0, keepdim=True) + OPTVQ_SUM_GUARD) / K                        # codes -> 1/K each
+        P = P / (P.sum(1, keepdim=True) + OPTVQ_SUM_GUARD) / N                        # latents -> 1/N each
+    return P * N
+
+
+def combined_code_metrics(indices: torch.Tensor, K: int) -> dict:
+    """Metrics of the combined code of each position, the tuple (k_1, .., k_S) of its S codes from an alphabet of K
+    (indices (N, S, ...)), as one mixed-radix number: distinct tuples used, their perplexity and entropy in bits."""
+    S = indices.shape[1]
+    k = indices.transpose(0, 1).reshape(S, -1)                              # (S, positions)
+    if K ** S >= 2 ** 63:                                                    # too many tuples for one int64
+        combined = torch.unique(k, dim=1, return_counts=True)[1]
+    else:
+        radix = torch.tensor([K ** s for s in range(S)], device=k.device)
+        combined = torch.unique((k * radix[:, None]).sum(0), return_counts=True)[1]
+    return {"combined_codes": int(combined.numel()), "combined_perplexity": float(perplexity_from_counts(combined)),
+            "combined_entropy_bits": float(entropy_bits(combined))}
+
+
+class OptVQQuantizer(Quantizer):
+    """OptVQ (Zhang et al. 2024, "Preventing Local Pitfalls in Vector Quantization via Optimal Transport", arXiv
+    2412.15195) as the authors' code (zbr17/OptVQ, src/optvq/models/quantizer.py: VectorQuantizerSinkhorn, sinkhorn)
+    under their CIFAR-10 config (configs/cifar10/optvq.yaml), where it differs from the class defaults.
+
+    Codes e = W c_k + b: a table C (K, d) ~ N(0, 1) (nn.Embedding's init) through a learned nn.Linear(d, d) (weight
+    N(0, 1/d), PyTorch's default bias), both trained. Each latent (D channels) is cut into ``optvq_heads`` contiguous
+    sub-vectors of d = D / heads channels (their config: 4), all coded from the one codebook in one transport problem.
+    Assignment, under no gradient, for the batch's N sub-vectors:
+
+        C~ = optvq_normalized_cost(|x - e_k|)   (Euclidean distance, z-scored over the (N, K) matrix, min 0)
+        P  = optvq_sinkhorn(C~, eps, iterations) (a plan with rows ~1 and code masses ~N/K: the uniform marginal)
+        k(x) = argmax_k P(x, k)                  (their use_prob False; the class default samples from P)
+
+    so the codes are forced toward equal use (BA-VQ re-estimates the marginal instead; docs/method.md, "OptVQ").
+    Loss (their loss_q_type l2, beta 0.25, the weights the other way round from VQ-VAE's):
+        commitment_cost * mse(x, sg[e_k]) + codebook_cost * mse(sg[x], e_k)     (1 and 0.25)
+    and the straight-through estimator. Evaluation (``optvq_eval``): ``sinkhorn``, as their code, runs the same
+    transport over the evaluation batch, so a latent's code depends on its batch (``batch_dependent``: validation runs
+    at the training batch size); ``nearest`` codes each latent on its own by the nearest code. Either way validation
+    also reports the other rule's reconstruction (``psnr_nearest`` or ``psnr_sinkhorn``) and the share of codes on
+    which the two agree (``code_agreement``). With several heads a position carries several codes:
+    ``code_indices`` is (B, heads, H, W), the histogram has heads x K entries (head h owns [h K, (h+1) K)), the rate
+    ``code_entropy_bits`` is the sum of the heads' code entropies (an upper bound on the position's entropy; the
+    tuple's own is ``combined_entropy_bits``). The codebook remedies do not apply (their code has none).
+    """
+    loss_names = ("commitment_loss", "codebook_loss")
+    eval_metrics = ("code_agreement",)
+    remedies_note = "whose codes are a learned table through a learned linear layer, assigned by optimal transport"
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """Their loss weights where the shared fields were not given: commitment 1, codebook (their beta) 0.25."""
+        return {"commitment_cost": 1.0, "codebook_cost": 0.25, **given}
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        if cfg.latent_dim % cfg.optvq_heads:
+            return [f"optvq_heads {cfg.optvq_heads} must divide latent_dim {cfg.latent_dim} (each head codes "
+                    f"latent_dim / heads channels); choose a divisor, e.g. --optvq_heads 1"]
+        return []
+
+    @classmethod
+    def batch_dependent(cls, cfg: Config) -> bool:
+        return cfg.optvq_eval == "sinkhorn"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 1.0,
+                 codebook_cost: float = 0.25, optvq_heads: int = 4, optvq_epsilon: float = 10.0,
+                 optvq_iterations: int = 5, optvq_eval: str = "sinkhorn"):
+        super().__init__()
+        self.codes_per_head, self.heads = num_embeddings, optvq_heads
+        self.codes_per_position = optvq_heads
+        self.num_embeddings = optvq_heads * num_embeddings                   # histogram size, heads x K
+        self.embedding_dim, self.head_dim = embedding_dim, embedding_dim // optvq_heads
+        self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
+        self.epsilon, self.iterations, self.eval_rule = optvq_epsilon, optvq_iterations, optvq_eval
+        self.alphabet_note = " and ".join(
+            ([f"with {optvq_heads} heads a position is reproduced by a tuple of codes, an alphabet of K^{optvq_heads} "
+              "vectors that is not enumerated (--optvq_heads 1 for the analysis)"] if optvq_heads > 1 else []) +
+            (["its evaluation codes (--optvq_eval sinkhorn) depend on the batch, not on each latent alone "
+              "(--optvq_eval nearest for the analysis)"] if optvq_eval == "sinkhorn" else []))
+        d = self.head_dim
+        self.table = nn.Parameter(torch.randn(num_embeddings, d))         # C, (K, d): nn.Embedding's N(0, 1)
+        self.proj = nn.Linear(d, d)                                       # W, b
+        nn.init.normal_(self.proj.weight, std=d ** -0.5)
+
+    def codes(self) -> torch.Tensor:
+        """e = C W^T + b, (K, d), differentiable in C, W and b."""
+        return F.linear(at_least_f32(self.table), at_least_f32(self.proj.weight), at_least_f32(self.proj.bias))
+
+    def _sub_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B*H*W*heads, d): each position's D channels cut into ``heads`` contiguous chunks, row
+        r = (position r // heads, head r % heads), as their view(-1, d)."""
+        return _flatten_latents(z).reshape(-1, self.head_dim)
+
+    def assign(self, x: torch.Tensor, E: torch.Tensor, rule: str) -> torch.Tensor:
+        """Codes (N,) of the rows x (N, d): ``sinkhorn`` (the batch's transport plan's argmax) or ``nearest``."""
+        with torch.no_grad():
+            d2 = squared_distances(x, E)                                  # (N, K)
+            if rule == "nearest":
+                return d2.argmin(dim=1)
+            cost = optvq_normalized_cost(d2.clamp_min(0).sqrt())          # Euclidean, as their cdist
+            return optvq_sinkhorn(cost, self.epsilon, self.iterations).argmax(dim=1)
+
+    def _index_layout(self, idx: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+        """(B*H*W*heads,) -> (B, H, W) with one head, else (B, heads, H, W)."""
+        idx = idx.reshape(B, H, W, self.heads)
+        return idx[..., 0] if self.heads == 1 else idx.permute(0, 3, 1, 2)
+
+    def _histogram(self, idx: torch.Tensor) -> torch.Tensor:
+        """(heads x K,) counts: head h's code k at h K + k."""
+        owner = torch.arange(self.heads, device=idx.device).repeat(idx.numel() // self.heads) * self.codes_per_head
+        return code_histogram(idx + owner, self.num_embeddings)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) or (B, heads, H, W) -> (B, D, H, W)."""
+        if self.heads == 1:
+            indices = indices[:, None]
+        B, S, H, W = indices.shape
+        e = self.codes()[indices.permute(0, 2, 3, 1)]                    # (B, H, W, heads, d)
+        return e.reshape(B, H, W, S * self.head_dim).permute(0, 3, 1, 2)
+
+    def histogram_metrics(self, counts: torch.Tensor, n_images: int) -> dict:
+        if self.heads == 1:
+            return {}
+        per_head = counts.reshape(self.heads, self.codes_per_head)        # (heads, K)
+        out, bits = {}, 0.0
+        for h, c in enumerate(per_head, 1):
+            out[f"head{h}_perplexity"] = float(perplexity_from_counts(c))
+            bits += float(entropy_bits(c))
+        out["shared_usage_rate"] = float(usage_from_counts(per_head.sum(0)))   # codes used by any head
+        positions = float(per_head[0].sum()) / max(n_images, 1)
+        return {**out, "code_entropy_bits": bits, "bits_per_image": bits * positions}
+
+    def code_set_metrics(self, indices: torch.Tensor) -> dict:
+        return {} if self.heads == 1 else combined_code_metrics(indices, self.codes_per_head)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The latents and the projected codes, with one head and per-latent evaluation (``alphabet_note`` says why
+        not otherwise); the sub-vectors in the order of ``code_indices`` in general."""
+        return None if self.alphabet_note else (self._rows_in_code_order(z), self.codes())
+
+    def _rows_in_code_order(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> the sub-vectors (B*heads*H*W, d) in the order of ``code_indices`` flattened."""
+        B, D, H, W = z.shape
+        x = at_least_f32(z.reshape(B, self.heads, self.head_dim, H, W).permute(0, 1, 3, 4, 2))   # (B, heads, H, W, d)
+        return x.reshape(-1, self.head_dim)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            x = self._sub_vectors(z)                                      # (N, d), N = B*H*W*heads
+            E = self.codes()                                              # (K, d)
+            rule = "sinkhorn" if self.training else self.eval_rule
+            idx = self.assign(x, E, rule)                                 # (N,)
+            e = F.embedding(idx, E)                                       # (N, d), differentiable in C, W, b
+            losses = {"commitment_loss": self.commitment_cost * F.mse_loss(x, e.detach()),
+                      "codebook_loss": self.codebook_cost * F.mse_loss(x.detach(), e)}
+            z_q = _unflatten_latents(straight_through(x, e.detach()).reshape(B * H * W, -1), z.shape)   # (B, D, H, W)
+            counts = self._histogram(idx)
+        info = {"code_indices": self._index_layout(idx, B, H, W), "code_counts": counts,
+                "perplexity": perplexity_from_counts(counts), "usage_rate": usage_from_counts(counts)}
+        if not self.training:                                             # the other rule, for comparison
+            other = "nearest" if rule == "sinkhorn" else "sinkhorn"
+            idx2 = self.assign(x, E, other)
+            info["other_decoder_inputs"] = {other: _unflatten_latents(E[idx2].reshape(B * H * W, -1), z.shape)}
+            info["code_agreement"] = (idx2 == idx).float().mean()
         return z_q, losses, info
 
 
@@ -1991,6 +2254,7 @@ class ResidualVQQuantizer(Quantizer):
         super().__init__()
         self.codes_per_stage, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings = rvq_stages * num_embeddings                       # histogram size, S x K
+        self.codes_per_position = rvq_stages
         self.commitment_cost, self.cosine = commitment_cost, False
         self.kmeans_iters, self.expire_threshold, self.fixed = rvq_kmeans_iters, rvq_dead_code_threshold, rvq_codebook == "fixed"
         self.stages = nn.ModuleList(
@@ -2031,16 +2295,8 @@ class ResidualVQQuantizer(Quantizer):
         return {**out, "code_entropy_bits": bits, "bits_per_image": bits * positions}
 
     def code_set_metrics(self, indices: torch.Tensor) -> dict:
-        """The combined code of each position, the tuple (k_1, .., k_S), as one mixed-radix number."""
-        K, S = self.codes_per_stage, len(self.stages)
-        k = indices.transpose(0, 1).reshape(S, -1)                          # (S, positions)
-        if K ** S >= 2 ** 63:                                                # too many tuples for one int64
-            combined = torch.unique(k, dim=1, return_counts=True)[1]
-        else:
-            radix = torch.tensor([K ** s for s in range(S)], device=k.device)
-            combined = torch.unique((k * radix[:, None]).sum(0), return_counts=True)[1]
-        return {"combined_codes": int(combined.numel()), "combined_perplexity": float(perplexity_from_counts(combined)),
-                "combined_entropy_bits": float(entropy_bits(combined))}
+        """The combined code of each position, the tuple (k_1, .., k_S)."""
+        return combined_code_metrics(indices, self.codes_per_stage)
 
     @torch.no_grad()
     def _kmeans_init(self, stage: VQEMAQuantizer, r: torch.Tensor) -> None:
@@ -2110,6 +2366,7 @@ QUANTIZERS = {
     "rvq": ResidualVQQuantizer,
     "ibq": IBQQuantizer,
     "ecvq": ECVQQuantizer,
+    "optvq": OptVQQuantizer,
 }
 
 
@@ -2260,7 +2517,7 @@ def default_val_batch_size(cfg: Config) -> int:
     of 1024 for speed."""
     if cfg.val_batch_size:
         return cfg.val_batch_size
-    return cfg.batch_size if QUANTIZERS[cfg.quantizer].batch_dependent_codes else max(cfg.batch_size, 1024)
+    return cfg.batch_size if QUANTIZERS[cfg.quantizer].batch_dependent(cfg) else max(cfg.batch_size, 1024)
 
 
 def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
@@ -2695,8 +2952,8 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
 
     Returns sample-weighted mean losses, ``psnr`` (mean per-image PSNR, dB, [0, 1] scale),
     ``mse`` (same as recon_loss), perplexity, usage and dead codes over *all* code indices of the
-    set, ``code_counts`` (K,) (a CPU tensor), ``psnr_soft`` when the quantizer returns ``z_q_soft``
-    (BA-VQ: the reconstruction from P.E), the quantizer's ``eval_metrics`` and ``extra_metrics``.
+    set, ``code_counts`` (K,) (a CPU tensor), ``psnr_<name>`` for each of the quantizer's ``other_decoder_inputs``
+    (BA-VQ: ``psnr_soft``, the reconstruction from P.E), the quantizer's ``eval_metrics`` and ``extra_metrics``.
     ``observe``: called with (x, x_recon, info) of every batch, so that other metrics need no second pass
     (e.g. ``vqvae_analysis.PaperMetrics.add``).
     """
@@ -2715,10 +2972,10 @@ def validate(model: VQVAE, images: torch.Tensor, batch_size: int, progress: bool
             # psnr: the batch mean of per-image PSNR, weighted by batch size = mean over all images
             values["psnr"] = psnr_per_image(x, x_recon).mean()
             values["ssim"] = ssim_per_image(x, x_recon).mean()
-            if "z_q_soft" in info:                                        # a second decoder input (BA-VQ: P.E)
+            for name, z_other in info.get("other_decoder_inputs", {}).items():   # e.g. BA-VQ's P.E ("soft")
                 with rt.autocast():
-                    x_soft = model.decoder(info["z_q_soft"])
-                values["psnr_soft"] = psnr_per_image(x, x_soft).mean()
+                    x_other = model.decoder(z_other)
+                values[f"psnr_{name}"] = psnr_per_image(x, x_other).mean()
             values.update({k: info[k] for k in model.quantizer.eval_metrics})
             if observe is not None:
                 observe(x, x_recon, info)

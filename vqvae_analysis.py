@@ -12,6 +12,7 @@ Only evaluation uses it (evaluate_run, and a run's final --eval_metrics); the me
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -33,7 +34,8 @@ __all__ = ["rate_distortion_curve", "trace_rate_distortion", "curve_rate_at", "c
            "SQVAE_TEST_BATCH", "CVQVAE_JPEG_QUALITY", "perplexity_per_batch", "to_uint8_truncated", "jpeg_roundtrip",
            "ssim_uniform_per_image", "cvqvae_image_metrics", "paper_metrics", "frontier_groups", "frontier_family",
            "frontier_point", "frontier_share_of_variance", "frontier_table", "frontier_points", "equal_rate_table",
-           "frontier_plot", "FRONTIER_REFERENCE", "frontier_report"]
+           "frontier_plot", "FRONTIER_REFERENCE", "frontier_report", "frontier_record", "frontier_records",
+           "frontier_save", "run_bits"]
 
 
 
@@ -220,6 +222,7 @@ def curve_rate_at(points: list[dict], D: float) -> dict | None:
     hull = _lower_hull(points)
     if D < hull[0]["distortion"] * (1 - 1e-9):              # (1e-9: the distances' expansion rounds)
         return None
+    D = max(D, hull[0]["distortion"])                     # within that tolerance below the curve's end: at it
     if D <= hull[0]["distortion"] * (1 + 1e-9) and (hull[0]["beta"] is None or math.isinf(hull[0]["beta"])):
         # at D_nn every channel puts all its mass on the nearest letters: R(D_nn) = H(nearest) exactly
         # (for latents without ties, which continuous values have with probability 1)
@@ -244,6 +247,7 @@ def curve_distortion_at(points: list[dict], R: float) -> dict:
     hull = _lower_hull(points)
     if R >= hull[0]["rate_bits"]:
         return {"distortion": hull[0]["distortion"], "interpolation": 0.0, "interpolation_bits": 0.0}
+    R = max(R, hull[-1]["rate_bits"])                     # at or below the hull's lowest rate: its last point
     for a, b in zip(hull, hull[1:]):
         if b["rate_bits"] <= R <= a["rate_bits"]:
             t = 0.0 if a["rate_bits"] == b["rate_bits"] else (a["rate_bits"] - R) / (a["rate_bits"] - b["rate_bits"])
@@ -578,37 +582,117 @@ def paper_metrics(model: VQVAE, images_u8: torch.Tensor, names, batch_size: int,
 
 # ============================================================================= the equal-rate frontier
 
+RD_SUMMARY_KEYS = ("positions", "run", "run_measured", "gaps", "covariance_eigenvalues")   # what the tables read
+
+
+def frontier_record(run: Path) -> dict | None:
+    """A finished run as the frontier reads it: {"config": the settings that differ from the defaults, "final": its
+    final metrics without the per-code lists, "rd": the summary of its rate_distortion.json or None}; None when the
+    run is unfinished (no final_metrics.json)."""
+    final = run / "final_metrics.json"
+    if not final.is_file():
+        return None
+    import yaml
+    from vqvae import Config
+    defaults = dataclasses.asdict(Config())
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    rd_path = run / "rate_distortion.json"
+    rd = json.loads(rd_path.read_text()) if rd_path.is_file() else None
+    return {"config": {k: v for k, v in cfg.items() if k not in defaults or defaults[k] != v or k == "quantizer"},
+            "final": {k: v for k, v in json.loads(final.read_text()).items() if not isinstance(v, list)},
+            "rd": {k: rd[k] for k in RD_SUMMARY_KEYS if k in rd} if rd else None}
+
+
+def frontier_records(roots: list) -> tuple[dict, int]:
+    """{run name: ``frontier_record``} of every finished run under ``roots``: folders of run directories, or JSON
+    files written by ``frontier_save`` (e.g. results/frontier_reduced.json, the reference runs measured here);
+    and how many run directories are unfinished. A run name found twice is an error."""
+    records, unfinished = {}, 0
+    for root in map(Path, roots):
+        if root.is_file():
+            try:
+                found = json.loads(root.read_text())["runs"]
+            except (ValueError, KeyError, TypeError):
+                raise BavqError(f"{root} is not a frontier file (a JSON file with the runs that frontier_table.py "
+                                "--save writes); give folders of run directories or such files.") from None
+        elif root.is_dir():
+            found = {}
+            for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                rec = frontier_record(run)
+                unfinished += rec is None
+                if rec is not None:
+                    found[run.name] = rec
+        else:
+            raise BavqError(f"{root} does not exist: give folders of run directories or frontier files (JSON).")
+        twice = sorted(set(found) & set(records))
+        if twice:
+            raise BavqError(f"Runs of the same name come from two places ({', '.join(twice[:3])}{' ...' if len(twice) > 3 else ''}; "
+                            f"the second: {root}). Give each folder or file once, or rename one set.")
+        records.update(found)
+    return records, unfinished
+
+
+def frontier_save(roots: list, path: Path, note: str = "") -> int:
+    """Write the finished runs under ``roots`` as a frontier file (JSON): {"note", "runs": {name: record}}, so that
+    others can place their runs against them without the run directories. Returns the number of runs."""
+    records, _ = frontier_records(roots)
+    Path(path).write_text(json.dumps({"note": note, "runs": records}, indent=1, sort_keys=True) + "\n")
+    return len(records)
+
+
+def _codes_depend_on_batch(config: dict) -> bool:
+    """Whether a run's evaluation codes depend on their batch (its quantizer's ``batch_dependent`` for its settings)."""
+    from vqvae import make_config
+    try:
+        return QUANTIZERS[config["quantizer"]].batch_dependent(make_config(config))
+    except (BavqError, KeyError):
+        return False
+
+
 def frontier_groups(roots: list) -> tuple[dict, int]:
-    """{run name without _s<seed>: {quantizer, K, runs: [final metrics + "rd"]}} over every folder of ``roots``,
-    and how many run directories are unfinished."""
-    found, unfinished = {}, 0
-    for run in sorted(p for root in roots for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        final = run / "final_metrics.json"
-        if not final.is_file():
-            unfinished += 1
-            continue
-        import yaml
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        m = json.loads(final.read_text())
-        rd = run / "rate_distortion.json"
-        m = {**m, "rd": json.loads(rd.read_text()) if rd.is_file() else None}
-        key = re.sub(r"_s\d+$", "", run.name)
-        found.setdefault(key, {"quantizer": cfg["quantizer"], "K": cfg["codebook_size"], "runs": []})["runs"].append(m)
+    """{run name without _s<seed>: {quantizer, K, several_codes, batch_dependent, runs: [final metrics + "rd"]}} over
+    ``roots`` (see ``frontier_records``), and how many run directories are unfinished. ``several_codes``: a position
+    carries several codes (residual VQ's stages, OptVQ's heads: the final metrics have ``combined_entropy_bits``);
+    ``batch_dependent``: the evaluation codes depend on their batch."""
+    records, unfinished = frontier_records(roots)
+    found = {}
+    for name in sorted(records):
+        rec = records[name]
+        key = re.sub(r"_s\d+$", "", name)
+        g = found.setdefault(key, {"quantizer": rec["config"]["quantizer"], "K": rec["config"].get("codebook_size", 512),
+                                   "several_codes": "combined_entropy_bits" in rec["final"],
+                                   "batch_dependent": _codes_depend_on_batch(rec["config"]), "runs": []})
+        g["runs"].append({**rec["final"], "rd": rec["rd"]})
     return found, unfinished
 
 
+def run_bits(run: dict) -> float:
+    """The rate of a run in bits per latent position: log2 of its validation perplexity (= the entropy of its code
+    marginal), or, where a position carries several codes, ``code_entropy_bits``, the sum of their entropies."""
+    if "combined_entropy_bits" in run:
+        return run["code_entropy_bits"]
+    return math.log2(run["perplexity"])
+
+
+KNOB = re.compile(r"_(beta|lam|eps)(\d[\d.]*(?:e-?\d+)?)(?=_|$)")   # a rate knob in a group's name: _lam0.01, _eps10
+
+
 def frontier_family(key: str) -> str:
-    """The line of the plot a group belongs to: its key without _k<K>, and without what else sets its rate in
-    tools/frontier.sh: FSQ's levels (fsq_8x5x5_fsq -> fsq_fsq) and BA-VQ's beta range (ba_vq_best_beta1000_ba_vq
-    -> ba_vq_best_beta_ba_vq)."""
+    """The line of the plot a group belongs to: its key without _k<K>, and without what else sets its rate in the
+    frontier's grid configs (configs/frontier_reduced.yaml): FSQ's levels (fsq_8x5x5_fsq -> fsq_fsq), BA-VQ's beta
+    range (ba_vq_best_beta1000_ba_vq -> ba_vq_best_beta_ba_vq), ECVQ's lam (ecvq_lam0.01_ecvq -> ecvq_lam_ecvq),
+    OptVQ's eps (optvq_eps10_optvq -> optvq_eps_optvq)."""
     fam = key.rsplit("_k", 1)[0]
-    return re.sub(r"_beta\d+", "_beta", re.sub(r"^fsq_\d+(?:x\d+)*_", "fsq_", fam))
+    return KNOB.sub(lambda m: f"_{m.group(1)}", re.sub(r"^fsq_\d+(?:x\d+)*_", "fsq_", fam))
 
 
 def frontier_point(key: str, g: dict) -> str:
-    """What sets the rate of a group within its family (K, FSQ's levels or BA-VQ's final beta)."""
-    levels, beta = re.match(r"^fsq_(\d+(?:x\d+)*)_", key), re.search(r"_beta(\d+)", key)
-    return levels.group(1) if levels else f"beta {beta.group(1)}" if beta else str(g["K"])
+    """What sets the rate of a group within its family: FSQ's levels, the knob in its name (beta, lam or eps; with K
+    when the family also spans K), or K."""
+    levels, knob = re.match(r"^fsq_(\d+(?:x\d+)*)_", key), KNOB.search(key.rsplit("_k", 1)[0])
+    if levels:
+        return levels.group(1)
+    return f"{knob.group(1)} {knob.group(2)}" + (f", K {g['K']}" if g.get("spans_K") else "") if knob else str(g["K"])
 
 
 def _in_order(found: dict) -> list:
@@ -644,8 +728,9 @@ def frontier_table(found: dict, unfinished: int) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, g in _in_order(found):
         runs = g["runs"]
-        bits = [math.log2(r["perplexity"]) for r in runs]
-        lines.append(f"| `{key}` ({len(runs)}) | {g['quantizer']} | {g['K']} | {_mean_sd([r['psnr'] for r in runs])} | "
+        bits = [run_bits(r) for r in runs]
+        mark = ("†" if g.get("several_codes") else "") + ("‡" if g.get("batch_dependent") else "")
+        lines.append(f"| `{key}` ({len(runs)}){mark} | {g['quantizer']} | {g['K']} | {_mean_sd([r['psnr'] for r in runs])} | "
                      f"{_mean_sd([r['perplexity'] for r in runs])} | {_mean_sd(bits)} | "
                      f"{_mean_sd([_per_image(r) for r in runs])} |")
     rd_lines = ["| runs (seeds) | K | R(D) positions | rate bits | distortion | distortion / latent variance | "
@@ -663,6 +748,12 @@ def frontier_table(found: dict, unfinished: int) -> str:
             f"{_mean_sd([rd['gaps']['kmeans']['rate_bits'] for rd in rds])} | "
             f"{_mean_sd([rd['gaps']['kmeans']['distortion'] for rd in rds])} |")
     text = "\n".join(lines) + f"\n\n{sum(len(g['runs']) for g in found.values())} finished runs, {unfinished} unfinished."
+    if any(g.get("several_codes") for g in found.values()):
+        text += ("\n† several codes per position (residual VQ's stages, OptVQ's heads): the rate is the sum of their "
+                 "code entropies, an upper bound on the position's entropy; perplexity is over every (slot, code) pair.")
+    if any(g.get("batch_dependent") for g in found.values()):
+        text += ("\n‡ evaluation codes that depend on their batch (e.g. --optvq_eval sinkhorn): not one code per "
+                 "latent, so left out of the equal-rate comparison and the plot.")
     if len(rd_lines) > 2:
         text += ("\n\nR(D) of the latents (the runs of each group that have rate_distortion.json; their number in "
                  "brackets):\n\n" + "\n".join(rd_lines))
@@ -673,12 +764,13 @@ def _frontier_summary(g: dict) -> tuple:
     """(mean bits per position, mean PSNR, standard error of the PSNR mean; NaN for one seed) of a group."""
     psnr = [r["psnr"] for r in g["runs"]]
     se = statistics.stdev(psnr) / math.sqrt(len(psnr)) if len(psnr) > 1 else float("nan")
-    return statistics.mean(math.log2(r["perplexity"]) for r in g["runs"]), statistics.mean(psnr), se
+    return statistics.mean(run_bits(r) for r in g["runs"]), statistics.mean(psnr), se
 
 
 def frontier_points(found: dict, fam: str) -> list:
     """The measured points of a family as ``_frontier_summary`` tuples, by rate."""
-    return sorted(_frontier_summary(g) for key, g in found.items() if frontier_family(key) == fam)
+    return sorted(_frontier_summary(g) for key, g in found.items()
+                  if frontier_family(key) == fam and not g.get("batch_dependent"))
 
 
 def _at_rate(points: list, bits: float):
@@ -699,7 +791,7 @@ def equal_rate_table(found: dict, reference: str) -> str:
     lines = [f"| runs (seeds) | bits / position | PSNR dB | `{reference}` at that rate | difference ± SE |",
              "|---|---|---|---|---|"]
     for key, g in _in_order(found):
-        if frontier_family(key) == reference:
+        if frontier_family(key) == reference or g.get("batch_dependent"):
             continue
         bits, psnr, se = _frontier_summary(g)
         there = _at_rate(ref, bits)
@@ -716,20 +808,24 @@ def frontier_plot(found: dict, roots: list, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    families = {}
+    families, spans = {}, {}
     for key, g in _in_order(found):
-        families.setdefault(frontier_family(key), []).append((frontier_point(key, g), g))
+        spans.setdefault(frontier_family(key), set()).add(g["K"])
+    for key, g in _in_order(found):
+        if not g.get("batch_dependent"):                      # one code per latent only (frontier_table's ‡)
+            g = {**g, "spans_K": len(spans[frontier_family(key)]) > 1}
+            families.setdefault(frontier_family(key), []).append((frontier_point(key, g), g))
     fig, ax = plt.subplots(figsize=(7.5, 5))
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
     for fam, points in families.items():
-        bits = [[math.log2(r["perplexity"]) for r in g["runs"]] for _, g in points]
+        bits = [[run_bits(r) for r in g["runs"]] for _, g in points]
         psnr = [[r["psnr"] for r in g["runs"]] for _, g in points]
         by_rate = sorted(range(len(points)), key=lambda i: statistics.mean(bits[i]))   # the line runs along the rate
         ax.errorbar([statistics.mean(bits[i]) for i in by_rate], [statistics.mean(psnr[i]) for i in by_rate],
                     xerr=[sd(bits[i]) for i in by_rate], yerr=[sd(psnr[i]) for i in by_rate], marker="o", capsize=3,
                     label=f"{fam} ({', '.join(points[i][0] for i in by_rate)})")
     ax.set_xlabel("rate: H(code marginal), bits per latent position")
-    ratios = {round(_per_image(r) / math.log2(r["perplexity"]), 2) for g in found.values() for r in g["runs"]
+    ratios = {round(_per_image(r) / run_bits(r), 2) for g in found.values() for r in g["runs"]
               if r["perplexity"] > 1.01}                        # float32 metrics: the ratio is 64 to ~1e-6
     if len(ratios) == 1:                                      # one latent grid for every run: a bits-per-image axis
         n = ratios.pop()

@@ -52,7 +52,8 @@ __all__ = ["atomic_write_bytes", "WriteError", "atomic_torch_save", "atomic_writ
            "check_resumable", "DataParallel", "data_parallel_from_env", "CLAIM_FILE", "CLAIM_HEARTBEAT_S",
            "CLAIM_STALE_S", "RunClaim", "init_wandb", "recon_rows", "save_recon_grid", "save_usage_plot",
            "save_rate_distortion_plot", "train", "inception_features", "reconstruction_fid", "reconstruction_lpips",
-           "METRIC_PACKAGES", "check_metric_packages", "perceptual_metrics", "load_run", "evaluate_run"]
+           "METRIC_PACKAGES", "check_metric_packages", "perceptual_metrics", "load_run", "evaluate_run",
+           "complete_rate_distortion"]
 
 
 
@@ -1449,3 +1450,26 @@ def _write_evaluation(model, cfg, val_u8, metrics, run_dir, checkpoint, out_name
                                   f"{cfg.resolved_name()}: R(D) of its latents ({rd['positions']} positions)")
         out["rate_distortion"] = {"written_to": str(path), "run_point": rd["run"], "gaps": rd["gaps"]}
     return out
+
+
+def complete_rate_distortion(roots, data_dir: str | None = None, device: str = "auto", options: dict | None = None,
+                             log=print) -> dict:
+    """The R(D) analysis of every finished run under the folders ``roots`` that has no rate_distortion.json yet
+    (``evaluate_run(run, rate_distortion=options)``, ``latent_rate_distortion``'s keyword arguments, {} or None for
+    its defaults; it also writes eval_metrics.json and its pictures; the run's
+    training files are untouched), so that the frontier has it for every run. A run whose quantizer has no explicit
+    alphabet, or whose codes depend on the batch, is left out with the reason. Returns {run name: "done" | reason}."""
+    done = {}
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue                                  # a frontier file (JSON): its runs are as they were measured
+        for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (run / "final_metrics.json").is_file() or (run / "rate_distortion.json").is_file():
+                continue
+            try:
+                evaluate_run(run, device=device, data_dir=data_dir, rate_distortion=dict(options or {}))
+                done[run.name] = "done"
+            except BavqError as e:
+                done[run.name] = str(e)
+            log(f"[bavq] R(D) of {run.name}: {done[run.name]}")
+    return done

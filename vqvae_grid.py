@@ -20,7 +20,7 @@ from vqvae_experiment import (RunClaim, TrainingInterrupted, WriteError, checkpo
                               config_differences, resume_config, run_dir_at, run_dir_of, train)
 
 # the names this module hands out (also as vqvae.NAME)
-__all__ = ["SWEEP_KEYS", "grid_configs", "run_sweep", "job_log_path", "grid_manifest_path", "grid_failure_path",
+__all__ = ["SWEEP_KEYS", "grid_configs", "group_configs", "run_sweep", "job_log_path", "grid_manifest_path", "grid_failure_path",
            "parse_shard", "shard_configs", "write_grid_manifest", "grid_summary", "summary_table"]
 
 
@@ -30,14 +30,14 @@ __all__ = ["SWEEP_KEYS", "grid_configs", "run_sweep", "job_log_path", "grid_mani
 SWEEP_KEYS = ("quantizer", "codebook_size", "seed")       # the keys that may take several values
 
 
-def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
+def grid_configs(values: dict, grid: dict, always_sweep: bool = False) -> tuple[list, bool]:
     """The configs of a grid: ``values`` (the settings given; defaults fill the rest) with every combination of ``grid``
-    ({sweep key: list of values}). Returns (configs, whether it is a sweep, i.e. more than one run);
-    a sweep's runs are named <name>_<quantizer>_k<K>_s<seed>."""
+    ({sweep key: list of values}). Returns (configs, whether it is a sweep, i.e. more than one run or
+    ``always_sweep``); a sweep's runs are named <name>_<quantizer>_k<K>_s<seed>."""
     for k, v in grid.items():
         if not v:
             raise BavqError(f"'{k}' was given an empty list of values; give at least one.")
-    sweep = any(len(v) > 1 for v in grid.values())
+    sweep = always_sweep or any(len(v) > 1 for v in grid.values())
     configs = []
     for combo in itertools.product(*grid.values()):
         cfg = make_config({**values, **dict(zip(grid, combo))}, source="command-line flags")
@@ -47,6 +47,34 @@ def grid_configs(values: dict, grid: dict) -> tuple[list, bool]:
                                       wandb_group=cfg.wandb_group or values.get("name") or "grid")
         configs.append(cfg.validate())
     return configs, sweep
+
+
+def group_configs(values: dict, groups, grid: dict, flags: dict | None = None, source: str = "the config file",
+                  fixed: tuple = ()) -> list:
+    """The configs of a grid of named groups (a YAML file's ``groups:`` mapping: the rungs of a ladder, the points of
+    a frontier): group G's settings over the file's shared ``values``, the command line's ``flags`` over both, and each
+    group over every combination of ``grid`` (sweep keys as lists; a group may give its own, except the keys in
+    ``fixed``: those the command line gave). G's runs are named
+    <name>_G_<quantizer>_k<K>_s<seed>, <name> the grid's ``name`` (a sweep of G's settings as flags with ``--name
+    <name>_G`` makes the same runs), so the whole file is one resumable grid: finished runs are skipped, interrupted ones resumed."""
+    if not isinstance(groups, dict) or not groups or not all(isinstance(v, dict) for v in groups.values()):
+        raise BavqError(f"{source}: 'groups' must map each group's name to its settings, e.g. 'groups: {{r0: "
+                        "{quantizer: vq_ema}, r1: {quantizer: ecvq, ecvq_lambda: 0.01}}'; nothing was run.")
+    flags = flags or {}
+    grid_name = flags.get("name", values.get("name", ""))
+    configs = []
+    for group, settings in groups.items():
+        own = {k: settings[k] if isinstance(settings[k], list) else [settings[k]] for k in SWEEP_KEYS if k in settings}
+        rest = {k: v for k, v in settings.items() if k not in own}
+        name = f"{grid_name}_{group}" if grid_name else str(group)
+        try:
+            make_config({**values, **rest, "name": name}, source=f"group '{group}' of {source}")
+            group_grid = {**grid, **{k: v for k, v in own.items() if k not in fixed}}
+            cfgs, _ = grid_configs({**values, **rest, **flags, "name": name}, group_grid, always_sweep=True)
+        except BavqError as e:
+            raise BavqError(f"group '{group}' of {source}: {e}") from None
+        configs += cfgs
+    return configs
 
 
 def run_sweep(configs: list, shard: tuple[int, int] | None = None, grid_name: str = "", jobs: int = 1) -> int:

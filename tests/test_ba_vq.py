@@ -257,17 +257,18 @@ def test_beta_schedule_is_cosine_from_start_to_end():
 
 
 def test_ba_eval_reports_soft_and_hard():
-    """Eval: z_q is the hard code, info['z_q_soft'] = P.E with P from Q-bar. While Q-bar is still uniform,
+    """Eval: z_q is the hard code, info['other_decoder_inputs']['soft'] = P.E with P from Q-bar. While Q-bar is still uniform,
     that P is one BA iteration from the uniform Q, i.e. the training forward with ba_iterations = 1."""
     q = make_quantizer("ba_vq", ba_iterations=1).eval()
     q.beta.fill_(0.5)
     z = latents()
     z_q, _, info = q(z)
-    assert "z_q_soft" in info and info["z_q_soft"].shape == z.shape
-    assert not torch.allclose(info["z_q_soft"], z_q)   # at low beta soft != hard
+    soft = info["other_decoder_inputs"]["soft"]
+    assert soft.shape == z.shape
+    assert not torch.allclose(soft, z_q)   # at low beta soft != hard
     q.train()
     z_q_train, _, info_t = q(z)
-    torch.testing.assert_close(z_q_train, info["z_q_soft"])
+    torch.testing.assert_close(z_q_train, soft)
 
 
 def _ba_eval_codes(q, z):

@@ -11,7 +11,7 @@ from vqvae import BAQuantizer
 
 
 OPTIONS = {"ba_temperature": "relative", "ba_decoder_input": "hard", "ba_codebook_loss": "expected",
-           "ba_codebook_update": "ema"}
+           "ba_codebook_update": "ema", "ba_assignment": "hard"}
 
 
 DIAGNOSTICS = ("mean_distance", "nearest_distance", "logit_gap", "assignment_entropy_bits", "assignment_max",
@@ -215,8 +215,8 @@ def test_hard_decoder_input_passes_the_decoder_gradient_straight_through():
 
 def test_options_are_off_by_default():
     cfg = vqvae.Config()
-    assert (cfg.ba_temperature, cfg.ba_decoder_input, cfg.ba_codebook_loss, cfg.ba_codebook_update, cfg.ba_prior) == \
-        ("absolute", "soft", "mixture", "gradient", "batch")
+    assert (cfg.ba_temperature, cfg.ba_decoder_input, cfg.ba_codebook_loss, cfg.ba_codebook_update, cfg.ba_prior,
+            cfg.ba_assignment) == ("absolute", "soft", "mixture", "gradient", "batch", "soft")
     q = vqvae.build_model(vqvae.make_config({"quantizer": "ba_vq", "codebook_size": 8, "latent_dim": 4,
                                              "hidden_dim": 4})).quantizer
     assert (q.ba_temperature, q.ba_decoder_input, q.ba_codebook_loss) == ("absolute", "soft", "mixture")
@@ -329,3 +329,95 @@ def test_soft_ema_restart_and_data_init_set_count_and_sum():
 def test_soft_ema_refuses_gradient_codebook_remedies(remedy):
     with pytest.raises(vqvae.BavqError, match="ba_codebook_update"):
         vqvae.make_config({"quantizer": "ba_vq", "ba_codebook_update": "ema", **remedy}).validate()
+
+
+# --------------------------------------------------------------------------- the gap ladder's options
+
+
+def test_hard_ba_iterations_by_hand():
+    """Codes 0, 1, 3 on a line; latents 0.1, 0.2, 0.3, 0.6, 2.1; beta = 2, uniform start. Iteration 1 (uniform Q):
+    the nearest codes 0, 0, 0, 1, 2, so Q = (3/5, 1/5, 1/5). Iteration 2: for 0.6, ln 0.6 - 2 (0.36) = -1.231 beats
+    ln 0.2 - 2 (0.16) = -1.929, so it joins code 0; 2.1 stays with code 2 (ln 0.2 - 1.62 = -3.23 vs -4.03).
+    Q = (4/5, 0, 1/5): code 1 is dropped (log Q = -inf) and iteration 3 changes nothing."""
+    E = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    x = torch.tensor([[0.1], [0.2], [0.3], [0.6], [2.1]], dtype=torch.float64)
+    d = vqvae.squared_distances(x, E)
+    idx1, log_q1 = vqvae.blahut_arimoto_hard(d, 2.0, 1)
+    assert idx1.tolist() == [0, 0, 0, 1, 2]
+    torch.testing.assert_close(log_q1.exp(), torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64))
+    for iterations in (2, 3):
+        idx, log_q = vqvae.blahut_arimoto_hard(d, 2.0, iterations)
+        assert idx.tolist() == [0, 0, 0, 0, 2]
+        torch.testing.assert_close(log_q.exp(), torch.tensor([0.8, 0.0, 0.2], dtype=torch.float64))
+        assert log_q[1] == -math.inf
+
+
+def test_hard_ba_is_the_soft_iteration_at_the_argmax_of_each_row():
+    """--ba_assignment hard in a training step: the codes are the hard iteration's, the decoder input is the chosen
+    code, the marginal entropy that of the batch histogram, and the diagnostics say P is one-hot."""
+    q = quantizer(ba_assignment="hard", ba_iterations=3).train()
+    q.beta.fill_(4.0)
+    z = latents()
+    E0 = q.codebook.detach().clone()
+    idx, log_q = vqvae.blahut_arimoto_hard(vqvae.squared_distances(vqvae._flatten_latents(z), E0), 4.0, 3)
+    z_q, losses, info = q(z)
+    assert torch.equal(info["code_indices"].flatten(), idx)
+    torch.testing.assert_close(z_q, E0[idx].reshape(2, 3, 4, 6).permute(0, 3, 1, 2))
+    p = log_q.exp()
+    h = -(p[p > 0] * p[p > 0].log()).sum()
+    torch.testing.assert_close(float(info["entropy"]), float(h))
+    assert float(info["assignment_max"]) == 1.0 and float(info["assignment_entropy_bits"]) == 0.0
+    q.eval()
+    out = q(z)[2]                                   # evaluation: one-hot P from Q-bar, I(X;K) = H(Q-bar)
+    h_bar = -(q.log_q_bar.double().exp() * q.log_q_bar.double()).sum() / math.log(2.0)
+    torch.testing.assert_close(float(out["mutual_information_bits"]), float(h_bar), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_hard_ba_with_the_running_prior_and_one_iteration_is_ecvq(steps):
+    """The ladder's second rung is its first in BA-VQ's code: --ba_assignment hard --ba_prior ema --ba_iterations 1,
+    absolute beta, --ba_codebook_update ema_hard, from the same state as ECVQ at lam = 1/beta (Q-bar = ECVQ's Q, the
+    same EMA counts and sums), gives the same codes, codebook and commitment loss in a training step. They part
+    afterwards only in how the marginal moves: ECVQ's from its EMA counts, BA-VQ's Q-bar as its own EMA."""
+    K, D, beta = 12, 3, 2.0
+    g = torch.Generator().manual_seed(5)
+    E = torch.randn(K, D, generator=g, dtype=torch.float64)
+    counts = torch.rand(K, generator=g, dtype=torch.float64) * 20
+    ba = BAQuantizer(K, D, ba_assignment="hard", ba_prior="ema", ba_iterations=1, ba_codebook_update="ema_hard",
+                     beta_start=beta, beta_end=beta, decay=0.9).double().train()
+    ec = vqvae.ECVQQuantizer(K, D, ecvq_lambda=1.0 / beta, decay=0.9).double().train()
+    for q in (ba, ec):
+        q.codebook.copy_(E)
+        q.ema_cluster_size.copy_(counts)
+        q.ema_w.copy_(E * counts[:, None])
+    ba.log_q_bar.copy_(-ec.lengths())
+    for step in range(steps):
+        z = torch.randn(4, D, 3, 3, generator=g, dtype=torch.float64)
+        a, b = ba(z), ec(z)
+        if step == 0:
+            assert torch.equal(a[2]["code_indices"], b[2]["code_indices"])
+            torch.testing.assert_close(ba.codebook, ec.codebook, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a[1]["commitment_loss"], b[1]["commitment_loss"], rtol=1e-12, atol=0)
+            assert not torch.equal(a[2]["code_indices"],             # the rate term chose some other code
+                                   vqvae.squared_distances(vqvae._flatten_latents(z), E).argmin(1).reshape(4, 3, 3))
+    if steps > 1:                                                      # the marginals have moved apart by now
+        assert not torch.allclose(ba.log_q_bar, -ec.lengths(), rtol=1e-6, atol=1e-6)
+
+
+def test_ema_hard_moves_the_codes_as_vq_ema_moves_the_argmax_codes():
+    """--ba_codebook_update ema_hard with soft P: the codebook takes VQ-EMA's update (decay, Laplace smoothing) with
+    the argmax-P codes' counts and sums, where ema takes P's soft counts and sums."""
+    q = quantizer(ba_codebook_update="ema_hard", decay=0.8, epsilon=0.1, ba_iterations=3).train()
+    q.set_schedule(0.5)
+    E0 = q.codebook.clone()
+    z = latents()
+    z_flat = vqvae._flatten_latents(z)
+    log_p, _ = vqvae.blahut_arimoto(vqvae.squared_distances(z_flat, E0), float(q.beta), 3)
+    idx = log_p.argmax(1)
+    assert log_p.exp().max(1).values.min() < 0.9                      # P is soft here
+    q(z)
+    n = torch.bincount(idx, minlength=10).float()
+    N = 0.8 * torch.ones(10) + 0.2 * n
+    m = 0.8 * E0 + 0.2 * torch.zeros(10, 6).index_add_(0, idx, z_flat)
+    smoothed = (N + 0.1) / (N.sum() + 10 * 0.1) * N.sum()
+    torch.testing.assert_close(q.codebook, m / smoothed[:, None])

@@ -112,7 +112,7 @@ def _flags(parser) -> dict:
     return {s: a for a in parser._actions for s in a.option_strings}
 
 
-RUN_CONTROL = {"-h", "--help", "--config", "--shard", "--jobs", "--summarize"}     # train.py's own, not settings
+RUN_CONTROL = {"-h", "--help", "--config", "--groups", "--shard", "--jobs", "--summarize"}   # train.py's own, not settings
 
 
 def test_one_pattern_for_flag_names():

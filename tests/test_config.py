@@ -51,7 +51,7 @@ def test_published_protocols_say_what_the_papers_used(path, expect):
     cfg = cli.config_from_args(["--config", str(ROOT / path)])
     assert {k: getattr(cfg, k) for k in expect} == expect
     assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == [   # the protocols, and the reduced one's
-        "cvq_vae.yaml", "original_code.yaml", "quickstart.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml",
+        "cvq_vae.yaml", "frontier_reduced.yaml", "ladder_ba_gap.yaml", "original_code.yaml", "quickstart.yaml", "reduced.yaml", "reduced_ba_vq_best.yaml",
         "reduced_ecvq.yaml", "reduced_vq_ema_best.yaml", "reduced_vq_ema_full_usage.yaml", "vqwae_sqvae.yaml"]
 
 
@@ -61,6 +61,69 @@ def test_the_ecvq_rung_is_vq_ema_best_plus_the_rate_term():
     ecvq, best = (vqvae.load_yaml_config(ROOT / "configs" / f) for f in ("reduced_ecvq.yaml", "reduced_vq_ema_best.yaml"))
     assert {k: v for k, v in ecvq.items() if k not in ("quantizer", "ecvq_lambda")} == {k: v for k, v in best.items() if k != "quantizer"}
     assert (ecvq["quantizer"], best["quantizer"]) == ("ecvq", "vq_ema")
+
+
+LADDER_STEPS = {           # rung: what it changes from the rung before it (the gap ladder, configs/ladder_ba_gap.yaml)
+    "r1_rate_term": {"quantizer": ("vq_ema", "ecvq")},
+    "r2_in_ba_code": {"quantizer": ("ecvq", "ba_vq")},
+    "r3_batch_prior": {"ba_prior": ("ema", "batch"), "ba_iterations": (1, 5)},
+    "r4_soft_assignment": {"ba_assignment": ("hard", "soft")},
+    "r5_soft_ema": {"ba_codebook_update": ("ema_hard", "ema")},
+    "r6_entropy_loss": {"entropy_cost": (0.0, 0.01)},
+    "r7_relative_schedule": {"ba_temperature": ("absolute", "relative"), "beta_start": (250.0, 200.0),
+                             "beta_end": (250.0, 2000.0)},
+    "r8_copy_smoothing": {"ema_smoothing": ("overwrite", "copy")},
+}
+
+
+def test_the_gap_ladder_goes_from_vq_ema_best_to_ba_vq_best_one_factor_a_rung():
+    """configs/ladder_ba_gap.yaml: its first rung is configs/reduced_vq_ema_best.yaml and its last
+    configs/reduced_ba_vq_best.yaml, setting for setting, and each rung changes only its factor (the settings a
+    quantizer does not read are left out of the comparison; ECVQ's lam is 1/beta of the BA rungs)."""
+    import dataclasses
+    import inspect
+    configs, sweep = cli.configs_from_args(["--config", str(ROOT / "configs/ladder_ba_gap.yaml"), "--seed", "3"])
+    assert sweep and len(configs) == 9
+    rungs = {c.wandb_group.removeprefix("ladder_"): dataclasses.asdict(c) for c in configs}   # <grid>_<rung>
+    assert list(rungs) == ["r0_vq_ema_best"] + list(LADDER_STEPS)
+    for rung, protocol in (("r0_vq_ema_best", "reduced_vq_ema_best"), ("r8_copy_smoothing", "reduced_ba_vq_best")):
+        ref = dataclasses.asdict(cli.config_from_args(["--config", str(ROOT / f"configs/{protocol}.yaml"), "--seed", "3"]))
+        assert {k: v for k, v in rungs[rung].items() if ref[k] != v} == {"name": rungs[rung]["name"],
+                                                                        "wandb_group": rungs[rung]["wandb_group"]}
+    def read_by(q):
+        return set(inspect.signature(vqvae.QUANTIZERS[q].__init__).parameters)
+    quantizer_fields = set().union(*map(read_by, vqvae.QUANTIZERS))
+    names = list(rungs)
+    for before, rung in zip(names, names[1:]):
+        a, b = rungs[before], rungs[rung]
+        both = read_by(a["quantizer"]) & read_by(b["quantizer"])
+        changed = {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ("name", "wandb_group")
+                   and (k not in quantizer_fields or k in both)}
+        assert changed == LADDER_STEPS[rung], rung
+    assert rungs["r1_rate_term"]["ecvq_lambda"] == pytest.approx(1.0 / rungs["r2_in_ba_code"]["beta_start"])
+
+
+@pytest.mark.parametrize("group, protocol, flags", [
+    ("vq_ema_best", "reduced_vq_ema_best", []),
+    ("ba_vq_best", "reduced_ba_vq_best", []),
+    ("ba_vq_best_beta1000", "reduced_ba_vq_best", ["--beta_start", "100", "--beta_end", "1000"]),
+    ("ecvq_lam0.01", "reduced_ecvq", ["--ecvq_lambda", "0.01"]),
+    ("vq_ema", "reduced", []),
+    ("ibq", "reduced", ["--quantizer", "ibq"]),
+    ("fsq_8x5x5", "reduced", ["--quantizer", "fsq", "--fsq_levels", "8", "5", "5", "--codebook_size", "200"]),
+    ("optvq_eps10", "reduced", ["--quantizer", "optvq", "--optvq_heads", "1", "--optvq_eval", "nearest"]),
+])
+def test_the_frontier_grid_is_the_protocols_with_what_sets_the_rate(group, protocol, flags):
+    """configs/frontier_reduced.yaml: each group is its protocol file with the flags that set its rate, as a sweep
+    named <group> (the run names of the frontier measured before it was a grid config)."""
+    import dataclasses
+    configs, _ = cli.configs_from_args(["--config", str(ROOT / "configs/frontier_reduced.yaml"), "--groups", group])
+    for cfg in configs:
+        K = ["--codebook_size", str(cfg.codebook_size)] if "--codebook_size" not in flags else []
+        ref, _ = cli.configs_from_args(["--config", str(ROOT / f"configs/{protocol}.yaml"), *flags, *K,
+                                        "--seed", str(cfg.seed), "99", "--name", group])
+        assert dataclasses.asdict(cfg) == dataclasses.asdict(ref[0])
+        assert cfg.name == f"{group}_{cfg.quantizer}_k{cfg.codebook_size}_s{cfg.seed}"
 
 
 def test_mac_config_is_quick():

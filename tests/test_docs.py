@@ -130,10 +130,10 @@ def test_the_inline_command_reader_tells_commands_from_words(tmp_path):
     md = tmp_path / "x.md"
     md.write_text("Run `python train.py --epochs 2 \\\n    --quantizer vq` or `bash gpu_check.sh DIR`; set\n"
                   "`--epochs 2`, `python`, `WANDB_MODE=disabled`, `PARTS=\"a b\"`, `tools/frontier_table.py`;\n"
-                  "`OUT=/tmp/x bash gpu_check.sh` and `tools/frontier.sh` and `.ci/run` and ``./x.sh y``.\n"
+                  "`OUT=/tmp/x bash gpu_check.sh` and `tools/targets.sh` and `.ci/run` and ``./x.sh y``.\n"
                   "```bash\npython not_inline.py --x\n```\n")
     assert inline_commands(md) == [("python train.py --epochs 2 --quantizer vq", 1), ("bash gpu_check.sh DIR", 2),
-                                   ("OUT=/tmp/x bash gpu_check.sh", 4), ("tools/frontier.sh", 4), (".ci/run", 4),
+                                   ("OUT=/tmp/x bash gpu_check.sh", 4), ("tools/targets.sh", 4), (".ci/run", 4),
                                    ("./x.sh y", 4)]
     block = tmp_path / "b.md"
     block.write_text("```bash\n# needs: a GPU\npython train.py --a 1 \\\n    --b 2   # note\nbash x.sh DIR\n```\n")
@@ -155,7 +155,7 @@ def test_every_inline_command_is_in_a_fenced_block_or_allowed():
       * a program of PROGRAMS followed by at least one argument (`python train.py --epochs 2`, `pip install -e .`);
         a program's name alone (`python`, `torchrun`) is a word;
       * anything starting with `./`, or a path to an executable file of the checkout, with or without
-        arguments (`.ci/run`, `tools/frontier.sh`, `gpu_check.sh`).
+        arguments (`.ci/run`, `tools/targets.sh`, `gpu_check.sh`).
     A flag alone (`--epochs 2`), a file that is not executable (`tools/frontier_table.py`) or a Python
     expression is not a command. A command is shown in a block when its words are a run of whole words of one
     command line of a bash block (continuations joined, comments dropped) of any of the docs. Entries of

@@ -23,7 +23,8 @@ def test_decode_codes_of_encode_is_the_eval_reconstruction(quantizer):
     x = vqvae.to_float(vqvae._fake_images(5, seed=2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     idx = model.encode(x)
-    stages = (len(model.quantizer.stages),) if quantizer == "rvq" else ()          # residual VQ: (B, S, 8, 8)
+    S = model.quantizer.codes_per_position
+    stages = (S,) if S > 1 else ()                                                  # residual VQ, OptVQ: (B, S, 8, 8)
     assert idx.shape == (5, *stages, 8, 8) and idx.dtype == torch.long and model.training      # mode restored
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k                                             # no state change

@@ -13,10 +13,11 @@ from conftest import ROOT
 import vqvae_analysis as A
 
 
-def fake_run(root: Path, name: str, quantizer: str, K: int, psnr: float, perplexity: float, finished=True, **metrics):
+def fake_run(root: Path, name: str, quantizer: str, K: int, psnr: float, perplexity: float, finished=True,
+             config=None, **metrics):
     run = root / name
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"quantizer": quantizer, "codebook_size": K}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"quantizer": quantizer, "codebook_size": K, **(config or {})}))
     if finished:
         (run / "final_metrics.json").write_text(json.dumps({"psnr": psnr, "perplexity": perplexity, **metrics}))
 
@@ -27,6 +28,9 @@ def fake_run(root: Path, name: str, quantizer: str, K: int, psnr: float, perplex
     ("fsq_8x5x5_fsq_k200", "fsq_fsq", "8x5x5"),          # the levels set the rate: one line over level sets
     ("fsq_8x5x5x5_fsq_k1000", "fsq_fsq", "8x5x5x5"),
     ("ba_vq_best_beta1000_ba_vq_k512", "ba_vq_best_beta_ba_vq", "beta 1000"),   # one line over beta ranges
+    ("ecvq_lam0.01_ecvq_k512", "ecvq_lam_ecvq", "lam 0.01"),                    # one line over ECVQ's lam
+    ("ecvq_lam1e-3_ecvq_k1024", "ecvq_lam_ecvq", "lam 1e-3"),
+    ("optvq_eps10_optvq_k256", "optvq_eps_optvq", "eps 10"),                   # and over OptVQ's eps
 ])
 def test_a_group_belongs_to_the_line_of_what_sets_its_rate(key, fam, pt):
     assert A.frontier_family(key) == fam
@@ -122,3 +126,94 @@ def test_another_reference_family_and_a_missing_one(tmp_path):
     with pytest.raises(vqvae.BavqError, match="No runs of the reference family 'vq_ema_best_vq_ema'.*fsq_fsq") as e:
         A.frontier_report([tmp_path / "runs"], reference="vq_ema_best_vq_ema")
     assert "\n" not in str(e.value)
+
+
+def test_several_codes_per_position_are_rated_by_the_sum_of_their_entropies_and_marked(tmp_path):
+    """A run whose positions carry several codes (final metrics with combined_entropy_bits: residual VQ, OptVQ with
+    heads) is placed at code_entropy_bits, the sum of the slots' entropies, not at log2 of the perplexity over all
+    (slot, code) pairs; its row is marked † and the note says what the rate is."""
+    fake_run(tmp_path, "optvq_heads4_optvq_k512_s0", "optvq", 512, 24.0, 300.0, code_entropy_bits=30.0,
+             combined_entropy_bits=20.0, bits_per_image=1920.0, config={"optvq_eval": "nearest"})
+    fake_run(tmp_path, "vq_ema_best_vq_ema_k512_s0", "vq_ema", 512, 22.0, 256.0, code_entropy_bits=7.999)
+    found, _ = A.frontier_groups([tmp_path])
+    text = A.frontier_table(found, 0)
+    assert "| `optvq_heads4_optvq_k512` (1)† | optvq | 512 | 24.00 | 300.00 | 30.00 | 1920.00 |" in text
+    assert "| 8.00 | 512.00 |" in text                              # one code per position: log2 of the perplexity
+    assert "† several codes per position" in text and "‡" not in text
+
+
+def test_batch_dependent_codes_are_marked_and_kept_off_the_equal_rate_comparison(tmp_path):
+    """OptVQ with its authors' evaluation (Sinkhorn over the evaluation batch) has no code per latent: marked ‡ in
+    the table, absent from the equal-rate table and the plot's lines; with --optvq_eval nearest it is placed."""
+    for K, psnr, ppl in ((64, 20.0, 32.0), (1024, 24.0, 512.0)):
+        fake_run(tmp_path, f"vq_ema_best_vq_ema_k{K}_s0", "vq_ema", K, psnr, ppl)
+    fake_run(tmp_path, "optvq_sink_optvq_k256_s0", "optvq", 256, 22.0, 128.0, config={"optvq_heads": 1})
+    fake_run(tmp_path, "optvq_eps10_optvq_k256_s0", "optvq", 256, 21.0, 128.0,
+             config={"optvq_heads": 1, "optvq_eval": "nearest"})
+    found, _ = A.frontier_groups([tmp_path])
+    assert found["optvq_sink_optvq_k256"]["batch_dependent"] and not found["optvq_eps10_optvq_k256"]["batch_dependent"]
+    text = A.frontier_report([tmp_path])
+    assert "| `optvq_sink_optvq_k256` (1)‡ |" in text and "‡ evaluation codes that depend on their batch" in text
+    equal_rate = text[text.index("At equal rate"):]
+    assert "optvq_eps10" in equal_rate and "optvq_sink" not in equal_rate
+
+
+def test_a_frontier_file_places_runs_as_their_folders_do(tmp_path):
+    """--save writes the finished runs as a frontier file; the report from the file (with other runs' folder) equals
+    the report from the folders. The same run twice, a missing path and a file of another kind are errors."""
+    import vqvae
+    for K, psnr, ppl in ((64, 20.0, 32.0), (1024, 24.0, 512.0)):
+        fake_run(tmp_path / "ref", f"vq_ema_best_vq_ema_k{K}_s0", "vq_ema", K, psnr, ppl)
+    rd = {"positions": 10, "run": {"distortion": 1.0}, "run_measured": {"rate_bits": 7.0, "distortion": 1.0},
+          "gaps": {"codebook": {"rate_bits": 0.1}, "kmeans": {"rate_bits": 0.5, "distortion": 0.2}},
+          "covariance_eigenvalues": [2.0, 2.0], "curve": [[0.0, 4.0]] * 100}
+    (tmp_path / "ref" / "vq_ema_best_vq_ema_k1024_s0" / "rate_distortion.json").write_text(json.dumps(rd))
+    fake_run(tmp_path / "mine", "mine_fsq_k200_s0", "fsq", 200, 22.5, 128.0)
+    assert A.frontier_save([tmp_path / "ref"], tmp_path / "ref.json") == 2
+    saved = json.loads((tmp_path / "ref.json").read_text())["runs"]
+    assert set(saved["vq_ema_best_vq_ema_k1024_s0"]["rd"]) == set(A.RD_SUMMARY_KEYS)      # the summary, not the curve
+    assert A.frontier_report([tmp_path / "mine", tmp_path / "ref.json"]) == \
+        A.frontier_report([tmp_path / "mine", tmp_path / "ref"])
+    assert "| `mine_fsq_k200` (1) | 7.00 | 22.50 |" in A.frontier_report([tmp_path / "mine", tmp_path / "ref.json"])
+    with pytest.raises(vqvae.BavqError, match="same name come from two places"):
+        A.frontier_report([tmp_path / "ref", tmp_path / "ref.json"])
+    with pytest.raises(vqvae.BavqError, match="does not exist"):
+        A.frontier_report([tmp_path / "nowhere"])
+    (tmp_path / "other.json").write_text("[1, 2]")
+    with pytest.raises(vqvae.BavqError, match="not a frontier file"):
+        A.frontier_report([tmp_path / "other.json"])
+
+
+@pytest.mark.slow
+def test_the_readmes_two_commands_place_new_runs_on_the_plane(tmp_path, capsys):
+    """README's "Place a quantizer on the plane": its two commands as written, with tiny settings appended (later
+    flags win) and the paths moved into tmp_path; the reference is a frontier file of tiny vq_ema_best runs. The
+    first trains the grid, the second runs the R(D) analysis of every run and prints the tables and the plot."""
+    import importlib.util
+    import re
+    from conftest import TINY, cli_in_process
+    from test_docs import code_blocks
+    block = next(code for lang, code, _ in code_blocks(ROOT / "README.md") if "experiments/mine" in code)
+    commands = [line.split() for line in re.sub(r"\\\n", " ", block).splitlines() if line.startswith("python")]
+    assert [c[:2] for c in commands] == [["python", "train.py"], ["python", "tools/frontier_table.py"]]
+    tiny = [*TINY, "--codebook_size", "8", "16", "--seed", "0", "1"]
+    moved = {"experiments/mine": str(tmp_path / "mine"), "results/frontier_reduced.json": str(tmp_path / "ref.json"),
+             "mine.png": str(tmp_path / "mine.png"), "configs/reduced.yaml": str(ROOT / "configs/reduced.yaml")}
+    reference = [*TINY, "--init", "kmeans", "--dead_code_threshold", "1", "--codebook_size", "4", "32", "--seed", "0",
+                 "1", "--name", "vq_ema_best", "--out_dir", str(tmp_path / "ref")]
+    assert cli_in_process(reference, capsys).returncode == 0
+    spec = importlib.util.spec_from_file_location("frontier_table", ROOT / "tools" / "frontier_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / "ref"), "--save", str(tmp_path / "ref.json")]) == 0
+    r = cli_in_process([moved.get(a, a) for a in commands[0][2:]] + tiny, capsys)
+    assert r.returncode == 0, r.stderr
+    capsys.readouterr()
+    assert tool.main([moved.get(a, a) for a in commands[1][2:]] + ["--rd_positions", "512", "--rd_alphabet", "16"]) == 0
+    out = capsys.readouterr().out
+    for K in (8, 16):
+        assert f"| `mine_optvq_k{K}` (2) | optvq | {K} |" in out
+        for s in (0, 1):
+            assert (tmp_path / "mine" / f"mine_optvq_k{K}_s{s}" / "rate_distortion.json").is_file()
+    assert "| `vq_ema_best_vq_ema_k32` (2) | vq_ema | 32 |" in out and "R(D) of the latents" in out
+    assert (tmp_path / "mine.png").read_bytes()[:4] == b"\x89PNG"

@@ -40,6 +40,63 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_prints_a_table(tmp_path, ca
     assert {n: snapshot(tmp_path / n) for n in names} == before
 
 
+GROUPS_YAML = """name: g
+lr: 0.002
+seed: [0, 1]
+groups:
+  plain: {quantizer: vq_ema}
+  rated: {quantizer: ecvq, ecvq_lambda: 0.5, seed: 5, lr: 0.003}
+"""
+
+
+def test_groups_share_the_files_settings_and_flags_override_both(tmp_path):
+    """A config file's ``groups``: each group's settings over the shared ones, flags over both, each group over the
+    sweep keys' values (its own if it gives them, the flags' if they do); run names <name>_<group>_<q>_k<K>_s<seed>."""
+    f = tmp_path / "g.yaml"
+    f.write_text(GROUPS_YAML)
+    configs, sweep = cli.configs_from_args(["--config", str(f), "--epochs", "3"])
+    assert sweep
+    assert [(c.name, c.lr, c.epochs, c.wandb_group) for c in configs] == [
+        ("g_plain_vq_ema_k512_s0", 0.002, 3, "g_plain"), ("g_plain_vq_ema_k512_s1", 0.002, 3, "g_plain"),
+        ("g_rated_ecvq_k512_s5", 0.003, 3, "g_rated")]
+    assert configs[2].ecvq_lambda == 0.5
+    configs, _ = cli.configs_from_args(["--config", str(f), "--seed", "7", "--lr", "0.01", "--name", "h"])
+    assert [(c.name, c.lr) for c in configs] == [("h_plain_vq_ema_k512_s7", 0.01), ("h_rated_ecvq_k512_s7", 0.01)]
+    # a group alone as a sweep: --name <name>_<group> with its settings as flags makes the same runs
+    alone, _ = cli.configs_from_args(["--quantizer", "ecvq", "--ecvq_lambda", "0.5", "--lr", "0.003", "--seed", "5",
+                                      "6", "--name", "g_rated", "--epochs", "3"])
+    import dataclasses
+    assert dataclasses.asdict(alone[0]) == dataclasses.asdict(
+        cli.configs_from_args(["--config", str(f), "--epochs", "3"])[0][2])
+
+
+@pytest.mark.parametrize("groups, says", [
+    ("groups: [a, b]\n", "must map each group's name"),
+    ("groups: {}\n", "must map each group's name"),
+    ("groups:\n  a: {quantizer: vq_ema, bogus_key: 1}\n", "group 'a'.*bogus_key"),
+    ("groups:\n  a: {quantizer: vq_ema, lr: fast}\n", "group 'a'.*lr"),
+])
+def test_bad_groups_are_refused_with_what_to_fix(tmp_path, groups, says):
+    f = tmp_path / "g.yaml"
+    f.write_text("name: g\n" + groups)
+    with pytest.raises(vqvae.BavqError, match=says):
+        cli.configs_from_args(["--config", str(f)])
+
+
+def test_a_grid_of_groups_runs_resumes_and_cannot_be_resumed_as_one_run(tmp_path, capsys):
+    f = tmp_path / "g.yaml"
+    f.write_text(GROUPS_YAML.replace("seed: [0, 1]", "seed: [0]").replace("seed: 5, ", ""))
+    args = [*TINY, "--config", str(f), "--out_dir", str(tmp_path / "runs")]
+    r = cli_in_process(args, capsys)
+    assert r.returncode == 0, r.stderr
+    names = {"g_plain_vq_ema_k16_s0", "g_rated_ecvq_k16_s0"}
+    assert {p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".grid_")} == names
+    r = cli_in_process(args, capsys)
+    assert r.returncode == 0 and r.stdout.count("skipped (finished)") == 2
+    r = cli_in_process([*args, "--resume", str(tmp_path / "runs" / "g_plain_vq_ema_k16_s0")], capsys)
+    assert r.returncode == 2 and "grid of groups" in r.stderr
+
+
 def test_sweep_refuses_existing_runs_with_other_settings(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
     assert cli_in_process(args, capsys).returncode == 0

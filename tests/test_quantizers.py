@@ -25,7 +25,8 @@ def test_interface_shapes(name, training):
     z = latents(B=3, D=8, H=5, W=7)
     z_q, losses, info = q(z)
     assert z_q.shape == z.shape
-    stages = (len(q.stages),) if name == "rvq" else ()                # residual VQ: one index per stage
+    S = q.codes_per_position
+    stages = (S,) if S > 1 else ()                                    # residual VQ, OptVQ: S indices per position
     assert info["code_indices"].shape == (3, *stages, 5, 7) and info["code_indices"].dtype == torch.long
     K = q.num_embeddings                                              # 16 (rvq: 16 per stage)
     assert info["code_counts"].shape == (K,) and int(info["code_counts"].sum()) == info["code_indices"].numel()

@@ -148,6 +148,16 @@ def test_interpolation_on_the_binary_curve_is_bracketed_by_hull_and_lines():
                                                    "interpolation_bits": 0.0}          # the curve's end
 
 
+def test_the_curves_ends_are_read_within_their_rounding_tolerance():
+    """A distortion a hair (< 1e-9 relative) below the hull's first point whose beta is finite (the curve stopped
+    short of D_nn), and a rate at or below the hull's lowest: both read the end point instead of failing."""
+    pts = [{"distortion": 1.0, "rate_bits": 2.0, "beta": 5.0, "intercept_bits": None},
+           {"distortion": 2.0, "rate_bits": 0.5, "beta": 1.0, "intercept_bits": None}]
+    assert vqvae.curve_rate_at(pts, 1.0 - 1e-12)["rate_bits"] == 2.0
+    assert vqvae.curve_distortion_at(pts, 0.5)["distortion"] == 2.0
+    assert vqvae.curve_distortion_at(pts, 0.2)["distortion"] == 2.0
+
+
 def test_gaussian_reverse_water_filling_by_hand():
     """Eigenvalues (4, 1): D = 1.5 waters both components to theta = 0.75, R = 1/2 log2(4/.75) + 1/2 log2(1/.75);
     D = 2.5 leaves the small one at its variance, theta = 1.5, R = 1/2 log2(4/1.5)."""
@@ -185,7 +195,7 @@ SMALL = {"codebook_size": 64, "latent_dim": 16, "hidden_dim": 16}
 
 def small_model(name: str) -> vqvae.VQVAE:
     torch.manual_seed(0)
-    extra = {"fsq_levels": [4, 4, 4]} if name == "fsq" else {}
+    extra = {"fsq": {"fsq_levels": [4, 4, 4]}, "optvq": {"optvq_heads": 1, "optvq_eval": "nearest"}}.get(name, {})
     m = vqvae.VQVAE.from_config(vqvae.make_config({"quantizer": name, **SMALL, **extra}))
     if name == "ba_vq":         # a running marginal far from uniform: the eval codes are then not the nearest
         m.quantizer.log_q_bar.copy_(torch.randn(64).mul(3).log_softmax(0))
@@ -195,7 +205,15 @@ def small_model(name: str) -> vqvae.VQVAE:
 
 
 def test_the_analysis_is_defined_for_every_quantizer_with_an_explicit_alphabet():
-    assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq", "ecvq"}
+    assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq", "ecvq", "optvq"}
+
+
+@pytest.mark.parametrize("setting, says", [({"optvq_heads": 4, "optvq_eval": "nearest"}, "tuple of codes"),
+                                           ({"optvq_heads": 1, "optvq_eval": "sinkhorn"}, "depend on the batch")])
+def test_optvq_with_several_heads_or_batch_codes_is_refused_with_why(setting, says):
+    m = vqvae.VQVAE.from_config(vqvae.make_config({"quantizer": "optvq", **SMALL, **setting}))
+    with pytest.raises(vqvae.BavqError, match=says):
+        vqvae.latent_rate_distortion(m, vqvae._fake_images(4, 1))
 
 
 @pytest.mark.parametrize("name", RD_QUANTIZERS)

@@ -4,10 +4,10 @@
 #   1. K=512 VQ-EMA at >= 22.7 dB with >= 99% of the codes in use: configs/reduced_vq_ema_full_usage.yaml, chosen
 #      on seed 0 (experiments/target1/*_s0), decided on seeds 1-5.
 #   2. BA-VQ within 0.3 dB of the best VQ-EMA at equal rate: the K=512 pair of the frontier (seeds 0-2 in
-#      tools/frontier.sh) gets seeds 3 and 4, in OUT_DIR_k512_seeds34 (a grid of another shape may not share the
+#      configs/frontier_reduced.yaml) gets seeds 3 and 4, in OUT_DIR_k512_seeds34 (a grid of another shape may not share the
 #      frontier's grid name in OUT_DIR); tools/frontier_table.py groups runs of the same name across folders.
 #
-#   bash tools/targets.sh DATA_DIR [OUT_DIR]      # resumable like tools/frontier.sh; then
+#   bash tools/targets.sh DATA_DIR [OUT_DIR]      # resumable like the frontier's grid; then
 #   python tools/frontier_table.py OUT_DIR OUT_DIR_k512_seeds34
 set -euo pipefail
 DATA=${1:?give the CIFAR-10 folder (ImageFolder layout), e.g. /tmp/cifar}
