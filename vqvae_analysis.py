@@ -35,7 +35,7 @@ __all__ = ["rate_distortion_curve", "trace_rate_distortion", "curve_rate_at", "c
            "ssim_uniform_per_image", "cvqvae_image_metrics", "paper_metrics", "frontier_groups", "frontier_family",
            "frontier_point", "frontier_share_of_variance", "frontier_table", "frontier_points", "equal_rate_table",
            "frontier_plot", "FRONTIER_REFERENCE", "frontier_report", "frontier_record", "frontier_records",
-           "frontier_save", "run_bits"]
+           "frontier_save", "run_bits", "paired_table"]
 
 
 
@@ -662,7 +662,8 @@ def frontier_groups(roots: list) -> tuple[dict, int]:
         g = found.setdefault(key, {"quantizer": rec["config"]["quantizer"], "K": rec["config"].get("codebook_size", 512),
                                    "several_codes": "combined_entropy_bits" in rec["final"],
                                    "batch_dependent": _codes_depend_on_batch(rec["config"]), "runs": []})
-        g["runs"].append({**rec["final"], "rd": rec["rd"]})
+        seed = re.search(r"_s(\d+)$", name)
+        g["runs"].append({**rec["final"], "rd": rec["rd"], "seed": int(seed.group(1)) if seed else None})
     return found, unfinished
 
 
@@ -802,6 +803,38 @@ def equal_rate_table(found: dict, reference: str) -> str:
     return "\n".join(lines)
 
 
+def _mean_se(values: list) -> str:
+    if len(values) < 2:
+        return f"{values[0]:+.2f}" if values else ""
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values) / math.sqrt(len(values)):.2f}"
+
+
+def paired_table(found: dict, prefix: str) -> str:
+    """The groups whose name starts with ``prefix``, in name order (a ladder: r0, r1, ...), each against the group
+    before it seed by seed: the mean over the seeds both have of the differences in PSNR and in rate, with the
+    standard error of that mean (sd / sqrt(n)); and the R(D) analysis' share of the latents' variance left as error
+    and the own-codebook rate gap, where the runs have it."""
+    keys = sorted(k for k in found if k.startswith(prefix))
+    lines = ["| group (seeds) | PSNR dB | bits / position | PSNR − previous (paired) | bits − previous (paired) | "
+             "distortion / latent variance | own-codebook rate gap |", "|---|---|---|---|---|---|---|"]
+    previous = None
+    for key in keys:
+        runs = {r["seed"]: r for r in found[key]["runs"]}
+        dpsnr = dbits = []
+        if previous is not None:
+            both = sorted(set(runs) & set(previous))
+            dpsnr = [runs[s]["psnr"] - previous[s]["psnr"] for s in both]
+            dbits = [run_bits(runs[s]) - run_bits(previous[s]) for s in both]
+        rds = [r["rd"] for r in runs.values() if r.get("rd") and r["rd"].get("gaps", {}).get("codebook")]
+        share = frontier_share_of_variance(rds) if rds else ""
+        gap = _mean_sd([rd["gaps"]["codebook"]["rate_bits"] for rd in rds]) if rds else ""
+        lines.append(f"| `{key}` ({len(runs)}) | {_mean_sd([r['psnr'] for r in runs.values()])} | "
+                     f"{_mean_sd([run_bits(r) for r in runs.values()])} | {_mean_se(dpsnr)} | {_mean_se(dbits)} | "
+                     f"{share} | {gap} |")
+        previous = runs
+    return "\n".join(lines)
+
+
 def frontier_plot(found: dict, roots: list, path: Path) -> None:
     """PSNR against bits per latent position, one line per family of runs (``frontier_family``), a point per K, FSQ level
     set or beta range (``frontier_point``), in order of rate, at the mean over seeds with the sample standard deviation as error bars in both directions."""
@@ -844,12 +877,13 @@ def frontier_plot(found: dict, roots: list, path: Path) -> None:
 FRONTIER_REFERENCE = "vq_ema_best_vq_ema"      # the group every other is set against at equal rate
 
 
-def frontier_report(roots: list, plot_path: Path | None = None, reference: str | None = None) -> str:
+def frontier_report(roots: list, plot_path: Path | None = None, reference: str | None = None,
+                    paired: str | None = None) -> str:
     """The frontier tables of the finished runs under ``roots`` (folders of run directories): PSNR and rate per
     group of seeds, the R(D) table where the runs have rate_distortion.json, and every group against the
     ``reference`` family's frontier at equal rate (a family: the run names without _k<K>_s<seed>, e.g.
     vq_ema_best_vq_ema; None: ``FRONTIER_REFERENCE``, the table left out where it has no runs); with ``plot_path``,
-    also the figure there."""
+    also the figure there; with ``paired`` (a group-name prefix), also ``paired_table`` of those groups."""
     found, unfinished = frontier_groups([Path(r) for r in roots])
     families = sorted({frontier_family(k) for k in found})
     if reference is not None and reference not in families:
@@ -862,6 +896,12 @@ def frontier_report(roots: list, plot_path: Path | None = None, reference: str |
         out.append(f"\nAt equal rate: each group against the `{reference}` frontier, linearly interpolated in "
                    f"bits per position between its measured points (groups outside its range of rates left out):\n")
         out.append(equal_rate_table(found, reference))
+    if paired is not None:
+        if not any(k.startswith(paired) for k in found):
+            raise BavqError(f"No group's name starts with '{paired}' (--paired): the groups are {', '.join(sorted(found))}.")
+        out.append(f"\nEach `{paired}*` group against the one before it, seed by seed (mean ± standard error of the "
+                   "per-seed differences over the seeds both have):\n")
+        out.append(paired_table(found, paired))
     if plot_path is not None:
         frontier_plot(found, [Path(r) for r in roots], Path(plot_path))
         out.append(f"\nplot written to {plot_path}")

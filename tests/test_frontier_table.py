@@ -217,3 +217,21 @@ def test_the_readmes_two_commands_place_new_runs_on_the_plane(tmp_path, capsys):
             assert (tmp_path / "mine" / f"mine_optvq_k{K}_s{s}" / "rate_distortion.json").is_file()
     assert "| `vq_ema_best_vq_ema_k32` (2) | vq_ema | 32 |" in out and "R(D) of the latents" in out
     assert (tmp_path / "mine.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_ladder_sets_each_group_against_the_one_before_it_seed_by_seed(tmp_path):
+    """--paired PREFIX: the groups of that prefix in name order, each against the previous on the seeds both have:
+    differences 1.0 and 2.0 dB on seeds 0 and 1 (seed 2 only in the second group) give +1.50 ± 0.50."""
+    for s, psnr in enumerate([20.0, 21.0]):
+        fake_run(tmp_path, f"lad_r0_vq_ema_k512_s{s}", "vq_ema", 512, psnr, 256.0)
+    for s, psnr in enumerate([21.0, 23.0, 30.0]):
+        fake_run(tmp_path, f"lad_r1_ecvq_k512_s{s}", "ecvq", 512, psnr, 128.0)
+    fake_run(tmp_path, "other_vq_k512_s0", "vq", 512, 10.0, 2.0)
+    text = A.frontier_report([tmp_path], paired="lad_")
+    table = text[text.index("Each `lad_*` group"):]
+    assert "| `lad_r0_vq_ema_k512` (2) | 20.50 ± 0.71 | 8.00 ± 0.00 |  |  |" in table
+    assert "| `lad_r1_ecvq_k512` (3) | 24.67 ± 4.73 | 7.00 ± 0.00 | +1.50 ± 0.50 | -1.00 ± 0.00 |" in table
+    assert "other" not in table
+    import vqvae
+    with pytest.raises(vqvae.BavqError, match="No group's name starts with 'nope'"):
+        A.frontier_report([tmp_path], paired="nope")

@@ -5,7 +5,7 @@ and the plot.
 
     python tools/frontier_table.py experiments/mine results/frontier_reduced.json --rate_distortion --data_dir data
     python tools/frontier_table.py experiments/frontier --plot results/frontier_reduced.png
-    python tools/frontier_table.py experiments/ladder --reference ladder_r0_vq_ema_best_vq_ema
+    python tools/frontier_table.py experiments/ladder experiments/frontier --paired ladder_       # the gap ladder
     python tools/frontier_table.py experiments/frontier --save results/frontier_reduced.json   # a frontier file
 
 ROOTS are folders of run directories, or frontier files (JSON: the runs as --save writes them, e.g. the reference
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
                    help="folders of run directories, or frontier files (JSON) such as results/frontier_reduced.json")
     p.add_argument("--reference", default=None, help="the family every group is set against (default vq_ema_best_vq_ema)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the figure there")
+    p.add_argument("--paired", default=None, metavar="PREFIX",
+                   help="also set each group whose name starts with PREFIX against the one before it, seed by seed "
+                        "(a ladder: --paired ladder_)")
     p.add_argument("--rate_distortion", action="store_true", help="first run the R(D) analysis of the runs that lack it")
     p.add_argument("--data_dir", default=None, help="with --rate_distortion: the runs' data folder, if not where they ran")
     p.add_argument("--device", default="auto", help="with --rate_distortion: where to run it")
@@ -49,7 +52,8 @@ def main(argv=None) -> int:
             options = {k: v for k, v in (("positions", args.rd_positions), ("alphabet_size", args.rd_alphabet))
                        if v is not None}
             complete_rate_distortion(args.roots, args.data_dir, args.device, options)
-        print(frontier_report([Path(a) for a in args.roots], Path(args.plot) if args.plot else None, args.reference))
+        print(frontier_report([Path(a) for a in args.roots], Path(args.plot) if args.plot else None, args.reference,
+                              args.paired))
     except BavqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
