@@ -170,6 +170,7 @@ class Config:
     alternate_momentum: float = setting(0.9, at_least=0)  # --alternate_lr: SGD momentum of that inner step
     alternate_commitment: bool = False        # --alternate_lr: keep the commitment term (our variant; vqtorch's in-place mode has none, beta = 1)
     grad_clip: float = setting(0.0, at_least=0)  # clip the global gradient norm to this (0 = off)
+    model_ema: float = setting(0.0, at_least=0, below=1)  # decay of an EMA of the model's weights (IBQ's authors' LitEma, warm-up included; 0 = off): validation and the final model use the averaged weights
     explode_factor: float = setting(100.0, at_least=0, rule=lambda v: _explode_problem(v))  # stop when a step's recon_loss exceeds this x its minimum over the previous explode_window steps (0 = off)
     explode_window: int = setting(1000, at_least=1)  # steps in that window (the check runs every min(progress_every, this) steps)
     # --- optimisation -----------------------------------------------------------------------
@@ -2620,7 +2621,8 @@ def _batches(images: torch.Tensor, perm: torch.Tensor, start: int, B: int, cfg: 
 def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, cfg: Config,
                 generator: torch.Generator, step: int, total_steps: int, desc: str = "train",
                 resume_from: dict | None = None, should_stop=None, rt: Runtime | None = None,
-                after_backward=None, guard: "LossGuard | None" = None) -> tuple[dict, int]:
+                after_backward=None, guard: "LossGuard | None" = None,
+                model_ema: ModelEMA | None = None) -> tuple[dict, int]:
     """One pass over ``images`` (uint8, on the model's device, or on the CPU with data_path loader)
     in the order of one ``randperm`` drawn from ``generator``. Returns (metrics, new global step).
 
@@ -2639,7 +2641,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     ``should_stop()`` is polled before each batch (it should be a Python flag, no device sync); when it
     is true, ``StopRequested`` carries what ``resume_from`` needs to finish the epoch exactly as if it
     had not stopped. ``after_backward(model)`` runs between backward and gradient clipping (e.g. an
-    all-reduce of the gradients over processes).
+    all-reduce of the gradients over processes). ``model_ema`` (``ModelEMA``) is updated after every step.
     """
     model.train()
     device = next(model.parameters()).device
@@ -2678,6 +2680,8 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
         grad_norm = _backward_and_step(loss, model, optimizer, rt, clip, after_backward)  # norm before clipping
         if restarts_on and qs >= 0 and (qs + 1) % cfg.dead_code_every == 0:
             stats.restarts += q.restart_dead_codes(optimizer).sum()
+        if model_ema is not None:
+            model_ema.update(model)
         stats.add_step(step, x.shape[0], loss, recon_loss, loss_dict, grad_norm, info["code_counts"], rt,
                        {k: info[k] for k in q.train_metrics})
         guard.add(step, recon_loss)
@@ -2691,6 +2695,55 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     metrics = stats.metrics(n_steps)
     metrics.update(q.histogram_metrics(stats.counts, stats.acc.n))
     return {**metrics, "vq_loss_weight": w, "recon_jump_max": float(guard.ratio_max), **q.extra_metrics()}, step
+
+
+class ModelEMA:
+    """An exponential moving average of a model's trainable parameters (``--model_ema DECAY``), as the LitEma of IBQ's
+    authors (TencentARC/SEED-Voken, from CompVis latent-diffusion's ldm/modules/ema.py), updated after every training
+    step:
+
+        n <- n + 1,   d = min(decay, (1 + n) / (10 + n)),   s <- s - (1 - d) (s - p)      for each parameter p
+
+    so the average warms up over the first updates (d = 2/11 at the first). Buffers (EMA codebooks, BA-VQ's running
+    marginal, ...) are not averaged: ``applied`` puts the averaged parameters into the model and leaves its buffers
+    as trained, as their validation does (copy_to copies parameters only). ``state_dict`` holds the averages and n,
+    so a checkpoint resumes it exactly."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _pairs(self, model: nn.Module) -> tuple[list, list]:
+        live = dict(model.named_parameters())
+        return list(self.shadow.values()), [live[n] for n in self.shadow]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        shadow, live = self._pairs(model)
+        torch._foreach_sub_(shadow, torch._foreach_mul(torch._foreach_sub(shadow, [p.detach() for p in live]), 1.0 - d))
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The averaged parameters in ``model`` inside the block, its own after it."""
+        shadow, live = self._pairs(model)
+        kept = [p.detach().clone() for p in live]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in live], shadow)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in live], kept)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        for n, t in state["shadow"].items():
+            self.shadow[n].copy_(t)
 
 
 def _loss_weight(quantized_steps: int, warmup_steps: float) -> float:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqvae import (BavqError, Config, LossExploded, LossGuard, NonFiniteLoss, Runtime, StopRequested, VQVAE, build_model,
+from vqvae import (BavqError, Config, LossExploded, LossGuard, ModelEMA, NonFiniteLoss, Runtime, StopRequested, VQVAE, build_model,
                    config_fields, config_to_yaml, default_val_batch_size, eval_batches, evaluating, evenly_spaced,
                    frechet_distance, load_dataset, make_config, make_runtime, perplexity_from_counts, pick_device,
                    seed_everything, setup_model, to_float, to_uint8, train_epoch, usage_from_counts, validate)
@@ -421,8 +421,10 @@ def _discard_later_results(run_dir: Path, ck_path: Path, epoch: int) -> None:
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, cfg, epoch, step, history, val_metrics, train_metrics,
-                     generator, partial_epoch=None, wandb_id=None, scaler=None, loss_guard=None, run_id=None) -> None:
+                     generator, partial_epoch=None, wandb_id=None, scaler=None, loss_guard=None, run_id=None,
+                     model_ema=None) -> None:
     atomic_torch_save({
+        **({"model_ema": model_ema.state_dict()} if model_ema is not None else {}),   # the live weights stay in model_state_dict
         "scaler": scaler.state_dict() if scaler is not None else None,
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
         "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
@@ -943,6 +945,11 @@ class _Run:
     guard: LossGuard | None = None                 # the loss-explosion watch (its window spans epochs)
     run_id: str = ""                               # random, for life: ties checkpoints to their run directory
     after_backward: object = None                  # torchrun: the gradient all-reduce (DataParallel)
+    ema: ModelEMA | None = None                    # --model_ema: the averaged weights that validation and the final model use
+
+    def averaged(self):
+        """The block in which the model holds the weights that are validated and kept (--model_ema: the averages)."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -1028,6 +1035,8 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParal
         run.after_backward = dp.average_gradients
     run.guard = LossGuard(cfg.explode_factor, cfg.explode_window, rt.device)
     run.run_id = uuid.uuid4().hex[:16]
+    if cfg.model_ema > 0:
+        run.ema = ModelEMA(model, cfg.model_ema)
     if ck is not None:
         _restore(run, ck, ck_path, scratch)
     else:
@@ -1086,6 +1095,8 @@ def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) ->
     try:
         run.model.load_state_dict(ck["model_state_dict"])
         run.optimizer.load_state_dict(ck["optimizer_state_dict"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ck["model_ema"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise BavqError(_misfit_message(ck_path, e)) from None
     _match_state_layout(run.optimizer)
@@ -1151,7 +1162,7 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         run.train_metrics, run.step = train_epoch(
             run.model, run.optimizer, run.train_u8, cfg, run.generator, run.step, cfg.epochs * run.steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}", resume_from=run.partial_epoch, should_stop=stop, rt=run.rt,
-            after_backward=run.after_backward, guard=run.guard)
+            after_backward=run.after_backward, guard=run.guard, model_ema=run.ema)
     except (NonFiniteLoss, LossExploded) as e:
         raise NonFiniteError(_diverged_message(e, run.run_dir, run.steps_per_epoch)) from None
     except StopRequested as s:
@@ -1160,13 +1171,14 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         raise TrainingInterrupted(_interrupted_message(epoch, s, path, run.run_dir)) from None
     run.partial_epoch = None
     evaluated = epoch == cfg.epochs or bool(cfg.eval_every and epoch % cfg.eval_every == 0)
-    run.val_metrics, paper = _validation_pass(run.model, run.val_u8, cfg, run.rt,
-                                              cfg.eval_metrics if evaluated else [], cfg.progress)
-    if epoch == cfg.epochs:                                                       # reported by _finish
-        run.final_paper_metrics = paper
-    elif evaluated:
-        run.val_metrics.update(paper)
-        run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
+    with run.averaged():
+        run.val_metrics, paper = _validation_pass(run.model, run.val_u8, cfg, run.rt,
+                                                  cfg.eval_metrics if evaluated else [], cfg.progress)
+        if epoch == cfg.epochs:                                                   # reported by _finish
+            run.final_paper_metrics = paper
+        elif evaluated:
+            run.val_metrics.update(paper)
+            run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
     record = _history_record(run, epoch, time.time() - t0)
     run.history.append(record)
     with open(run.run_dir / "history.jsonl", "a") as f:
@@ -1178,7 +1190,8 @@ def _run_epoch(run: _Run, epoch: int, stop) -> None:
         _save_run(run, run.run_dir / f"checkpoint_epoch{epoch}.pt", epoch, run.step)
         (run.run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)   # superseded by this later one
         _prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
-        _write_pictures(run, epoch)
+        with run.averaged():
+            _write_pictures(run, epoch)
 
 
 def _history_record(run: _Run, epoch: int, seconds: float) -> dict:
@@ -1197,7 +1210,7 @@ def _save_run(run: _Run, path: Path, epoch: int, step: int, partial_epoch: dict 
     _save_checkpoint(path, model=run.model, optimizer=run.optimizer, cfg=run.cfg, epoch=epoch, step=step,
                      history=run.history, val_metrics=run.val_metrics, train_metrics=run.train_metrics,
                      generator=run.generator, partial_epoch=partial_epoch, wandb_id=run.wandb_id, scaler=run.rt.scaler,
-                     loss_guard=run.guard.state(), run_id=run.run_id)
+                     loss_guard=run.guard.state(), run_id=run.run_id, model_ema=run.ema)
 
 
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -1223,19 +1236,31 @@ def _write_pictures(run: _Run, epoch: int) -> None:
 
 def _finish(run: _Run) -> dict:
     """final_model.pt, the final pictures and final_metrics.json; returns the final metrics."""
-    cfg, tr = run.cfg, run.train_metrics
+    with run.averaged():                                 # --model_ema: the final model is the averaged one
+        _finish_model(run)
+    return _finish_files(run)
+
+
+def _finish_model(run: _Run) -> None:
+    """Validate (if the last epoch did not) and write final_model.pt; the perceptual metrics."""
+    cfg = run.cfg
     if not run.val_metrics:   # resumed a run whose last epoch was already done: nothing left to train
         run.val_metrics, run.final_paper_metrics = _validation_pass(run.model, run.val_u8, cfg, run.rt,
                                                                     cfg.eval_metrics, cfg.progress)
     atomic_torch_save(run.model.state_dict(), run.run_dir / "final_model.pt")
     run.val_metrics.update(run.final_paper_metrics)
     run.val_metrics.update(perceptual_metrics(run.model, run.val_u8, cfg.eval_metrics, run.rt))
+    if run.pictures_step != run.step:                    # not already drawn at the last checkpoint
+        _write_pictures(run, cfg.epochs)
+
+
+def _finish_files(run: _Run) -> dict:
+    """final_metrics.json (and the rest of the finish); returns the final metrics."""
+    cfg, tr = run.cfg, run.train_metrics
     final = {"epoch": cfg.epochs, **_plain(run.val_metrics),
              "train_perplexity": tr.get("perplexity"), "train_usage_rate": tr.get("usage_rate"),
              "val_code_counts": run.val_metrics["code_counts"].tolist(),
              "train_code_counts": tr["code_counts"].tolist() if "code_counts" in tr else None}
-    if run.pictures_step != run.step:                    # not already drawn at the last checkpoint
-        _write_pictures(run, cfg.epochs)
     atomic_write_text(run.run_dir / "final_metrics.json", json.dumps(final, indent=2))
     (run.run_dir / "checkpoint_interrupted.pt").unlink(missing_ok=True)
     if run.wb is not None:
