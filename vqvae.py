@@ -93,7 +93,7 @@ class Config:
     val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq | bsq | diveq
     codebook_size: int = setting(512, at_least=2)  # K, number of codes
     latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
@@ -127,6 +127,18 @@ class Config:
     rvq_codebook: str = setting("encodec", choices=("encodec", "fixed"))  # encodec (its code: k-means leaves EMA sums = centroids; a replacement is overwritten by the same step's EMA) | fixed (sums = count x centroid; a replaced code's EMA restarts from it)
     # --- ECVQ (Chou, Lookabaugh & Gray 1989) -----------------------------------------------
     ecvq_lambda: float = setting(0.1, at_least=0)  # lam in argmin_k d(z, e_k) + lam (-ln Q(k)), nats: sets the rate (0 = vq_ema exactly)
+    # --- BSQ (Zhao et al. 2024; the authors' image-tokenizer configs) -------------------------
+    bsq_group_size: int = setting(9, at_least=1)  # bits per group of the entropy terms (softmax over 2^g codes per group); must divide log2 K (theirs: 9)
+    bsq_inv_temperature: float = setting(1.0, above=0)  # tau in p = softmax(2 tau <u_g, c> / sqrt(bits)); the penalty is divided by tau (theirs: 1)
+    bsq_entropy_cost: float = setting(0.1, at_least=0)  # weight of the entropy penalty H_sample - gamma H_codebook after the ramp (theirs: 0.1)
+    bsq_entropy_cost_start: float = setting(0.3, at_least=0)  # its weight at the first quantized step, linear to bsq_entropy_cost (theirs: 0.3)
+    bsq_entropy_rampup_steps: int = setting(2000, at_least=0)  # quantized steps of that ramp (theirs: 2000; 0 = none)
+    bsq_diversity_gamma: float = setting(1.0, at_least=0)  # gamma: weight of the codebook entropy inside the penalty (theirs: 1)
+    # --- DiVeQ (Vali et al. 2026; the authors' class defaults, which their scripts use) --------
+    diveq_sigma: float = setting(1e-3, at_least=0)  # std of the Gaussian noise added to the error direction c - z (their noise_var, a std)
+    diveq_replace_every: int = setting(100, at_least=0)  # training forwards between replacements of unused codes (theirs: 100; 0 = never)
+    diveq_discard_threshold: float = setting(0.01, at_least=0)  # a code is unused if (forwards that used it) / replace_every < this (theirs: 0.01)
+    diveq_perturbation: float = setting(1e-9, at_least=0)  # std of the noise on a replacing copy of a used code (theirs: 1e-9)
     # --- OptVQ (Zhang et al. 2024; the authors' CIFAR-10 config) ----------------------------
     optvq_heads: int = setting(4, at_least=1)  # split each latent into this many sub-vectors (heads), each coded from one shared codebook of K codes (their CIFAR-10 config: 4)
     optvq_epsilon: float = setting(10.0, above=0)  # eps in the Sinkhorn kernel exp(-eps C~), C~ the normalised distance matrix (theirs: 10)
@@ -170,7 +182,8 @@ class Config:
     alternate_momentum: float = setting(0.9, at_least=0)  # --alternate_lr: SGD momentum of that inner step
     alternate_commitment: bool = False        # --alternate_lr: keep the commitment term (our variant; vqtorch's in-place mode has none, beta = 1)
     grad_clip: float = setting(0.0, at_least=0)  # clip the global gradient norm to this (0 = off)
-    model_ema: float = setting(0.0, at_least=0, below=1)  # decay of an EMA of the model's weights (IBQ's authors' LitEma, warm-up included; 0 = off): validation and the final model use the averaged weights
+    model_ema: float = setting(0.0, at_least=0, below=1)  # decay of an EMA of the model's weights (IBQ's authors' LitEma: 0.999; 0 = off): validation and the final model use the averaged weights
+    model_ema_warmup: bool = False  # --model_ema's decay as min(decay, (1 + n) / (10 + n)) at update n (LitEma's use_num_upates; IBQ's authors: off)
     explode_factor: float = setting(100.0, at_least=0, rule=lambda v: _explode_problem(v))  # stop when a step's recon_loss exceeds this x its minimum over the previous explode_window steps (0 = off)
     explode_window: int = setting(1000, at_least=1)  # steps in that window (the check runs every min(progress_every, this) steps)
     # --- optimisation -----------------------------------------------------------------------
@@ -2012,6 +2025,12 @@ class SQVAEQuantizer(Quantizer):
         return z_q, losses, info
 
 
+def sign_patterns(d: int) -> torch.Tensor:
+    """The 2^d sign vectors {-1, +1}^d (2^d, d), row k the bits of k, least significant first (+1 for a 1)."""
+    bits = (torch.arange(2 ** d)[:, None] // 2 ** torch.arange(d)) % 2
+    return bits.to(torch.get_default_dtype()) * 2 - 1
+
+
 class LFQQuantizer(Quantizer):
     """Lookup-free quantization (Yu et al. 2023, "Language Model Beats Diffusion: Tokenizer is Key to
     Visual Generation" (MAGVIT-v2), Sec. 3.1). The latent z (D) is projected to d = log2 K values
@@ -2039,15 +2058,18 @@ class LFQQuantizer(Quantizer):
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  lfq_entropy_cost: float = 0.1, lfq_diversity_gamma: float = 1.0, lfq_inv_temperature: float = 100.0):
         super().__init__()
-        d = num_embeddings.bit_length() - 1       # K = 2^d (config_problems)
-        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, d
+        self._sign_codes(num_embeddings, embedding_dim)
         self.commitment_cost, self.entropy_cost = commitment_cost, lfq_entropy_cost
         self.diversity_gamma, self.inv_temperature = lfq_diversity_gamma, lfq_inv_temperature
+
+    def _sign_codes(self, num_embeddings: int, embedding_dim: int) -> None:
+        """What LFQ and BSQ share: d = log2 K bits, the projections D -> d -> D and the implicit codebook."""
+        d = num_embeddings.bit_length() - 1       # K = 2^d (config_problems)
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, d
         self.proj_in = nn.Linear(embedding_dim, d)
         self.proj_out = nn.Linear(d, embedding_dim)
         self.register_buffer("basis", 2 ** torch.arange(d))                                 # (d,) 1, 2, 4, ...
-        bits = (torch.arange(num_embeddings)[:, None] // self.basis) % 2                    # (K, d)
-        self.register_buffer("codes", bits.to(torch.get_default_dtype()) * 2 - 1)              # c_k in {-1, +1}^d
+        self.register_buffer("codes", sign_patterns(d))                                     # c_k in {-1, +1}^d
 
     @classmethod
     def config_problems(cls, cfg: Config) -> list:
@@ -2080,6 +2102,185 @@ class LFQQuantizer(Quantizer):
             z_q = _unflatten_latents(self.proj_out(straight_through(h, q)), z.shape)   # (B, D, H, W)
         info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
         return z_q, losses, info
+
+
+class BSQQuantizer(LFQQuantizer):
+    """Binary spherical quantization (Zhao, Xiong & Kraehenbuehl 2024, "Image and Video Tokenization with Binary
+    Spherical Quantization", arXiv 2406.07548) as the authors' code (zhaoyue-zephyrus/bsq-vit,
+    transcoder/models/quantizer/bsq.py with transcoder/models/bsqvit.py) under their image-tokenizer configs. LFQ's
+    projections and implicit codebook (shared), with the latent on the unit sphere:
+
+        u = h / |h|,  h = W_in z + b_in (d = log2 K bits);   z_q = (u + sg[sign(u) - u]) / sqrt(d)   (unit norm; the
+        straight-through gradient is scaled by 1/sqrt(d) too), decoded by W_out z_q + b_out.
+
+    Entropy penalty, per contiguous group of g = ``bsq_group_size`` bits (g must divide d), p_g = softmax over the
+    2^g sign patterns c of 2 tau <u_g, c> / sqrt(d) (tau = ``bsq_inv_temperature``), H(p) = -sum p ln(p + 1e-8):
+
+        sample_entropy_loss   =  w / tau * mean_x sum_g H(p_g(x))
+        codebook_entropy_loss = -w / tau * gamma * sum_g H(mean_x p_g(x))      (gamma = ``bsq_diversity_gamma``)
+        commitment_loss       =  commitment_cost * mean_x sum_i (sg[z_q] - u)_i^2   (their beta: 0)
+
+    w ramps linearly from ``bsq_entropy_cost_start`` (0.3) to ``bsq_entropy_cost`` (0.1) over
+    ``bsq_entropy_rampup_steps`` (2000) quantized steps: their criterion's codebook_weight x (r + 3 (1 - r)). With g = d
+    the entropies are LFQ's exactly (beta_LFQ = tau / sqrt(d), on u); with smaller groups the codebook entropy is a sum
+    over groups, an upper bound on the whole code's. Indices are LFQ's (least significant bit first; theirs is most
+    significant first, a relabelling). docs/method.md ("BSQ") lists where their configs' 'analytical' mode differs.
+    """
+    remedies_note = "whose codebook is the implicit set of sign vectors on the sphere"
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """Their commitment weight where the shared field was not given: 0 (beta = 0 in every config)."""
+        return {"commitment_cost": 0.0, **given}
+
+    @classmethod
+    def config_problems(cls, cfg: Config) -> list:
+        problems = LFQQuantizer.config_problems.__func__(cls, cfg)
+        K = cfg.codebook_size
+        if not problems and (K.bit_length() - 1) % cfg.bsq_group_size:
+            d = K.bit_length() - 1
+            ok = [g for g in range(1, d + 1) if d % g == 0]
+            problems.append(f"bsq_group_size {cfg.bsq_group_size} must divide the bits log2 K = {d} (K = {K}); "
+                            f"choose one of {', '.join(map(str, ok))}")
+        return problems
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.0, bsq_group_size: int = 9,
+                 bsq_inv_temperature: float = 1.0, bsq_entropy_cost: float = 0.1, bsq_entropy_cost_start: float = 0.3,
+                 bsq_entropy_rampup_steps: int = 2000, bsq_diversity_gamma: float = 1.0):
+        Quantizer.__init__(self)
+        self._sign_codes(num_embeddings, embedding_dim)
+        self.commitment_cost, self.group_size, self.inv_temperature = commitment_cost, bsq_group_size, bsq_inv_temperature
+        self.entropy_cost, self.entropy_start, self.rampup = bsq_entropy_cost, bsq_entropy_cost_start, bsq_entropy_rampup_steps
+        self.diversity_gamma = bsq_diversity_gamma
+        self.entropy_weight = bsq_entropy_cost_start if bsq_entropy_rampup_steps > 0 else bsq_entropy_cost
+        self.register_buffer("group_codes", sign_patterns(bsq_group_size))             # (2^g, g)
+
+    def set_schedule(self, t: float, step: int = 0) -> None:
+        r = min(step, self.rampup) / self.rampup if self.rampup > 0 else 1.0
+        self.entropy_weight = self.entropy_cost * r + self.entropy_start * (1.0 - r)
+
+    def extra_metrics(self) -> dict:
+        return {"bsq_entropy_weight": self.entropy_weight}
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.codes[indices] / math.sqrt(self.bits)).permute(0, 3, 1, 2)   # (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit latents u (N, d) and the sign vectors / sqrt(d) (the sign of u is the nearest one)."""
+        return F.normalize(self.proj_in(_flatten_latents(z)), dim=1), self.codes / math.sqrt(self.bits)
+
+    def entropies(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean_x sum_g H(p_g(x)), sum_g H(mean_x p_g(x))) in nats for the unit latents u (N, d)."""
+        g = self.group_size
+        logits = (2.0 * self.inv_temperature / math.sqrt(self.bits)) * (u.reshape(u.shape[0], -1, g) @ self.group_codes.t())
+        p = logits.softmax(-1)                                            # (N, G, 2^g)
+        sample_h = -(p * torch.log(p + 1e-8)).sum(-1).sum(-1).mean()
+        avg = p.mean(0)                                                   # (G, 2^g)
+        return sample_h, -(avg * torch.log(avg + 1e-8)).sum()
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            u = F.normalize(self.proj_in(_flatten_latents(z)), dim=1)      # (N, d), on the unit sphere
+            q = straight_through(u, torch.where(u > 0, 1.0, -1.0)) / math.sqrt(self.bits)   # (N, d), unit norm
+            indices = ((u > 0).long() * self.basis).sum(1)                # (N,)
+            sample_h, codebook_h = self.entropies(u)
+            w = self.entropy_weight / self.inv_temperature
+            losses = {"commitment_loss": self.commitment_cost * (q.detach() - u).pow(2).sum(1).mean(),
+                      "sample_entropy_loss": w * sample_h,
+                      "codebook_entropy_loss": -w * self.diversity_gamma * codebook_h}
+            z_q = _unflatten_latents(self.proj_out(q), z.shape)            # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
+class DiVeQQuantizer(Quantizer):
+    """DiVeQ (Vali, Baeckstroem & Solin, "DiVeQ: Differentiable Vector Quantization Using the Reparameterization
+    Trick", ICLR 2026, arXiv 2509.26469) as the authors' code (AaltoML/DiVeQ, vqvae_compression/diveq.py, class DIVEQ,
+    with the class defaults that their scripts use). The nearest code c (squared distance) is reached along a noisy
+    direction whose length carries the gradient:
+
+        z_q = z + |c - z| sg[ (c - z + sigma n) / max(|c - z + sigma n|, 1e-12) ],   n ~ N(0, I) (the global RNG)
+
+    (``diveq_sigma`` = their noise_var, which torch.distributions.Normal takes as the std: 1e-3). The encoder gets
+    g - (g.u) e and the code (g.u) e (g the decoder's gradient, e the unit error, u the noisy direction); there is no
+    commitment or codebook loss. In training z_q is the code up to the noise; evaluation gives the code itself.
+    Codebook U[0, 1/K) (their uniform_init) learned by gradient. Replacement, in training only (their forward has no
+    gate; they call it only in training): each forward counts every code it used once (not per latent); every
+    ``diveq_replace_every`` forwards the codes used in fewer than ``diveq_discard_threshold`` x that many become copies
+    of used codes drawn with probability proportional to their counts, plus ``diveq_perturbation`` x N(0, I); the
+    counts restart (the optimizer's moments of the rows are kept, as theirs). SF-DiVeQ decodes points between codes, not
+    one of K, so it is not here (docs/method.md, "DiVeQ").
+    """
+    remedies_note = "which has its authors' own codebook initialisation and replacement rule"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, diveq_sigma: float = 1e-3, diveq_replace_every: int = 100,
+                 diveq_discard_threshold: float = 0.01, diveq_perturbation: float = 1e-9):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.sigma, self.every, self.threshold, self.perturbation = (diveq_sigma, diveq_replace_every,
+                                                                     diveq_discard_threshold, diveq_perturbation)
+        self.codebook = nn.Parameter(torch.rand(num_embeddings, embedding_dim) / num_embeddings)   # (K, D) U[0, 1/K)
+        self.register_buffer("usage", torch.zeros(num_embeddings))      # forwards that used each code, this window
+        self.register_buffer("forwards", torch.zeros((), dtype=torch.long))   # training forwards so far
+        self._forwards = None                                           # a host copy (read once, not every step)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_forwards", None))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _flatten_latents(z), at_least_f32(self.codebook)
+
+    @torch.no_grad()
+    def replace_unused(self, draws: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Their _replace_unused_entries: the (K,) bool mask of the codes replaced. ``draws`` (n_unused,) and ``noise``
+        (n_unused, D) default to torch.multinomial over the used codes' counts and torch.randn."""
+        used = self.usage / self.every >= self.threshold                  # (K,)
+        unused = ~used
+        if unused.any() and used.any():
+            idx = unused.nonzero().squeeze(1)
+            if draws is None:
+                draws = torch.multinomial(self.usage * used, idx.numel(), replacement=True)
+            if noise is None:
+                noise = torch.randn(idx.numel(), self.embedding_dim, device=self.codebook.device)
+            self.codebook[idx] = self.codebook[draws] + self.perturbation * noise.to(self.codebook.dtype)
+        else:
+            unused = torch.zeros_like(unused)
+        self.usage.zero_()
+        return unused
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            E = at_least_f32(self.codebook)                               # (K, D)
+            with torch.no_grad():
+                indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
+            c = E[indices]                                                # (N, D), differentiable in the codebook
+            stats = _code_stats(indices, self.num_embeddings)
+            if self.training:
+                error = c - z_flat                                        # (N, D)
+                noisy = error.detach() + self.sigma * torch.randn_like(z_flat)
+                direction = noisy / noisy.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                z_q_flat = z_flat + error.norm(dim=1, keepdim=True) * direction
+                self._count(stats["code_counts"])
+            else:
+                z_q_flat = c
+            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **stats}
+        return z_q, {}, info
+
+    @torch.no_grad()
+    def _count(self, counts: torch.Tensor) -> None:
+        """Usage (once per forward per code used) and, every ``diveq_replace_every`` forwards, the replacement."""
+        self.usage += (counts > 0).to(self.usage.dtype)
+        self.forwards += 1
+        if self._forwards is None:
+            self._forwards = int(self.forwards) - 1
+        self._forwards += 1
+        if self.every > 0 and self._forwards % self.every == 0:
+            self.replace_unused()
 
 
 class IBQQuantizer(CodebookQuantizer):
@@ -2368,6 +2569,8 @@ QUANTIZERS = {
     "ibq": IBQQuantizer,
     "ecvq": ECVQQuantizer,
     "optvq": OptVQQuantizer,
+    "bsq": BSQQuantizer,
+    "diveq": DiVeQQuantizer,
 }
 
 
@@ -2699,18 +2902,20 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
 
 class ModelEMA:
     """An exponential moving average of a model's trainable parameters (``--model_ema DECAY``), as the LitEma of IBQ's
-    authors (TencentARC/SEED-Voken, from CompVis latent-diffusion's ldm/modules/ema.py), updated after every training
-    step:
+    authors (TencentARC/SEED-Voken, src/IBQ/modules/ema.py, from CompVis latent-diffusion's), updated after every
+    training step:
 
-        n <- n + 1,   d = min(decay, (1 + n) / (10 + n)),   s <- s - (1 - d) (s - p)      for each parameter p
+        s <- s - (1 - d) (s - p)      for each parameter p,
 
-    so the average warms up over the first updates (d = 2/11 at the first). Buffers (EMA codebooks, BA-VQ's running
+    d = decay (their IBQ: LitEma(self) with use_num_upates False, so 0.999 from the first update), or with ``warmup``
+    (LitEma's use_num_upates, latent-diffusion's default) d = min(decay, (1 + n) / (10 + n)) at update n (2/11 at the
+    first). The average starts at the parameters as they are when it is made. Buffers (EMA codebooks, BA-VQ's running
     marginal, ...) are not averaged: ``applied`` puts the averaged parameters into the model and leaves its buffers
     as trained, as their validation does (copy_to copies parameters only). ``state_dict`` holds the averages and n,
     so a checkpoint resumes it exactly."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def _pairs(self, model: nn.Module) -> tuple[list, list]:
@@ -2720,7 +2925,7 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         shadow, live = self._pairs(model)
         torch._foreach_sub_(shadow, torch._foreach_mul(torch._foreach_sub(shadow, [p.detach() for p in live]), 1.0 - d))
 

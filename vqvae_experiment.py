@@ -1036,7 +1036,7 @@ def _train_claimed(cfg: Config, device: torch.device, rt: Runtime, dp: DataParal
     run.guard = LossGuard(cfg.explode_factor, cfg.explode_window, rt.device)
     run.run_id = uuid.uuid4().hex[:16]
     if cfg.model_ema > 0:
-        run.ema = ModelEMA(model, cfg.model_ema)
+        run.ema = ModelEMA(model, cfg.model_ema, cfg.model_ema_warmup)
     if ck is not None:
         _restore(run, ck, ck_path, scratch)
     else:

@@ -11,14 +11,13 @@ import evaluate
 import train as cli
 import vqvae
 import vqvae_experiment
-from conftest import TINY, fsq_levels_for, tiny_config
+from conftest import TINY, shape_kwargs, tiny_config
 
 
 @pytest.mark.parametrize("quantizer", list(vqvae.QUANTIZERS))
 def test_decode_codes_of_encode_is_the_eval_reconstruction(quantizer):
-    kw = {"fsq_levels": fsq_levels_for(32)} if quantizer == "fsq" else {}
     torch.manual_seed(0)
-    model = vqvae.VQVAE(quantizer, codebook_size=32, latent_dim=8, hidden_dim=8, **kw)
+    model = vqvae.VQVAE(quantizer, codebook_size=32, latent_dim=8, hidden_dim=8, **shape_kwargs(quantizer, 32))
     model.train()
     x = vqvae.to_float(vqvae._fake_images(5, seed=2))
     before = {k: v.clone() for k, v in model.state_dict().items()}

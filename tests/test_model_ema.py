@@ -10,26 +10,28 @@ import vqvae
 import train as cli
 
 
-def lit_ema_transcription(params_per_step: list, decay: float) -> dict:
-    """LitEma.forward (latent-diffusion's ldm/modules/ema.py, as IBQ's authors use it), in float64: num_updates += 1,
-    decay = min(decay, (1 + num_updates) / (10 + num_updates)), shadow -= (1 - decay) * (shadow - param); the shadow
-    starts at the parameters as they were when it was made."""
+def lit_ema_transcription(params_per_step: list, decay: float, use_num_updates: bool) -> dict:
+    """LitEma.forward (SEED-Voken's src/IBQ/modules/ema.py, from latent-diffusion's), in float64: with
+    use_num_upates, num_updates += 1 and decay = min(decay, (1 + num_updates) / (10 + num_updates)) (IBQ's authors
+    build it without, so the decay is constant); shadow -= (1 - decay) * (shadow - param); the shadow starts at the
+    parameters as they were when it was made."""
     shadow = {k: v.clone() for k, v in params_per_step[0].items()}
     for n, params in enumerate(params_per_step[1:], 1):
-        d = min(decay, (1 + n) / (10 + n))
+        d = min(decay, (1 + n) / (10 + n)) if use_num_updates else decay
         for k in shadow:
             shadow[k] = shadow[k] - (1.0 - d) * (shadow[k] - params[k])
     return shadow
 
 
+@pytest.mark.parametrize("warmup", [False, True])
 @pytest.mark.parametrize("decay", [0.5, 0.999])
-def test_the_update_is_their_litema_with_its_warm_up(decay):
-    """Five updates of a model whose weights move each step: the averages equal the transcription's (the warm-up
-    d = 2/11, 3/12, ... caps the decay at first; with 0.5 the cap is 0.5 from the fourth update on)."""
+def test_the_update_is_their_litema_with_or_without_its_warm_up(decay, warmup):
+    """Five updates of a model whose weights move each step: the averages equal the transcription's (IBQ's: constant
+    decay; with the warm-up d = 2/11, 3/12, ... caps the decay at first, and 0.5 from the fourth update on)."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
     m[1].bias.requires_grad_(False)                                      # not trained: not averaged
-    ema = vqvae.ModelEMA(m, decay)
+    ema = vqvae.ModelEMA(m, decay, warmup)
     seen = [{k: p.detach().clone() for k, p in m.named_parameters()}]
     for _ in range(5):
         with torch.no_grad():
@@ -37,12 +39,13 @@ def test_the_update_is_their_litema_with_its_warm_up(decay):
                 p.add_(torch.randn_like(p))
         ema.update(m)
         seen.append({k: p.detach().clone() for k, p in m.named_parameters()})
-    expected = lit_ema_transcription(seen, decay)
+    expected = lit_ema_transcription(seen, decay, warmup)
     assert set(ema.shadow) == {"0.weight", "0.bias", "1.weight"} and ema.updates == 5
     for k, v in ema.shadow.items():
         torch.testing.assert_close(v, expected[k], rtol=1e-12, atol=1e-12)
-    first = lit_ema_transcription(seen[:2], decay)["0.weight"]
-    torch.testing.assert_close(first, seen[0]["0.weight"] - 9 / 11 * (seen[0]["0.weight"] - seen[1]["0.weight"]))
+    first = (1 - 2 / 11) if warmup else (1 - decay)                       # 1 - d at the first update
+    torch.testing.assert_close(ema.shadow["0.weight"] if len(seen) == 2 else lit_ema_transcription(seen[:2], decay, warmup)["0.weight"],
+                               seen[0]["0.weight"] - first * (seen[0]["0.weight"] - seen[1]["0.weight"]))
 
 
 def test_applied_swaps_the_parameters_in_and_out_and_leaves_the_buffers():
@@ -65,7 +68,7 @@ def test_applied_swaps_the_parameters_in_and_out_and_leaves_the_buffers():
 
 
 def test_off_by_default():
-    assert vqvae.Config().model_ema == 0.0
+    assert vqvae.Config().model_ema == 0.0 and vqvae.Config().model_ema_warmup is False
     with pytest.raises(vqvae.BavqError, match="model_ema"):
         vqvae.make_config({"model_ema": 1.0}).validate()
 
@@ -75,7 +78,8 @@ def test_off_by_default():
 def test_a_run_validates_and_keeps_the_averaged_model_and_resumes_exactly(tiny_cfg, quantizer):
     """Validation and final_model.pt use the averaged weights (the model's buffers as trained); each checkpoint
     keeps the live weights and the averages; resuming from the first epoch's checkpoint ends bit-identical."""
-    cfg = tiny_cfg(name="ema", quantizer=quantizer, model_ema=0.9, train_subset=128, val_subset=32, epochs=3)
+    cfg = tiny_cfg(name="ema", quantizer=quantizer, model_ema=0.9, model_ema_warmup=quantizer == "vq_ema",
+                   train_subset=128, val_subset=32, epochs=3)
     ref = vqvae.train(cfg)
     run = Path(cfg.out_dir) / "ema"
     final = torch.load(run / "final_model.pt", weights_only=True)

@@ -195,7 +195,8 @@ SMALL = {"codebook_size": 64, "latent_dim": 16, "hidden_dim": 16}
 
 def small_model(name: str) -> vqvae.VQVAE:
     torch.manual_seed(0)
-    extra = {"fsq": {"fsq_levels": [4, 4, 4]}, "optvq": {"optvq_heads": 1, "optvq_eval": "nearest"}}.get(name, {})
+    extra = {"fsq": {"fsq_levels": [4, 4, 4]}, "optvq": {"optvq_heads": 1, "optvq_eval": "nearest"},
+             "bsq": {"bsq_group_size": 6}}.get(name, {})
     m = vqvae.VQVAE.from_config(vqvae.make_config({"quantizer": name, **SMALL, **extra}))
     if name == "ba_vq":         # a running marginal far from uniform: the eval codes are then not the nearest
         m.quantizer.log_q_bar.copy_(torch.randn(64).mul(3).log_softmax(0))
@@ -205,7 +206,8 @@ def small_model(name: str) -> vqvae.VQVAE:
 
 
 def test_the_analysis_is_defined_for_every_quantizer_with_an_explicit_alphabet():
-    assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq", "ecvq", "optvq"}
+    assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq", "ecvq", "optvq",
+                                  "bsq", "diveq"}
 
 
 @pytest.mark.parametrize("setting, says", [({"optvq_heads": 4, "optvq_eval": "nearest"}, "tuple of codes"),
