@@ -2118,9 +2118,9 @@ class BSQQuantizer(LFQQuantizer):
 
         sample_entropy_loss   =  w / tau * mean_x sum_g H(p_g(x))
         codebook_entropy_loss = -w / tau * gamma * sum_g H(mean_x p_g(x))      (gamma = ``bsq_diversity_gamma``)
-        commitment_loss       =  commitment_cost * mean_x sum_i (sg[z_q] - u)_i^2   (their beta: 0)
+        commitment_loss       =  w * commitment_cost * mean_x sum_i (sg[z_q] - u)_i^2   (their beta: 0)
 
-    w ramps linearly from ``bsq_entropy_cost_start`` (0.3) to ``bsq_entropy_cost`` (0.1) over
+    (their criterion weights the quantizer's whole loss by w), w ramps linearly from ``bsq_entropy_cost_start`` (0.3) to ``bsq_entropy_cost`` (0.1) over
     ``bsq_entropy_rampup_steps`` (2000) quantized steps: their criterion's codebook_weight x (r + 3 (1 - r)). With g = d
     the entropies are LFQ's exactly (beta_LFQ = tau / sqrt(d), on u); with smaller groups the codebook entropy is a sum
     over groups, an upper bound on the whole code's. Indices are LFQ's (least significant bit first; theirs is most
@@ -2186,7 +2186,7 @@ class BSQQuantizer(LFQQuantizer):
             indices = ((u > 0).long() * self.basis).sum(1)                # (N,)
             sample_h, codebook_h = self.entropies(u)
             w = self.entropy_weight / self.inv_temperature
-            losses = {"commitment_loss": self.commitment_cost * (q.detach() - u).pow(2).sum(1).mean(),
+            losses = {"commitment_loss": self.entropy_weight * self.commitment_cost * (q.detach() - u).pow(2).sum(1).mean(),
                       "sample_entropy_loss": w * sample_h,
                       "codebook_entropy_loss": -w * self.diversity_gamma * codebook_h}
             z_q = _unflatten_latents(self.proj_out(q), z.shape)            # (B, D, H, W)
