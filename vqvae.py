@@ -93,7 +93,7 @@ class Config:
     val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq | bsq | diveq
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq | bsq | diveq | wasserstein_vq
     codebook_size: int = setting(512, at_least=2)  # K, number of codes
     latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
@@ -127,6 +127,10 @@ class Config:
     rvq_codebook: str = setting("encodec", choices=("encodec", "fixed"))  # encodec (its code: k-means leaves EMA sums = centroids; a replacement is overwritten by the same step's EMA) | fixed (sums = count x centroid; a replaced code's EMA restarts from it)
     # --- ECVQ (Chou, Lookabaugh & Gray 1989) -----------------------------------------------
     ecvq_lambda: float = setting(0.1, at_least=0)  # lam in argmin_k d(z, e_k) + lam (-ln Q(k)), nats: sets the rate (0 = vq_ema exactly)
+    # --- Wasserstein VQ (arXiv 2506.15078; the authors' VQ-VAE scripts) ----------------------
+    wvq_gamma: float = setting(0.5, at_least=0)  # weight of W2 between Gaussians fitted to the queue and to the codebook (their scripts: 0.5; their config.py's 0 turns it off)
+    wvq_queue: int = setting(65536, at_least=2)  # FIFO of recent encoder outputs the W2 term fits (theirs: 65536)
+    wvq_codebook_lr: float = setting(0.02, at_least=0)  # lr of the codebook's own optimizer group, no weight decay (theirs: Adam 0.02, unscheduled; 0 = --lr)
     # --- BSQ (Zhao et al. 2024; the authors' image-tokenizer configs) -------------------------
     bsq_group_size: int = setting(9, at_least=1)  # bits per group of the entropy terms (softmax over 2^g codes per group); must divide log2 K (theirs: 9)
     bsq_inv_temperature: float = setting(1.0, above=0)  # tau in p = softmax(2 tau <u_g, c> / sqrt(bits)); the penalty is divided by tau (theirs: 1)
@@ -564,6 +568,12 @@ class Quantizer(nn.Module):
 
     def compile_kernels(self) -> None:
         """``--compile``: compile the quantizer's own kernels, if it has any."""
+
+    def optimizer_groups(self) -> list:
+        """Parameter groups of its own for the optimizer ({"name", "params", "lr", "weight_decay"}, e.g. Wasserstein
+        VQ's codebook at its authors' lr); every other parameter takes --lr and --weight_decay. A group with a
+        "name" keeps its lr on --resume."""
+        return []
 
     # --- the codebook remedies' hooks: train_epoch calls them when the config turns the remedy on (config
     # checking refuses these remedies where ``has_codebook`` is False, so the defaults do nothing)
@@ -2104,6 +2114,107 @@ class LFQQuantizer(Quantizer):
         return z_q, losses, info
 
 
+def gaussian_w2(feats: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Wasserstein VQ's distribution term (their calc_wasserstein_loss): W2 (not squared) between Gaussians fitted to
+    ``feats`` (N, D), held constant, and to ``codes`` (K, D), which get the gradient. Both are divided by s = the
+    largest unbiased per-dimension std of feats (+ 1e-8); means and unbiased covariances; with S_z^1/2 from eigh,
+
+        W2 = sqrt( |mu_z - mu_c|^2 + relu(tr S_z + tr S_c - 2 sum_i sqrt(relu(l_i) + 1e-8)) + 1e-10 ),
+        l = the eigenvalues of S_z^1/2 S_c S_z^1/2,
+
+    with their guards (relu and 1e-8 inside both square roots, non-finite entries zeroed)."""
+    z = feats.detach()
+    s = z.std(dim=0).max() + 1e-8
+    z = z / s
+    mu_z, zc = z.mean(0), z - z.mean(0, keepdim=True)
+    S_z = zc.t() @ zc / (z.shape[0] - 1)                                              # (D, D)
+    c = codes / s
+    mu_c, cc = c.mean(0), c - c.mean(0, keepdim=True)
+    S_c = cc.t() @ cc / (c.shape[0] - 1)                                              # (D, D), with gradient
+    finite = lambda x: torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    lam, V = torch.linalg.eigh(S_z)
+    root = finite(V @ torch.diag(torch.sqrt(F.relu(lam) + 1e-8)) @ V.t())            # S_z^1/2, constant
+    M = finite(finite(root @ S_c) @ root)
+    cross = torch.sqrt(F.relu(torch.linalg.eigvalsh(M)) + 1e-8).sum()
+    cov = F.relu(torch.trace(S_z) + torch.trace(S_c) - 2.0 * cross)
+    return torch.sqrt((mu_z - mu_c).pow(2).sum() + cov + 1e-10)
+
+
+class WassersteinVQQuantizer(Quantizer):
+    """Wasserstein VQ (arXiv 2506.15078: the codebook's distribution matched to the features') as the authors' code (VQ-Research/
+    Wasserstein-VQ, code/VQVAE/model/wasserstein_quantizer.py) with the values of their training scripts (their
+    config.py defaults the distribution term's weight to 0, which turns the method off). Nearest code by squared
+    distance and the straight-through estimator, with
+
+        loss = commitment_cost * mse(z, sg[e]) + codebook_cost * mse(sg[z], e) + wvq_gamma * W2(queue, codebook)
+
+    (0.1, 1 and 0.5: their beta is the commitment weight and alpha the codebook's, the other way round from their
+    help text), W2 = ``gaussian_w2`` between Gaussians fitted to a FIFO of the last ``wvq_queue`` encoder outputs
+    (65536, filled with 0.01 N(0, 1) at the start; the batch is written into it before the loss, detached) and to the
+    whole codebook, so every code gets that gradient and the encoder none. Codebook N(0, 0.01^2), trained in an
+    optimizer group of its own at ``wvq_codebook_lr`` (their Adam at 0.02, unscheduled) without weight decay.
+    Evaluation: the nearest code; the W2 term is of the batch alone and the queue is left as it is. A write that
+    runs past the queue's end wraps around (theirs asserts that the batch divides the queue).
+    """
+    loss_names = ("commitment_loss", "codebook_loss", "wasserstein_loss")
+    remedies_note = "which has its authors' own codebook initialisation and its distribution-matching term"
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """Their scripts' weights where the shared fields were not given: commitment 0.1, codebook 1."""
+        return {"commitment_cost": 0.1, "codebook_cost": 1.0, **given}
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.1,
+                 codebook_cost: float = 1.0, wvq_gamma: float = 0.5, wvq_queue: int = 65536,
+                 wvq_codebook_lr: float = 0.02):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.codebook_cost, self.gamma = commitment_cost, codebook_cost, wvq_gamma
+        self.codebook_lr = wvq_codebook_lr
+        self.codebook = nn.Parameter(torch.randn(num_embeddings, embedding_dim) * 0.01)   # (K, D), N(0, 0.01^2)
+        self.register_buffer("queue", torch.randn(wvq_queue, embedding_dim) * 0.01)       # (Q, D)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def optimizer_groups(self) -> list:
+        if self.codebook_lr <= 0:
+            return []
+        return [{"name": "wasserstein_vq_codebook", "params": [self.codebook], "lr": self.codebook_lr,
+                 "weight_decay": 0.0}]
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _flatten_latents(z), at_least_f32(self.codebook)
+
+    @torch.no_grad()
+    def _enqueue(self, z_flat: torch.Tensor) -> None:
+        Q, n = self.queue.shape[0], z_flat.shape[0]
+        rows = (self.queue_ptr + torch.arange(n, device=z_flat.device)) % Q            # (n,), wraps at the end
+        if n > Q:                                                                       # only the last Q fit
+            rows, z_flat = rows[-Q:], z_flat[-Q:]
+        self.queue[rows] = z_flat.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % Q)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            z_flat = _flatten_latents(z)                                  # (N, D)
+            E = at_least_f32(self.codebook)                               # (K, D)
+            if self.training:
+                self._enqueue(z_flat.detach())                            # before the loss: this batch counts
+            with torch.no_grad():
+                indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
+            e = E[indices]                                                # (N, D), differentiable in the codebook
+            w2 = gaussian_w2(self.queue if self.training else z_flat, E)
+            losses = {"commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach()),
+                      "codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e),
+                      "wasserstein_loss": self.gamma * w2}
+            z_q = _unflatten_latents(straight_through(z_flat, e.detach()), z.shape)   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
 class BSQQuantizer(LFQQuantizer):
     """Binary spherical quantization (Zhao, Xiong & Kraehenbuehl 2024, "Image and Video Tokenization with Binary
     Spherical Quantization", arXiv 2406.07548) as the authors' code (zhaoyue-zephyrus/bsq-vit,
@@ -2570,6 +2681,7 @@ QUANTIZERS = {
     "ecvq": ECVQQuantizer,
     "optvq": OptVQQuantizer,
     "bsq": BSQQuantizer,
+    "wasserstein_vq": WassersteinVQQuantizer,
     "diveq": DiVeQQuantizer,
 }
 
@@ -2734,7 +2846,11 @@ def build_model(cfg: Config, device: torch.device | None = None) -> VQVAE:
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; the fused CUDA kernel on a GPU (one launch for all parameters)."""
     kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    own = model.quantizer.optimizer_groups()
+    taken = {id(p) for g in own for p in g["params"]}
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    return torch.optim.AdamW([{"params": rest}, *own] if own else rest, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             **kwargs)
 
 
 def setup_model(cfg: Config, device: torch.device, rt: Runtime) -> tuple[VQVAE, torch.optim.Optimizer]:

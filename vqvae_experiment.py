@@ -1101,7 +1101,8 @@ def _restore(run: _Run, ck: dict, ck_path: Path, run_dir: Path | None = None) ->
         raise BavqError(_misfit_message(ck_path, e)) from None
     _match_state_layout(run.optimizer)
     for group in run.optimizer.param_groups:       # the optimizer state carries the old lr: --lr on resume wins
-        group["lr"] = cfg.lr
+        if "name" not in group:                    # (a quantizer's own group keeps its lr)
+            group["lr"] = cfg.lr
     _set_rng_state(ck["rng"], run.generator)
     if run.rt.scaler is not None and ck.get("scaler"):
         run.rt.scaler.load_state_dict(ck["scaler"])
