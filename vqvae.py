@@ -93,7 +93,7 @@ class Config:
     val_subset: int = setting(0, at_least=0)  # use N evenly spaced test images (0 = all; fake: its size, 0 -> 512)
     skip_bad_images: bool = False             # folder: leave out image files that cannot be read (default: stop, naming them)
     # --- model ------------------------------------------------------------------------------
-    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq | bsq | diveq | wasserstein_vq
+    quantizer: str = setting("vq_ema", choices=lambda: tuple(QUANTIZERS))  # a QUANTIZERS name: vq_ema | vq | ba_vq | fsq | simvq | sq_vae | lfq | rvq | ibq | ecvq | optvq | bsq | diveq | wasserstein_vq | nsvq
     codebook_size: int = setting(512, at_least=2)  # K, number of codes
     latent_dim: int = setting(256, at_least=1)  # D, channels of the 8x8 latent grid (= code dimension)
     hidden_dim: int = setting(128, at_least=1)  # channels after the first stride-2 conv (original code: 128)
@@ -131,6 +131,11 @@ class Config:
     wvq_gamma: float = setting(0.5, at_least=0)  # weight of W2 between Gaussians fitted to the queue and to the codebook (their scripts: 0.5; their config.py's 0 turns it off)
     wvq_queue: int = setting(65536, at_least=2)  # FIFO of recent encoder outputs the W2 term fits (theirs: 65536)
     wvq_codebook_lr: float = setting(0.02, at_least=0)  # lr of the codebook's own optimizer group, no weight decay (theirs: Adam 0.02, unscheduled; 0 = --lr)
+    # --- NSVQ, "Beyond Stationarity" (arXiv 2602.18896; the paper's CelebA-HQ setup) ----------
+    nsvq_weight: float = setting(0.01, at_least=0)  # w: a code other than the winner gets codebook-loss weight min(1, w K softmax_k(-d / tau)) (theirs: 0.01)
+    nsvq_tau: float = setting(1.0, above=0)  # tau in the first epoch (the paper's kernel bandwidth 2 sigma^2; theirs: 1)
+    nsvq_tau_decay: float = setting(0.5, above=0, at_most=1)  # tau is multiplied by this every epoch, down to 1e-8 (theirs: 0.5)
+    nsvq_code_gradient: float = setting(1.0, at_least=0)  # alpha of their straight-through line: the chosen codes also get 2 alpha / (N D) x the decoder's gradient (theirs: 1; 0 = the plain one)
     # --- BSQ (Zhao et al. 2024; the authors' image-tokenizer configs) -------------------------
     bsq_group_size: int = setting(9, at_least=1)  # bits per group of the entropy terms (softmax over 2^g codes per group); must divide log2 K (theirs: 9)
     bsq_inv_temperature: float = setting(1.0, above=0)  # tau in p = softmax(2 tau <u_g, c> / sqrt(bits)); the penalty is divided by tau (theirs: 1)
@@ -529,6 +534,7 @@ class Quantizer(nn.Module):
 
     image_values_per_position: int = 48  # image values (channels x pixels) one latent position stands for;
                                          # set by VQVAE (3 x 4 x 4 for its 4x-downsampling encoder)
+    steps_per_epoch: int = 0             # training steps in an epoch, set by train_epoch (0: not yet known)
 
     def set_schedule(self, t: float, step: int = 0) -> None:
         """Called before every training step with t in [0, 1], the fraction of training done, and
@@ -2215,6 +2221,89 @@ class WassersteinVQQuantizer(Quantizer):
         return z_q, losses, info
 
 
+class NSVQQuantizer(Quantizer):
+    """NSVQ, "Beyond Stationarity" (arXiv 2602.18896): every code is pulled toward the latents near it, not only the
+    winner, with a kernel whose bandwidth shrinks over training. As the paper and its CelebA-HQ code (CAIR-LAB-WFUSM/
+    NS-VQ-TransVQ, the vq_vae.py class the paper's runs use; the ImageNet file's VectorQuantizer2_with_soft_dist skips
+    its soft branch whenever an epoch is passed, as its training always does, and reads an unset attribute: see
+    docs/method.md, "NSVQ"). Nearest code k* by squared distance d (summed over D); codebook-loss weights, held
+    constant (sg),
+
+        c_k(x) = 1 for k = k*(x),   min(1, w K softmax_k(-d(x, k) / tau)) otherwise   (w = ``nsvq_weight``, 0.01)
+        codebook_loss   = codebook_cost * (1/N) sum_x sum_k c_k(x) mean_D (sg[x] - e_k)^2     (1)
+        commitment_loss = commitment_cost * mse(x, sg[e_k*])                               (0.25)
+
+    (the weights are not normalised: the winner's part is VQ's codebook term), tau = ``nsvq_tau`` x
+    ``nsvq_tau_decay`` ^ epoch (1 x 0.5^epoch, floor 1e-8; the epoch of quantized training). Their straight-through
+    line z + a e + sg[(1 - a) e - z], a = 2 ``nsvq_code_gradient`` / (N D), gives the decoder the code and the chosen
+    codes a times its gradient besides the loss's. Evaluation: the nearest code; the codebook term of the winner
+    alone (their validation). Unlike BA-VQ's soft codebook update, the weights here only spread the codebook
+    *loss*: the assignment stays hard, the decoder sees the winner, and the rate is that of the hard codes.
+    """
+    loss_names = ("commitment_loss", "codebook_loss")
+    remedies_note = "which pulls every code toward the latents near it by its own kernel"
+
+    @classmethod
+    def complete_config(cls, given: dict) -> dict:
+        """The paper's loss weights where the shared fields were not given: commitment 0.25, codebook 1."""
+        return {"commitment_cost": 0.25, "codebook_cost": 1.0, **given}
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 codebook_cost: float = 1.0, nsvq_weight: float = 0.01, nsvq_tau: float = 1.0,
+                 nsvq_tau_decay: float = 0.5, nsvq_code_gradient: float = 1.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
+        self.weight, self.tau0, self.decay, self.alpha = nsvq_weight, nsvq_tau, nsvq_tau_decay, nsvq_code_gradient
+        self.tau = nsvq_tau
+        self.codebook = nn.Parameter(init_codebook(num_embeddings, embedding_dim, "uniform"))   # (K, D), U[-1/K, 1/K] as theirs
+
+    def set_schedule(self, t: float, step: int = 0) -> None:
+        epoch = step // self.steps_per_epoch if self.steps_per_epoch > 0 else 0
+        self.tau = max(self.tau0 * self.decay ** epoch, 1e-8)
+
+    def extra_metrics(self) -> dict:
+        return {"nsvq_tau": self.tau}
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _flatten_latents(z), at_least_f32(self.codebook)
+
+    def weights(self, d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """c (N, K): 1 at the winner, min(1, w K softmax(-d / tau)) elsewhere, no gradient."""
+        K = d.shape[1]
+        soft = (self.weight * K) * torch.softmax(-d.detach() / self.tau, dim=1)
+        one_hot = F.one_hot(indices, K).to(d.dtype)
+        return (soft * (1 - one_hot) + one_hot).clamp(0.0, 1.0)
+
+    def forward(self, z: torch.Tensor):
+        B, _, H, W = z.shape
+        with _autocast_off(z.device.type):
+            x = _flatten_latents(z)                                       # (N, D)
+            E = at_least_f32(self.codebook)                               # (K, D)
+            d = squared_distances(x.detach(), E.detach())                 # (N, K)
+            indices = d.argmin(dim=1)                                     # (N,)
+            e = E[indices]                                                # (N, D)
+            if self.training:
+                c = self.weights(d, indices)                              # (N, K)
+                xs = x.detach()
+                # (1/(N D)) sum_x sum_k c (|x|^2 - 2 x.e_k + |e_k|^2), without the (N, K, D) differences
+                codebook = ((c.sum(1) * xs.pow(2).sum(1)).sum() - 2.0 * (E * (c.t() @ xs)).sum()
+                            + (c.sum(0) * E.pow(2).sum(1)).sum()) / xs.numel()
+                a = 2.0 * self.alpha / x.numel()
+                z_q_flat = x + a * e + ((1.0 - a) * e - x).detach()       # value e; the codes get a x the gradient
+            else:
+                codebook = F.mse_loss(x.detach(), e)
+                z_q_flat = straight_through(x, e.detach())
+            losses = {"commitment_loss": self.commitment_cost * F.mse_loss(x, e.detach()),
+                      "codebook_loss": self.codebook_cost * codebook}
+            z_q = _unflatten_latents(z_q_flat, z.shape)                   # (B, D, H, W)
+        info = {"code_indices": indices.reshape(B, H, W), **_code_stats(indices, self.num_embeddings)}
+        return z_q, losses, info
+
+
 class BSQQuantizer(LFQQuantizer):
     """Binary spherical quantization (Zhao, Xiong & Kraehenbuehl 2024, "Image and Video Tokenization with Binary
     Spherical Quantization", arXiv 2406.07548) as the authors' code (zhaoyue-zephyrus/bsq-vit,
@@ -2682,6 +2771,7 @@ QUANTIZERS = {
     "optvq": OptVQQuantizer,
     "bsq": BSQQuantizer,
     "wasserstein_vq": WassersteinVQQuantizer,
+    "nsvq": NSVQQuantizer,
     "diveq": DiVeQQuantizer,
 }
 
@@ -2967,6 +3057,7 @@ def train_epoch(model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Te
     rt = rt or Runtime(device)
     q = model.quantizer
     n_steps = math.ceil(images.shape[0] / cfg.batch_size)
+    q.steps_per_epoch = n_steps
     warmup_steps = cfg.vq_loss_warmup_epochs * n_steps
     q_start = cfg.pretrain_epochs * n_steps                               # the first quantized step
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

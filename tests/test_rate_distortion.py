@@ -207,7 +207,7 @@ def small_model(name: str) -> vqvae.VQVAE:
 
 def test_the_analysis_is_defined_for_every_quantizer_with_an_explicit_alphabet():
     assert set(RD_QUANTIZERS) == {"vq_ema", "vq", "ba_vq", "fsq", "simvq", "sq_vae", "lfq", "ibq", "ecvq", "optvq",
-                                  "bsq", "diveq", "wasserstein_vq"}
+                                  "bsq", "diveq", "wasserstein_vq", "nsvq"}
 
 
 @pytest.mark.parametrize("setting, says", [({"optvq_heads": 4, "optvq_eval": "nearest"}, "tuple of codes"),
