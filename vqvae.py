@@ -124,6 +124,7 @@ class Config:
     rvq_stages: int = setting(8, at_least=1)  # S codebooks of K codes (VQ-EMA stages) quantize the successive residuals
     rvq_kmeans_iters: int = setting(50, at_least=0)  # k-means (random seeds, these Lloyd iterations) of each stage's input on the first training batch (encodec: 50; 0 = off, stages start from --init)
     rvq_dead_code_threshold: float = setting(2.0, at_least=0)  # every step, a stage's codes with EMA count below this are replaced by batch vectors (encodec: 2; 0 = off)
+    rvq_expiry_draw: str = setting("always", choices=("always", "on_expiry"))  # when a stage draws expiry replacements: always (every stage, every step; no host sync) | on_expiry (encodec's random stream: only if one of its codes expired; one host read per step)
     rvq_codebook: str = setting("encodec", choices=("encodec", "fixed"))  # encodec (its code: k-means leaves EMA sums = centroids; a replacement is overwritten by the same step's EMA) | fixed (sums = count x centroid; a replaced code's EMA restarts from it)
     # --- ECVQ (Chou, Lookabaugh & Gray 1989) -----------------------------------------------
     ecvq_lambda: float = setting(0.1, at_least=0)  # lam in argmin_k d(z, e_k) + lam (-ln Q(k)), nats: sets the rate (0 = vq_ema exactly)
@@ -2652,13 +2653,14 @@ class ResidualVQQuantizer(Quantizer):
                  decay: float = 0.99, epsilon: float = 1e-5, ema_init_count: float = 0.0,
                  ema_smoothing: str = "copy", init: str = "uniform", gradient_estimator: str = "ste",
                  dead_code_threshold: float = 0.0, rvq_kmeans_iters: int = 50, rvq_dead_code_threshold: float = 2.0,
-                 rvq_codebook: str = "encodec"):
+                 rvq_codebook: str = "encodec", rvq_expiry_draw: str = "always"):
         super().__init__()
         self.codes_per_stage, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings = rvq_stages * num_embeddings                       # histogram size, S x K
         self.codes_per_position = rvq_stages
         self.commitment_cost, self.cosine = commitment_cost, False
         self.kmeans_iters, self.expire_threshold, self.fixed = rvq_kmeans_iters, rvq_dead_code_threshold, rvq_codebook == "fixed"
+        self.draw_on_expiry = rvq_expiry_draw == "on_expiry"
         self.stages = nn.ModuleList(
             VQEMAQuantizer(num_embeddings, embedding_dim, decay=decay, epsilon=epsilon, init=init,
                            gradient_estimator=gradient_estimator, dead_code_threshold=dead_code_threshold,
@@ -2709,8 +2711,12 @@ class ResidualVQQuantizer(Quantizer):
         stage.ema_w.copy_(centers * sizes[:, None] if self.fixed else centers)
 
     @torch.no_grad()
-    def _expire(self, stage: VQEMAQuantizer, r: torch.Tensor) -> None:
-        """Step 3: encodec's expire_codes_ (codes with EMA count < T get batch vectors), no host sync."""
+    def _expire(self, stage: VQEMAQuantizer, r: torch.Tensor, any_dead: bool = True) -> None:
+        """Step 3: encodec's expire_codes_ (codes with EMA count < T get batch vectors). ``rvq_expiry_draw always``
+        draws the batch vectors whether or not a code expired (no host sync; the same codes and EMA, another random
+        stream); ``on_expiry`` skips the draw when none did (``any_dead`` False), as encodec's early return."""
+        if not any_dead:
+            return
         T = self.expire_threshold
         dead = stage.ema_cluster_size < T                                            # (K,)
         new = encodec_sample_vectors(r, self.codes_per_stage)                        # (K, D)
@@ -2725,20 +2731,27 @@ class ResidualVQQuantizer(Quantizer):
             if self._kmeans_done is None:
                 self._kmeans_done = bool(self.kmeans_done)
             kmeans_now = not self._kmeans_done
+        expiring = self.training and self.expire_threshold > 0
+        any_dead = [True] * len(self.stages)
+        if expiring and self.draw_on_expiry and not kmeans_now:  # one host read for every stage: a stage's counts
+            any_dead = torch.stack([(s.ema_cluster_size < self.expire_threshold).any()   # change only after its
+                                    for s in self.stages]).tolist()                     # own check
         with _autocast_off(z.device.type):
             r = _flatten_latents(at_least_f32(z))                            # r_0 = z, (N, D), N = B*H*W
             total = torch.zeros_like(r)
             commitment, indices, counts = 0.0, [], []
-            for stage in self.stages:
+            for s, stage in enumerate(self.stages):
                 if kmeans_now:
                     self._kmeans_init(stage, r.detach())
+                    if expiring and self.draw_on_expiry:                      # its counts: the k-means bins
+                        any_dead[s] = bool((stage.ema_cluster_size < self.expire_threshold).any())
                 E = stage._codes()                                            # (K, D), before this step
                 idx = squared_distances(r, E).argmin(dim=1)                   # (N,)
                 e = E[idx]                                                    # (N, D)
                 stats = _code_stats(idx, self.codes_per_stage)
                 if self.training:
                     if self.expire_threshold > 0:
-                        self._expire(stage, r.detach())
+                        self._expire(stage, r.detach(), any_dead[s])
                     stage._ema_update(r.detach(), idx, stats["code_counts"])
                     stage._track(r, stats["code_counts"])
                 commitment = commitment + F.mse_loss(r, e.detach())

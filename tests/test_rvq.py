@@ -62,8 +62,9 @@ def _encodec_kmeans(x, K, iters):
     return means, bins.to(x.dtype)
 
 
-def _encodec_codebook(st, x, K, iters=50, decay=0.99, eps=1e-5, threshold=2.0):
-    """EuclideanCodebook.forward in training mode on x (N, D); st holds its buffers. Returns (code, dead)."""
+def _encodec_codebook(st, x, K, iters=50, decay=0.99, eps=1e-5, threshold=2.0, always_draw=True):
+    """EuclideanCodebook.forward in training mode on x (N, D); st holds its buffers. Returns (code, dead).
+    ``always_draw`` False: encodec's own expire_codes_, which returns before drawing when no code expired."""
     if not st:                                                            # init_embed_ (inited False)
         means, bins = _encodec_kmeans(x, K, iters)
         st.update(embed=means.clone(), embed_avg=means.clone(), cluster_size=bins.clone())
@@ -73,8 +74,9 @@ def _encodec_codebook(st, x, K, iters=50, decay=0.99, eps=1e-5, threshold=2.0):
     quantize = embed[ind]
     onehot = torch.nn.functional.one_hot(ind, K).to(x.dtype)
     dead = st["cluster_size"] < threshold                               # expire_codes_
-    samples = _sample_vectors(x, K)        # (encodec draws only when a code is dead; the tests assert one is)
-    st["embed"] = torch.where(dead[:, None], samples, st["embed"])
+    if always_draw or bool(dead.any()):   # encodec: `if not torch.any(expired_codes): return`
+        samples = _sample_vectors(x, K)
+        st["embed"] = torch.where(dead[:, None], samples, st["embed"])
     st["cluster_size"] = st["cluster_size"] * decay + onehot.sum(0) * (1 - decay)
     st["embed_avg"] = st["embed_avg"] * decay + (x.t() @ onehot).t() * (1 - decay)
     n = st["cluster_size"].sum()
@@ -83,12 +85,12 @@ def _encodec_codebook(st, x, K, iters=50, decay=0.99, eps=1e-5, threshold=2.0):
     return quantize, int(dead.sum())
 
 
-def _encodec_rvq(states, x, K, weight=1.0):
+def _encodec_rvq(states, x, K, weight=1.0, always_draw=True, decay=0.99):
     """ResidualVectorQuantization.forward (training) with VectorQuantization's straight-through and
     commitment loss per stage; the loss is the mean over stages (ResidualVectorQuantizer)."""
     residual, out, losses, dead = x, torch.zeros_like(x), [], []
     for st in states:
-        code, n_dead = _encodec_codebook(st, residual.detach(), K)
+        code, n_dead = _encodec_codebook(st, residual.detach(), K, always_draw=always_draw, decay=decay)
         quantize = residual + (code - residual).detach()
         losses.append(weight * torch.nn.functional.mse_loss(quantize.detach(), residual))
         residual = residual - quantize
@@ -123,6 +125,38 @@ def test_rvq_default_is_encodecs_residual_vq_on_float64_steps():
             torch.testing.assert_close(stage.codebook, st["embed"], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(stage.ema_cluster_size, st["cluster_size"], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(stage.ema_w, st["embed_avg"], rtol=1e-12, atol=1e-12)
+
+
+def test_rvq_on_expiry_draws_as_encodec_over_steps_with_and_without_expiries():
+    """--rvq_expiry_draw on_expiry follows encodec's random stream: 12 steps of S = 3 stages, K = 4, decay 0.8, on
+    steps where some stages have expired codes and others none; every codebook, EMA count and output equals the
+    transcription of encodec (which draws only when a code expired). The default (always) gives other codebooks from
+    stage 2 on, the documented difference."""
+    S, K, D = 3, 4, 2
+
+    def run(mode, always_draw):
+        q = vqvae.ResidualVQQuantizer(K, D, rvq_stages=S, decay=0.8, rvq_expiry_draw=mode).double().train()
+        states, no_draw, draw = [{} for _ in range(S)], 0, 0
+        for step in range(12):
+            z = latents(B=1, D=D, H=4, W=4, scale=1.0 + step % 3, seed=30 + step).double()
+            torch.manual_seed(100 + step)
+            z_q, _, _ = q(z)
+            torch.manual_seed(100 + step)
+            x = z.permute(0, 2, 3, 1).reshape(-1, D)
+            out, _, dead = _encodec_rvq(states, x, K, always_draw=always_draw, decay=0.8)
+            no_draw += sum(n == 0 for n in dead)
+            draw += sum(n > 0 for n in dead)
+            yield q, states, z_q, out
+        assert no_draw > 0 and draw > 0, (no_draw, draw)              # both kinds of stage-steps happened
+
+    for q, states, z_q, out in run("on_expiry", always_draw=False):
+        torch.testing.assert_close(z_q.permute(0, 2, 3, 1).reshape(-1, D), out, rtol=1e-12, atol=1e-12)
+        for stage, st in zip(q.stages, states):
+            torch.testing.assert_close(stage.codebook, st["embed"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(stage.ema_cluster_size, st["cluster_size"], rtol=1e-12, atol=1e-12)
+    *_, (q_always, _, _, _) = run("always", always_draw=True)
+    *_, (_, encodec_states, _, _) = run("on_expiry", always_draw=False)
+    assert not all(torch.allclose(a.codebook, st["embed"]) for a, st in zip(q_always.stages[1:], encodec_states[1:]))
 
 
 @pytest.mark.parametrize("mode", ["encodec", "fixed"])
