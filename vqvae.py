@@ -184,6 +184,7 @@ class Config:
     cvq_decay: float = setting(0.99, at_least=0, below=1)  # CVQ: EMA decay of each code's share of the assignments, in [0, 1)
     cvq_gain: float = setting(10.0, at_least=0)  # CVQ: a_k = exp(-p_k K gain / (1 - cvq_decay) - cvq_offset) (CVQ-VAE: 10)
     cvq_offset: float = setting(1e-3, at_least=0)  # CVQ: the offset in a_k (CVQ-VAE: 1e-3; keeps a_k < 1)
+    cvq_distance: str = setting("cos", choices=("cos", "l2"))  # CVQ: the code lookup and anchor similarity: cos (CVQ-VAE's default: cosine of normalised latent and code; codes, decoder input and losses stay raw) | l2
     affine_reparam: str = setting("off", choices=("off", "ema", "learned"))  # codes = scale * code + shift (Huh et al. 2023; vq, ba_vq): off | ema (latent statistics) | learned
     affine_momentum: float = setting(0.1, above=0, at_most=1)  # --affine_reparam ema: momentum of the running statistics, in (0, 1]
     affine_lr: float = setting(1.0, at_least=0)  # --affine_reparam learned: scale = 1 + lr s, shift = lr b (vqtorch's affine_lr)
@@ -736,8 +737,9 @@ class CodebookQuantizer(Quantizer):
     affine = "off"
     ema_codes = False                     # the forward rewrites the codebook after using it (BA-VQ's soft EMA)
 
-    def _setup_cvq(self, cvq: bool, anchor: str, decay: float, gain: float, offset: float) -> None:
+    def _setup_cvq(self, cvq: bool, anchor: str, decay: float, gain: float, offset: float, distance: str = "cos") -> None:
         self.cvq, self.cvq_anchor, self.cvq_decay, self.cvq_gain, self.cvq_offset = cvq, anchor, decay, gain, offset
+        self.cvq_cos = cvq and distance == "cos" and not self.cosine      # CVQ-VAE's lookup-only cosine
         if cvq:
             self.register_buffer("cvq_usage", torch.zeros(self.num_embeddings))    # p_k, share of assignments (K,)
 
@@ -788,7 +790,12 @@ class CodebookQuantizer(Quantizer):
         K, z = self.num_embeddings, z_flat.detach()
         self.cvq_usage.mul_(self.cvq_decay).add_(counts.float() / z.shape[0], alpha=1.0 - self.cvq_decay)
         E = self._codes()                                                          # (K, D)
-        sim = z @ E.t() if self.cosine else -squared_distances(z, E)               # (N, K)
+        if self.cosine:
+            sim = z @ E.t()                                                        # (N, K), both normalised
+        elif self.cvq_cos:                                                         # their 'cos': normalised copies
+            sim = F.normalize(z, dim=1) @ F.normalize(E, dim=1).t()
+        else:
+            sim = -squared_distances(z, E)
         if self.cvq_anchor == "closest":
             pick = sim.argmax(0)                                                    # (K,)
         elif self.cvq_anchor == "random":
@@ -1100,7 +1107,7 @@ class VQQuantizer(CodebookQuantizer):
                  codebook_cost: float = 1.0, decay: float = 0.99, init: str = "uniform", cosine: bool = False,
                  gradient_estimator: str = "ste", dead_code_threshold: float = 0.0, cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
-                 affine_momentum: float = 0.1, affine_lr: float = 1.0,
+                 affine_momentum: float = 0.1, affine_lr: float = 1.0, cvq_distance: str = "cos",
                  sync_nu: float = 0.0, alternate_lr: float = 0.0, alternate_momentum: float = 0.9,
                  alternate_commitment: bool = False):
         super().__init__()
@@ -1109,7 +1116,7 @@ class VQQuantizer(CodebookQuantizer):
         self.commitment_cost, self.codebook_cost = commitment_cost, codebook_cost
         self.codebook = nn.Parameter(codebook)                           # E, (K, D)
         self.register_buffer("usage", torch.zeros(num_embeddings))       # EMA assignments per step (K,)
-        self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset)
+        self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset, cvq_distance)
         self._setup_affine(affine_reparam, affine_momentum, affine_lr)
         self.sync_nu, self.alternate_lr, self.alternate_momentum = sync_nu, alternate_lr, alternate_momentum
         # vqtorch's in-place alternation requires beta = 1: its loss has no commitment term
@@ -1154,7 +1161,10 @@ class VQQuantizer(CodebookQuantizer):
                 self._affine_track(z_flat)
             E = self._codes()                                             # (K, D)
             with torch.no_grad():
-                indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
+                if self.cvq_cos:                                          # CVQ-VAE's lookup: the largest cosine
+                    indices = (F.normalize(z_flat, dim=1) @ F.normalize(E, dim=1).t()).argmax(dim=1)
+                else:
+                    indices = squared_distances(z_flat, E).argmin(dim=1)  # (N,)
             if self.training and self.alternate_lr > 0:
                 E = self._alternate_step(z_flat, indices)                 # the codebook first, same assignments
             # (N, D), hard code, differentiable in E. F.embedding, not E[indices]: its CPU backward is
@@ -1335,7 +1345,7 @@ class BAQuantizer(CodebookQuantizer):
                  ba_decoder_input: str = "soft", ba_codebook_loss: str = "mixture", ba_codebook_update: str = "gradient",
                  epsilon: float = 1e-5, cvq: bool = False, cvq_anchor: str = "closest",
                  cvq_decay: float = 0.99, cvq_gain: float = 10.0, cvq_offset: float = 1e-3, affine_reparam: str = "off",
-                 affine_momentum: float = 0.1, affine_lr: float = 1.0, ema_smoothing: str = "overwrite",
+                 affine_momentum: float = 0.1, affine_lr: float = 1.0, ema_smoothing: str = "overwrite", cvq_distance: str = "cos",
                  ba_assignment: str = "soft"):
         super().__init__()
         self.ba_assignment = ba_assignment
@@ -1359,7 +1369,7 @@ class BAQuantizer(CodebookQuantizer):
         self.register_buffer("log_q_bar", torch.full((num_embeddings,), -math.log(num_embeddings)))  # log Q-bar (K,)
         if ba_temperature == "relative":                                 # running mean distance d-bar (NaN: none yet)
             self.register_buffer("mean_distance", torch.tensor(math.nan))
-        self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset)
+        self._setup_cvq(cvq, cvq_anchor, cvq_decay, cvq_gain, cvq_offset, cvq_distance)
         self._setup_affine(affine_reparam, affine_momentum, affine_lr)
         self._ba_kernels = None                                          # fused-BA chunk functions (None: eager)
         self._ba_workspace = BAWorkspace()                               # the fused backward's (N, K) accumulators

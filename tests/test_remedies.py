@@ -406,7 +406,8 @@ def test_grad_clip_bounds_the_update():
 
 
 def _cvq_by_hand(anchor="closest", **kw):
-    """K=3, D=2, codes (0,0), (2,0), (0,5); latents (0.1,0), (1.9,0.1), (2.2,0.3), (0.2,0.1)."""
+    """K=3, D=2, codes (0,0), (2,0), (0,5); latents (0.1,0), (1.9,0.1), (2.2,0.3), (0.2,0.1); their l2 distance."""
+    kw.setdefault("cvq_distance", "l2")
     q = vqvae.VQQuantizer(3, 2, cvq=True, cvq_anchor=anchor, **kw)
     with torch.no_grad():
         q.codebook.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 5.0]]))
@@ -432,6 +433,25 @@ def test_cvq_moves_each_code_to_its_closest_anchor_at_its_usage_rate():
     losses["codebook_loss"].backward()
     ref = (2 / 8) * torch.stack([(E0[0] - x[[0, 3]]).sum(0), (E0[1] - x[[1, 2]]).sum(0), torch.zeros(2)])
     torch.testing.assert_close(q.codebook.grad, ref)
+
+
+def test_cvq_cos_is_their_lookup_only_cosine():
+    """CVQ-VAE's default distance: codes (1, 0) and (0, 10), the latent (1, 1.2). Its nearest code by squared
+    distance is code 0 (1.44 against 77.4), its largest cosine code 1 (0.77 against 0.64): the lookup takes code 1,
+    the decoder and the losses get the raw code (0, 10); l2 takes code 0."""
+    for distance, code in (("cos", 1), ("l2", 0)):
+        q = vqvae.VQQuantizer(2, 2, cvq=True, cvq_distance=distance).eval()
+        with torch.no_grad():
+            q.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 10.0]]))
+        z = torch.tensor([1.0, 1.2]).reshape(1, 2, 1, 1)
+        z_q, losses, info = q(z)
+        assert int(info["code_indices"]) == code
+        e = q.codebook.detach()[code]
+        torch.testing.assert_close(z_q.reshape(2), e)
+        torch.testing.assert_close(losses["commitment_loss"], 0.25 * F.mse_loss(z.reshape(2), e))
+    assert vqvae.Config().cvq_distance == "cos"
+    with_cosine = vqvae.VQQuantizer(2, 2, cvq=True, cosine=True)
+    assert not with_cosine.cvq_cos                      # --cosine normalises everything already
 
 
 def test_cvq_random_and_probrandom_anchors_are_batch_latents_as_specified():
