@@ -138,7 +138,7 @@ class Config:
     nsvq_tau_decay: float = setting(0.5, above=0, at_most=1)  # tau is multiplied by this every epoch, down to 1e-8 (theirs: 0.5)
     nsvq_code_gradient: float = setting(1.0, at_least=0)  # alpha of their straight-through line: the chosen codes also get 2 alpha / (N D) x the decoder's gradient (theirs: 1; 0 = the plain one)
     # --- BSQ (Zhao et al. 2024; the authors' image-tokenizer configs) -------------------------
-    bsq_group_size: int = setting(9, at_least=1)  # bits per group of the entropy terms (softmax over 2^g codes per group); must divide log2 K (theirs: 9)
+    bsq_group_size: int = setting(0, at_least=0)  # bits per group of the entropy terms (softmax over 2^g codes per group; must divide log2 K); 0 = all log2 K bits in one group (the exact entropies; theirs, 9, at K = 512)
     bsq_inv_temperature: float = setting(1.0, above=0)  # tau in p = softmax(2 tau <u_g, c> / sqrt(bits)); the penalty is divided by tau (theirs: 1)
     bsq_entropy_cost: float = setting(0.1, at_least=0)  # weight of the entropy penalty H_sample - gamma H_codebook after the ramp (theirs: 0.1)
     bsq_entropy_cost_start: float = setting(0.3, at_least=0)  # its weight at the first quantized step, linear to bsq_entropy_cost (theirs: 0.3)
@@ -2324,7 +2324,8 @@ class BSQQuantizer(LFQQuantizer):
         u = h / |h|,  h = W_in z + b_in (d = log2 K bits);   z_q = (u + sg[sign(u) - u]) / sqrt(d)   (unit norm; the
         straight-through gradient is scaled by 1/sqrt(d) too), decoded by W_out z_q + b_out.
 
-    Entropy penalty, per contiguous group of g = ``bsq_group_size`` bits (g must divide d), p_g = softmax over the
+    Entropy penalty, per contiguous group of g = ``bsq_group_size`` bits (g must divide d; 0: g = d, one group, which
+    is theirs, 9 bits, at K = 512), p_g = softmax over the
     2^g sign patterns c of 2 tau <u_g, c> / sqrt(d) (tau = ``bsq_inv_temperature``), H(p) = -sum p ln(p + 1e-8):
 
         sample_entropy_loss   =  w / tau * mean_x sum_g H(p_g(x))
@@ -2348,23 +2349,24 @@ class BSQQuantizer(LFQQuantizer):
     def config_problems(cls, cfg: Config) -> list:
         problems = LFQQuantizer.config_problems.__func__(cls, cfg)
         K = cfg.codebook_size
-        if not problems and (K.bit_length() - 1) % cfg.bsq_group_size:
+        if not problems and cfg.bsq_group_size and (K.bit_length() - 1) % cfg.bsq_group_size:
             d = K.bit_length() - 1
             ok = [g for g in range(1, d + 1) if d % g == 0]
             problems.append(f"bsq_group_size {cfg.bsq_group_size} must divide the bits log2 K = {d} (K = {K}); "
                             f"choose one of {', '.join(map(str, ok))}")
         return problems
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.0, bsq_group_size: int = 9,
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.0, bsq_group_size: int = 0,
                  bsq_inv_temperature: float = 1.0, bsq_entropy_cost: float = 0.1, bsq_entropy_cost_start: float = 0.3,
                  bsq_entropy_rampup_steps: int = 2000, bsq_diversity_gamma: float = 1.0):
         Quantizer.__init__(self)
         self._sign_codes(num_embeddings, embedding_dim)
-        self.commitment_cost, self.group_size, self.inv_temperature = commitment_cost, bsq_group_size, bsq_inv_temperature
+        self.commitment_cost, self.inv_temperature = commitment_cost, bsq_inv_temperature
+        self.group_size = bsq_group_size or self.bits                   # 0: one group of every bit
         self.entropy_cost, self.entropy_start, self.rampup = bsq_entropy_cost, bsq_entropy_cost_start, bsq_entropy_rampup_steps
         self.diversity_gamma = bsq_diversity_gamma
         self.entropy_weight = bsq_entropy_cost_start if bsq_entropy_rampup_steps > 0 else bsq_entropy_cost
-        self.register_buffer("group_codes", sign_patterns(bsq_group_size))             # (2^g, g)
+        self.register_buffer("group_codes", sign_patterns(self.group_size))             # (2^g, g)
 
     def set_schedule(self, t: float, step: int = 0) -> None:
         r = min(step, self.rampup) / self.rampup if self.rampup > 0 else 1.0

@@ -36,8 +36,6 @@ def tiny_config(**overrides) -> vqvae.Config:
     base.update(overrides)
     if base.get("quantizer") == "fsq" and "fsq_levels" not in overrides:
         base["fsq_levels"] = fsq_levels_for(base["codebook_size"])
-    if base.get("quantizer") == "bsq" and "bsq_group_size" not in overrides:
-        base["bsq_group_size"] = base["codebook_size"].bit_length() - 1      # one group: its default 9 needs 9 | bits
     return vqvae.make_config(base).validate()
 
 
@@ -113,8 +111,8 @@ FSQ_LEVELS = {16: [4, 4], 32: [4, 8], 512: [8, 8, 8]}
 
 
 def shape_kwargs(name: str, K: int) -> dict:
-    """What a quantizer needs besides K to have K codes: FSQ's levels, BSQ's group size (one group of log2 K bits)."""
-    return {"fsq": {"fsq_levels": fsq_levels_for(K)}, "bsq": {"bsq_group_size": K.bit_length() - 1}}.get(name, {})
+    """What a quantizer needs besides K to have K codes: FSQ's levels."""
+    return {"fsq_levels": fsq_levels_for(K)} if name == "fsq" else {}
 
 
 def make_quantizer(name, K=16, D=8, **kw):
@@ -122,14 +120,12 @@ def make_quantizer(name, K=16, D=8, **kw):
     torch.manual_seed(0)
     if name == "fsq":
         kw.setdefault("fsq_levels", FSQ_LEVELS[K])
-    if name == "bsq":
-        kw.setdefault("bsq_group_size", K.bit_length() - 1)
     return vqvae.QUANTIZERS[name](K, D, **kw)
 
 
 def make_model(name, K=16, D=8, hidden=8):
     """A small VQVAE around QUANTIZERS[name] (FSQ: levels giving K)."""
-    kw = {"fsq": {"fsq_levels": FSQ_LEVELS.get(K)}, "bsq": {"bsq_group_size": K.bit_length() - 1}}.get(name, {})
+    kw = {"fsq_levels": FSQ_LEVELS[K]} if name == "fsq" else {}
     return vqvae.VQVAE(name, codebook_size=K, latent_dim=D, hidden_dim=hidden, **kw)
 
 

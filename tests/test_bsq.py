@@ -93,7 +93,7 @@ def test_with_one_group_the_entropies_are_lfqs_on_the_sphere():
 
 def test_the_output_is_a_unit_sign_vector_and_the_straight_through_gradient_is_scaled():
     torch.manual_seed(3)
-    q = vqvae.BSQQuantizer(512, 4).double()
+    q = vqvae.BSQQuantizer(512, 4, bsq_group_size=9).double()
     u = F.normalize(torch.randn(7, 9, dtype=torch.float64), dim=1).requires_grad_(True)
     out = vqvae.straight_through(u, torch.where(u > 0, 1.0, -1.0)) / math.sqrt(q.bits)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(7, dtype=torch.float64))
@@ -108,9 +108,10 @@ def test_the_entropy_weight_ramps_as_their_criterion_and_the_defaults_are_theirs
         assert q.entropy_weight == pytest.approx(w)
     cfg = vqvae.make_config({"quantizer": "bsq"})
     assert (cfg.commitment_cost, cfg.bsq_group_size, cfg.bsq_inv_temperature, cfg.bsq_entropy_cost,
-            cfg.bsq_entropy_cost_start, cfg.bsq_entropy_rampup_steps, cfg.bsq_diversity_gamma) == (0.0, 9, 1.0, 0.1, 0.3,
+            cfg.bsq_entropy_cost_start, cfg.bsq_entropy_rampup_steps, cfg.bsq_diversity_gamma) == (0.0, 0, 1.0, 0.1, 0.3,
                                                                                                2000, 1.0)
+    assert vqvae.BSQQuantizer(512, 4).group_size == 9 and vqvae.BSQQuantizer(64, 4).group_size == 6   # 0: all bits
     with pytest.raises(vqvae.BavqError, match="bsq_group_size 9 must divide the bits log2 K = 10 .*1, 2, 5, 10"):
-        vqvae.make_config({"quantizer": "bsq", "codebook_size": 1024}).validate()
+        vqvae.make_config({"quantizer": "bsq", "codebook_size": 1024, "bsq_group_size": 9}).validate()
     with pytest.raises(vqvae.BavqError, match="power of two"):
         vqvae.make_config({"quantizer": "bsq", "codebook_size": 500}).validate()

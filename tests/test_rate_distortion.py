@@ -195,8 +195,7 @@ SMALL = {"codebook_size": 64, "latent_dim": 16, "hidden_dim": 16}
 
 def small_model(name: str) -> vqvae.VQVAE:
     torch.manual_seed(0)
-    extra = {"fsq": {"fsq_levels": [4, 4, 4]}, "optvq": {"optvq_heads": 1, "optvq_eval": "nearest"},
-             "bsq": {"bsq_group_size": 6}}.get(name, {})
+    extra = {"fsq": {"fsq_levels": [4, 4, 4]}, "optvq": {"optvq_heads": 1, "optvq_eval": "nearest"}}.get(name, {})
     m = vqvae.VQVAE.from_config(vqvae.make_config({"quantizer": name, **SMALL, **extra}))
     if name == "ba_vq":         # a running marginal far from uniform: the eval codes are then not the nearest
         m.quantizer.log_q_bar.copy_(torch.randn(64).mul(3).log_softmax(0))
