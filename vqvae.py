@@ -1572,7 +1572,7 @@ class BAQuantizer(CodebookQuantizer):
             N = z_flat.shape[0]
             diag = torch.cat([distance_sums(d), d.new_tensor([0.0, float(N)])])          # H(P(.|x)) = 0, max P = 1
             s = torch.zeros_like(E).index_add_(0, indices, z_flat.detach()) if sums else None   # (K, D)
-        z_q = E[indices]                                                                  # (N, D)
+        z_q = F.embedding(indices, E)                                                     # (N, D)
         return {"z_q_soft": z_q, "z_q_cb": z_q, "log_q": log_q, "indices": indices, "counts": counts, "sums": s,
                 "diag": diag}
 
@@ -2139,8 +2139,10 @@ def gaussian_w2(feats: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         W2 = sqrt( |mu_z - mu_c|^2 + relu(tr S_z + tr S_c - 2 sum_i sqrt(relu(l_i) + 1e-8)) + 1e-10 ),
         l = the eigenvalues of S_z^1/2 S_c S_z^1/2,
 
-    with their guards (relu and 1e-8 inside both square roots, non-finite entries zeroed)."""
-    z = feats.detach()
+    with their guards (relu and 1e-8 inside both square roots, non-finite entries zeroed); computed in float64 (in
+    float32 the eigendecompositions' last bits depend on memory layout) and returned in the codes' dtype."""
+    dtype = codes.dtype
+    z, codes = feats.detach().double(), codes.double()                 # float64: eigh's rounding is not to decide
     s = z.std(dim=0).max() + 1e-8
     z = z / s
     mu_z, zc = z.mean(0), z - z.mean(0, keepdim=True)
@@ -2154,7 +2156,7 @@ def gaussian_w2(feats: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     M = finite(finite(root @ S_c) @ root)
     cross = torch.sqrt(F.relu(torch.linalg.eigvalsh(M)) + 1e-8).sum()
     cov = F.relu(torch.trace(S_z) + torch.trace(S_c) - 2.0 * cross)
-    return torch.sqrt((mu_z - mu_c).pow(2).sum() + cov + 1e-10)
+    return torch.sqrt((mu_z - mu_c).pow(2).sum() + cov + 1e-10).to(dtype)
 
 
 class WassersteinVQQuantizer(Quantizer):
@@ -2222,7 +2224,7 @@ class WassersteinVQQuantizer(Quantizer):
                 self._enqueue(z_flat.detach())                            # before the loss: this batch counts
             with torch.no_grad():
                 indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
-            e = E[indices]                                                # (N, D), differentiable in the codebook
+            e = F.embedding(indices, E)                                   # (N, D), differentiable in the codebook
             w2 = gaussian_w2(self.queue if self.training else z_flat, E)
             losses = {"commitment_loss": self.commitment_cost * F.mse_loss(z_flat, e.detach()),
                       "codebook_loss": self.codebook_cost * F.mse_loss(z_flat.detach(), e),
@@ -2296,7 +2298,7 @@ class NSVQQuantizer(Quantizer):
             E = at_least_f32(self.codebook)                               # (K, D)
             d = squared_distances(x.detach(), E.detach())                 # (N, K)
             indices = d.argmin(dim=1)                                     # (N,)
-            e = E[indices]                                                # (N, D)
+            e = F.embedding(indices, E)                                   # (N, D)
             if self.training:
                 c = self.weights(d, indices)                              # (N, K)
                 xs = x.detach()
@@ -2470,7 +2472,8 @@ class DiVeQQuantizer(Quantizer):
             E = at_least_f32(self.codebook)                               # (K, D)
             with torch.no_grad():
                 indices = squared_distances(z_flat, E).argmin(dim=1)      # (N,)
-            c = E[indices]                                                # (N, D), differentiable in the codebook
+            c = F.embedding(indices, E)                                   # (N, D), differentiable in the codebook
+                                                                          # (F.embedding: a deterministic backward)
             stats = _code_stats(indices, self.num_embeddings)
             if self.training:
                 error = c - z_flat                                        # (N, D)
