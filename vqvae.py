@@ -7,7 +7,7 @@ This module is the method; read it top to bottom:
     model        ResidualBlock, Encoder, Decoder, VQVAE
     quantizers   the Quantizer contract (with the remedies' hooks); the codebook remedies (init, restarts,
                  CVQ, affine map); VQ-EMA, ECVQ, VQ, BA-VQ (the reference Blahut-Arimoto iteration), FSQ, SimVQ,
-                 SQ-VAE, LFQ, IBQ, residual VQ; the QUANTIZERS registry
+                 OptVQ, SQ-VAE, LFQ, Wasserstein VQ, NSVQ, BSQ, DiVeQ, IBQ, residual VQ; the QUANTIZERS registry
     metrics      perplexity, usage rate, PSNR, SSIM, rate (code entropy), Frechet distance
     training     train_epoch (one step in ~25 lines), validate, model/optimizer set-up
     data         CIFAR-10 / image folder / generated images as uint8 tensors
