@@ -74,11 +74,11 @@ def test_off_by_default():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantizer", ["ibq", "vq_ema"])
+@pytest.mark.parametrize("quantizer", ["ibq"])
 def test_a_run_validates_and_keeps_the_averaged_model_and_resumes_exactly(tiny_cfg, quantizer):
     """Validation and final_model.pt use the averaged weights (the model's buffers as trained); each checkpoint
     keeps the live weights and the averages; resuming from the first epoch's checkpoint ends bit-identical."""
-    cfg = tiny_cfg(name="ema", quantizer=quantizer, model_ema=0.9, model_ema_warmup=quantizer == "vq_ema",
+    cfg = tiny_cfg(name="ema", quantizer=quantizer, model_ema=0.9, model_ema_warmup=True,
                    train_subset=128, val_subset=32, epochs=3)
     ref = vqvae.train(cfg)
     run = Path(cfg.out_dir) / "ema"
