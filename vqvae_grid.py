@@ -342,16 +342,26 @@ def shard_configs(configs: list, shard: tuple[int, int] | None) -> list:
 
 def write_grid_manifest(configs: list, name: str) -> Path:
     """Record every run of a grid (all shards write the same file) so that ``grid_summary`` can tell
-    missing runs from finished ones."""
+    missing runs from finished ones. A grid of the same name that was run before with other runs (other seeds, other
+    groups of a config file: ``--seed 3 4``, ``--groups``) is extended: the record holds the runs of both. A run name
+    recorded with other settings is an error (one name, one run)."""
     path = grid_manifest_path(configs[0].out_dir, name)
     runs = [{"name": c.resolved_name(), "quantizer": c.quantizer, "codebook_size": c.codebook_size, "seed": c.seed}
             for c in configs]
+    if path.is_file() and not configs[0].overwrite:
+        try:
+            before = json.loads(path.read_text()).get("runs", [])
+        except (ValueError, AttributeError):
+            before = []
+        old = {r["name"]: r for r in before if isinstance(r, dict) and "name" in r}
+        clash = [r["name"] for r in runs if r["name"] in old and old[r["name"]] != r]
+        if clash:
+            raise BavqError(f"'{path}' records the run '{clash[0]}' of the grid '{name}' with other settings. Nothing "
+                            f"was changed. To make this the grid '{name}', delete '{path}' (its finished runs with the "
+                            "same settings are kept and skipped), or use another --name. --overwrite would retrain "
+                            "every run of the grid from scratch.")
+        runs = list(old.values()) + [r for r in runs if r["name"] not in old]
     text = json.dumps({"name": name, "runs": runs}, indent=1) + "\n"
-    if path.is_file() and path.read_text() != text and not configs[0].overwrite:
-        raise BavqError(f"'{path}' describes another grid of the name '{name}' (other runs). Nothing was changed. "
-                        f"To make this the grid '{name}', delete '{path}' (its finished runs with the same settings "
-                        "are kept and skipped), or use another --name. --overwrite would retrain every run of the "
-                        "grid from scratch.")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write_text(path, text)

@@ -97,6 +97,21 @@ def test_a_grid_of_groups_runs_resumes_and_cannot_be_resumed_as_one_run(tmp_path
     assert r.returncode == 2 and "grid of groups" in r.stderr
 
 
+def test_a_grid_run_in_parts_records_every_part(tmp_path, capsys):
+    """Two groups of a config file run one after the other into the same folder (and later more seeds): the grid's
+    record holds every part's runs, so the summary lists all of them; nothing is refused."""
+    f = tmp_path / "g.yaml"
+    f.write_text(GROUPS_YAML.replace("seed: [0, 1]", "seed: [0]").replace("seed: 5, ", ""))
+    base = [*TINY, "--config", str(f), "--out_dir", str(tmp_path / "runs")]
+    assert cli_in_process([*base, "--groups", "plain"], capsys).returncode == 0
+    assert cli_in_process([*base, "--groups", "rated"], capsys).returncode == 0
+    assert cli_in_process([*base, "--groups", "plain", "--seed", "1"], capsys).returncode == 0
+    record = __import__("json").loads(vqvae_grid.grid_manifest_path(tmp_path / "runs", "g").read_text())
+    assert [r["name"] for r in record["runs"]] == ["g_plain_vq_ema_k16_s0", "g_rated_ecvq_k16_s0", "g_plain_vq_ema_k16_s1"]
+    table, _ = vqvae_grid.grid_summary(tmp_path / "runs", "g")
+    assert table.count("finished") >= 3
+
+
 def test_sweep_refuses_existing_runs_with_other_settings(tmp_path, capsys):
     args = [*TINY, "--out_dir", str(tmp_path), "--quantizer", "vq_ema", "--seed", "0", "1"]
     assert cli_in_process(args, capsys).returncode == 0
