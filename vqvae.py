@@ -613,6 +613,18 @@ class Quantizer(nn.Module):
         return given
 
 
+class TableQuantizer(Quantizer):
+    """A quantizer whose codes are the rows of its ``codebook`` (K, D) as they are (no reparameterisation, no
+    normalisation), and whose evaluation assigns the nearest one: SQ-VAE, Wasserstein VQ, NSVQ, DiVeQ."""
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)          # (B, H, W) -> (B, D, H, W)
+
+    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents and the codebook (evaluation assigns the nearest code)."""
+        return _flatten_latents(z), at_least_f32(self.codebook)
+
+
 def init_codebook(K: int, D: int, init: str) -> torch.Tensor:
     """uniform: U[-1/K, 1/K] (the original code); normal: N(0, 1); unit_sphere: uniform directions with
     norm sqrt(D) (the norm of a N(0, I_D) vector, from the tokenizer collapse report). kmeans and data
@@ -1961,7 +1973,7 @@ def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
     return -(-u.log()).log()
 
 
-class SQVAEQuantizer(Quantizer):
+class SQVAEQuantizer(TableQuantizer):
     """Gaussian SQ-VAE (Takida et al. 2022, "SQ-VAE: Variational Bayes on Discrete Representation with
     Self-annealed Stochastic Quantization", ICML, Sec. 3-4; as in the authors' sony/sqvae, vision/,
     the "gaussian_1" variant: one learned scalar variance).
@@ -2022,13 +2034,6 @@ class SQVAEQuantizer(Quantizer):
 
     def extra_metrics(self) -> dict:
         return {"sq_variance": float(self.variance().detach()), "sq_temperature": float(self.temperature)}
-
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)          # (B, H, W) -> (B, D, H, W)
-
-    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latents and the codebook (evaluation assigns the nearest code)."""
-        return _flatten_latents(z), at_least_f32(self.codebook)
 
     def forward(self, z: torch.Tensor):
         B, _, H, W = z.shape
@@ -2159,7 +2164,7 @@ def gaussian_w2(feats: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.sqrt((mu_z - mu_c).pow(2).sum() + cov + 1e-10).to(dtype)
 
 
-class WassersteinVQQuantizer(Quantizer):
+class WassersteinVQQuantizer(TableQuantizer):
     """Wasserstein VQ (arXiv 2506.15078: the codebook's distribution matched to the features') as the authors' code (VQ-Research/
     Wasserstein-VQ, code/VQVAE/model/wasserstein_quantizer.py) with the values of their training scripts (their
     config.py defaults the distribution term's weight to 0, which turns the method off). Nearest code by squared
@@ -2200,12 +2205,6 @@ class WassersteinVQQuantizer(Quantizer):
         return [{"name": "wasserstein_vq_codebook", "params": [self.codebook], "lr": self.codebook_lr,
                  "weight_decay": 0.0}]
 
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
-
-    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _flatten_latents(z), at_least_f32(self.codebook)
-
     @torch.no_grad()
     def _enqueue(self, z_flat: torch.Tensor) -> None:
         Q, n = self.queue.shape[0], z_flat.shape[0]
@@ -2234,7 +2233,7 @@ class WassersteinVQQuantizer(Quantizer):
         return z_q, losses, info
 
 
-class NSVQQuantizer(Quantizer):
+class NSVQQuantizer(TableQuantizer):
     """NSVQ, "Beyond Stationarity" (arXiv 2602.18896): every code is pulled toward the latents near it, not only the
     winner, with a kernel whose bandwidth shrinks over training. As the paper and its CelebA-HQ code (CAIR-LAB-WFUSM/
     NS-VQ-TransVQ, the vq_vae.py class the paper's runs use; the ImageNet file's VectorQuantizer2_with_soft_dist skips
@@ -2277,12 +2276,6 @@ class NSVQQuantizer(Quantizer):
 
     def extra_metrics(self) -> dict:
         return {"nsvq_tau": self.tau}
-
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
-
-    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _flatten_latents(z), at_least_f32(self.codebook)
 
     def weights(self, d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """c (N, K): 1 at the winner, min(1, w K softmax(-d / tau)) elsewhere, no gradient."""
@@ -2409,7 +2402,7 @@ class BSQQuantizer(LFQQuantizer):
         return z_q, losses, info
 
 
-class DiVeQQuantizer(Quantizer):
+class DiVeQQuantizer(TableQuantizer):
     """DiVeQ (Vali, Baeckstroem & Solin, "DiVeQ: Differentiable Vector Quantization Using the Reparameterization
     Trick", ICLR 2026, arXiv 2509.26469) as the authors' code (AaltoML/DiVeQ, vqvae_compression/diveq.py, class DIVEQ,
     with the class defaults that their scripts use). The nearest code c (squared distance) is reached along a noisy
@@ -2440,12 +2433,6 @@ class DiVeQQuantizer(Quantizer):
         self.register_buffer("forwards", torch.zeros((), dtype=torch.long))   # training forwards so far
         self._forwards = None                                           # a host copy (read once, not every step)
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_forwards", None))
-
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return at_least_f32(self.codebook)[indices].permute(0, 3, 1, 2)  # (B, H, W) -> (B, D, H, W)
-
-    def rate_distortion_source(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _flatten_latents(z), at_least_f32(self.codebook)
 
     @torch.no_grad()
     def replace_unused(self, draws: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
