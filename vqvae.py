@@ -1891,10 +1891,11 @@ class OptVQQuantizer(Quantizer):
         r = (position r // heads, head r % heads), as their view(-1, d)."""
         return _flatten_latents(z).reshape(-1, self.head_dim)
 
-    def assign(self, x: torch.Tensor, E: torch.Tensor, rule: str) -> torch.Tensor:
-        """Codes (N,) of the rows x (N, d): ``sinkhorn`` (the batch's transport plan's argmax) or ``nearest``."""
+    def assign(self, x: torch.Tensor, E: torch.Tensor, rule: str, d2: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes (N,) of the rows x (N, d): ``sinkhorn`` (the batch's transport plan's argmax) or ``nearest``;
+        ``d2``: their squared distances (N, K) when the caller has them."""
         with torch.no_grad():
-            d2 = squared_distances(x, E)                                  # (N, K)
+            d2 = squared_distances(x, E) if d2 is None else d2            # (N, K)
             if rule == "nearest":
                 return d2.argmin(dim=1)
             cost = optvq_normalized_cost(d2.clamp_min(0).sqrt())          # Euclidean, as their cdist
@@ -1950,7 +1951,9 @@ class OptVQQuantizer(Quantizer):
             x = self._sub_vectors(z)                                      # (N, d), N = B*H*W*heads
             E = self.codes()                                              # (K, d)
             rule = "sinkhorn" if self.training else self.eval_rule
-            idx = self.assign(x, E, rule)                                 # (N,)
+            with torch.no_grad():
+                d2 = squared_distances(x, E)                              # (N, K), for both rules in evaluation
+            idx = self.assign(x, E, rule, d2)                             # (N,)
             e = F.embedding(idx, E)                                       # (N, d), differentiable in C, W, b
             losses = {"commitment_loss": self.commitment_cost * F.mse_loss(x, e.detach()),
                       "codebook_loss": self.codebook_cost * F.mse_loss(x.detach(), e)}
@@ -1960,7 +1963,7 @@ class OptVQQuantizer(Quantizer):
                 "perplexity": perplexity_from_counts(counts), "usage_rate": usage_from_counts(counts)}
         if not self.training:                                             # the other rule, for comparison
             other = "nearest" if rule == "sinkhorn" else "sinkhorn"
-            idx2 = self.assign(x, E, other)
+            idx2 = self.assign(x, E, other, d2)
             info["other_decoder_inputs"] = {other: _unflatten_latents(E[idx2].reshape(B * H * W, -1), z.shape)}
             info["code_agreement"] = (idx2 == idx).float().mean()
         return z_q, losses, info
